@@ -1,0 +1,56 @@
+"""``semjpeg <job> ...`` (also ``python -m jobs``): one subcommand per job.
+
+Arguments a job does not define are Beam pipeline options (``--runner``, ``--direct_num_workers``,
+Dataflow options, ...). Configuration errors end with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: Subcommand -> module under ``jobs``; each has ``HELP``, ``add_arguments(parser)`` and
+#: ``run(args, beam_argv) -> int``.
+JOBS = {
+    "demo": "jobs.demo",
+    "evaluate": "jobs.evaluate",
+    "attack": "jobs.attack",
+    "shard": "jobs.shard",
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="semjpeg",
+        description="Protect image datasets against adversarial attacks with semantic JPEG (Apache Beam jobs).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    modules = {}
+    for name, path in JOBS.items():
+        mod = importlib.import_module(path)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__)
+        p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+        mod.add_arguments(p)
+        modules[name] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .common import setup_logging
+
+    setup_logging("-v" in argv or "--verbose" in argv)  # before Beam's import-time warnings
+    parser, modules = build_parser()
+    args, beam_argv = parser.parse_known_args(argv)
+    try:
+        return int(modules[args.job].run(args, beam_argv) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        logging.getLogger(__name__).debug("configuration error", exc_info=True)
+        print(f"semjpeg {args.job}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

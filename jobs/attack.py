@@ -1,0 +1,34 @@
+"""Build adversarial sets: lossless PNG WebDataset shards per attack, keys and labels carried over.
+
+Writes OUT/shards/<attack>/shard-N.tar (``<key>.png``, ``<key>.cls``, ``<key>.json``) plus the same
+metadata, errors, stats, summary and _SUCCESS as ``evaluate``. The shards are valid input to every
+other job; images already at the crop size are not resized again.
+"""
+from __future__ import annotations
+
+from pipeline.evaluate import run_evaluate
+from pipeline.summary import format_table
+
+from . import evaluate
+from .common import pipeline_options
+
+HELP = "write adversarial sets (PNG WebDataset shards per attack) + metadata"
+
+
+def add_arguments(parser) -> None:
+    evaluate.add_arguments(parser)
+    for action in parser._actions:  # the attack job stores undefended images only
+        if action.dest == "defense":
+            action.help = "not accepted: adversarial sets are stored losslessly"
+
+
+def run(args, beam_argv) -> int:
+    if args.defense:
+        raise ValueError("semjpeg attack stores images losslessly; use evaluate or defend for --defense")
+    if not args.attack:
+        raise ValueError("give at least one --attack")
+    config = evaluate.build_config(args, layout="attack", defenses=[])
+    summary = run_evaluate(config, pipeline_options(beam_argv))
+    print(format_table(summary))
+    print(f"wrote {config.output}")
+    return 0

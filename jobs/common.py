@@ -1,0 +1,99 @@
+"""Arguments shared by the jobs, and turning them into configs and Beam options."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from transforms.images import DEFAULT_MAX_PIXELS
+
+#: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
+DEFAULT_RUNNER = "FnApiRunner"
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("input")
+    g.add_argument("--input", action="append", required=required, metavar="PATH",
+                   help="WebDataset tar(s), Parquet file(s) or a folder; globs and fsspec URLs; repeatable")
+    g.add_argument("--input-format", default="auto", choices=["auto", "webdataset", "parquet", "folder"])
+    g.add_argument("--image-column", default="image", help="Parquet column with image bytes")
+    g.add_argument("--key-column", default="key", help="Parquet column with keys (optional)")
+    g.add_argument("--label-column", default="label", help="Parquet column with labels (optional)")
+    g.add_argument("--labels", metavar="CSV", help="file,label CSV for a folder input")
+    g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
+    g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
+    g.add_argument("--crop", type=int, default=None, help="center crop size (default: the model's)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="efficientnet_lite0",
+                   help="efficientnet_lite0|1|2 or a torchvision classification model name")
+    g.add_argument("--weights", help="state dict path or fsspec URL (required for torchvision models)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads per worker")
+    g.add_argument("--seed", type=int, default=0, help="run seed; same seed, same bytes")
+
+
+def input_config(args):
+    from pipeline.config import InputConfig
+    from transforms.models import model_info
+
+    info = model_info(args.model)
+    return InputConfig(
+        paths=tuple(args.input), format=args.input_format, image_column=args.image_column,
+        key_column=args.key_column, label_column=args.label_column, labels_csv=args.labels,
+        folder_shard_size=args.folder_shard_size,
+        resize=info.resize if args.resize is None else args.resize,
+        crop=info.input_size if args.crop is None else args.crop,
+        max_pixels=args.max_pixels,
+    )
+
+
+def model_config(args):
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(name=args.model, weights=args.weights, device=args.device,
+                       batch_size=args.batch_size, torch_threads=args.torch_threads)
+
+
+def pipeline_options(beam_argv: list[str]):
+    """Beam options from the arguments our parser did not take; unknown ones are an error.
+
+    ``--runner`` defaults to FnApiRunner (offline); ``DaskRunner`` is accepted as a short name.
+    """
+    argv = list(beam_argv)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        argv = ["--runner", DEFAULT_RUNNER] + argv
+    for i, a in enumerate(argv):
+        if a == "--runner" and i + 1 < len(argv) and argv[i + 1] in RUNNER_ALIASES:
+            argv[i + 1] = RUNNER_ALIASES[argv[i + 1]]
+        elif a.startswith("--runner=") and a.split("=", 1)[1] in RUNNER_ALIASES:
+            argv[i] = "--runner=" + RUNNER_ALIASES[a.split("=", 1)[1]]
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    captured = {}
+    options = PipelineOptions(argv)
+    options.get_all_options(add_extra_args_fn=lambda p: captured.setdefault("parser", p))
+    _, unknown = captured["parser"].parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    return options
+
+
+class _DropNoise(logging.Filter):
+    """Beam warns at import time that BigQuery client libraries are missing; we never use them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for h in logging.getLogger().handlers:
+        h.addFilter(_DropNoise())

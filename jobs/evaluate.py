@@ -1,0 +1,47 @@
+"""Attack and defend every input, classify every variant, and write shards, metadata and a summary.
+
+Writes OUT/shards/<attack>/<defense>/shard-N.tar, OUT/metadata/*.parquet, OUT/errors/*.parquet,
+OUT/stats/*.json, OUT/summary.json and finally OUT/_SUCCESS. The clean images (attack ``clean``)
+and the undefended images (defense ``none``) are always evaluated.
+"""
+from __future__ import annotations
+
+from pipeline.config import EvaluateConfig, parse_attacks, parse_defenses
+from pipeline.evaluate import run_evaluate
+from pipeline.summary import format_table
+
+from .common import add_input_args, add_model_args, input_config, model_config, pipeline_options
+
+HELP = "attack x defense evaluation: shards + Parquet metadata + summary"
+
+
+def add_arguments(parser) -> None:
+    add_input_args(parser)
+    parser.add_argument("--output", required=True, help="output folder (any fsspec URL); replaced as a whole")
+    parser.add_argument("--attack", action="append", default=[], metavar="NAME[:k=v,...]",
+                        help="e.g. fgsm:eps=4/255, igsm:eps=4/255,steps=10; repeatable")
+    parser.add_argument("--defense", action="append", default=[], metavar="NAME[:k=v,...]",
+                        help="e.g. jpeg:quality=50; repeatable")
+    parser.add_argument("--attack-labels", choices=["pred", "label"], default="pred",
+                        help="attack the clean prediction (default, the paper's protocol) or the dataset label")
+    parser.add_argument("--run-id", help="run identifier (default: UTC time + random suffix)")
+    add_model_args(parser)
+
+
+def build_config(args, *, layout: str = "evaluate", defenses=None) -> EvaluateConfig:
+    extra = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
+    return EvaluateConfig(
+        input=input_config(args), output=args.output, model=model_config(args),
+        attacks=parse_attacks(args.attack),
+        defenses=parse_defenses(args.defense if defenses is None else defenses),
+        seed=args.seed, attack_labels=args.attack_labels, layout=layout, **extra,
+    )
+
+
+def run(args, beam_argv) -> int:
+    config = build_config(args)
+    options = pipeline_options(beam_argv)
+    summary = run_evaluate(config, options)
+    print(format_table(summary))
+    print(f"wrote {config.output}")
+    return 0

@@ -1,0 +1,1 @@
+"""Beam side of semjpeg: IO, DoFns, model handlers and composite PTransforms."""

@@ -1,0 +1,176 @@
+"""Job configurations: one frozen dataclass per job, validated on construction.
+
+Errors name the bad value; the jobs turn them into one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+from dataclasses import dataclass, field
+
+from transforms.attacks import CLEAN, parse_attack
+from transforms.defenses import parse_defense
+from transforms.images import DEFAULT_MAX_PIXELS
+from transforms.models import model_info
+from transforms.specs import Spec
+
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
+ATTACK_LABELS = ("pred", "label")
+
+
+def new_run_id() -> str:
+    """UTC time plus a random suffix: sortable and unique."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{secrets.token_hex(3)}"
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the images come from and how they are decoded.
+
+    paths: globs, files or folders (any fsspec URL). format: ``auto`` tells by extension
+    (``.tar``/``.tar.gz``/``.tgz`` WebDataset, ``.parquet`` Parquet, a folder of images).
+    Parquet columns are named by ``image_column``/``key_column``/``label_column``; a folder may
+    come with ``labels_csv`` (``file,label``) and is read ``folder_shard_size`` files per shard.
+    Decoding resizes the shorter side to ``resize`` and center-crops ``crop`` x ``crop``.
+    """
+
+    paths: tuple[str, ...]
+    format: str = "auto"
+    image_column: str = "image"
+    key_column: str = "key"
+    label_column: str = "label"
+    labels_csv: str | None = None
+    folder_shard_size: int = 1000
+    resize: int = 256
+    crop: int = 224
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(self.paths))
+        if not self.paths:
+            raise ValueError("no --input given")
+        if self.format not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {self.format!r}; valid: {', '.join(INPUT_FORMATS)}")
+        _positive("folder shard size", self.folder_shard_size)
+        _positive("crop", self.crop, minimum=16)
+        _positive("resize", self.resize, minimum=0)
+        if self.resize and self.resize < self.crop:
+            raise ValueError(f"resize ({self.resize}) must be 0 or at least the crop ({self.crop})")
+        _positive("max pixels", self.max_pixels)
+        for col in ("image_column", "key_column", "label_column"):
+            if not getattr(self, col):
+                raise ValueError(f"{col.replace('_', ' ')} must not be empty")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The classifier: a registry name, optional weights URL, device, batch size, torch threads."""
+
+    name: str = "efficientnet_lite0"
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    torch_threads: int | None = None
+
+    def __post_init__(self):
+        info = model_info(self.name)  # raises listing the valid names
+        if info.needs_weights and not self.weights:
+            raise ValueError(
+                f"model {self.name!r} needs --weights (a state-dict path or URL); "
+                "nothing is downloaded at run time"
+            )
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _positive("batch size", self.batch_size)
+        if self.torch_threads is not None:
+            _positive("torch threads", self.torch_threads)
+
+    @property
+    def num_classes(self) -> int:
+        return model_info(self.name).num_classes
+
+
+def parse_attacks(texts: tuple[str, ...] | list[str]) -> tuple[Spec, ...]:
+    """``clean`` first, then the given attacks; rejects duplicates and folder-name clashes."""
+    specs = [Spec(CLEAN, {}, CLEAN)] + [parse_attack(t) for t in texts if t.strip().lower() != CLEAN]
+    return _unique(specs, "attack")
+
+
+def parse_defenses(texts: tuple[str, ...] | list[str]) -> tuple[Spec, ...]:
+    """``none`` first (the undefended reference), then the given defenses."""
+    specs = [parse_defense("none")] + [parse_defense(t) for t in texts if t.strip().lower() != "none"]
+    return _unique(specs, "defense")
+
+
+def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
+    seen: dict[tuple, str] = {}
+    folders: dict[str, str] = {}
+    for s in specs:
+        ident = (s.name, tuple(sorted(s.params.items())))
+        if ident in seen:
+            raise ValueError(f"duplicate {kind} spec {s.text!r} (same as {seen[ident]!r})")
+        seen[ident] = s.text
+        if s.folder in folders:
+            raise ValueError(f"{kind} specs {folders[s.folder]!r} and {s.text!r} would share a folder")
+        folders[s.folder] = s.text
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`semjpeg evaluate` and `semjpeg attack`: attacks x defenses over every input.
+
+    ``layout="attack"`` writes ``shards/<attack>/`` (the adversarial-set product) instead of
+    ``shards/<attack>/<defense>/``. ``attack_labels``: attack the clean prediction (``pred``, the
+    paper's protocol and the default) or the dataset label where known (``label``).
+    """
+
+    input: InputConfig
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attacks: tuple[Spec, ...] = field(default_factory=lambda: parse_attacks([]))
+    defenses: tuple[Spec, ...] = field(default_factory=lambda: parse_defenses([]))
+    seed: int = 0
+    attack_labels: str = "pred"
+    layout: str = "evaluate"
+    run_id: str = field(default_factory=new_run_id)
+
+    def __post_init__(self):
+        if not self.output or not str(self.output).strip():
+            raise ValueError("no --output given")
+        if not self.attacks or self.attacks[0].name != CLEAN:
+            raise ValueError("attacks must start with clean (use parse_attacks)")
+        if not self.defenses or self.defenses[0].name != "none":
+            raise ValueError("defenses must start with none (use parse_defenses)")
+        if self.attack_labels not in ATTACK_LABELS:
+            raise ValueError(f"attack labels must be one of {', '.join(ATTACK_LABELS)}, got {self.attack_labels!r}")
+        if self.layout not in ("evaluate", "attack"):
+            raise ValueError(f"unknown layout {self.layout!r}")
+        if self.layout == "attack" and len(self.defenses) != 1:
+            raise ValueError("the attack layout stores undefended images only")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def describe(self) -> dict:
+        """JSON-ready configuration for summary.json."""
+        return {
+            "inputs": list(self.input.paths),
+            "input_format": self.input.format,
+            "output": self.output,
+            "model": self.model.name,
+            "weights": self.model.weights,
+            "batch_size": self.model.batch_size,
+            "attacks": [s.text for s in self.attacks],
+            "defenses": [s.text for s in self.defenses],
+            "seed": self.seed,
+            "attack_labels": self.attack_labels,
+            "resize": self.input.resize,
+            "crop": self.input.crop,
+            "run_id": self.run_id,
+        }

@@ -1,0 +1,75 @@
+"""DecodeImages: RawSample -> Sample (uint8 RGB at the crop size), plus errors with reasons."""
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.images import DecodeError, decode_image
+
+from .config import InputConfig
+from .records import ErrorRecord, RawSample, Sample
+
+ERRORS = "errors"
+STAGE = "decode"
+
+
+def parse_label(text: str | None, num_classes: int) -> int | None:
+    """Label text -> class index; raises ValueError with the reason for anything else."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        value = int(t)
+    except ValueError:
+        raise ValueError(f"unreadable label {t[:40]!r}") from None
+    if not 0 <= value < num_classes:
+        raise ValueError(f"label {value} out of range 0..{num_classes - 1}")
+    return value
+
+
+def parse_meta(raw: bytes | None) -> dict | None:
+    """The JSON sidecar, carried into the outputs; unparsable text is kept as text."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {"unparsed_json": raw.decode("utf-8", "replace")[:10000]}
+    return value if isinstance(value, dict) else {"json": value}
+
+
+class _DecodeFn(beam.DoFn):
+    def __init__(self, config: InputConfig, num_classes: int):
+        self.config = config
+        self.num_classes = num_classes
+        self.ok = Metrics.counter("semjpeg", "decoded")
+        self.failed = Metrics.counter("semjpeg", "decode_errors")
+
+    def process(self, raw: RawSample):
+        cfg = self.config
+        try:
+            label = parse_label(raw.label, self.num_classes)
+            image = decode_image(raw.data, resize=cfg.resize, crop=cfg.crop, max_pixels=cfg.max_pixels)
+        except (ValueError, DecodeError) as e:
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, ErrorRecord(raw.source_index, raw.source, raw.key, raw.member, STAGE, str(e))
+            )
+            return
+        self.ok.inc()
+        yield Sample(raw.source_index, raw.source, raw.key, label, image, parse_meta(raw.meta))
+
+
+class DecodeImages(beam.PTransform):
+    """RawSample -> (Sample PCollection, ErrorRecord PCollection)."""
+
+    def __init__(self, config: InputConfig, num_classes: int):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+
+    def expand(self, raw):
+        out = raw | "Decode" >> beam.ParDo(_DecodeFn(self.config, self.num_classes)).with_outputs(ERRORS, main="samples")
+        return out.samples, out[ERRORS]

@@ -1,0 +1,107 @@
+"""The evaluate pipeline, as the diagram reads:
+
+read shards -> decode -> attack -> encode (defenses) -> classify + measure -> write shards + metadata
+                                                                           -> summary -> commit
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from .attack import AttackImages
+from .classify import Classify
+from .config import EvaluateConfig
+from .decode import DecodeImages
+from .encode import EncodeDefenses
+from .io import OutputDir, expand_inputs, join, read_bytes, read_labels_csv, write_bytes
+from .read_shards import ReadImageShards
+from .records import SourceShard
+from .summary import Summarize
+from .write_metadata import WriteMetadata
+from .write_shards import WriteShards, jsonable
+
+log = logging.getLogger(__name__)
+
+
+class _Finalize(beam.DoFn):
+    """Runs once, after every output is written: summary.json, then the atomic commit."""
+
+    def __init__(self, out: OutputDir, config: EvaluateConfig, n_sources: int):
+        self.out = out
+        self.config = config
+        self.n_sources = n_sources
+
+    def process(self, _, table, error_counts, written):
+        order = {(a.text, d.text): i for i, (a, d) in
+                 enumerate((a, d) for a in self.config.attacks for d in self.config.defenses)}
+        rows = sorted(table, key=lambda kv: order.get(kv[0], 1 << 30))
+        ref = dict(rows).get(("clean", "none"), {})
+        summary = {
+            "run_id": self.config.run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": self.config.describe(),
+            "sources": self.n_sources,
+            "samples": ref.get("n", 0),
+            "errors": dict(sorted(error_counts)),
+            "files_written": len(written),
+            "table": [
+                {"attack_spec": a, "defense_spec": d, "attack": a.split(":")[0], "defense": d.split(":")[0], **stats}
+                for (a, d), stats in rows
+            ],
+        }
+        write_bytes(self.out.path("summary.json"), json.dumps(jsonable(summary), indent=1).encode())
+        self.out.commit()
+        yield summary
+
+
+def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[SourceShard], out: OutputDir):
+    """Add the whole evaluate graph to ``p``; returns the PCollection holding the summary."""
+    order = {(a.text, d.text): i for i, (a, d) in
+             enumerate((a, d) for a in config.attacks for d in config.defenses)}
+    raw, read_errors = p | "ReadImageShards" >> ReadImageShards(shards, config.input)
+    samples, decode_errors = raw | "DecodeImages" >> DecodeImages(config.input, config.model.num_classes)
+    variants, attack_errors = samples | "AttackImages" >> AttackImages(
+        config.model, config.attacks, seed=config.seed, attack_labels=config.attack_labels
+    )
+    defended, encode_errors = variants | "EncodeSemanticJpeg" >> EncodeDefenses(config.defenses)
+    results, classify_errors = defended | "Classify" >> Classify(config.model, run_id=config.run_id)
+    errors = (read_errors, decode_errors, attack_errors, encode_errors, classify_errors) | "AllErrors" >> beam.Flatten()
+
+    shard_paths = results | "WriteShards" >> WriteShards(out, config.layout)
+    sources = p | "Sources" >> beam.Create(shards)
+    part_paths = (results, errors, sources) | "WriteMetadata" >> WriteMetadata(out, config.run_id, order)
+    table, error_counts = (results, errors) | "Summarize" >> Summarize()
+    written = (shard_paths, part_paths) | "Written" >> beam.Flatten()
+    return (
+        p
+        | "Once" >> beam.Create([None])
+        | "Finalize" >> beam.ParDo(
+            _Finalize(out, config, len(shards)),
+            beam.pvalue.AsList(table), beam.pvalue.AsList(error_counts), beam.pvalue.AsList(written),
+        )
+    )
+
+
+def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
+    """Check inputs and output, run the pipeline to completion, return summary.json's content.
+
+    Configuration problems raise ValueError before any work starts; a failed run removes its
+    staging folder and leaves the previous output untouched.
+    """
+    shards = expand_inputs(config.input.paths, config.input.format, config.input.folder_shard_size)
+    if config.input.labels_csv:
+        read_labels_csv(config.input.labels_csv)
+    out = OutputDir(config.output, config.run_id)
+    out.check()
+    log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_evaluate(p, config, shards, out)
+    except BaseException:
+        out.abandon()
+        raise
+    return json.loads(read_bytes(join(config.output, "summary.json")))

@@ -1,0 +1,231 @@
+"""Filesystem edges, all through fsspec: input discovery, shard names, atomic writes, staging.
+
+A job writes everything under a staging folder beside its output and, once the whole run is
+written, replaces the output folder with it in one step; ``_SUCCESS`` comes last. A rerun into
+the same output therefore replaces it as a whole and never leaves a mix of two runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import posixpath
+import re
+import secrets
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .records import SourceShard
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm", "jp2", "jfif")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+SUCCESS = "_SUCCESS"
+
+
+def shard_name(index: int) -> str:
+    """The one place shard file names come from."""
+    return f"shard-{index:05d}.tar"
+
+
+def part_name(index: int, ext: str) -> str:
+    return f"part-{index:05d}.{ext}"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path segments with ``/`` (fsspec paths are posix-like everywhere)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def _unstrip(fs, path: str, original: str) -> str:
+    """fsspec strips protocols from listed paths; put the original one back (none for local)."""
+    if isinstance(fs, LocalFileSystem) and "://" not in original:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _format_of(path: str, is_dir: bool) -> str | None:
+    low = path.lower()
+    if is_dir:
+        return "folder"
+    if low.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: int = 1000) -> list[SourceShard]:
+    """Expand globs, files and folders into numbered source shards (sorted, deterministic).
+
+    Raises ValueError naming the first input that matches nothing or whose format is unknown.
+    """
+    found: list[tuple[str, str]] = []  # (path, format)
+    for raw in paths:
+        fs, p = url_to_fs(raw)
+        if any(c in p for c in "*?["):
+            matches = sorted(fs.glob(p))
+        elif fs.exists(p):
+            matches = [p]
+        else:
+            raise ValueError(f"input not found: {raw}")
+        if not matches:
+            raise ValueError(f"no input matches {raw}")
+        for m in matches:
+            is_dir = fs.isdir(m)
+            f = fmt if fmt != "auto" else _format_of(m, is_dir)
+            if f is None:
+                raise ValueError(f"cannot tell the format of {m!r}; pass --input-format")
+            if f == "folder" and not is_dir:
+                raise ValueError(f"--input-format folder needs a folder, got the file {m!r}")
+            found.append((_unstrip(fs, m, raw), f))
+    shards: list[SourceShard] = []
+    for path, f in found:
+        if f != "folder":
+            shards.append(SourceShard(len(shards), path, f))
+            continue
+        files = list_images(path)
+        if not files:
+            raise ValueError(f"no images in folder {path}")
+        for i in range(0, len(files), folder_shard_size):
+            shards.append(SourceShard(len(shards), path, "folder", tuple(files[i : i + folder_shard_size])))
+    return shards
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive), as sorted paths relative to it."""
+    fs, root = url_to_fs(folder)
+    root = root.rstrip("/")
+    out = []
+    for p in fs.find(root):
+        ext = p.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(p) else ""
+        if ext in IMAGE_EXTS:
+            out.append(p[len(root) + 1 :])
+    return sorted(out)
+
+
+def read_labels_csv(path: str) -> dict[str, str]:
+    """``file,label`` CSV (other columns ignored) -> {file: label text}."""
+    with fsspec.open(path, "rt", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "file" not in cols or "label" not in cols:
+            raise ValueError(f"labels CSV {path} needs 'file' and 'label' columns, has {cols}")
+        return {row["file"]: row["label"] for row in reader}
+
+
+_SAFE_KEY = re.compile(r"^[^\x00-\x1f\\]+$")
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why a member or key name is unsafe to carry into outputs, or None if it is fine."""
+    if not name or not _SAFE_KEY.match(name):
+        return "empty name or control/backslash characters"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "'..', '.' or empty path component"
+    return None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file: to a temporary name, then renamed (atomic on local filesystems;
+    object stores publish whole objects anyway)."""
+    fs, p = url_to_fs(path)
+    parent = posixpath.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{p}.tmp-{secrets.token_hex(4)}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, p)
+    else:
+        with fs.open(p, "wb") as f:
+            f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+class OutputDir:
+    """An output folder written through a staging folder and replaced as a whole.
+
+    Refuses to replace an existing folder that is not empty and holds no ``_SUCCESS`` (it is
+    not a finished semjpeg output, so it might be someone's data).
+    """
+
+    def __init__(self, final: str, run_id: str):
+        self.final = final.rstrip("/")
+        self.run_id = run_id
+        parent, name = posixpath.split(self.final)
+        self.staging = join(parent, f".{name}.staging-{run_id}") if parent else f".{name}.staging-{run_id}"
+
+    def check(self) -> None:
+        """Fail early if the output cannot be replaced or written."""
+        fs, p = url_to_fs(self.final)
+        if fs.exists(p):
+            if not fs.isdir(p):
+                raise ValueError(f"output {self.final} exists and is not a folder")
+            entries = fs.ls(p, detail=False)
+            if entries and not fs.exists(join(p, SUCCESS)):
+                raise ValueError(
+                    f"output {self.final} exists, is not empty and is not a finished semjpeg "
+                    "output (no _SUCCESS); refusing to replace it"
+                )
+        try:
+            sfs, sp = url_to_fs(self.staging)
+            sfs.makedirs(sp, exist_ok=True)
+            probe = join(sp, ".probe")
+            with sfs.open(probe, "wb") as f:
+                f.write(b"ok")
+            sfs.rm(probe)
+        except Exception as e:
+            raise ValueError(f"output location {self.final} cannot be written: {e}") from None
+
+    def path(self, *parts: str) -> str:
+        """A path inside the staging folder."""
+        return join(self.staging, *parts)
+
+    def commit(self) -> None:
+        """Replace the final folder with the staging folder, then write ``_SUCCESS``."""
+        fs, final = url_to_fs(self.final)
+        _, staging = url_to_fs(self.staging)
+        old = None
+        if fs.exists(final):
+            old = f"{final}.old-{self.run_id}"
+            fs.mv(final, old, recursive=True)
+        fs.mv(staging, final, recursive=True)
+        with fs.open(join(final, SUCCESS), "wb") as f:
+            f.write(self.run_id.encode() + b"\n")
+        if old is not None:
+            fs.rm(old, recursive=True)
+        log.info("committed %s", self.final)
+
+    def abandon(self) -> None:
+        """Remove the staging folder after a failed run."""
+        fs, staging = url_to_fs(self.staging)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+
+
+def open_binary(path: str):
+    """Open any fsspec URL for binary reading."""
+    return fsspec.open(path, "rb").open()
+
+
+def bytes_io(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)

@@ -1,0 +1,182 @@
+"""Model handlers for RunInference: the model loads once per worker process and is shared.
+
+Gradient stages (attacks) bring their own inference: RunInference's stock PyTorch handlers run
+under ``no_grad``. Each handler unpacks a batch, calls ``transforms/`` functions and packs the
+results; failures of one attack on one batch become error records, never a lost row.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import fsspec
+import torch
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms import metrics
+from transforms.attacks import run_attack
+from transforms.images import to_tensor, to_uint8
+from transforms.models import Classifier, build_model, resolve_device
+from transforms.seeds import sample_seed, seed_tensor
+from transforms.specs import Spec
+
+from .config import ModelConfig
+from .records import Defended, ErrorRecord, Result, Sample, Variant
+
+log = logging.getLogger(__name__)
+
+
+def load_classifier(config: ModelConfig) -> Classifier:
+    """Build the configured classifier; ``weights`` may be any fsspec URL (loaded weights-only)."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    state = None
+    if config.weights:
+        with fsspec.open(config.weights, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    model = build_model(config.name, state, device=resolve_device(config.device))
+    log.info("loaded %s on %s", config.name, next(model.parameters()).device)
+    return model
+
+
+class _ClassifierHandler(ModelHandler):
+    """Shared base: loads the configured classifier; batches of exactly ``batch_size``."""
+
+    def __init__(self, model: ModelConfig):
+        super().__init__(min_batch_size=model.batch_size, max_batch_size=model.batch_size)
+        self.model_config = model
+
+    def load_model(self) -> Classifier:
+        return load_classifier(self.model_config)
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        # The default pickles the whole batch just to measure it.
+        return sum(getattr(getattr(x, "image", None), "nbytes", 0) for x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "semjpeg"
+
+
+class AttackHandler(_ClassifierHandler):
+    """Batch of Samples -> per sample, a list of Variants (clean first) or ErrorRecords.
+
+    The clean prediction is computed once per batch; it is the label attacked unless
+    ``attack_labels="label"`` and the sample has one.
+    """
+
+    def __init__(self, model: ModelConfig, attacks: tuple[Spec, ...], *, seed: int, attack_labels: str):
+        super().__init__(model)
+        self.attacks = attacks
+        self.seed = seed
+        self.attack_labels = attack_labels
+
+    def run_inference(self, batch: Sequence[Sample], model: Classifier, inference_args=None) -> Iterable[list]:
+        device = next(model.parameters()).device
+        x = to_tensor([s.image for s in batch], device)
+        with torch.no_grad():
+            clean_logits = model(x)
+        clean_pred = clean_logits.argmax(dim=1)
+        if self.attack_labels == "label":
+            labels = torch.tensor(
+                [s.label if s.label is not None else int(p) for s, p in zip(batch, clean_pred.tolist())],
+                dtype=torch.int64, device=device,
+            )
+        else:
+            labels = clean_pred
+        out: list[list] = [[] for _ in batch]
+        for spec in self.attacks:
+            try:
+                variants = self._attack(spec, model, batch, x, labels, clean_logits, clean_pred)
+            except Exception as e:  # one attack failing on a batch loses nothing else
+                log.exception("attack %s failed on a batch of %d", spec.text, len(batch))
+                variants = [
+                    ErrorRecord(s.source_index, s.source, s.key, None, "attack", f"{type(e).__name__}: {e}", spec.text)
+                    for s in batch
+                ]
+            for slot, v in zip(out, variants):
+                slot.append(v)
+        return out
+
+    def _attack(self, spec, model, batch, x, labels, clean_logits, clean_pred) -> list[Variant]:
+        seeds = seed_tensor([sample_seed(self.seed, s.source, s.key, spec.text) for s in batch])
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result, target = run_attack(spec, model, x, labels, clean_logits=clean_logits, seeds=seeds)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / max(1, len(batch))
+        adv = result.images
+        clean = spec.name == "clean"
+        if clean:
+            success = [None] * len(batch)
+        else:
+            with torch.no_grad():
+                pred = model(adv).argmax(dim=1)
+            ok = pred == target if target is not None else pred != labels
+            success = ok.tolist()
+        linf = metrics.linf(adv, x).tolist()
+        l2 = metrics.l2(adv, x).tolist()
+        rmse = metrics.rmse(adv, x).tolist()
+        images = to_uint8(adv)
+        cp = clean_pred.tolist()
+        tg = target.tolist() if target is not None else [None] * len(batch)
+        it = result.iterations.tolist()
+        return [
+            Variant(
+                s, spec, s.image if clean else images[i], cp[i], success[i], tg[i], int(it[i]),
+                0.0 if clean else seconds, linf[i], l2[i], rmse[i],
+            )
+            for i, s in enumerate(batch)
+        ]
+
+
+class ClassifyHandler(_ClassifierHandler):
+    """Batch of Defended -> Results: top-5 predictions and quality against the clean image."""
+
+    def __init__(self, model: ModelConfig, *, run_id: str):
+        super().__init__(model)
+        self.run_id = run_id
+
+    def get_num_bytes(self, batch: Sequence[Defended]) -> int:
+        return sum(len(d.data) for d in batch)
+
+    def run_inference(self, batch: Sequence[Defended], model: Classifier, inference_args=None) -> Iterable[Result]:
+        device = next(model.parameters()).device
+        seen = to_tensor([d.decoded for d in batch], device)
+        clean = to_tensor([d.variant.sample.image for d in batch], device)
+        with torch.no_grad():
+            probs = torch.softmax(model(seen).float(), dim=1)
+            top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
+            psnr = metrics.psnr(seen, clean).tolist()
+            ssim = metrics.ssim(seen, clean).tolist()
+        top_p, top_i = top_p.tolist(), top_i.tolist()
+        names = model.class_names
+        results = []
+        for i, d in enumerate(batch):
+            v, s = d.variant, d.variant.sample
+            h, w = d.decoded.shape[:2]
+            pred = top_i[i][0]
+            row = {
+                "key": s.key, "source": s.source, "label": s.label,
+                "attack": v.attack.name, "attack_spec": v.attack.text,
+                "defense": d.defense.name, "defense_spec": d.defense.text,
+                "pred": pred, "pred_name": names[pred], "prob": top_p[i][0],
+                "top5": [{"label": a, "prob": b} for a, b in zip(top_i[i], top_p[i])],
+                "correct": None if s.label is None else pred == s.label,
+                "clean_pred": v.clean_pred, "agree_clean": None,
+                "bytes": len(d.data), "bpp": len(d.data) * 8.0 / (h * w),
+                "psnr": psnr[i], "ssim": ssim[i],
+                "linf": v.linf, "l2": v.l2, "rmse": v.rmse,
+                "success": v.success, "target": v.target,
+                "iterations": v.iterations, "attack_seconds": v.seconds,
+                "width": w, "height": h, "model": self.model_config.name, "run_id": self.run_id,
+                **d.extra,
+            }
+            results.append(Result(s.source_index, s.key, row, d.data, d.ext, s.label, s.meta))
+        return results

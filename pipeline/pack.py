@@ -1,0 +1,51 @@
+"""Packing a folder of images into WebDataset tar shards (``semjpeg shard``).
+
+The original bytes are stored unchanged as ``<key>.<ext>``, with ``<key>.cls`` when a labels
+CSV names the file and ``<key>.json`` holding the original file name. Keys are the relative
+paths without extension, dots replaced (WebDataset splits key and extension at the first dot).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from .io import join, list_images, read_bytes, read_labels_csv, write_bytes
+from .read_shards import sanitize_key
+from .write_shards import tar_bytes
+
+log = logging.getLogger(__name__)
+
+
+def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None = None) -> list[str]:
+    """Write ``<prefix>-NNNNN.tar`` shards of ``per_shard`` images each; returns their paths.
+
+    Raises ValueError for an empty folder, a bad labels CSV or two files giving the same key.
+    """
+    if per_shard < 1:
+        raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
+    files = list_images(folder)
+    if not files:
+        raise ValueError(f"no images in folder {folder}")
+    labels = read_labels_csv(labels_csv) if labels_csv else {}
+    keys: dict[str, str] = {}
+    for rel in files:
+        key = sanitize_key(rel.rsplit(".", 1)[0])
+        if key in keys:
+            raise ValueError(f"{keys[key]!r} and {rel!r} would both have the key {key!r}")
+        keys[key] = rel
+    paths = []
+    items = sorted(keys.items())
+    for s in range(0, len(items), per_shard):
+        members = []
+        for key, rel in items[s : s + per_shard]:
+            ext = rel.rsplit(".", 1)[1].lower()
+            members.append((f"{key}.{ext}", read_bytes(join(folder, rel))))
+            label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
+            if label is not None:
+                members.append((f"{key}.cls", label.strip().encode()))
+            members.append((f"{key}.json", json.dumps({"file": rel}).encode()))
+        path = f"{prefix}-{s // per_shard:05d}.tar"
+        write_bytes(path, tar_bytes(members))
+        paths.append(path)
+        log.info("wrote %s (%d samples)", path, len(members))
+    return paths

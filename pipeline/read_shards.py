@@ -1,0 +1,237 @@
+"""ReadImageShards: WebDataset tars, Parquet files and image folders -> RawSample, plus errors.
+
+The shard is the unit of work: each source shard is read whole by one DoFn call. Everything that
+cannot become a sample (an unsafe member name, a member cut short, a sample without an image, a
+duplicate key, an unreadable file) is reported in the ``errors`` output with its reason, and the
+rest of the shard is still read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from .config import InputConfig
+from .io import IMAGE_EXTS, join, open_binary, read_labels_csv, unsafe_name_reason
+from .records import ErrorRecord, RawSample, SourceShard
+
+log = logging.getLogger(__name__)
+
+ERRORS = "errors"
+STAGE = "read"
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+LABEL_EXTS = ("cls", "label", "class")
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """WebDataset naming: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``); None without a dot."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def sanitize_key(key: str) -> str:
+    """Keys become WebDataset member prefixes, so they may not contain dots."""
+    return key.replace(".", "_")
+
+
+class _ReadShardFn(beam.DoFn):
+    def __init__(self, config: InputConfig):
+        self.config = config
+        self.labels: dict[str, str] | None = None
+        self.samples = Metrics.counter("semjpeg", "read_samples")
+        self.errors = Metrics.counter("semjpeg", "read_errors")
+
+    def setup(self):
+        if self.config.labels_csv:
+            self.labels = read_labels_csv(self.config.labels_csv)
+
+    def process(self, shard: SourceShard):
+        reader = {"webdataset": self._tar, "parquet": self._parquet, "folder": self._folder}[shard.format]
+        try:
+            for item in reader(shard):
+                if isinstance(item, ErrorRecord):
+                    self.errors.inc()
+                    yield beam.pvalue.TaggedOutput(ERRORS, item)
+                else:
+                    self.samples.inc()
+                    yield item
+        except Exception as e:  # an unreadable source: report it, keep the job going
+            self.errors.inc()
+            log.warning("cannot read %s: %s", shard.path, e)
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, ErrorRecord(shard.index, shard.path, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
+            )
+
+    # ----------------------------------------------------------------------- WebDataset
+
+    def _tar(self, shard: SourceShard) -> Iterator[RawSample | ErrorRecord]:
+        def err(key, member, reason):
+            return ErrorRecord(shard.index, shard.path, key, member, STAGE, reason)
+
+        seen: set[str] = set()
+        key: str | None = None
+        members: dict[str, tuple[str, bytes]] = {}
+        current = None
+
+        def flush():
+            if key is None:
+                return None
+            images = [e for e in IMAGE_EXTS if e in members]
+            if not images:
+                return err(key, ",".join(m for m, _ in members.values()),
+                           f"no image member in sample (found: {', '.join(sorted(members)) or 'nothing'})")
+            member, data = members[images[0]]
+            label = next((members[e][1] for e in LABEL_EXTS if e in members), None)
+            meta = members.get("json", (None, None))[1]
+            try:
+                label_text = label.decode("utf-8") if label is not None else None
+            except UnicodeDecodeError:
+                label_text = repr(label[:20])
+            return RawSample(shard.index, shard.path, key, member, data, label_text, meta)
+
+        with open_binary(shard.path) as f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r|*")
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                yield err(None, None, f"not a readable tar file: {e}")
+                return
+            try:
+                for m in tf:
+                    current = m.name
+                    if m.isdir():
+                        continue
+                    reason = unsafe_name_reason(m.name)
+                    if reason:
+                        yield err(None, m.name, f"unsafe member name ({reason})")
+                        continue
+                    if not m.isfile():
+                        yield err(None, m.name, "not a regular file (link or device)")
+                        continue
+                    parts = split_key(m.name)
+                    if parts is None:
+                        yield err(None, m.name, "member name has no extension")
+                        continue
+                    k, ext = parts
+                    if k != key:
+                        done = flush()
+                        if done is not None:
+                            yield done
+                        key, members = None, {}
+                        if k in seen:
+                            yield err(k, m.name, "duplicate key in shard (members of one sample must be adjacent)")
+                            continue
+                        seen.add(k)
+                        key = k
+                    data = tf.extractfile(m).read()
+                    if ext in members:
+                        yield err(k, m.name, f"duplicate member .{ext}; kept the first")
+                        continue
+                    members[ext] = (m.name, data)
+                    current = None
+                done = flush()
+                if done is not None:
+                    yield done
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                where = f" inside member {current}" if current else ""
+                yield err(key, current, f"tar cut short{where}: {e}; samples before it were read")
+
+    # ----------------------------------------------------------------------- Parquet
+
+    def _parquet(self, shard: SourceShard) -> Iterator[RawSample | ErrorRecord]:
+        import pyarrow.parquet as pq
+
+        cfg = self.config
+        stem = sanitize_key(posixpath.basename(shard.path).split(".")[0]) or "row"
+        with open_binary(shard.path) as f:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:
+                yield ErrorRecord(shard.index, shard.path, None, None, STAGE, f"not a readable Parquet file: {e}")
+                return
+            names = pf.schema_arrow.names
+            if cfg.image_column not in names:
+                yield ErrorRecord(shard.index, shard.path, None, None, STAGE,
+                                  f"no image column {cfg.image_column!r} (columns: {', '.join(names)})")
+                return
+            cols = [c for c in (cfg.image_column, cfg.key_column, cfg.label_column) if c in names]
+            row = 0
+            seen: set[str] = set()
+            try:
+                for batch in pf.iter_batches(batch_size=256, columns=cols):
+                    d = batch.to_pydict()
+                    for i in range(batch.num_rows):
+                        member = f"row {row}"
+                        given = d.get(cfg.key_column, [None] * batch.num_rows)[i]
+                        raw_key = str(given) if given is not None else f"{stem}-{row:08d}"
+                        row += 1
+                        key = sanitize_key(raw_key)
+                        reason = unsafe_name_reason(key)
+                        if reason:
+                            yield ErrorRecord(shard.index, shard.path, None, member, STAGE, f"unsafe key {raw_key!r} ({reason})")
+                            continue
+                        if key in seen:
+                            yield ErrorRecord(shard.index, shard.path, key, member, STAGE, "duplicate key in file")
+                            continue
+                        seen.add(key)
+                        img = d[cfg.image_column][i]
+                        if isinstance(img, dict):  # Hugging Face datasets: struct<bytes, path>
+                            img = img.get("bytes")
+                        if img is None:
+                            yield ErrorRecord(shard.index, shard.path, key, member, STAGE, "null image")
+                            continue
+                        if isinstance(img, str):
+                            img = img.encode("latin-1")
+                        label = d.get(cfg.label_column, [None] * batch.num_rows)[i]
+                        meta = None if raw_key == key else json.dumps({"source_key": raw_key}).encode()
+                        yield RawSample(shard.index, shard.path, key, member, bytes(img),
+                                        None if label is None else str(label), meta)
+            except Exception as e:
+                yield ErrorRecord(shard.index, shard.path, None, f"row {row}", STAGE,
+                                  f"Parquet file unreadable from row {row}: {e}")
+
+    # ----------------------------------------------------------------------- folders
+
+    def _folder(self, shard: SourceShard) -> Iterator[RawSample | ErrorRecord]:
+        seen: set[str] = set()
+        for rel in shard.files:
+            path = join(shard.path, rel)
+            key = sanitize_key(rel.rsplit(".", 1)[0])
+            if key in seen:
+                yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, "two files give the same key")
+                continue
+            seen.add(key)
+            try:
+                with open_binary(path) as f:
+                    data = f.read()
+            except Exception as e:
+                yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, f"cannot read file: {e}")
+                continue
+            label = None
+            if self.labels is not None:
+                label = self.labels.get(rel, self.labels.get(posixpath.basename(rel)))
+            yield RawSample(shard.index, shard.path, key, rel, data, label, None)
+
+
+class ReadImageShards(beam.PTransform):
+    """Source shards -> (RawSample PCollection, ErrorRecord PCollection)."""
+
+    def __init__(self, shards: list[SourceShard], config: InputConfig):
+        super().__init__()
+        self.shards = shards
+        self.config = config
+
+    def expand(self, pbegin):
+        out = (
+            pbegin
+            | "Shards" >> beam.Create(self.shards)
+            | "Spread" >> beam.Reshuffle()
+            | "ReadShard" >> beam.ParDo(_ReadShardFn(self.config)).with_outputs(ERRORS, main="samples")
+        )
+        return out.samples, out[ERRORS]

