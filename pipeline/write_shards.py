@@ -52,7 +52,9 @@ def sample_members(r: Result) -> list[tuple[str, bytes]]:
     members = [(f"{r.key}.{r.ext}", r.data)]
     if r.label is not None:
         members.append((f"{r.key}.cls", str(r.label).encode()))
-    doc = {"semjpeg": jsonable(r.row)}
+    # Timing is a property of the run, not of the image: kept in the Parquet metadata only, so
+    # the shards of a run are reproducible byte for byte.
+    doc = {"semjpeg": jsonable({k: v for k, v in r.row.items() if k != "attack_seconds"})}
     if r.meta:
         doc["source"] = jsonable(r.meta)
     members.append((f"{r.key}.json", json.dumps(doc, sort_keys=True).encode()))

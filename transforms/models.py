@@ -256,10 +256,29 @@ def _torchvision_names() -> list[str]:
     return sorted(list_models(module=tvm))
 
 
+def _import_factory(name: str) -> Callable:
+    """``package.module:factory`` -> the factory (a user's own model, no registry edit needed)."""
+    mod, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {name!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"model factory {name!r} is not callable")
+    return fn
+
+
 def model_info(name: str) -> ModelInfo:
-    """Registry lookup without loading weights; raises ValueError listing the valid names."""
+    """Registry lookup without loading weights; raises ValueError listing the valid names.
+
+    Besides the registry, ``package.module:factory`` names a callable ``factory(state_dict)``
+    returning a :class:`Classifier`; its ``model_info`` attribute, if any, gives its sizes.
+    """
     if name in MODELS:
         return MODELS[name][1]
+    if ":" in name:
+        fn = _import_factory(name)
+        return getattr(fn, "model_info", ModelInfo(name, 224, 256))
     tv = _torchvision_names()
     if name in tv:
         return ModelInfo(name, 224, 256, needs_weights=True)
@@ -311,6 +330,10 @@ def build_model(
     info = model_info(name)
     if name in MODELS:
         model = MODELS[name][0](state_dict)
+    elif ":" in name:
+        model = _import_factory(name)(state_dict)
+        if not isinstance(model, Classifier):
+            raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not a Classifier")
     else:
         if state_dict is None:
             raise ValueError(

@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny CNN, small real images, the shared dev set (skipped when absent)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SEMJPEG_SHARED", ROOT.parent / "shared"))
+DEV = SHARED / "data" / "imagenet-dev"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny.build()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    """Four real photographs from scikit-image, uint8 64x64x3 (one of them grayscale at source)."""
+    import skimage.data
+
+    from transforms.images import resize_and_crop
+
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "camera"):
+        img = getattr(skimage.data, name)()
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        out.append(resize_and_crop(img, resize=72, crop=64))
+    return out
+
+
+@pytest.fixture(scope="session")
+def batch(photos) -> torch.Tensor:
+    from transforms.images import to_tensor
+
+    return to_tensor(photos)
+
+
+def dev_rows() -> list[dict]:
+    if not (DEV / "labels.csv").exists():
+        pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
+    with open(DEV / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def dev_dir() -> Path:
+    dev_rows()
+    return DEV
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from transforms.models import build_model
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return build_model("efficientnet_lite0")

@@ -1,0 +1,104 @@
+"""The `semjpeg` command: help, clear one-line errors, the shard job, the attack job's product."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.__main__ import main
+from tests.shards import good_members, write_tar
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_the_jobs():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for job in ("demo", "evaluate", "attack", "shard"):
+        assert job in r.stdout
+    assert "apitools" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attack", "nope"], "unknown attack 'nope'"),
+        (["--attack", "fgsm:eps"], "malformed attack spec"),
+        (["--attack", "fgsm:epz=1"], "unknown parameter 'epz' for attack 'fgsm'; valid: eps"),
+        (["--defense", "jpeg:quality=0"], "must be in 1..100"),
+        (["--defense", "zip"], "unknown defense 'zip'"),
+        (["--model", "alexnetz"], "unknown model 'alexnetz'"),
+        (["--runner", "FnApiRunner", "--no_such_beam_flag", "1"], "unrecognized arguments: --no_such_beam_flag"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(tmp_path, capsys, extra, message):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("semjpeg evaluate: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_is_one_clear_line(tmp_path):
+    r = run_cli("evaluate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"semjpeg evaluate: error: no input matches {tmp_path}/nothing-*.tar"]
+
+
+def test_shard_job_packs_dev_images(tmp_path, dev_dir):
+    sub = tmp_path / "imgs"
+    sub.mkdir()
+    names = sorted(p.name for p in dev_dir.glob("*.JPEG"))[:5]
+    for n in names:
+        (sub / n).write_bytes((dev_dir / n).read_bytes())
+    assert main(["shard", "--input", str(sub), "--output", str(tmp_path / "s/dev"), "--per-shard", "2",
+                 "--labels", str(dev_dir / "labels.csv")]) == 0
+    shards = sorted((tmp_path / "s").glob("dev-*.tar"))
+    assert [s.name for s in shards] == ["dev-00000.tar", "dev-00001.tar", "dev-00002.tar"]
+    with tarfile.open(shards[0]) as tf:
+        got = tf.getnames()
+        first = names[0].rsplit(".", 1)[0]
+        assert got[:3] == [f"{first}.jpeg", f"{first}.cls", f"{first}.json"]
+        assert tf.extractfile(f"{first}.jpeg").read() == (dev_dir / names[0]).read_bytes()
+        assert tf.extractfile(f"{first}.cls").read() == b"0"  # tench
+
+
+def test_attack_job_writes_a_reusable_adversarial_set(tmp_path, photos):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:5])
+    out = tmp_path / "adv"
+    code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--attack", "fgsm:eps=8/255",
+                 "--model", "tests.tiny:build", "--batch-size", "2", "--runner", "FnApiRunner"])
+    assert code == 0 and (out / "_SUCCESS").exists()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["clean", "fgsm-eps=8_255"]
+    shard = out / "shards/fgsm-eps=8_255/shard-00000.tar"
+    with tarfile.open(shard) as tf:
+        names = tf.getnames()
+        assert names == ["good_jpg.png", "good_jpg.cls", "good_jpg.json", "good_png.png", "good_png.cls", "good_png.json"]
+        from transforms.jpeg import decode_rgb
+
+        adv = decode_rgb(tf.extractfile("good_jpg.png").read())
+    # Re-read as input: labels and keys carried over, pixels not resized again.
+    again = tmp_path / "again"
+    assert main(["evaluate", "--input", str(shard), "--output", str(again), "--model", "tests.tiny:build",
+                 "--runner", "FnApiRunner"]) == 0
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted((again / "metadata").glob("*.parquet"))).to_pylist()
+    assert sorted((r["key"], r["label"]) for r in rows) == [("good_jpg", 1), ("good_png", 2)]
+    with tarfile.open(again / "shards/clean/none/shard-00000.tar") as tf:
+        assert np.array_equal(decode_rgb(tf.extractfile("good_jpg.png").read()), adv)
+
+
+def test_attack_job_rejects_defenses(tmp_path, capsys):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
+                 "--attack", "fgsm", "--defense", "jpeg"])
+    assert code == 2 and "losslessly" in capsys.readouterr().err

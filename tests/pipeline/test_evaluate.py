@@ -1,0 +1,187 @@
+"""The evaluate pipeline end to end on the tiny CNN, hostile inputs included."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.evaluate import run_evaluate
+from tests.pipeline.conftest import tiny_config
+from tests.shards import GOOD_KEYS, cut_tar, good_members, hostile_members, write_tar
+
+
+def read_dataset(folder):
+    files = sorted(folder.glob("*.parquet"))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def tar_names(path):
+    with tarfile.open(path) as tf:
+        return tf.getnames()
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory, photos):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    inputs = tmp / "in"
+    inputs.mkdir()
+    bad, expect = hostile_members(photos)
+    write_tar(inputs / "a.tar", good_members(photos) + bad)
+    # Second shard: three whole samples, then a cut inside the fourth's image.
+    cut = good_members(photos, prefix="cut")[:6] + [("cut_lost.png", b"\x89PNG" + b"x" * 5000), ("cut_after.cls", b"1")]
+    cut_tar(inputs / "b.tar", cut, cut_member=6)
+    (inputs / "c.tar").write_bytes(b"")  # empty file
+    out = tmp / "out"
+    summary = run_evaluate(tiny_config([str(inputs / "*.tar")], out), PipelineOptions(["--runner", "FnApiRunner"]))
+    return tmp, out, summary, expect
+
+
+def test_every_good_input_gives_every_variant(hostile_run):
+    _, out, summary, _ = hostile_run
+    rows = read_dataset(out / "metadata")
+    keys = sorted({r["key"] for r in rows})
+    assert keys == sorted(GOOD_KEYS + ["cut_jpg", "cut_png", "cut_gray"])
+    variants = {(r["attack_spec"], r["defense_spec"]) for r in rows}
+    assert variants == {(a, d) for a in ("clean", "fgsm:eps=4/255") for d in ("none", "jpeg:quality=50")}
+    assert len(rows) == len(keys) * 4
+    for r in rows:
+        assert r["model"] == "tests.tiny:build" and r["run_id"] == summary["run_id"]
+        assert (r["bytes"] > 0 and r["bpp"] > 0 and 0 < r["ssim"] <= 1 and r["width"] == r["height"] == 64)
+        assert len(r["top5"]) == 5 and r["top5"][0]["label"] == r["pred"]
+        assert r["agree_clean"] == (r["pred"] == r["clean_pred"])
+        if r["attack"] == "clean":
+            assert r["linf"] == 0 and r["rmse"] == 0 and r["success"] is None
+        else:
+            assert 0 < r["linf"] <= 4 / 255 + 1e-6 and r["rmse"] > 0 and r["success"] is not None
+        if r["defense"] == "none" and r["attack"] == "clean":
+            assert r["psnr"] == float("inf") and r["agree_clean"]
+    labeled = {r["key"]: r["label"] for r in rows}
+    assert labeled["good_jpg"] == 1 and labeled["good_nolabel"] is None
+
+
+def test_every_bad_input_is_reported_with_its_reason(hostile_run):
+    _, out, summary, expect = hostile_run
+    errors = read_dataset(out / "errors")
+    for ident, (stage, pattern) in expect.items():
+        hits = [e for e in errors if ident in (e["key"], e["member"])]
+        assert len(hits) == 1, (ident, errors)
+        assert hits[0]["stage"] == stage and re.search(pattern, hits[0]["reason"]), hits[0]
+    cut = [e for e in errors if e["source"].endswith("b.tar")]
+    assert len(cut) == 1 and "cut short inside member cut_lost.png" in cut[0]["reason"]
+    empty = [e for e in errors if e["source"].endswith("c.tar")]
+    assert len(empty) == 1 and "not a readable tar" in empty[0]["reason"]
+    assert sum(summary["errors"].values()) == len(errors) == len(expect) + 2
+
+
+def test_shards_are_webdataset_and_nothing_escapes(hostile_run):
+    tmp, out, _, _ = hostile_run
+    assert (out / "_SUCCESS").exists() and (out / "summary.json").exists()
+    shards = sorted((out / "shards").rglob("*.tar"))
+    rel = {s.relative_to(out / "shards").as_posix() for s in shards}
+    assert rel == {f"{a}/{d}/shard-0000{i}.tar" for a in ("clean", "fgsm-eps=4_255")
+                   for d in ("none", "jpeg-quality=50") for i in (0, 1)}
+    names = tar_names(out / "shards/fgsm-eps=4_255/jpeg-quality=50/shard-00000.tar")
+    assert "good_jpg.jpg" in names and "good_jpg.cls" in names and "good_jpg.json" in names
+    assert "good_nolabel.cls" not in names and all(".." not in n for n in names)
+    with tarfile.open(out / "shards/clean/none/shard-00000.tar") as tf:
+        doc = json.load(tf.extractfile("good_jpg.json"))
+    assert doc["source"] == {"origin": "astronaut"} and doc["semjpeg"]["defense"] == "none"
+    assert sorted(p.name for p in tmp.iterdir()) == ["in", "out"]  # no staging left, nothing outside
+    assert not list(tmp.rglob("evil*"))
+
+
+def test_summary_table_and_stats(hostile_run):
+    _, out, summary, _ = hostile_run
+    table = {(r["attack_spec"], r["defense_spec"]): r for r in summary["table"]}
+    assert list(table) == [("clean", "none"), ("clean", "jpeg:quality=50"),
+                           ("fgsm:eps=4/255", "none"), ("fgsm:eps=4/255", "jpeg:quality=50")]
+    assert summary["samples"] == 10 and table[("clean", "none")]["agree_clean"] == 1.0
+    assert table[("clean", "none")]["psnr"] is None and table[("clean", "none")]["identical"] == 10
+    assert summary["config"]["attacks"] == ["clean", "fgsm:eps=4/255"]
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
+    assert [s["samples"] for s in stats] == [7, 3, 0] and stats[2]["errors"] == 1
+
+
+def test_rerun_replaces_output_as_a_whole(tmp_path, photos, fnapi):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:4])
+    out = tmp_path / "out"
+    first = run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
+    (out / "stale.txt").write_text("from the first run")
+    second = run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=(), defenses=()), fnapi)
+    assert not (out / "stale.txt").exists() and first["run_id"] != second["run_id"]
+    assert (out / "_SUCCESS").read_text().strip() == second["run_id"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["clean"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_output(tmp_path, photos, fnapi):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
+    assert (out / "thesis.tex").exists()
+
+
+def test_same_seed_and_run_id_give_identical_bytes(tmp_path, photos, fnapi):
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    outs = []
+    for name in ("x", "y"):
+        cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / name, attacks=("igsm:eps=4/255,steps=2",), run_id="fixed")
+        run_evaluate(cfg, fnapi)
+        outs.append(tmp_path / name)
+    for shard in sorted((outs[0] / "shards").rglob("*.tar")):
+        twin = outs[1] / shard.relative_to(outs[0])
+        assert shard.read_bytes() == twin.read_bytes(), shard
+    a, b = (read_dataset(o / "metadata") for o in outs)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "attack_seconds"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_parquet_and_folder_inputs(tmp_path, photos, fnapi):
+    import pyarrow as pa
+
+    from tests.shards import encode
+
+    table = pa.table({
+        "img": [encode(p) for p in photos] + [None],
+        "id": ["p.0", "p1", "p2", "p3", "p4"],
+        "label": [0, 1, 2, 3, 4],
+    })
+    pq.write_table(table, tmp_path / "x.parquet")
+    folder = tmp_path / "folder" / "sub"
+    folder.mkdir(parents=True)
+    for i, p in enumerate(photos):
+        (folder / f"f{i}.png").write_bytes(encode(p))
+    (tmp_path / "labels.csv").write_text("file,label\nsub/f0.png,5\nf1.png,6\n")
+    out = tmp_path / "out"
+    run_evaluate(tiny_config([str(tmp_path / "x.parquet")], out, defenses=(), image_column="img", key_column="id"), fnapi)
+    rows = read_dataset(out / "metadata")
+    assert sorted({(r["key"], r["label"]) for r in rows}) == [("p1", 1), ("p2", 2), ("p3", 3), ("p_0", 0)]
+    err = read_dataset(out / "errors")
+    assert [(e["key"], e["reason"]) for e in err] == [("p4", "null image")]
+    out2 = tmp_path / "out2"
+    run_evaluate(tiny_config([str(tmp_path / "folder")], out2, defenses=(),
+                             labels_csv=str(tmp_path / "labels.csv"), folder_shard_size=3), fnapi)
+    rows = read_dataset(out2 / "metadata")
+    assert sorted({(r["key"], r["label"]) for r in rows}) == [("sub/f0", 5), ("sub/f1", 6), ("sub/f2", None), ("sub/f3", None)]
+    assert len(list((out2 / "stats").glob("*.json"))) == 2
+
+
+def test_configuration_errors_before_any_work(tmp_path, fnapi):
+    with pytest.raises(ValueError, match="input not found"):
+        run_evaluate(tiny_config([str(tmp_path / "missing.tar")], tmp_path / "out"), fnapi)
+    with pytest.raises(ValueError, match="no input matches"):
+        run_evaluate(tiny_config([str(tmp_path / "*.tar")], tmp_path / "out"), fnapi)
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        tiny_config([str(tmp_path)], tmp_path / "out", attacks=("nope",))
+    with pytest.raises(ValueError, match="duplicate attack spec"):
+        tiny_config([str(tmp_path)], tmp_path / "out", attacks=("fgsm:eps=4/255", "fgsm:eps=0.01568627450980392"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,53 @@
+"""The same job on FnApiRunner and on DirectRunner with two worker processes; model loads."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.evaluate import run_evaluate
+from tests.pipeline.conftest import tiny_config
+from tests.shards import good_members, write_tar
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rows(out):
+    table = pq.read_table(sorted((out / "metadata").glob("*.parquet"))).drop_columns(["attack_seconds"])
+    return sorted(table.to_pylist(), key=lambda r: (r["key"], r["attack_spec"], r["defense_spec"]))
+
+
+def same(x, y) -> bool:
+    """Equal, floats within 1e-4 relative (batch composition may differ between runners)."""
+    if isinstance(x, float) and isinstance(y, float):
+        return x == y or abs(x - y) <= 1e-4 * max(abs(x), abs(y), 1e-6)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
+def test_multiprocess_runner_matches_fnapi_and_loads_model_once_per_process(tmp_path, photos, monkeypatch):
+    for i in range(3):
+        write_tar(tmp_path / f"s{i}.tar", good_members(photos, prefix=f"s{i}"))
+    inputs = [str(tmp_path / "s*.tar")]
+    log = tmp_path / "loads.txt"
+    monkeypatch.setenv("SEMJPEG_TEST_LOAD_LOG", str(log))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # worker processes import tests.tiny
+
+    run_evaluate(tiny_config(inputs, tmp_path / "fn", run_id="r"), PipelineOptions(["--runner", "FnApiRunner"]))
+    fn_loads = Counter(log.read_text().split())
+    log.unlink()
+    mp = PipelineOptions(["--runner", "DirectRunner", "--direct_num_workers", "2",
+                          "--direct_running_mode", "multi_processing"])
+    run_evaluate(tiny_config(inputs, tmp_path / "mp", run_id="r"), mp)
+    mp_loads = Counter(log.read_text().split())
+
+    # Two model stages (attack, classify): one load each per process, however many batches.
+    assert list(fn_loads.values()) == [2]
+    assert len(mp_loads) <= 2 and all(n <= 2 for n in mp_loads.values())
+    a, b = rows(tmp_path / "fn"), rows(tmp_path / "mp")
+    assert len(a) == 3 * 7 * 4 and same(a, b)

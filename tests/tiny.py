@@ -1,0 +1,43 @@
+"""A tiny CNN classifier for fast tests, importable by name (``tests.tiny:build``) so that
+pipeline tests can use it on every runner, multi-process ones included."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from transforms.models import Classifier, ModelInfo
+
+NUM_CLASSES = 10
+
+
+def build(state_dict=None, *, seed: int = 0, num_classes: int = NUM_CLASSES) -> Classifier:
+    """conv(3->8, s2) - ReLU - conv(8->16, s2) - ReLU, global average pooling, linear(16->10).
+
+    Appends its process id to the file named by ``SEMJPEG_TEST_LOAD_LOG``, if set, so tests can
+    count model loads per worker process.
+    """
+    log = os.environ.get("SEMJPEG_TEST_LOAD_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    g = torch.Generator().manual_seed(seed)
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+    )
+    fc = nn.Linear(16, num_classes)
+    with torch.no_grad():
+        for p in [*features.parameters(), *fc.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model = Classifier(
+        features, fc, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="tests.tiny:build",
+        class_names=tuple(f"class{i}" for i in range(num_classes)), input_size=64,
+    )
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model.eval()
+
+
+build.model_info = ModelInfo("tests.tiny:build", input_size=64, resize=72, num_classes=NUM_CLASSES)

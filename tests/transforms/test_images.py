@@ -1,0 +1,114 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transforms.images import DecodeError, decode_image, quantize, resize_and_crop, to_tensor, to_uint8
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def rgb(photos):
+    return Image.fromarray(photos[0]).resize((120, 90))
+
+
+def test_decode_rgb_png_resizes_and_crops(rgb):
+    out = decode_image(encode(rgb), resize=72, crop=64)
+    assert out.dtype == np.uint8 and out.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1", "YCbCr"])
+def test_any_mode_becomes_rgb(rgb, mode):
+    if mode == "I;16":
+        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)
+        fmt = "PNG"
+    else:
+        img = rgb.convert(mode)
+        fmt = "JPEG" if mode in ("CMYK", "YCbCr") else "PNG"
+    out = decode_image(encode(img, fmt), resize=72, crop=64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16", "1", "LA"):  # gray stays gray
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_sixteen_bit_scaled_not_clipped():
+    arr = np.full((64, 64), 65535, dtype=np.uint16)
+    arr[:32] = 0
+    out = decode_image(encode(Image.fromarray(arr)), crop=0)
+    assert out[0, 0, 0] == 0 and out[-1, 0, 0] == 255
+
+
+def test_alpha_composited_over_white():
+    img = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
+    out = decode_image(encode(img), crop=0)
+    assert (out == 255).all()
+
+
+def test_exif_orientation_applied():
+    img = Image.new("RGB", (80, 40), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 40, 40))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95), crop=0)
+    assert out.shape[:2] == (80, 40)  # portrait after transpose
+    assert out[:40].mean() > 200 and out[40:].mean() < 50  # white half now on top
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"not an image at all", "not a decodable image"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "not a decodable")],
+)
+def test_bad_bytes_raise_decode_error(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_image_raises(rgb):
+    data = encode(rgb, "JPEG", quality=90)
+    with pytest.raises(DecodeError, match="truncated|corrupt|not a decodable"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_rejected_from_header():
+    data = encode(Image.new("L", (5000, 5000)))
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(data, max_pixels=1_000_000)
+    huge = encode(Image.new("1", (20000, 10000)))  # 200 Mpx, over Pillow's own hard limit too
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(huge)
+
+
+def test_crop_size_input_passes_through_unchanged():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image(encode(Image.fromarray(arr))), arr)
+
+
+def test_resize_and_crop_shapes():
+    img = np.zeros((30, 100, 3), np.uint8)
+    assert resize_and_crop(img, resize=72, crop=64).shape == (64, 64, 3)
+    assert resize_and_crop(img, resize=0, crop=16).shape == (16, 16, 3)
+    assert resize_and_crop(np.zeros((10, 12, 3), np.uint8), resize=0, crop=16).shape == (16, 16, 3)
+
+
+def test_tensor_round_trip(photos):
+    x = to_tensor(photos)
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 64, 64)
+    assert 0 <= x.min() and x.max() <= 1
+    assert np.array_equal(to_uint8(x), np.stack(photos))
+    assert to_tensor([]).shape[0] == 0
+
+
+def test_quantize_on_grid():
+    x = torch.rand(2, 3, 8, 8)
+    q = quantize(x)
+    assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
+    assert (q - x).abs().max() <= 0.5 / 255 + 1e-6

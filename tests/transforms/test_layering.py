@@ -1,0 +1,31 @@
+"""transforms/ stays pure: no Beam, fsspec or pyarrow, statically and at import time."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+FORBIDDEN = ("apache_beam", "fsspec", "pyarrow")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_forbidden_imports_in_source():
+    for path in (ROOT / "transforms").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in FORBIDDEN, f"{path.relative_to(ROOT)} imports {n}"
+
+
+def test_importing_transforms_loads_none_of_them():
+    mods = [p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+            for p in (ROOT / "transforms").rglob("*.py") if p.name != "__init__.py"]
+    code = ("import sys, importlib\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

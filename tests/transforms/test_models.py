@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from transforms.models import Classifier, build_model, imagenet_class_names, model_info
+
+
+def test_registry_errors_list_valid_names():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*efficientnet_lite0"):
+        model_info("nope")
+    with pytest.raises(ValueError, match="needs weights"):
+        build_model("resnet18")
+    with pytest.raises(ValueError, match="cannot import model factory"):
+        model_info("no.such.module:build")
+
+
+def test_class_names_offline():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite_variants_load_packaged_weights(name, size):
+    m = build_model(name)
+    assert isinstance(m, Classifier) and m.has_cam and m.input_size == size
+    assert not any(p.requires_grad for p in m.parameters()) and not m.training
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        logits = m(x)
+        feats = m.features(x)
+        assert logits.shape == (1, 1000)
+        assert torch.allclose(m.fc(feats.mean(dim=(2, 3))), logits, atol=1e-5)
+
+
+def test_normalization_lives_in_the_wrapper():
+    m = build_model("efficientnet_lite0")
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        direct = m.fc(m.body.net(x * 2 - 1).mean(dim=(2, 3)))  # the package's [-1, 1] input
+        assert torch.allclose(m(x), direct, atol=1e-5)
+
+
+def test_torchvision_model_with_state_dict_splits_for_cam():
+    from torchvision.models import resnet18
+
+    ref = resnet18(weights=None, num_classes=1000).eval()
+    m = build_model("resnet18", ref.state_dict())
+    assert m.has_cam
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = ref((x - m.mean) / m.std)
+        assert torch.allclose(m(x), expect, atol=1e-4)
+
+
+def test_custom_factory_by_import_path(tiny_model):
+    m = build_model("tests.tiny:build")
+    assert m.num_classes == 10 and model_info("tests.tiny:build").input_size == 64
+
+
+def test_real_model_top1_on_dev_subset(real_model):
+    from tests.conftest import DEV, dev_rows
+    from transforms.images import decode_image, to_tensor
+
+    rows = dev_rows()[:24]
+    x = to_tensor([decode_image((DEV / r["file"]).read_bytes()) for r in rows])
+    with torch.no_grad():
+        pred = real_model(x).argmax(1)
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    assert (pred == labels).float().mean() >= 0.75  # ~0.89 over all 500
