@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHARED = Path(os.environ.get("SEMJPEG_SHARED", ROOT.parent / "shared"))
 DEV = SHARED / "data" / "imagenet-dev"

@@ -13,10 +13,14 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT, dev_files, emit
+# Run as a script, bench/ would come first on sys.path and this file would shadow the
+# `pipeline` package: put the project root there instead.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+
+from bench._common import ROOT, dev_files, emit  # noqa: E402
 
 ATTACK = "fgsm:eps=4/255"
 DEFENSE = "jpeg:quality=50"
@@ -107,14 +111,14 @@ def run_pipeline(shards: list[str], out: str) -> None:
 def timed(mode: str, shards: list[Path], out: Path) -> float:
     """Seconds for one fresh process to do the whole job."""
     code = (
-        "import sys, time; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        "import sys, time; sys.path.insert(0, %r)\n"
         "import torch; torch.set_num_threads(2)\n"
         "t = time.perf_counter()\n"
         "from pipeline import __name__ as _\n"
         "import bench.pipeline as b\n"
         "b.run_%s(%r, %r)\n"
         "print('SECONDS', time.perf_counter() - t)\n"
-    ) % (str(ROOT), str(ROOT / "bench"), mode, [str(s) for s in shards], str(out))
+    ) % (str(ROOT), mode, [str(s) for s in shards], str(out))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(f"{mode} failed:\n{r.stderr[-3000:]}")
