@@ -7,7 +7,7 @@ from apache_beam.ml.inference.base import RunInference
 from transforms.specs import Spec
 
 from .config import ModelConfig
-from .errors import ERRORS, SplitErrors, dead_letters
+from .errors import SplitErrors
 from .model_handlers import AttackHandler
 
 
@@ -19,12 +19,9 @@ class AttackImages(beam.PTransform):
         self.handler = AttackHandler(model, attacks, seed=seed, attack_labels=attack_labels)
 
     def expand(self, samples):
-        main, dlq = samples | "RunAttacks" >> RunInference(self.handler).with_exception_handling()
-        split = (
-            main
+        return (
+            samples
+            | "RunAttacks" >> RunInference(self.handler)
             | "Unbatch" >> beam.FlatMap(lambda variants: variants)
-            | "SplitErrors" >> beam.ParDo(SplitErrors()).with_outputs(ERRORS, main="variants")
+            | "Split" >> SplitErrors()
         )
-        failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(dead_letters("attack"))
-        errors = (split[ERRORS], failed) | "Errors" >> beam.Flatten()
-        return split.variants, errors

@@ -7,7 +7,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from .config import ModelConfig
-from .errors import dead_letters
+from .errors import SplitErrors
 from .model_handlers import ClassifyHandler
 from .records import Result
 
@@ -38,10 +38,9 @@ class Classify(beam.PTransform):
         self.handler = ClassifyHandler(model, run_id=run_id)
 
     def expand(self, defended):
-        main, dlq = defended | "RunClassifier" >> RunInference(self.handler).with_exception_handling()
-        errors = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(dead_letters("classify"))
+        results, errors = defended | "RunClassifier" >> RunInference(self.handler) | "Split" >> SplitErrors()
         results = (
-            main
+            results
             | "ByInput" >> beam.Map(lambda r: ((r.source_index, r.key), r))
             | "GroupInput" >> beam.GroupByKey()
             | "AgreeClean" >> beam.FlatMap(join_clean)

@@ -9,9 +9,9 @@ from apache_beam.metrics import Metrics
 from transforms.images import DecodeError, decode_image
 
 from .config import InputConfig
+from .errors import SplitErrors
 from .records import ErrorRecord, RawSample, Sample
 
-ERRORS = "errors"
 STAGE = "decode"
 
 
@@ -54,9 +54,7 @@ class _DecodeFn(beam.DoFn):
             image = decode_image(raw.data, resize=cfg.resize, crop=cfg.crop, max_pixels=cfg.max_pixels)
         except (ValueError, DecodeError) as e:
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, ErrorRecord(raw.source_index, raw.source, raw.key, raw.member, STAGE, str(e))
-            )
+            yield ErrorRecord(raw.source_index, raw.source, raw.key, raw.member, STAGE, str(e))
             return
         self.ok.inc()
         yield Sample(raw.source_index, raw.source, raw.key, label, image, parse_meta(raw.meta))
@@ -71,5 +69,5 @@ class DecodeImages(beam.PTransform):
         self.num_classes = num_classes
 
     def expand(self, raw):
-        out = raw | "Decode" >> beam.ParDo(_DecodeFn(self.config, self.num_classes)).with_outputs(ERRORS, main="samples")
-        return out.samples, out[ERRORS]
+        out = raw | "Decode" >> beam.ParDo(_DecodeFn(self.config, self.num_classes))
+        return out | "Split" >> SplitErrors()

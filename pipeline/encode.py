@@ -10,7 +10,7 @@ from transforms.defenses import apply_defense
 from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 
-from .errors import ERRORS
+from .errors import SplitErrors
 from .records import Defended, ErrorRecord, Variant
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,8 @@ class _EncodeFn(beam.DoFn):
             except Exception as e:
                 self.failed.inc()
                 log.warning("defense %s failed on %s: %s", spec.text, s.key, e)
-                yield beam.pvalue.TaggedOutput(
-                    ERRORS,
-                    ErrorRecord(s.source_index, s.source, s.key, None, "encode", f"{type(e).__name__}: {e}",
-                                v.attack.text, spec.text),
-                )
+                yield ErrorRecord(s.source_index, s.source, s.key, None, "encode", f"{type(e).__name__}: {e}",
+                                  v.attack.text, spec.text)
                 continue
             self.ok.inc()
             yield Defended(v, spec, enc.data, enc.ext, decoded)
@@ -50,5 +47,5 @@ class EncodeDefenses(beam.PTransform):
         self.defenses = defenses
 
     def expand(self, variants):
-        out = variants | "Encode" >> beam.ParDo(_EncodeFn(self.defenses)).with_outputs(ERRORS, main="defended")
-        return out.defended, out[ERRORS]
+        out = variants | "Encode" >> beam.ParDo(_EncodeFn(self.defenses))
+        return out | "Split" >> SplitErrors()

@@ -1,4 +1,4 @@
-"""Turning failures into ErrorRecords: dead-letter batches and mixed outputs."""
+"""Turning failures into ErrorRecords, and separating them from results."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,6 @@ import apache_beam as beam
 
 from .records import Defended, ErrorRecord, RawSample, Sample, Variant
 
-ERRORS = "errors"
 
 
 def _identity(item: Any) -> tuple[int, str, str | None, str | None, str | None, str | None]:
@@ -24,32 +23,28 @@ def _identity(item: Any) -> tuple[int, str, str | None, str | None, str | None, 
     return -1, "?", None, None, attack, defense
 
 
-def _reason(info: Any) -> str:
-    if isinstance(info, tuple) and len(info) >= 2:
-        exc_type, exc = info[0], info[1]
-        name = getattr(exc_type, "__name__", str(exc_type))
-        return f"{name}: {exc}"
-    return str(info)
+def batch_errors(batch, stage: str, exc: BaseException) -> list[ErrorRecord]:
+    """One ErrorRecord per item of a batch that failed as a whole."""
+    reason = f"{type(exc).__name__}: {exc}"
+    out = []
+    for item in batch:
+        idx, src, key, member, attack, defense = _identity(item)
+        out.append(ErrorRecord(idx, src, key, member, stage, reason, attack, defense))
+    return out
 
 
-def dead_letters(stage: str):
-    """FlatMap fn: a failed RunInference batch ``(batch, exception info)`` -> one ErrorRecord per item."""
-
-    def expand(failed):
-        batch, info = failed
-        reason = _reason(info)
-        for item in batch:
-            idx, src, key, member, attack, defense = _identity(item)
-            yield ErrorRecord(idx, src, key, member, stage, reason, attack, defense)
-
-    return expand
+def is_error(item: Any) -> bool:
+    return isinstance(item, ErrorRecord)
 
 
-class SplitErrors(beam.DoFn):
-    """Route ErrorRecords found among outputs to the ``errors`` output."""
+class SplitErrors(beam.PTransform):
+    """A PCollection mixing results and ErrorRecords -> (results, errors).
 
-    def process(self, item):
-        if isinstance(item, ErrorRecord):
-            yield beam.pvalue.TaggedOutput(ERRORS, item)
-        else:
-            yield item
+    Stages emit both kinds into one output and split it here with two filters rather than with
+    tagged outputs: some runners (Beam's DaskRunner) do not separate tagged outputs.
+    """
+
+    def expand(self, mixed):
+        good = mixed | "Results" >> beam.Filter(lambda x: not is_error(x))
+        errors = mixed | "Errors" >> beam.Filter(is_error)
+        return good, errors

@@ -24,6 +24,7 @@ from transforms.seeds import sample_seed, seed_tensor
 from transforms.specs import Spec
 
 from .config import ModelConfig
+from .errors import batch_errors
 from .records import Defended, ErrorRecord, Result, Sample, Variant
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,14 @@ class AttackHandler(_ClassifierHandler):
         self.attack_labels = attack_labels
 
     def run_inference(self, batch: Sequence[Sample], model: Classifier, inference_args=None) -> Iterable[list]:
-        device = next(model.parameters()).device
-        x = to_tensor([s.image for s in batch], device)
-        with torch.no_grad():
-            clean_logits = model(x)
+        try:
+            device = next(model.parameters()).device
+            x = to_tensor([s.image for s in batch], device)
+            with torch.no_grad():
+                clean_logits = model(x)
+        except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            log.exception("clean forward pass failed on a batch of %d", len(batch))
+            return [[err] for err in batch_errors(batch, "attack", e)]
         clean_pred = clean_logits.argmax(dim=1)
         if self.attack_labels == "label":
             labels = torch.tensor(
@@ -146,7 +151,14 @@ class ClassifyHandler(_ClassifierHandler):
     def get_num_bytes(self, batch: Sequence[Defended]) -> int:
         return sum(len(d.data) for d in batch)
 
-    def run_inference(self, batch: Sequence[Defended], model: Classifier, inference_args=None) -> Iterable[Result]:
+    def run_inference(self, batch: Sequence[Defended], model: Classifier, inference_args=None) -> Iterable[Result | ErrorRecord]:
+        try:
+            return self._classify(batch, model)
+        except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            log.exception("classification failed on a batch of %d", len(batch))
+            return batch_errors(batch, "classify", e)
+
+    def _classify(self, batch: Sequence[Defended], model: Classifier) -> list[Result]:
         device = next(model.parameters()).device
         seen = to_tensor([d.decoded for d in batch], device)
         clean = to_tensor([d.variant.sample.image for d in batch], device)

@@ -19,12 +19,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from .config import InputConfig
+from .errors import SplitErrors
 from .io import IMAGE_EXTS, join, open_binary, read_labels_csv, unsafe_name_reason
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
 
-ERRORS = "errors"
 STAGE = "read"
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 LABEL_EXTS = ("cls", "label", "class")
@@ -56,18 +56,12 @@ class _ReadShardFn(beam.DoFn):
         reader = {"webdataset": self._tar, "parquet": self._parquet, "folder": self._folder}[shard.format]
         try:
             for item in reader(shard):
-                if isinstance(item, ErrorRecord):
-                    self.errors.inc()
-                    yield beam.pvalue.TaggedOutput(ERRORS, item)
-                else:
-                    self.samples.inc()
-                    yield item
+                (self.errors if isinstance(item, ErrorRecord) else self.samples).inc()
+                yield item
         except Exception as e:  # an unreadable source: report it, keep the job going
             self.errors.inc()
             log.warning("cannot read %s: %s", shard.path, e)
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, ErrorRecord(shard.index, shard.path, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
-            )
+            yield ErrorRecord(shard.index, shard.path, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
 
     # ----------------------------------------------------------------------- WebDataset
 
@@ -232,6 +226,6 @@ class ReadImageShards(beam.PTransform):
             pbegin
             | "Shards" >> beam.Create(self.shards)
             | "Spread" >> beam.Reshuffle()
-            | "ReadShard" >> beam.ParDo(_ReadShardFn(self.config)).with_outputs(ERRORS, main="samples")
+            | "ReadShard" >> beam.ParDo(_ReadShardFn(self.config))
         )
-        return out.samples, out[ERRORS]
+        return out | "Split" >> SplitErrors()
