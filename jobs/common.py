@@ -8,7 +8,7 @@ from transforms.images import DEFAULT_MAX_PIXELS
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
 DEFAULT_RUNNER = "FnApiRunner"
-RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+RUNNER_ALIASES = {"DaskRunner": "pipeline.runners.DaskRunner"}
 
 
 def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
