@@ -16,6 +16,7 @@ JOBS = {
     "demo": "jobs.demo",
     "evaluate": "jobs.evaluate",
     "attack": "jobs.attack",
+    "defend": "jobs.defend",
     "shard": "jobs.shard",
 }
 

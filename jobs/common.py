@@ -35,6 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads per worker")
     g.add_argument("--seed", type=int, default=0, help="run seed; same seed, same bytes")
+    g.add_argument("--map-model", help="model for saliency maps (default: --model)")
+    g.add_argument("--map-weights", help="state dict for --map-model")
 
 
 def input_config(args):
@@ -56,6 +58,16 @@ def model_config(args):
     from pipeline.config import ModelConfig
 
     return ModelConfig(name=args.model, weights=args.weights, device=args.device,
+                       batch_size=args.batch_size, torch_threads=args.torch_threads)
+
+
+def map_model_config(args):
+    """The saliency-map model, or None when it is the classifier."""
+    from pipeline.config import ModelConfig
+
+    if not args.map_model and not args.map_weights:
+        return None
+    return ModelConfig(name=args.map_model or args.model, weights=args.map_weights, device=args.device,
                        batch_size=args.batch_size, torch_threads=args.torch_threads)
 
 

@@ -10,7 +10,7 @@ from pipeline.config import EvaluateConfig, parse_attacks, parse_defenses
 from pipeline.evaluate import run_evaluate
 from pipeline.summary import format_table
 
-from .common import add_input_args, add_model_args, input_config, model_config, pipeline_options
+from .common import add_input_args, add_model_args, input_config, map_model_config, model_config, pipeline_options
 
 HELP = "attack x defense evaluation: shards + Parquet metadata + summary"
 
@@ -21,20 +21,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attack", action="append", default=[], metavar="NAME[:k=v,...]",
                         help="e.g. fgsm:eps=4/255, igsm:eps=4/255,steps=10; repeatable")
     parser.add_argument("--defense", action="append", default=[], metavar="NAME[:k=v,...]",
-                        help="e.g. jpeg:quality=50; repeatable")
+                        help="e.g. jpeg:quality=50, aug_msroi, msroi:q_low=20, jpeg:match=aug_msroi; repeatable")
+    parser.add_argument("--save-maps", action="store_true", help="store each saliency map as <key>.map.png")
     parser.add_argument("--attack-labels", choices=["pred", "label"], default="pred",
                         help="attack the clean prediction (default, the paper's protocol) or the dataset label")
     parser.add_argument("--run-id", help="run identifier (default: UTC time + random suffix)")
     add_model_args(parser)
 
 
-def build_config(args, *, layout: str = "evaluate", defenses=None) -> EvaluateConfig:
+def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None) -> EvaluateConfig:
     extra = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
     return EvaluateConfig(
         input=input_config(args), output=args.output, model=model_config(args),
-        attacks=parse_attacks(args.attack),
-        defenses=parse_defenses(args.defense if defenses is None else defenses),
-        seed=args.seed, attack_labels=args.attack_labels, layout=layout, **extra,
+        attacks=parse_attacks(args.attack if attacks is None else attacks),
+        defenses=parse_defenses(args.defense if defenses is None else defenses, reference=layout != "defend"),
+        seed=args.seed, attack_labels=getattr(args, "attack_labels", "pred"), layout=layout,
+        map_model=map_model_config(args), save_maps=getattr(args, "save_maps", False), **extra,
     )
 
 

@@ -102,10 +102,16 @@ def parse_attacks(texts: tuple[str, ...] | list[str]) -> tuple[Spec, ...]:
     return _unique(specs, "attack")
 
 
-def parse_defenses(texts: tuple[str, ...] | list[str]) -> tuple[Spec, ...]:
-    """``none`` first (the undefended reference), then the given defenses."""
-    specs = [parse_defense("none")] + [parse_defense(t) for t in texts if t.strip().lower() != "none"]
-    return _unique(specs, "defense")
+def parse_defenses(texts: tuple[str, ...] | list[str], *, reference: bool = True) -> tuple[Spec, ...]:
+    """``none`` first (the undefended reference) unless ``reference=False``, then the given
+    defenses; ``jpeg:match=...`` references are checked."""
+    from .encode import resolve_matches
+
+    given = [parse_defense(t) for t in texts if not reference or t.strip().lower() != "none"]
+    specs = ([parse_defense("none")] if reference else []) + given
+    specs = _unique(specs, "defense")
+    resolve_matches(specs)
+    return specs
 
 
 def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
@@ -126,9 +132,12 @@ def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
 class EvaluateConfig:
     """`semjpeg evaluate` and `semjpeg attack`: attacks x defenses over every input.
 
-    ``layout="attack"`` writes ``shards/<attack>/`` (the adversarial-set product) instead of
+    ``layout="attack"`` writes ``shards/<attack>/`` (the adversarial-set product) and
+    ``layout="defend"`` ``shards/<defense>/`` (the defended set) instead of
     ``shards/<attack>/<defense>/``. ``attack_labels``: attack the clean prediction (``pred``, the
-    paper's protocol and the default) or the dataset label where known (``label``).
+    paper's protocol and the default) or the dataset label where known (``label``). Saliency
+    maps come from ``map_model`` (default: the classifier); ``save_maps`` stores each map as a
+    PNG heatmap (``<key>.map.png``) beside the image in the shards.
     """
 
     input: InputConfig
@@ -140,22 +149,33 @@ class EvaluateConfig:
     attack_labels: str = "pred"
     layout: str = "evaluate"
     run_id: str = field(default_factory=new_run_id)
+    map_model: ModelConfig | None = None
+    save_maps: bool = False
 
     def __post_init__(self):
         if not self.output or not str(self.output).strip():
             raise ValueError("no --output given")
         if not self.attacks or self.attacks[0].name != CLEAN:
             raise ValueError("attacks must start with clean (use parse_attacks)")
-        if not self.defenses or self.defenses[0].name != "none":
+        if not self.defenses:
+            raise ValueError("no defense given")
+        if self.layout != "defend" and self.defenses[0].name != "none":
             raise ValueError("defenses must start with none (use parse_defenses)")
         if self.attack_labels not in ATTACK_LABELS:
             raise ValueError(f"attack labels must be one of {', '.join(ATTACK_LABELS)}, got {self.attack_labels!r}")
-        if self.layout not in ("evaluate", "attack"):
+        if self.layout not in ("evaluate", "attack", "defend"):
             raise ValueError(f"unknown layout {self.layout!r}")
         if self.layout == "attack" and len(self.defenses) != 1:
             raise ValueError("the attack layout stores undefended images only")
+        if self.layout == "defend" and len(self.attacks) != 1:
+            raise ValueError("the defend layout defends its inputs as they are (no attacks)")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def maps(self) -> ModelConfig:
+        """The model that draws the saliency maps."""
+        return self.map_model or self.model
 
     def describe(self) -> dict:
         """JSON-ready configuration for summary.json."""
@@ -168,6 +188,8 @@ class EvaluateConfig:
             "batch_size": self.model.batch_size,
             "attacks": [s.text for s in self.attacks],
             "defenses": [s.text for s in self.defenses],
+            "map_model": self.maps.name,
+            "save_maps": self.save_maps,
             "seed": self.seed,
             "attack_labels": self.attack_labels,
             "resize": self.input.resize,

@@ -1,7 +1,7 @@
 """The evaluate pipeline, as the diagram reads:
 
-read shards -> decode -> attack -> encode (defenses) -> classify + measure -> write shards + metadata
-                                                                           -> summary -> commit
+read shards -> decode -> attack -> saliency -> encode -> classify + measure -> write shards + metadata
+                                                                            -> summary -> commit
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .encode import EncodeDefenses
 from .io import OutputDir, expand_inputs, join, read_bytes, read_labels_csv, write_bytes
 from .read_shards import ReadImageShards
 from .records import SourceShard
+from .saliency import SaliencyMaps
 from .summary import Summarize
 from .write_metadata import WriteMetadata
 from .write_shards import WriteShards, jsonable
@@ -45,7 +46,7 @@ class _Finalize(beam.DoFn):
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": self.config.describe(),
             "sources": self.n_sources,
-            "samples": ref.get("n", 0),
+            "samples": ref.get("n", max((stats["n"] for _, stats in rows), default=0)),
             "errors": dict(sorted(error_counts)),
             "files_written": len(written),
             "table": [
@@ -67,9 +68,15 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     variants, attack_errors = samples | "AttackImages" >> AttackImages(
         config.model, config.attacks, seed=config.seed, attack_labels=config.attack_labels
     )
-    defended, encode_errors = variants | "EncodeSemanticJpeg" >> EncodeDefenses(config.defenses)
+    mapped, map_errors = variants | "SaliencyMaps" >> SaliencyMaps(config.maps, config.defenses, seed=config.seed)
+    defended, encode_errors = mapped | "EncodeSemanticJpeg" >> EncodeDefenses(
+        config.defenses, map_model=config.maps.name, save_maps=config.save_maps
+    )
     results, classify_errors = defended | "Classify" >> Classify(config.model, run_id=config.run_id)
-    errors = (read_errors, decode_errors, attack_errors, encode_errors, classify_errors) | "AllErrors" >> beam.Flatten()
+    errors = (
+        (read_errors, decode_errors, attack_errors, map_errors, encode_errors, classify_errors)
+        | "AllErrors" >> beam.Flatten()
+    )
 
     shard_paths = results | "WriteShards" >> WriteShards(out, config.layout)
     sources = p | "Sources" >> beam.Create(shards)

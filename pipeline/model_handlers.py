@@ -190,5 +190,5 @@ class ClassifyHandler(_ClassifierHandler):
                 "width": w, "height": h, "model": self.model_config.name, "run_id": self.run_id,
                 **d.extra,
             }
-            results.append(Result(s.source_index, s.key, row, d.data, d.ext, s.label, s.meta))
+            results.append(Result(s.source_index, s.key, row, d.data, d.ext, s.label, s.meta, d.members))
         return results

@@ -59,6 +59,8 @@ class Variant:
     linf: float = 0.0
     l2: float = 0.0
     rmse: float = 0.0
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # map request -> (H, W) float32 in [0, 1]
+    map_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Defended:
     ext: str
     decoded: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)  # defense-specific metadata columns
+    members: dict[str, bytes] = field(default_factory=dict)  # extra shard members by extension
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Result:
     ext: str
     label: int | None = None
     meta: dict[str, Any] | None = None  # the input's JSON sidecar, carried into the shards
+    members: dict[str, bytes] = field(default_factory=dict)  # extra shard members by extension
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 TOP5 = pa.list_(pa.struct([("label", pa.int32()), ("prob", pa.float32())]))
+QUALITY_LEVELS = pa.list_(pa.struct([("quality", pa.int32()), ("blocks", pa.int32())]))
 
 #: One row per (input, attack, defense) variant.
 METADATA_SCHEMA = pa.schema(
@@ -33,6 +34,11 @@ METADATA_SCHEMA = pa.schema(
         ("target", pa.int32()),
         ("iterations", pa.int32()),
         ("attack_seconds", pa.float32()),
+        ("quality", pa.int32()),
+        ("quality_levels", QUALITY_LEVELS),
+        ("target_bytes", pa.int64()),
+        ("map_model", pa.string()),
+        ("map_seconds", pa.float32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("model", pa.string()),

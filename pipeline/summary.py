@@ -84,12 +84,16 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 
 def format_table(summary: dict) -> str:
     """The summary's table as fixed-width text, one line per attack x defense."""
-    head = f"{'attack':<22} {'defense':<22} {'n':>5} {'top1':>6} {'agree':>6} {'bytes':>8} {'bpp':>6} {'psnr':>6} {'ssim':>6}"
+    rows = summary["table"]
+    wa = max([len("attack")] + [len(r["attack_spec"]) for r in rows])
+    wd = max([len("defense")] + [len(r["defense_spec"]) for r in rows])
+    head = (f"{'attack':<{wa}} {'defense':<{wd}} {'n':>5} {'top1':>6} {'agree':>6} {'bytes':>8} "
+            f"{'bpp':>6} {'psnr':>6} {'ssim':>6}")
     lines = [head, "-" * len(head)]
-    for r in summary["table"]:
+    for r in rows:
         psnr = _fmt(r["psnr"], ".2f", "inf" if r["n"] and r.get("identical") == r["n"] else "-")
         lines.append(
-            f"{r['attack_spec'][:22]:<22} {r['defense_spec'][:22]:<22} {r['n']:>5} "
+            f"{r['attack_spec']:<{wa}} {r['defense_spec']:<{wd}} {r['n']:>5} "
             f"{_fmt(r['top1'], '.3f'):>6} {_fmt(r['agree_clean'], '.3f'):>6} {_fmt(r['bytes'], '.0f'):>8} "
             f"{_fmt(r['bpp'], '.2f'):>6} {psnr:>6} {_fmt(r['ssim'], '.4f'):>6}"
         )

@@ -50,6 +50,7 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 def sample_members(r: Result) -> list[tuple[str, bytes]]:
     members = [(f"{r.key}.{r.ext}", r.data)]
+    members += [(f"{r.key}.{ext}", data) for ext, data in sorted(r.members.items())]
     if r.label is not None:
         members.append((f"{r.key}.cls", str(r.label).encode()))
     # Timing is a property of the run, not of the image: kept in the Parquet metadata only, so
@@ -62,8 +63,9 @@ def sample_members(r: Result) -> list[tuple[str, bytes]]:
 
 
 def shard_folder(r: Result, layout: str) -> tuple[str, ...]:
-    a = safe_name(r.row["attack_spec"])
-    return (a,) if layout == "attack" else (a, safe_name(r.row["defense_spec"]))
+    """evaluate: <attack>/<defense>; attack: <attack>; defend: <defense>."""
+    a, d = safe_name(r.row["attack_spec"]), safe_name(r.row["defense_spec"])
+    return {"attack": (a,), "defend": (d,)}.get(layout, (a, d))
 
 
 class _WriteTarFn(beam.DoFn):
@@ -82,7 +84,7 @@ class _WriteTarFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """Result -> paths of the written tars. ``layout``: ``evaluate`` or ``attack``."""
+    """Result -> paths of the written tars. ``layout``: ``evaluate``, ``attack`` or ``defend``."""
 
     def __init__(self, out: OutputDir, layout: str = "evaluate"):
         super().__init__()

@@ -1,25 +1,56 @@
 """Input-transformation defenses: a registry of encoders from uint8 HWC RGB to stored bytes.
 
 Each defense is ``defense(image, *, params...) -> Encoded``; ``--defense name:k=v`` specs are
-checked against :data:`DEFENSES`.
+checked against :data:`DEFENSES`. Parameters named in :data:`HIDDEN` are filled by the runner, not
+by specs: the saliency map of the semantic defenses, computed batched on the model beforehand
+(:func:`map_request` says which map a spec needs), and the size of the file a ``jpeg:match=...``
+defense must not exceed.
+
+* ``none``: the image stored losslessly (PNG).
+* ``jpeg``: uniform JPEG at one IJG quality, or rate-controlled: ``bytes=N`` (the highest quality
+  whose file is at most N bytes) or ``match=<defense>`` (per image, the highest quality whose
+  file is no larger than that other defense's file: the fair, rate-matched baseline).
+* ``msroi`` and ``aug_msroi``: semantic JPEG (Prakash et al., DCC 2017 and 2018): the MSROI or
+  Aug-MSROI saliency map sets each 16x16 block's quality among ``levels`` qualities from
+  ``q_low`` to ``q_high``; salient blocks are quantized finely, the rest coarsely; one standard
+  baseline JPEG. ``bytes=N`` shifts the quality window down until the file fits.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from . import saliency as _saliency
 from .jpeg import Subsampling, encode_jpeg, encode_png
-from .specs import Spec, parse_spec
+from .semantic_jpeg import (
+    Binning,
+    Method,
+    block_qualities,
+    encode_jpeg_max_bytes,
+    encode_semantic_jpeg,
+    encode_semantic_jpeg_bytes,
+)
+from .specs import Spec, format_spec, parse_spec, spec_params
 
-__all__ = ["DEFENSES", "Encoded", "parse_defense", "apply_defense", "none", "jpeg"]
+__all__ = [
+    "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
+    "none", "jpeg", "msroi", "aug_msroi",
+]
+
+#: Runner-filled parameters, never set from a spec.
+HIDDEN = ("saliency", "matched_bytes")
 
 
 class Encoded(NamedTuple):
-    """Stored form of a defended image: the bytes and their file extension (``jpg``, ``png``)."""
+    """Stored form of a defended image: bytes, file extension, and metadata for its row
+    (``quality`` of a uniform JPEG, ``quality_levels`` {quality: blocks} of a semantic one)."""
 
     data: bytes
     ext: str
+    info: Mapping[str, Any] = {}
 
 
 def none(image: np.ndarray) -> Encoded:
@@ -27,26 +58,177 @@ def none(image: np.ndarray) -> Encoded:
     return Encoded(encode_png(image), "png")
 
 
-def jpeg(image: np.ndarray, *, quality: int = 75, subsampling: Subsampling = "4:2:0") -> Encoded:
-    """Uniform JPEG at one IJG ``quality`` (1..100): the classic compression defense."""
-    return Encoded(encode_jpeg(image, quality, subsampling), "jpg")
+def jpeg(
+    image: np.ndarray,
+    *,
+    quality: int = 75,
+    subsampling: Subsampling = "4:2:0",
+    optimize: bool = True,
+    bytes: int | None = None,
+    match: str | None = None,
+    matched_bytes: int | None = None,
+) -> Encoded:
+    """Uniform JPEG (IJG quality scaling, libjpeg-turbo through Pillow).
+
+    ``quality`` 1..100; or ``bytes=N``: the highest quality whose file is at most N bytes; or
+    ``match=<defense>``: the same against another defense's file for this image (the runner
+    passes its size as ``matched_bytes``). Huffman tables are optimized by default (pixels are
+    unchanged; files are a few percent smaller), as the semantic encoder's are, so rate
+    comparisons are about where the bits go. When nothing fits, quality 1 is used.
+    """
+    target = bytes if bytes is not None else matched_bytes
+    if match is not None and matched_bytes is None:
+        raise ValueError(f"jpeg:match={match} needs the matched defense's size")
+    if target is None:
+        data = encode_jpeg(image, quality, subsampling, optimize=optimize)
+        return Encoded(data, "jpg", {"quality": int(quality)})
+    data, q = encode_jpeg_max_bytes(image, int(target), subsampling, optimize=optimize)
+    return Encoded(data, "jpg", {"quality": int(q), "target_bytes": int(target)})
+
+
+def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsampling, bytes) -> Encoded:
+    if saliency is None:
+        raise ValueError("semantic JPEG needs a saliency map")
+    info: dict[str, Any] = {}
+    if bytes is not None:
+        res = encode_semantic_jpeg_bytes(image, saliency, max_bytes=int(bytes), levels=levels,
+                                         spread=q_high - q_low, binning=binning, method=method,
+                                         subsampling=subsampling)
+        data, q_low, q_high = res.data, res.q_low, res.q_high
+        info["target_bytes"] = int(bytes)
+    grid = block_qualities(saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning)
+    if bytes is None:
+        data = encode_semantic_jpeg(image, grid, method=method, subsampling=subsampling)
+    info["quality_levels"] = dict(sorted(Counter(int(q) for q in grid.ravel()).items()))
+    return Encoded(data, "jpg", info)
+
+
+def msroi(
+    image: np.ndarray,
+    *,
+    top_k: int = 5,
+    threshold: float | None = None,
+    levels: int = 5,
+    q_low: int = 30,
+    q_high: int = 70,
+    binning: Binning = "value",
+    method: Method = "requantize",
+    subsampling: Subsampling = "4:2:0",
+    bytes: int | None = None,
+    saliency: np.ndarray | None = None,
+) -> Encoded:
+    """Semantic JPEG driven by the plain MSROI map (DCC 2017): one forward pass per image.
+
+    Map: the class activation maps of the ``top_k`` classes (or of those whose activation passes
+    ``threshold``), rank-weighted. Encoding: ``levels`` qualities ``q_low``..``q_high`` by block
+    (``binning`` by value or percentile), ``method`` requantize (one baseline JPEG) or mosaic
+    (the authors' re-encoding); ``bytes=N`` fits the file into N bytes.
+    """
+    return _semantic(image, saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning,
+                     method=method, subsampling=subsampling, bytes=bytes)
+
+
+def aug_msroi(
+    image: np.ndarray,
+    *,
+    samples: int = _saliency.DEFAULT_SAMPLES,
+    input_noise: float = _saliency.DEFAULT_INPUT_NOISE,
+    activation_noise: float = _saliency.DEFAULT_ACTIVATION_NOISE,
+    noise: _saliency.Noise = _saliency.DEFAULT_NOISE,
+    top_k: int = 5,
+    threshold: float | None = None,
+    levels: int = 5,
+    q_low: int = 30,
+    q_high: int = 70,
+    binning: Binning = "value",
+    method: Method = "requantize",
+    subsampling: Subsampling = "4:2:0",
+    bytes: int | None = None,
+    saliency: np.ndarray | None = None,
+) -> Encoded:
+    """Semantic JPEG driven by the Aug-MSROI map (DCC 2018): the mean MSROI map over ``samples``
+    random perturbations of the input (``input_noise``) and of every layer's input
+    (``activation_noise``, relative), ``noise`` gaussian or uniform. Encoding as :func:`msroi`."""
+    return _semantic(image, saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning,
+                     method=method, subsampling=subsampling, bytes=bytes)
 
 
 DEFENSES = {
     "none": none,
     "jpeg": jpeg,
+    "msroi": msroi,
+    "aug_msroi": aug_msroi,
 }
+
+#: The map function of each semantic defense and which of its parameters the map depends on.
+_MAPS = {
+    "msroi": (_saliency.msroi, ("top_k", "threshold")),
+    "aug_msroi": (_saliency.aug_msroi, ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold")),
+}
+
+
+def map_request(spec: Spec) -> tuple[str, dict[str, Any]] | None:
+    """The saliency map a defense needs, as (canonical text, kwargs of the map function), with
+    defaults filled in, so defenses that differ only in encoding share one map; None if none."""
+    if spec.name not in _MAPS:
+        return None
+    fn_params = spec_params(DEFENSES[spec.name])
+    names = _MAPS[spec.name][1]
+    kwargs = {k: spec.params.get(k, fn_params[k].default) for k in names}
+    return format_spec(spec.name, kwargs), kwargs
+
+
+def compute_maps(name: str, model, images, kwargs: Mapping[str, Any], seeds=None):
+    """Run the map function of semantic defense ``name`` on a batch (float32 NCHW in [0, 1]):
+    (N, H, W) float32 maps in [0, 1]. ``seeds`` (N,) int64 make Aug-MSROI per-sample reproducible."""
+    fn = _MAPS[name][0]
+    extra = {"seeds": seeds} if name == "aug_msroi" else {}
+    return fn(model, images, **kwargs, **extra)
+
+
+def match_target(spec: Spec) -> str | None:
+    """The defense a ``jpeg:match=...`` spec refers to, or None."""
+    return spec.params.get("match") if spec.name == "jpeg" else None
 
 
 def parse_defense(text: str) -> Spec:
     """Parse and validate ``name[:k=v,...]``; bad values fail here, before any work starts."""
-    spec = parse_spec(text, DEFENSES, kind="defense")
-    q = spec.params.get("quality")
-    if q is not None and not 1 <= q <= 100:
-        raise ValueError(f"bad value for 'quality' in defense spec {text!r}: must be in 1..100")
+    spec = parse_spec(text, DEFENSES, kind="defense", hidden=HIDDEN)
+    p = spec.params
+
+    def bad(key, why):
+        raise ValueError(f"bad value for {key!r} in defense spec {text!r}: {why}")
+
+    for key in ("quality", "q_low", "q_high"):
+        if key in p and not 1 <= p[key] <= 100:
+            bad(key, "must be in 1..100")
+    defaults = {k: v.default for k, v in spec_params(DEFENSES[spec.name]).items()}
+    if spec.name in _MAPS:
+        lo, hi = p.get("q_low", defaults["q_low"]), p.get("q_high", defaults["q_high"])
+        if lo > hi:
+            bad("q_low", f"q_low ({lo}) must not exceed q_high ({hi})")
+        if p.get("levels", 1) < 1:
+            bad("levels", "must be >= 1")
+        if p.get("top_k", 1) < 1:
+            bad("top_k", "must be >= 1")
+    if spec.name == "aug_msroi":
+        if p.get("samples", 1) < 1:
+            bad("samples", "must be >= 1")
+        for key in ("input_noise", "activation_noise"):
+            if p.get(key, 0) < 0:
+                bad(key, "must be >= 0")
+    if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
+        bad("bytes", "must be >= 1")
+    given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]
+    if spec.name == "jpeg" and len(given) > 1:
+        raise ValueError(f"defense spec {text!r}: give one of quality, bytes or match, not {' and '.join(given)}")
     return spec
 
 
-def apply_defense(spec: Spec, image: np.ndarray) -> Encoded:
-    """Encode one uint8 HWC RGB image with a parsed defense spec."""
-    return DEFENSES[spec.name](image, **spec.params)
+def apply_defense(spec: Spec, image: np.ndarray, **runner_params: Any) -> Encoded:
+    """Encode one uint8 HWC RGB image with a parsed defense spec; ``runner_params`` are the
+    :data:`HIDDEN` parameters (``saliency=``, ``matched_bytes=``) the defense takes."""
+    fn = DEFENSES[spec.name]
+    accepted = spec_params(fn)
+    extra = {k: v for k, v in runner_params.items() if k in accepted and v is not None}
+    return fn(image, **spec.params, **extra)

@@ -1,0 +1,89 @@
+"""SaliencyMaps: Variant -> Variant with the saliency maps its semantic defenses need.
+
+One batched pass per distinct map request (Aug-MSROI with its noise parameters, or MSROI) on the
+map model, which by default is the classifier. Aug-MSROI noise is seeded per sample from the run
+seed, the input, the attack and the request, so reruns are byte-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import apache_beam as beam
+import torch
+from apache_beam.ml.inference.base import RunInference
+
+from transforms.defenses import compute_maps, map_request
+from transforms.images import to_tensor
+from transforms.models import Classifier
+from transforms.seeds import sample_seed, seed_tensor
+from transforms.specs import Spec
+
+from .config import ModelConfig
+from .errors import SplitErrors, batch_errors
+from .model_handlers import _ClassifierHandler
+from .records import Variant
+
+log = logging.getLogger(__name__)
+
+
+def map_requests(defenses: tuple[Spec, ...]) -> dict[str, tuple[str, dict]]:
+    """Distinct map requests of the defenses: canonical text -> (defense name, map kwargs)."""
+    out: dict[str, tuple[str, dict]] = {}
+    for d in defenses:
+        req = map_request(d)
+        if req is not None:
+            out.setdefault(req[0], (d.name, req[1]))
+    return out
+
+
+class MapHandler(_ClassifierHandler):
+    """Batch of Variants -> the same Variants with ``maps`` filled (or ErrorRecords)."""
+
+    def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int):
+        super().__init__(model)
+        self.requests = requests
+        self.seed = seed
+
+    def load_model(self) -> Classifier:
+        model = super().load_model()
+        if not model.has_cam:
+            raise ValueError(f"map model {self.model_config.name!r} does not end in global average pooling + linear")
+        return model
+
+    def run_inference(self, batch: Sequence[Variant], model: Classifier, inference_args=None):
+        try:
+            device = next(model.parameters()).device
+            x = to_tensor([v.image for v in batch], device)
+            maps: list[dict] = [{} for _ in batch]
+            seconds: list[dict] = [{} for _ in batch]
+            for text, (name, kwargs) in self.requests.items():
+                seeds = seed_tensor([sample_seed(self.seed, v.sample.source, v.sample.key, v.attack.text, text)
+                                     for v in batch])
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    m = compute_maps(name, model, x, kwargs, seeds).float().cpu().numpy()
+                dt = (time.perf_counter() - t0) / max(1, len(batch))
+                for i in range(len(batch)):
+                    maps[i][text] = m[i]
+                    seconds[i][text] = dt
+            return [dataclasses.replace(v, maps=mp, map_seconds=sc) for v, mp, sc in zip(batch, maps, seconds)]
+        except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            log.exception("saliency maps failed on a batch of %d", len(batch))
+            return batch_errors(batch, "saliency", e)
+
+
+class SaliencyMaps(beam.PTransform):
+    """Variant -> (Variant with maps, ErrorRecord); the identity when no defense needs a map."""
+
+    def __init__(self, model: ModelConfig, defenses: tuple[Spec, ...], *, seed: int):
+        super().__init__()
+        self.requests = map_requests(defenses)
+        self.handler = MapHandler(model, self.requests, seed=seed) if self.requests else None
+
+    def expand(self, variants):
+        if self.handler is None:
+            return variants, variants | "NoErrors" >> beam.Filter(lambda _: False)
+        return variants | "RunMaps" >> RunInference(self.handler) | "Split" >> SplitErrors()
