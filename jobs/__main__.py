@@ -18,6 +18,8 @@ JOBS = {
     "attack": "jobs.attack",
     "defend": "jobs.defend",
     "shard": "jobs.shard",
+    "nightly": "jobs.nightly",
+    "report": "jobs.report",
 }
 
 

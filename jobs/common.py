@@ -6,9 +6,13 @@ import logging
 
 from transforms.images import DEFAULT_MAX_PIXELS
 
-#: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
-DEFAULT_RUNNER = "FnApiRunner"
-RUNNER_ALIASES = {"DaskRunner": "pipeline.runners.DaskRunner"}
+
+def pipeline_options(beam_argv: list[str]):
+    """Beam options from the arguments a job did not take (see pipeline.runners)."""
+    from pipeline.runners import pipeline_options as build
+
+    return build(beam_argv)
+
 
 
 def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -69,30 +73,6 @@ def map_model_config(args):
         return None
     return ModelConfig(name=args.map_model or args.model, weights=args.map_weights, device=args.device,
                        batch_size=args.batch_size, torch_threads=args.torch_threads)
-
-
-def pipeline_options(beam_argv: list[str]):
-    """Beam options from the arguments our parser did not take; unknown ones are an error.
-
-    ``--runner`` defaults to FnApiRunner (offline); ``DaskRunner`` is accepted as a short name.
-    """
-    argv = list(beam_argv)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
-        argv = ["--runner", DEFAULT_RUNNER] + argv
-    for i, a in enumerate(argv):
-        if a == "--runner" and i + 1 < len(argv) and argv[i + 1] in RUNNER_ALIASES:
-            argv[i + 1] = RUNNER_ALIASES[argv[i + 1]]
-        elif a.startswith("--runner=") and a.split("=", 1)[1] in RUNNER_ALIASES:
-            argv[i] = "--runner=" + RUNNER_ALIASES[a.split("=", 1)[1]]
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    captured = {}
-    options = PipelineOptions(argv)
-    options.get_all_options(add_extra_args_fn=lambda p: captured.setdefault("parser", p))
-    _, unknown = captured["parser"].parse_known_args(argv)
-    if unknown:
-        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
-    return options
 
 
 class _DropNoise(logging.Filter):

@@ -27,6 +27,32 @@ from apache_beam.runners.dask import transform_evaluator as _evaluator
 
 log = logging.getLogger(__name__)
 
+#: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
+DEFAULT_RUNNER = "FnApiRunner"
+RUNNER_ALIASES = {"DaskRunner": "pipeline.runners.DaskRunner"}
+
+
+def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
+    """Beam options from command-line flags; unknown flags are an error, not a warning.
+
+    ``--runner`` defaults to FnApiRunner (offline); ``DaskRunner`` names the fixed Dask runner below.
+    """
+    argv = list(beam_argv)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        argv = ["--runner", DEFAULT_RUNNER] + argv
+    for i, a in enumerate(argv):
+        if a == "--runner" and i + 1 < len(argv) and argv[i + 1] in RUNNER_ALIASES:
+            argv[i + 1] = RUNNER_ALIASES[argv[i + 1]]
+        elif a.startswith("--runner=") and a.split("=", 1)[1] in RUNNER_ALIASES:
+            argv[i] = "--runner=" + RUNNER_ALIASES[a.split("=", 1)[1]]
+    captured = {}
+    options = PipelineOptions(argv)
+    options.get_all_options(add_extra_args_fn=lambda p: captured.setdefault("parser", p))
+    _, unknown = captured["parser"].parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    return options
+
 
 def apply_dofn_to_bundle(items, do_fn_invoker_args, do_fn_invoker_kwargs, tagged_receivers):
     """One Dask partition as one Beam bundle, with ``finish_bundle`` outputs kept."""

@@ -1,0 +1,34 @@
+"""One night of evaluation: run the configured attacks x defenses into OUTPUT/date=YYYY-MM-DD/,
+append the summary to the history dataset, compare with the previous night, write the report.
+
+Exit status: 0 when no metric regressed, 3 when one did (each regression is named on stderr and
+in the report), 2 for configuration errors (nothing is run, history is untouched).
+"""
+from __future__ import annotations
+
+import sys
+
+from pipeline.nightly import load_config, parse_date, run_nightly
+from pipeline.summary import format_table
+
+HELP = "nightly evaluation with history, regression alarms and an HTML report"
+REGRESSION_EXIT = 3
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML configuration (see pipeline/nightly.py)")
+    parser.add_argument("--date", help="the night, YYYY-MM-DD (default: today)")
+
+
+def run(args, beam_argv) -> int:
+    if beam_argv:
+        raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}; runner options go in the config")
+    cfg = load_config(args.config)
+    result = run_nightly(cfg, parse_date(args.date))
+    print(format_table(result.summary))
+    print(f"wrote {result.output}" + (f" and {result.report}" if result.report else ""))
+    if result.previous_date is None:
+        print("no earlier night in the history: nothing to compare")
+    for r in result.regressions:
+        print(f"REGRESSION: {r.describe()}", file=sys.stderr)
+    return REGRESSION_EXIT if result.regressions else 0

@@ -1,0 +1,19 @@
+"""Write one self-contained HTML report for a run: tables, plots, trends and a gallery."""
+from __future__ import annotations
+
+from pipeline.report import write_report
+
+HELP = "HTML report of a run (and of past nights with --history)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--run", required=True, help="an evaluate or nightly run folder")
+    parser.add_argument("--history", help="the nightly history dataset, for trends")
+    parser.add_argument("--output", required=True, help="the HTML file to write")
+
+
+def run(args, beam_argv) -> int:
+    if beam_argv:
+        raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}")
+    print(f"wrote {write_report(args.run, args.output, history=args.history)}")
+    return 0

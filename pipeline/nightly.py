@@ -1,0 +1,250 @@
+"""`semjpeg nightly`: one night's evaluation, its history and regression check, and its report.
+
+The configuration is YAML, validated key by key: unknown keys and wrong types are errors that
+name the key, the expected type and the value found.
+
+```yaml
+input: gs://bucket/shards/*.tar      # a path/glob or a list of them
+output: gs://bucket/nightly          # runs go to output/date=YYYY-MM-DD/
+history: gs://bucket/nightly-history # Parquet dataset partitioned by date
+attacks: [fgsm:eps=4/255, igsm:eps=4/255,steps=10]
+defenses: [aug_msroi, jpeg:match=aug_msroi, jpeg:quality=50]
+model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:}
+map_model: null                      # same forms; default: the classifier
+runner: DataflowRunner               # FnApiRunner (default), DirectRunner, DaskRunner, ...
+runner_options: {project: p, region: us-central1, temp_location: gs://bucket/tmp}
+tolerance: {top1: 0.02, agree_clean: 0.02, psnr: 0.5, ssim: 0.01}
+seed: 0
+save_maps: true
+report: true
+input_options: {format: auto, resize: 256, crop: 224}
+```
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import yaml
+
+from .config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
+from .history import METRICS, Regression, find_regressions, history_rows, previous_night, read_history, write_partition
+from .io import join
+from .runners import pipeline_options
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {"top1": 0.02, "agree_clean": 0.02, "psnr": 0.5, "ssim": 0.01}
+MODEL_KEYS = {"name": str, "weights": str, "device": str, "batch_size": int, "torch_threads": int}
+INPUT_KEYS = {"format": str, "image_column": str, "key_column": str, "label_column": str, "labels": str,
+              "folder_shard_size": int, "resize": int, "crop": int, "max_pixels": int}
+
+
+def _type_name(t) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(t, str(t))
+
+
+def _check(where: str, value: Any, t) -> Any:
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if t is int and isinstance(value, bool):
+        raise ValueError(f"{where} must be {_type_name(t)}, got {value!r}")
+    if not isinstance(value, t):
+        raise ValueError(f"{where} must be {_type_name(t)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strings(where: str, value: Any, *, single_ok: bool) -> tuple[str, ...]:
+    if single_ok and isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where} must be a list of strings{' or a string' if single_ok else ''}, got {value!r}")
+    return tuple(value)
+
+
+def _mapping(where: str, value: Any, keys: dict[str, type]) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+    out = {}
+    for k, v in value.items():
+        if k not in keys:
+            raise ValueError(f"unknown key {where}.{k}; valid: {', '.join(keys)}")
+        out[k] = None if v is None else _check(f"{where}.{k}", v, keys[k])
+    return out
+
+
+def _model(where: str, value: Any) -> ModelConfig | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ModelConfig(name=value)
+    return ModelConfig(**{k: v for k, v in _mapping(where, value, MODEL_KEYS).items() if v is not None})
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """A validated nightly configuration (see the module docstring for the YAML form)."""
+
+    input: tuple[str, ...]
+    output: str
+    history: str
+    attacks: tuple[str, ...] = ()
+    defenses: tuple[str, ...] = ("aug_msroi", "jpeg:match=aug_msroi")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    map_model: ModelConfig | None = None
+    runner: str = "FnApiRunner"
+    runner_options: dict = field(default_factory=dict)
+    tolerance: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    seed: int = 0
+    save_maps: bool = True
+    report: bool = True
+    input_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> "NightlyConfig":
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source} must be a YAML mapping, got {type(raw).__name__}")
+        return cls.from_dict(raw, source)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "NightlyConfig":
+        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "runner",
+                 "runner_options", "tolerance", "seed", "save_maps", "report", "input_options"}
+        for k in raw:
+            if k not in known:
+                raise ValueError(f"{source}: unknown key {k!r}; valid: {', '.join(sorted(known))}")
+        for k in ("input", "output", "history"):
+            if raw.get(k) is None:
+                raise ValueError(f"{source}: {k!r} is required")
+        kw: dict[str, Any] = {
+            "input": _strings(f"{source}: input", raw["input"], single_ok=True),
+            "output": _check(f"{source}: output", raw["output"], str),
+            "history": _check(f"{source}: history", raw["history"], str),
+        }
+        if "attacks" in raw:
+            kw["attacks"] = _strings(f"{source}: attacks", raw["attacks"] or [], single_ok=False)
+        if "defenses" in raw:
+            kw["defenses"] = _strings(f"{source}: defenses", raw["defenses"] or [], single_ok=False)
+        if "model" in raw:
+            kw["model"] = _model(f"{source}: model", raw["model"]) or ModelConfig()
+        if "map_model" in raw:
+            kw["map_model"] = _model(f"{source}: map_model", raw["map_model"])
+        if "runner" in raw:
+            kw["runner"] = _check(f"{source}: runner", raw["runner"], str)
+        if raw.get("runner_options") is not None:
+            opts = raw["runner_options"]
+            if not isinstance(opts, dict):
+                raise ValueError(f"{source}: runner_options must be a mapping, got {opts!r}")
+            kw["runner_options"] = dict(opts)
+        if raw.get("tolerance") is not None:
+            tol = _mapping(f"{source}: tolerance", raw["tolerance"], {m: float for m in METRICS})
+            for m, v in tol.items():
+                if v is None or v < 0:
+                    raise ValueError(f"{source}: tolerance.{m} must be a number >= 0, got {v!r}")
+            kw["tolerance"] = tol
+        for k, t in (("seed", int), ("save_maps", bool), ("report", bool)):
+            if k in raw:
+                kw[k] = _check(f"{source}: {k}", raw[k], t)
+        if raw.get("input_options") is not None:
+            kw["input_options"] = _mapping(f"{source}: input_options", raw["input_options"], INPUT_KEYS)
+        cfg = cls(**kw)
+        cfg.evaluate_config("2000-01-01")  # every spec and option checked now, not at night
+        cfg.beam_argv()
+        return cfg
+
+    def beam_argv(self) -> list[str]:
+        """``runner`` and ``runner_options`` as Beam command-line flags."""
+        argv = ["--runner", self.runner]
+        for k, v in self.runner_options.items():
+            flag = f"--{k}"
+            if v is True:
+                argv.append(flag)
+            elif v is False or v is None:
+                continue
+            elif isinstance(v, list):
+                for item in v:
+                    argv += [flag, str(item)]
+            else:
+                argv += [flag, str(v)]
+        pipeline_options(argv)  # unknown options are errors
+        return argv
+
+    def run_output(self, date: str) -> str:
+        return join(self.output, f"date={date}")
+
+    def evaluate_config(self, date: str) -> EvaluateConfig:
+        from transforms.models import model_info
+
+        info = model_info(self.model.name)
+        opts = dict(self.input_options)
+        labels = opts.pop("labels", None)
+        fmt = opts.pop("format", None) or "auto"
+        inp = InputConfig(paths=self.input, format=fmt, labels_csv=labels,
+                          resize=opts.pop("resize", None) or info.resize,
+                          crop=opts.pop("crop", None) or info.input_size,
+                          **{k: v for k, v in opts.items() if v is not None})
+        return EvaluateConfig(
+            input=inp, output=self.run_output(date), model=self.model,
+            attacks=parse_attacks(list(self.attacks)), defenses=parse_defenses(list(self.defenses)),
+            seed=self.seed, map_model=self.map_model, save_maps=self.save_maps,
+        )
+
+
+def parse_date(text: str | None) -> str:
+    if text is None:
+        return _dt.date.today().isoformat()
+    try:
+        return _dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError(f"--date must be YYYY-MM-DD, got {text!r}") from None
+
+
+def load_config(path: str) -> NightlyConfig:
+    try:
+        with fsspec.open(path, "rt") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"config not found: {path}") from None
+    return NightlyConfig.from_yaml(text, source=path)
+
+
+@dataclass(frozen=True)
+class NightlyResult:
+    date: str
+    output: str
+    summary: dict
+    previous_date: str | None
+    regressions: tuple[Regression, ...]
+    report: str | None
+
+
+def run_nightly(cfg: NightlyConfig, date: str) -> NightlyResult:
+    """Evaluate, compare with the previous night, append to history, write the report.
+
+    History is read (and any damage reported) before any work; it is written only after the
+    run committed, one partition, atomically.
+    """
+    from .evaluate import run_evaluate
+
+    history = read_history(cfg.history)
+    evaluate = cfg.evaluate_config(date)
+    options = pipeline_options(cfg.beam_argv())
+    summary = run_evaluate(evaluate, options)
+    rows = history_rows(summary, date)
+    prev = previous_night(history, date)
+    regressions = tuple(find_regressions(history[prev], rows, cfg.tolerance, prev)) if prev else ()
+    write_partition(cfg.history, date, rows)
+    report = None
+    if cfg.report:
+        from .report import write_report
+
+        report = join(evaluate.output, "report.html")
+        write_report(evaluate.output, report, history=cfg.history, regressions=regressions)
+    return NightlyResult(date, evaluate.output, summary, prev, regressions, report)

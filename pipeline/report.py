@@ -1,0 +1,320 @@
+"""`semjpeg report`: one self-contained HTML page for a run (every image and plot inlined).
+
+Sections: regressions (when the nightly job found any), the accuracy table per attack x defense,
+accuracy against bytes (Aug-MSROI and MSROI against uniform JPEG), PSNR and SSIM, trends over past
+nights (with a history), and a gallery per attack: clean | adversarial | JPEG | Aug-MSROI with
+its saliency heatmap overlaid, each with the predicted class.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from transforms.specs import safe_name
+from transforms.visual import overlay
+
+from .io import join, read_bytes, shard_name, write_bytes
+
+log = logging.getLogger(__name__)
+
+GALLERY_SIZE = 4
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.9em}td,th{padding:.25em .6em;border-bottom:1px solid #eee;text-align:right}
+th{background:#f6f6f6}td.l,th.l{text-align:left}.bad{background:#fde2e2}.good{color:#176d2b}.warn{color:#a40000}
+.gallery td{text-align:center;vertical-align:top;border:none}.gallery img{width:180px;height:180px;image-rendering:auto}
+.cap{font-size:.8em;max-width:180px;margin:0 auto}.meta{color:#666;font-size:.9em}img.plot{max-width:100%}
+"""
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_rows(run: str) -> list[dict]:
+    fs, root = url_to_fs(join(run, "metadata"))
+    if not fs.exists(root):
+        return []
+    rows = []
+    for path in sorted(fs.glob(join(root, "*.parquet"))):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(io.BytesIO(f.read())).to_pylist()
+    return rows
+
+
+def _read_tar(path: str) -> dict[str, bytes]:
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        return {}
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _is_semantic(defense: str) -> bool:
+    return defense in ("aug_msroi", "msroi")
+
+
+def plot_rate_accuracy(table: list[dict]) -> bytes | None:
+    """Agreement with the clean prediction against mean bytes, one panel per attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(r["attack_spec"] for r in table))
+    rows = [r for r in table if r["defense"] != "none" and r["bytes"]]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
+    for ax, attack in zip(axes[0], attacks):
+        mine = [r for r in rows if r["attack_spec"] == attack]
+        jpeg = sorted((r for r in mine if r["defense"] == "jpeg" and "match" not in r["defense_spec"]
+                       and "bytes" not in r["defense_spec"]), key=lambda r: r["bytes"])
+        if jpeg:
+            ax.plot([r["bytes"] / 1000 for r in jpeg], [r["agree_clean"] for r in jpeg], "o-", color="#777",
+                    label="uniform JPEG")
+            for r in jpeg:
+                ax.annotate(r["defense_spec"].split("=")[-1], (r["bytes"] / 1000, r["agree_clean"]),
+                            fontsize=7, xytext=(3, -8), textcoords="offset points", color="#555")
+        markers = {"aug_msroi": ("*", "#c0392b", 14), "msroi": ("D", "#2471a3", 7)}
+        for r in mine:
+            if _is_semantic(r["defense"]):
+                m, c, s = markers[r["defense"]]
+                ax.plot(r["bytes"] / 1000, r["agree_clean"], m, color=c, markersize=s, label=r["defense_spec"])
+            elif "match" in r["defense_spec"] or "bytes" in r["defense_spec"]:
+                ax.plot(r["bytes"] / 1000, r["agree_clean"], "s", color="#f39c12", label=r["defense_spec"])
+        ax.set_title(attack, fontsize=10)
+        ax.set_xlabel("mean kB per image")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("agreement with clean prediction")
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
+               fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    return _fig_png(fig)
+
+
+def plot_quality(table: list[dict]) -> bytes | None:
+    """PSNR and SSIM against the clean image per defense, grouped by attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r["psnr"] is not None]
+    if not rows:
+        return None
+    attacks = list(dict.fromkeys(r["attack_spec"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense_spec"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / max(1, len(attacks))
+    for j, metric in enumerate(("psnr", "ssim")):
+        ax = axes[j]
+        for i, a in enumerate(attacks):
+            by = {r["defense_spec"]: r[metric] for r in rows if r["attack_spec"] == a}
+            xs = [k + i * width for k in range(len(defenses))]
+            ax.bar(xs, [by.get(d) or 0 for d in defenses], width, label=a)
+        ax.set_xticks([k + width * (len(attacks) - 1) / 2 for k in range(len(defenses))])
+        ax.set_xticklabels(defenses, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM")
+        if metric == "ssim":
+            ax.set_ylim(max(0.0, min((r["ssim"] or 1) for r in rows) - 0.05), 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _fig_png(fig)
+
+
+def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
+    """Agreement over past nights for every (attack, defense) that is not the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return None
+    dates = sorted(history)
+    series: dict[tuple[str, str], list] = {}
+    for i, d in enumerate(dates):
+        for r in history[d]:
+            if (r["attack_spec"], r["defense_spec"]) != ("clean", "none"):
+                series.setdefault((r["attack_spec"], r["defense_spec"]), [None] * len(dates))[i] = r["agree_clean"]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    for (a, d), ys in sorted(series.items()):
+        ax.plot(dates, [np.nan if y is None else y for y in ys], "o-", label=f"{a} × {d}", markersize=4)
+    ax.set_ylabel("agreement with clean prediction")
+    ax.tick_params(axis="x", rotation=30, labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _fig_png(fig)
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
+    """(title, defense spec) per column: adversarial, the rate-matched (or first) JPEG, Aug-MSROI."""
+    jpegs = [d for d in defenses if d.startswith("jpeg")]
+    jpeg = next((d for d in jpegs if "match" in d), jpegs[0] if jpegs else None)
+    sem = next((d for d in defenses if d.startswith("aug_msroi")), None) or next(
+        (d for d in defenses if d.startswith("msroi")), None)
+    cols = [("adversarial", "none")]
+    if jpeg:
+        cols.append((jpeg, jpeg))
+    if sem:
+        cols.append((sem, sem))
+    return cols
+
+
+def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
+    """HTML of one image table per attack (evaluate layout); empty when the shards are absent."""
+    by = {(r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
+    attacks = summary["config"]["attacks"]
+    defenses = summary["config"]["defenses"]
+    clean_tar = _read_tar(join(run, "shards", safe_name("clean"), safe_name("none"), shard_name(0)))
+    keys = sorted({n.rsplit(".", 1)[0] for n in clean_tar if n.endswith(".png")})[:size]
+    if not keys:
+        return "<p class='meta'>No shards to show (gallery needs an evaluate run with the undefended images).</p>"
+    out = []
+    for attack in attacks:
+        if attack == "clean":
+            continue
+        cols = _gallery_columns(defenses)
+        tars = {d: _read_tar(join(run, "shards", safe_name(attack), safe_name(d), shard_name(0))) for _, d in cols}
+        out.append(f"<h3>{html.escape(attack)}</h3><table class='gallery'><tr><th>clean</th>"
+                   + "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols) + "</tr>")
+        for key in keys:
+            cells = [_cell(clean_tar.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")))]
+            for _, d in cols:
+                tar = tars[d]
+                data = tar.get(f"{key}.jpg") or tar.get(f"{key}.png")
+                mime = "image/jpeg" if f"{key}.jpg" in tar else "image/png"
+                heat = tar.get(f"{key}.map.png")
+                if data is not None and heat is not None:
+                    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
+                    data, mime = _png(_blend(img, hm)), "image/png"
+                cells.append(_cell(data, mime, by.get((key, attack, d))))
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</table>")
+    return "\n".join(out)
+
+
+def _blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    mix = (1 - alpha) * image.astype(np.float32) + alpha * heat_rgb.astype(np.float32)
+    return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
+
+
+def _cell(data: bytes | None, mime: str, row: dict | None) -> str:
+    if data is None:
+        return "<td><div class='cap'>missing</div></td>"
+    cap = ""
+    if row is not None:
+        mark = "" if row["attack"] == "clean" and row["defense"] == "none" else (
+            " <span class='good'>✓</span>" if row["agree_clean"] else " <span class='warn'>✗</span>")
+        cap = (f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
+               f"<br><span class='meta'>{row['bytes']:,} B</span>")
+    return f"<td><img src='{_data_uri(data, mime)}' alt=''><div class='cap'>{cap}</div></td>"
+
+
+# --------------------------------------------------------------------------- page
+
+
+def _table(summary: dict) -> str:
+    head = ("<tr><th class='l'>attack</th><th class='l'>defense</th><th>n</th><th>top-1</th><th>agree</th>"
+            "<th>attack success</th><th>bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th></tr>")
+    body = []
+    for r in summary["table"]:
+        psnr = "∞" if r["psnr"] is None and r.get("identical") == r["n"] else _fmt(r["psnr"], ".2f")
+        body.append(
+            f"<tr><td class='l'>{html.escape(r['attack_spec'])}</td><td class='l'>{html.escape(r['defense_spec'])}</td>"
+            f"<td>{r['n']}</td><td>{_fmt(r['top1'])}</td><td>{_fmt(r['agree_clean'])}</td>"
+            f"<td>{_fmt(r.get('success'))}</td><td>{_fmt(r['bytes'], ',.0f')}</td><td>{_fmt(r['bpp'], '.2f')}</td>"
+            f"<td>{psnr}</td><td>{_fmt(r['ssim'], '.4f')}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    return f"<img class='plot' alt='{alt}' src='{_data_uri(png, 'image/png')}'>" if png else f"<p class='meta'>No data for {alt}.</p>"
+
+
+def render_report(run: str, *, history: dict[str, list[dict]] | None = None, regressions: Iterable = ()) -> str:
+    """The report page for the run at ``run`` (an evaluate or nightly output folder)."""
+    summary = json.loads(read_bytes(join(run, "summary.json")))
+    rows = load_rows(run)
+    cfg = summary.get("config", {})
+    regressions = list(regressions)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>semjpeg report {html.escape(summary['run_id'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>semjpeg report</h1><p class='meta'>run {html.escape(summary['run_id'])} · created "
+        f"{html.escape(summary.get('created', ''))} · model {html.escape(str(cfg.get('model')))} · "
+        f"{summary.get('samples', 0)} images · errors: "
+        + html.escape(", ".join(f"{k} {v}" for k, v in summary.get("errors", {}).items()) or "none") + "</p>",
+    ]
+    if regressions:
+        items = "".join(f"<li>{html.escape(r.describe())}</li>" for r in regressions)
+        parts.append(f"<h2 class='warn'>Regressions ({len(regressions)})</h2><ul class='warn'>{items}</ul>")
+    parts += [
+        "<h2>Accuracy per attack × defense</h2>", _table(summary),
+        "<p class='meta'>agree: share of images whose top-1 equals the prediction on the clean image "
+        "(Prakash et al.'s metric); top-1 against labels where known; PSNR/SSIM against the clean image.</p>",
+        "<h2>Accuracy against bytes</h2>", _img(plot_rate_accuracy(summary["table"]), "accuracy against bytes"),
+        "<h2>PSNR and SSIM</h2>", _img(plot_quality(summary["table"]), "PSNR and SSIM"),
+    ]
+    if history:
+        parts += [f"<h2>Trends over {len(history)} nights</h2>", _img(plot_trends(history), "trends")]
+    parts += ["<h2>Gallery</h2>", gallery(run, summary, rows),
+              f"<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(run: str, output: str, *, history: str | None = None, regressions: Iterable = ()) -> str:
+    """Render and write the report (atomically); returns ``output``."""
+    hist = None
+    if history:
+        from .history import read_history
+
+        hist = read_history(history)
+    write_bytes(output, render_report(run, history=hist, regressions=regressions).encode())
+    log.info("wrote %s", output)
+    return output
