@@ -51,3 +51,20 @@ def test_multiprocess_runner_matches_fnapi_and_loads_model_once_per_process(tmp_
     assert len(mp_loads) <= 2 and all(n <= 2 for n in mp_loads.values())
     a, b = rows(tmp_path / "fn"), rows(tmp_path / "mp")
     assert len(a) == 3 * 7 * 4 and same(a, b)
+
+
+def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatch):
+    from pipeline.runners import pipeline_options
+
+    for i in range(3):
+        write_tar(tmp_path / f"s{i}.tar", good_members(photos, prefix=f"s{i}"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Dask worker processes import tests.tiny
+    inputs = [str(tmp_path / "s*.tar")]
+    run_evaluate(tiny_config(inputs, tmp_path / "fn", run_id="r"), PipelineOptions(["--runner", "FnApiRunner"]))
+    dask = pipeline_options(["--runner", "DaskRunner", "--dask_workers", "2"])
+    summary = run_evaluate(tiny_config(inputs, tmp_path / "dask", run_id="r"), dask)
+    a, b = rows(tmp_path / "fn"), rows(tmp_path / "dask")
+    assert len(a) == 3 * 7 * 4 and same(a, b)  # every last partial batch included
+    assert summary["samples"] == 21 and (tmp_path / "dask" / "_SUCCESS").exists()
+    shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*.tar"))
+    assert shards == sorted(p.relative_to(tmp_path / "fn") for p in (tmp_path / "fn").rglob("*.tar"))

@@ -1,0 +1,79 @@
+"""deploy/: the files parse, and Beam's option parser accepts the documented options."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.nightly import NightlyConfig
+from pipeline.runners import pipeline_options
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    lines, cur = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        cur = f"{cur} {line[:-1]}" if line.endswith("\\") else f"{cur} {line}"
+        if not line.endswith("\\"):
+            word, _, rest = cur.strip().partition(" ")
+            lines.append((word.upper(), rest))
+            cur = ""
+    return lines
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "flex-template/Dockerfile"])
+def test_dockerfiles_parse(name):
+    ins = dockerfile_instructions(DEPLOY / name)
+    known = {"FROM", "ARG", "RUN", "COPY", "ENV", "WORKDIR", "ENTRYPOINT", "CMD", "LABEL", "USER", "ADD"}
+    assert {w for w, _ in ins} <= known
+    assert ins[0][0] in ("FROM", "ARG") and any(w == "FROM" for w, _ in ins)
+    for word, rest in ins:
+        if word == "COPY" and not rest.startswith("--from"):
+            for src in rest.split()[:-1]:
+                assert (DEPLOY.parent / src).exists(), f"{name} copies missing {src}"
+    if name == "Dockerfile":
+        assert ("ENTRYPOINT", '["/opt/apache/beam/boot"]') in ins
+
+
+def test_flex_template_metadata_and_launcher():
+    meta = json.loads((DEPLOY / "flex-template/metadata.json").read_text())
+    assert meta["name"] and {p["name"] for p in meta["parameters"]} == {"job", "config", "date"}
+    for p in meta["parameters"]:
+        for rx in p.get("regexes", []):
+            re.compile(rx)
+    ast.parse((DEPLOY / "flex-template/launch.py").read_text())
+
+
+def test_gpu_options_accepted_by_beam():
+    argv = [l.strip() for l in (DEPLOY / "dataflow-gpu.args").read_text().splitlines()
+            if l.strip() and not l.startswith("#")]
+    opts = pipeline_options(argv).get_all_options()
+    assert opts["dataflow_service_options"] == ["worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
+    assert opts["experiments"] == ["no_use_multiple_sdk_containers"] and opts["machine_type"] == "g2-standard-8"
+    with pytest.raises(ValueError, match="unrecognized"):
+        pipeline_options(argv + ["--worker_acelerator=x"])
+
+
+def test_example_nightly_config_validates():
+    cfg = NightlyConfig.from_yaml((DEPLOY / "nightly.example.yaml").read_text(), "nightly.example.yaml")
+    argv = cfg.beam_argv()
+    assert argv[:2] == ["--runner", "DataflowRunner"] and "--sdk_container_image" in argv
+
+
+def test_scheduling_examples_parse():
+    ast.parse((DEPLOY / "scheduling/airflow_dag.py").read_text())
+    body = (DEPLOY / "scheduling/cloud-scheduler.sh").read_text()
+    payload = re.search(r"--message-body=\"(.*)\"$", body, re.M).group(1).replace('\\"', '"')
+    payload = payload.replace("$TEMPLATE", "gs://t").replace("$CONFIG", "gs://c")
+    assert json.loads(payload)["launchParameter"]["parameters"]["job"] == "nightly"
+    crons = [l for l in (DEPLOY / "scheduling/crontab").read_text().splitlines() if l and not l.startswith("#")]
+    assert crons and all(len(l.split()) > 5 and "semjpeg nightly" in l for l in crons)
+    assert yaml.safe_load((DEPLOY / "nightly.example.yaml").read_text())["runner"] == "DataflowRunner"
