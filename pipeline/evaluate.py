@@ -5,12 +5,13 @@ read shards -> decode -> attack -> saliency -> encode -> classify + measure -> w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from .attack import AttackImages
 from .classify import Classify
@@ -18,6 +19,7 @@ from .config import EvaluateConfig
 from .decode import DecodeImages
 from .encode import EncodeDefenses
 from .io import OutputDir, expand_inputs, join, read_bytes, read_labels_csv, write_bytes
+from .progress import CountProgress, ProgressMonitor, is_local, summarize_counters
 from .read_shards import ReadImageShards
 from .records import SourceShard
 from .saliency import SaliencyMaps
@@ -59,24 +61,37 @@ class _Finalize(beam.DoFn):
         yield summary
 
 
-def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[SourceShard], out: OutputDir):
-    """Add the whole evaluate graph to ``p``; returns the PCollection holding the summary."""
+def _count(pcoll, label: str, folder: str | None, stage: str):
+    if folder is None:
+        return pcoll
+    return pcoll | label >> beam.ParDo(CountProgress(folder, stage))
+
+
+def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[SourceShard], out: OutputDir,
+                   progress: str | None = None):
+    """Add the whole evaluate graph to ``p``; returns the PCollection holding the summary.
+
+    ``progress``: a local folder for per-process progress counts (local runners only)."""
     order = {(a.text, d.text): i for i, (a, d) in
              enumerate((a, d) for a in config.attacks for d in config.defenses)}
     raw, read_errors = p | "ReadImageShards" >> ReadImageShards(shards, config.input)
     samples, decode_errors = raw | "DecodeImages" >> DecodeImages(config.input, config.model.num_classes)
+    samples = _count(samples, "CountDecoded", progress, "decoded")
     variants, attack_errors = samples | "AttackImages" >> AttackImages(
         config.model, config.attacks, seed=config.seed, attack_labels=config.attack_labels
     )
+    variants = _count(variants, "CountAttacked", progress, "attacked")
     mapped, map_errors = variants | "SaliencyMaps" >> SaliencyMaps(config.maps, config.defenses, seed=config.seed)
     defended, encode_errors = mapped | "EncodeSemanticJpeg" >> EncodeDefenses(
         config.defenses, map_model=config.maps.name, save_maps=config.save_maps
     )
     results, classify_errors = defended | "Classify" >> Classify(config.model, run_id=config.run_id)
+    results = _count(results, "CountClassified", progress, "classified")
     errors = (
         (read_errors, decode_errors, attack_errors, map_errors, encode_errors, classify_errors)
         | "AllErrors" >> beam.Flatten()
     )
+    errors = _count(errors, "CountErrors", progress, "errors")
 
     shard_paths = results | "WriteShards" >> WriteShards(out, config.layout)
     sources = p | "Sources" >> beam.Create(shards)
@@ -105,10 +120,18 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     out = OutputDir(config.output, config.run_id)
     out.check()
     log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
+    runner = options.view_as(StandardOptions).runner
+    monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None
     try:
-        with beam.Pipeline(options=options) as p:
-            build_evaluate(p, config, shards, out)
+        p = beam.Pipeline(options=options)
+        build_evaluate(p, config, shards, out, progress=monitor.folder if monitor else None)
+        with monitor or contextlib.nullcontext():
+            result = p.run()
+            result.wait_until_finish()
     except BaseException:
         out.abandon()
         raise
+    counters = summarize_counters(result)
+    if counters:
+        log.info("counters: %s", counters)
     return json.loads(read_bytes(join(config.output, "summary.json")))
