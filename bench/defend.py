@@ -1,0 +1,164 @@
+"""Throughput of the defense's two stages: the Aug-MSROI map and the semantic JPEG encoder.
+
+Map stage: ``aug_msroi`` with its defaults (S perturbations of every image in one batch of
+N * S) on EfficientNet-Lite0 at 224x224, images/s (input images, not forward passes), on CPU and,
+when available, CUDA; on CUDA also with channels_last and/or bf16 autocast. Plain ``msroi`` (one
+pass) is reported alongside. Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
+(requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
+reference.
+
+For scale: the authors report 300 images x 5 perturbations in about 5 s on a Titan X (~60
+images/s); the target for the map stage on an H100 is >= 5,000 images/s.
+
+    python bench/defend.py [--quick] [--device auto|cpu|cuda] [--batch 32] [--iters 5] [--cuda-batches 128 256]
+
+On CUDA the map stage is timed at ``--batch`` and at each ``--cuda-batches`` size, in fp32,
+channels_last, bf16 autocast and both; cuDNN autotuning is on (its first call is the warm-up).
+
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench._common import dev_files, emit  # noqa: E402
+
+AUTHORS_IMAGES_PER_S = 60  # 300 images x 5 perturbations in ~5 s, Titan X (DCC 2018)
+TARGET_H100_IMAGES_PER_S = 5000
+
+
+def dev_images(n: int) -> np.ndarray:
+    from transforms.images import decode_image
+
+    return np.stack([decode_image(p.read_bytes()) for p, _ in dev_files(n)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_maps(model, x: torch.Tensor, fn, iters: int, *, bf16: bool) -> float:
+    """Images per second of ``fn(model, x)`` (after one warm-up call)."""
+    device = x.device
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with ctx:
+        fn(model, x)  # warm-up: kernels, allocator, oneDNN primitives
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn(model, x)
+        _sync(device)
+    return x.shape[0] * iters / (time.perf_counter() - t)
+
+
+def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str]) -> dict:
+    from transforms.images import to_tensor
+    from transforms.models import build_model
+    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, msroi
+
+    model = build_model("efficientnet_lite0", device=device)
+    reps = -(-batch // len(images))
+    x0 = to_tensor(np.concatenate([images] * reps)[:batch]).to(device)
+    seeds = torch.arange(batch, dtype=torch.int64)
+
+    def aug(m, x):
+        return aug_msroi(m, x, seeds=seeds)
+
+    out = {"batch": batch, "samples": DEFAULT_SAMPLES, "forward_batch": batch * DEFAULT_SAMPLES}
+    for v in variants:
+        cl, bf16 = "channels_last" in v, "bf16" in v
+        m = model.to(memory_format=torch.channels_last) if cl else model.to(memory_format=torch.contiguous_format)
+        x = x0.contiguous(memory_format=torch.channels_last) if cl else x0
+        try:
+            out[v] = {
+                "aug_msroi_images_per_s": round(time_maps(m, x, aug, iters, bf16=bf16), 1),
+                "msroi_images_per_s": round(time_maps(m, x, msroi, iters, bf16=bf16), 1),
+            }
+        except RuntimeError as e:  # e.g. out of memory, bf16 unsupported
+            out[v] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if device.type == "cuda":
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
+def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
+    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg
+
+    out = {}
+
+    def rate(fn) -> float:
+        fn(images[0], maps[0])
+        t = time.perf_counter()
+        for _ in range(repeats):
+            for img, m in zip(images, maps):
+                fn(img, m)
+        return round(len(images) * repeats / (time.perf_counter() - t), 1)
+
+    out["requantize_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m)))
+    out["mosaic_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m), method="mosaic"))
+    out["uniform_q50_images_per_s"] = rate(lambda i, m: _pillow_jpeg(i, 50, "4:2:0", optimize=True))
+    sizes = [len(encode_semantic_jpeg(i, block_qualities(m))) for i, m in zip(images, maps)]
+    msizes = [len(encode_semantic_jpeg(i, block_qualities(m), method="mosaic")) for i, m in zip(images, maps)]
+    out["requantize_mean_bytes"] = round(float(np.mean(sizes)), 1)
+    out["mosaic_mean_bytes"] = round(float(np.mean(msizes)), 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small batch, one iteration: a smoke run")
+    ap.add_argument("--device", default="auto", help="auto (CPU, and CUDA when available), cpu or cuda")
+    ap.add_argument("--batch", type=int, default=32, help="input images per call (x S perturbations)")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--cuda-batches", type=int, nargs="*", default=[128, 256],
+                    help="further batch sizes timed on CUDA (besides --batch)")
+    ap.add_argument("--images", type=int, default=32, help="distinct dev images")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.batch, args.iters, args.images = min(args.batch, 8), 1, min(args.images, 8)
+
+    images = dev_images(args.images)
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
+    record = {"authors_images_per_s": AUTHORS_IMAGES_PER_S, "target_h100_images_per_s": TARGET_H100_IMAGES_PER_S,
+              "torch": torch.__version__, "threads": args.threads, "quick": args.quick}
+    for d in devices:
+        device = torch.device(d)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            record["cuda_device"] = torch.cuda.get_device_name(device)
+            variants = ["fp32", "channels_last", "bf16", "bf16_channels_last"]
+            iters = args.iters if args.quick else max(args.iters, 10)
+            for batch in [args.batch] + ([] if args.quick else args.cuda_batches):
+                record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants)
+        else:
+            batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest
+            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32"])
+
+    from transforms.images import to_tensor
+    from transforms.models import build_model
+    from transforms.saliency import aug_msroi
+
+    model = build_model("efficientnet_lite0")
+    maps = aug_msroi(model, to_tensor(images), seeds=torch.arange(len(images)), max_batch=40).numpy()
+    record["encoder_cpu_one_process"] = encoder_stage(images, maps, 1 if args.quick else 3)
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()

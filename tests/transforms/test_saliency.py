@@ -1,0 +1,311 @@
+"""CAM, MSROI and Aug-MSROI: hand computations, determinism, batch == per-sample, hygiene."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests import tiny
+from transforms.models import Classifier
+from transforms.saliency import (
+    NOISES,
+    aug_msroi,
+    class_activation_maps,
+    msroi,
+    msroi_rank_weights,
+)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _norm(m: torch.Tensor) -> torch.Tensor:
+    lo = m.amin(dim=(-2, -1), keepdim=True)
+    hi = m.amax(dim=(-2, -1), keepdim=True)
+    return (m - lo) / (hi - lo)
+
+
+# --------------------------------------------------------------------------- CAM
+
+
+def test_cam_equals_hand_computation(tiny_model, batch):
+    classes = torch.tensor([[0, 3], [1, 2], [9, 9], [5, 4]])
+    cams = class_activation_maps(tiny_model, batch, classes)
+    with torch.no_grad():
+        f = tiny_model.features(batch)  # (N, D, h, w)
+    w = tiny_model.fc.weight
+    assert cams.shape == (4, 2, *f.shape[2:]) and cams.dtype == torch.float32
+    for i in range(4):
+        for j in range(2):
+            hand = (w[classes[i, j]][:, None, None] * f[i]).sum(dim=0)
+            torch.testing.assert_close(cams[i, j], hand, rtol=1e-5, atol=1e-5)
+    # The spatial mean of a CAM is the logit without bias.
+    logits = tiny_model(batch)
+    torch.testing.assert_close(cams.mean(dim=(2, 3)), logits.gather(1, classes) - tiny_model.fc.bias[classes],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cam_one_dimensional_classes(tiny_model, batch):
+    assert class_activation_maps(tiny_model, batch, torch.tensor([0, 1, 2, 3])).shape[:2] == (4, 1)
+
+
+def test_cam_rejects_models_without_cam(batch):
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    model = Classifier(body, None, mean=(0.5,) * 3, std=(0.5,) * 3, name="flat", class_names=("a",) * 10,
+                       input_size=64).eval()
+    for fn in (lambda: class_activation_maps(model, batch, torch.zeros(4, 1, dtype=torch.long)),
+               lambda: msroi(model, batch), lambda: aug_msroi(model, batch)):
+        with pytest.raises(ValueError, match="class activation maps"):
+            fn()
+
+
+def test_cam_rejects_bad_classes(tiny_model, batch):
+    with pytest.raises(ValueError, match="class indices"):
+        class_activation_maps(tiny_model, batch, torch.full((4, 1), 10))
+
+
+# --------------------------------------------------------------------------- MSROI
+
+
+def test_rank_weights_match_the_authors():
+    assert msroi_rank_weights(5) == pytest.approx([1 / 2, 1 / 4, 1 / 8, 1 / 16, 1.2 / 16])
+    assert msroi_rank_weights(1) == pytest.approx([1.2])
+    assert msroi_rank_weights(3) == pytest.approx([1 / 2, 1 / 4, 1.2 / 4])
+    with pytest.raises(ValueError):
+        msroi_rank_weights(0)
+
+
+def _hand_msroi(model, images, classes):
+    cams = class_activation_maps(model, images, classes)
+    w = torch.tensor(msroi_rank_weights(classes.shape[1]))
+    roi = _norm((w[None, :, None, None] * _norm(cams)).sum(dim=1))
+    up = F.interpolate(roi[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return up
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_msroi_is_rank_weighted_sum_of_normalized_cams(tiny_model, batch, k):
+    top = tiny_model(batch).topk(k, dim=1).indices
+    out = msroi(tiny_model, batch, top_k=k)
+    torch.testing.assert_close(out, _hand_msroi(tiny_model, batch, top), rtol=1e-5, atol=1e-5)
+    assert out.shape == (4, 64, 64) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1 and out.max() > 0.9
+
+
+def test_msroi_threshold_selects_classes_by_total_activation(tiny_model, batch):
+    with torch.no_grad():
+        score = tiny_model(batch) - tiny_model.fc.bias  # total activation = CAM mean
+    # A threshold no class reaches keeps the top class only.
+    top1 = score.argmax(dim=1, keepdim=True)
+    torch.testing.assert_close(msroi(tiny_model, batch, threshold=1e9),
+                               _hand_msroi(tiny_model, batch, top1), rtol=1e-5, atol=1e-5)
+    # One passed by every class keeps all of them, ranked by total activation.
+    order = score.argsort(dim=1, descending=True)
+    torch.testing.assert_close(msroi(tiny_model, batch, threshold=-1e9),
+                               _hand_msroi(tiny_model, batch, order), rtol=1e-5, atol=1e-5)
+    # Per sample: different samples may keep different numbers of classes.
+    t = float(score.sort(dim=1, descending=True).values[:, 2].median())
+    out = msroi(tiny_model, batch, threshold=t)
+    for i in range(4):
+        keep = order[i][score[i][order[i]] > t][None] if (score[i] > t).any() else order[i, :1][None]
+        torch.testing.assert_close(out[i : i + 1], _hand_msroi(tiny_model, batch[i : i + 1], keep),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_msroi_contract(tiny_model, batch):
+    before = batch.clone()
+    out = msroi(tiny_model, batch)
+    assert torch.equal(batch, before)
+    torch.testing.assert_close(out, torch.cat([msroi(tiny_model, batch[i : i + 1]) for i in range(4)]),
+                               rtol=1e-5, atol=1e-5)
+    assert msroi(tiny_model, batch[:0]).shape == (0, 64, 64)
+    flat = msroi(tiny_model, torch.full((2, 3, 64, 64), 0.5))
+    assert torch.isfinite(flat).all() and flat.min() >= 0 and flat.max() <= 1
+    with pytest.raises(ValueError, match="top_k"):
+        msroi(tiny_model, batch, top_k=0)
+
+
+def test_msroi_constant_map_gives_zeros_not_nan():
+    # A model whose features are constant: every CAM is flat.
+    model = tiny.build()
+    with torch.no_grad():
+        for p in model.body.parameters():
+            p.zero_()
+    out = msroi(model, torch.rand(2, 3, 64, 64))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(aug_msroi(model, torch.rand(2, 3, 64, 64), activation_noise=0.0, input_noise=0.0),
+                       torch.zeros(2, 64, 64))
+
+
+def test_eval_mode_required_and_not_switched(batch):
+    model = tiny.build().train()
+    with pytest.raises(ValueError, match="eval mode"):
+        msroi(model, batch)
+    with pytest.raises(ValueError, match="eval mode"):
+        aug_msroi(model, batch)
+    assert model.training
+
+
+# --------------------------------------------------------------------------- Aug-MSROI
+
+
+SEEDS = torch.tensor([11, 22, 33, 44])
+
+
+def test_aug_msroi_deterministic_and_batch_equals_per_sample(tiny_model, batch):
+    a = aug_msroi(tiny_model, batch, seeds=SEEDS)
+    b = aug_msroi(tiny_model, batch, seeds=SEEDS)
+    assert torch.equal(a, b)  # byte-identical reruns
+    per = torch.cat([aug_msroi(tiny_model, batch[i : i + 1], seeds=SEEDS[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(a, per, rtol=1e-5, atol=1e-5)
+    # Reordered batch: each sample keeps its own noise.
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(aug_msroi(tiny_model, batch[perm], seeds=SEEDS[perm]), a[perm],
+                               rtol=1e-5, atol=1e-5)
+    assert a.shape == (4, 64, 64) and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
+    assert not torch.allclose(a, aug_msroi(tiny_model, batch, seeds=SEEDS + 1))
+    assert not torch.allclose(a, msroi(tiny_model, batch))
+
+
+def test_aug_msroi_without_seeds_is_per_sample(tiny_model, batch):
+    a = aug_msroi(tiny_model, batch)
+    per = torch.cat([aug_msroi(tiny_model, batch[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(a, per, rtol=1e-5, atol=1e-5)
+
+
+def test_aug_msroi_chunks_match_one_pass(tiny_model, batch):
+    torch.testing.assert_close(aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=5),
+                               aug_msroi(tiny_model, batch, seeds=SEEDS), rtol=1e-5, atol=1e-5)
+
+
+def test_aug_msroi_without_noise_is_msroi(tiny_model, batch):
+    out = aug_msroi(tiny_model, batch, input_noise=0.0, activation_noise=0.0, samples=3)
+    torch.testing.assert_close(out, msroi(tiny_model, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_aug_msroi_noise_kinds(tiny_model, batch, noise):
+    out = aug_msroi(tiny_model, batch, noise=noise, seeds=SEEDS, input_noise=0.1, activation_noise=0.5)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_noise_distributions_have_unit_variance():
+    for name, draw in NOISES.items():
+        z = draw((200_000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01, name
+
+
+def test_aug_msroi_leaves_model_and_input_untouched(batch):
+    model = tiny.build()
+    state = copy.deepcopy(model.state_dict())
+    before = batch.clone()
+    aug_msroi(model, batch, seeds=SEEDS)
+    assert _hooks(model) == 0 and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(batch, before)
+
+
+def test_aug_msroi_removes_hooks_on_error(batch):
+    model = tiny.build()
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    own = model.fc.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        aug_msroi(model, batch, seeds=SEEDS)
+    assert _hooks(model) == 1  # only the test's own
+    own.remove()
+    assert _hooks(model) == 0
+
+
+def test_aug_msroi_constant_and_empty(tiny_model):
+    flat = aug_msroi(tiny_model, torch.full((3, 3, 64, 64), 0.25), seeds=torch.arange(3))
+    assert torch.isfinite(flat).all() and flat.min() >= 0 and flat.max() <= 1
+    assert aug_msroi(tiny_model, torch.zeros(0, 3, 64, 64)).shape == (0, 64, 64)
+
+
+def test_aug_msroi_rejects_bad_parameters(tiny_model, batch):
+    for kw, match in (({"samples": 0}, "samples"), ({"noise": "laplace"}, "laplace"),
+                      ({"input_noise": -0.1}, "input_noise"), ({"activation_noise": float("nan")}, "activation"),
+                      ({"seeds": torch.arange(3)}, "seeds"), ({"max_batch": 0}, "max_batch")):
+        with pytest.raises(ValueError, match=match):
+            aug_msroi(tiny_model, batch, **kw)
+
+
+def test_other_threads_forward_is_not_perturbed(tiny_model, batch):
+    """A model shared by threads: a forward on another thread while hooks are in place is clean."""
+    import threading
+
+    big = batch.repeat_interleave(5, dim=0)  # the size of aug_msroi's own batch: only the thread differs
+    with torch.no_grad():
+        clean = tiny_model(big)
+    seen = []
+    started = threading.Event()
+
+    def other():
+        started.wait()
+        with torch.no_grad():
+            seen.append(tiny_model(big))
+
+    t = threading.Thread(target=other)
+
+    def late(module, args):  # runs inside aug_msroi's forward, hooks in place
+        if not started.is_set():
+            started.set()
+            t.join()
+
+    handle = tiny_model.fc.register_forward_pre_hook(late)
+    try:
+        t.start()
+        aug_msroi(tiny_model, batch, seeds=SEEDS)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], clean)
+
+
+def test_autocast_and_channels_last(batch):
+    model = tiny.build()
+    ref = aug_msroi(model, batch, seeds=SEEDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = aug_msroi(model, batch, seeds=SEEDS)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all() and low.min() >= 0 and low.max() <= 1
+    assert torch.corrcoef(torch.stack([low.flatten(), ref.flatten()]))[0, 1] > 0.8
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    xcl = batch.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(aug_msroi(cl, xcl, seeds=SEEDS, activation_noise=0.0),
+                               aug_msroi(model, batch, seeds=SEEDS, activation_noise=0.0), rtol=1e-4, atol=1e-4)
+    out = aug_msroi(cl, xcl, seeds=SEEDS)
+    assert torch.equal(out, aug_msroi(cl, xcl, seeds=SEEDS)) and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_contract(batch):
+    model = tiny.build().cuda()
+    out = aug_msroi(model, batch.cuda(), seeds=SEEDS)
+    assert out.device.type == "cuda" and out.shape == (4, 64, 64)
+    per = torch.cat([aug_msroi(model, batch[i : i + 1].cuda(), seeds=SEEDS[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(out, per, rtol=1e-4, atol=1e-4)
+    # CPU images, CUDA model: the work runs on the model's device, the result comes back.
+    assert aug_msroi(model, batch, seeds=SEEDS).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+def test_real_model_maps(real_model, photos):
+    from transforms.images import resize_and_crop, to_tensor
+
+    x = to_tensor([resize_and_crop(p, resize=224, crop=224) for p in photos[:2]])
+    m = msroi(real_model, x)
+    a = aug_msroi(real_model, x, seeds=torch.tensor([1, 2]), samples=2)
+    for out in (m, a):
+        assert out.shape == (2, 224, 224) and torch.isfinite(out).all()
+        assert out.min() >= 0 and out.max() <= 1 and float(out.std()) > 0.05
+    assert _hooks(real_model) == 0
+    cams = class_activation_maps(real_model, x, torch.tensor([[1], [2]]))
+    assert cams.shape == (2, 1, 7, 7)
