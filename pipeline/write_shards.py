@@ -20,6 +20,10 @@ from .io import OutputDir, shard_name, write_bytes
 from .records import Result
 
 
+#: Row fields that measure the run rather than the image.
+TIMINGS = ("attack_seconds", "map_seconds")
+
+
 def jsonable(value):
     """Rows -> strict JSON: non-finite floats become null, numpy scalars plain numbers."""
     if isinstance(value, float):
@@ -55,7 +59,7 @@ def sample_members(r: Result) -> list[tuple[str, bytes]]:
         members.append((f"{r.key}.cls", str(r.label).encode()))
     # Timing is a property of the run, not of the image: kept in the Parquet metadata only, so
     # the shards of a run are reproducible byte for byte.
-    doc = {"semjpeg": jsonable({k: v for k, v in r.row.items() if k != "attack_seconds"})}
+    doc = {"semjpeg": jsonable({k: v for k, v in r.row.items() if k not in TIMINGS})}
     if r.meta:
         doc["source"] = jsonable(r.meta)
     members.append((f"{r.key}.json", json.dumps(doc, sort_keys=True).encode()))

@@ -1,0 +1,121 @@
+"""Aug-MSROI semantic JPEG through the pipeline: rate matching, maps, decoders, defend job."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.__main__ import main
+from pipeline.evaluate import run_evaluate
+from tests.pipeline.conftest import tiny_config
+from tests.shards import encode, good_members, write_tar
+
+DEFENSES = ("aug_msroi", "msroi:q_low=20", "jpeg:match=aug_msroi", "jpeg:quality=50")
+
+
+def members(path):
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
+def sof_markers(data: bytes) -> set[int]:
+    """The SOFn markers of a JPEG (0xC0 baseline, 0xC2 progressive, ...)."""
+    out, i = set(), 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # start of scan: headers are over
+            break
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            out.add(marker)
+        i += 2 + length
+    return out
+
+
+@pytest.fixture(scope="module")
+def semantic_run(tmp_path_factory, photos):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    tmp = tmp_path_factory.mktemp("semantic")
+    flat = [("flat.png", encode(np.full((64, 64, 3), 128, np.uint8))), ("flat.cls", b"0")]
+    write_tar(tmp / "a.tar", good_members(photos) + flat)
+    cfg = tiny_config([str(tmp / "a.tar")], tmp / "run", attacks=("igsm:eps=8/255,steps=3",), defenses=DEFENSES,
+                      save_maps=True, run_id="fixed")
+    summary = run_evaluate(cfg, PipelineOptions(["--runner", "FnApiRunner"]))
+    rows = pq.read_table(sorted((tmp / "run" / "metadata").glob("*.parquet"))).to_pylist()
+    return tmp, summary, rows
+
+
+def test_every_variant_defended_and_rate_matched(semantic_run):
+    _, summary, rows = semantic_run
+    assert summary["errors"] == {} and summary["samples"] == 8  # the flat image too
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["key"], r["attack_spec"])][r["defense_spec"]] = r
+    assert len(by) == 16 and all(set(d) == {"none", *DEFENSES} for d in by.values())
+    for d in by.values():
+        aug, match = d["aug_msroi"], d["jpeg:match=aug_msroi"]
+        assert match["bytes"] <= aug["bytes"] and match["target_bytes"] == aug["bytes"] and 1 <= match["quality"] <= 100
+        assert sum(q["blocks"] for q in aug["quality_levels"]) == 16  # (64 / 16) ** 2 blocks
+        assert {q["quality"] for q in aug["quality_levels"]} <= {30, 40, 50, 60, 70}
+        assert aug["map_model"] == "tests.tiny:build" and aug["map_seconds"] > 0
+        assert d["jpeg:quality=50"]["quality"] == 50 and d["none"]["quality_levels"] is None
+
+
+def test_semantic_files_are_baseline_and_decode_the_same_everywhere(semantic_run):
+    tmp, _, _ = semantic_run
+    djpeg = shutil.which("djpeg")
+    checked = 0
+    for shard in sorted((tmp / "run" / "shards").glob("*/aug_msroi/*.tar")):
+        files = members(shard)
+        for name, data in files.items():
+            if not name.endswith(".jpg"):
+                continue
+            assert sof_markers(data) == {0xC0}, name  # baseline sequential only
+            key = name[:-4]
+            assert f"{key}.map.png" in files and Image.open(io.BytesIO(files[f"{key}.map.png"])).size == (64, 64)
+            pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            assert pil.shape == (64, 64, 3)
+            if djpeg:
+                ppm = subprocess.run([djpeg, "-dct", "int", "-ppm"], input=data, capture_output=True, check=True).stdout
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(ppm)).convert("RGB")), pil), name
+            checked += 1
+    assert checked == 16
+    if not djpeg:
+        pytest.skip("djpeg (Debian's libjpeg-turbo-progs) not installed: Pillow checked only")
+
+
+def test_reruns_are_byte_identical(semantic_run, tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    tmp, _, _ = semantic_run
+    cfg = tiny_config([str(tmp / "a.tar")], tmp_path / "again", attacks=("igsm:eps=8/255,steps=3",),
+                      defenses=DEFENSES, save_maps=True, run_id="fixed")
+    run_evaluate(cfg, PipelineOptions(["--runner", "FnApiRunner"]))
+    for shard in sorted((tmp / "run" / "shards").rglob("*.tar")):
+        assert shard.read_bytes() == (tmp_path / "again" / shard.relative_to(tmp / "run")).read_bytes(), shard
+
+
+def test_defend_job_on_an_adversarial_set(tmp_path, photos):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:6])
+    common = ["--model", "tests.tiny:build", "--runner", "FnApiRunner", "--batch-size", "2"]
+    assert main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "adv"),
+                 "--attack", "fgsm:eps=8/255", *common]) == 0
+    adv = str(tmp_path / "adv" / "shards" / "fgsm-eps=8_255" / "*.tar")
+    assert main(["defend", "--input", adv, "--output", str(tmp_path / "def"), "--save-maps", *common]) == 0
+    out = tmp_path / "def"
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["aug_msroi"]
+    files = members(out / "shards" / "aug_msroi" / "shard-00000.tar")
+    expected = [f"{k}.{e}" for k in ("good_jpg", "good_png", "good_gray") for e in ("jpg", "map.png", "json")]
+    assert sorted(files) == sorted(expected + ["good_jpg.cls", "good_png.cls"])  # good_gray has no label
+    rows = pq.read_table(sorted((out / "metadata").glob("*.parquet"))).to_pylist()
+    assert {(r["attack"], r["defense"]) for r in rows} == {("clean", "aug_msroi")} and len(rows) == 3
+    for r in rows:  # before (clean_pred) and after (pred), quality against the input
+        assert r["clean_pred"] is not None and r["pred"] is not None and r["agree_clean"] == (r["pred"] == r["clean_pred"])
+        assert 15 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["quality_levels"]
