@@ -91,15 +91,16 @@ def _is_semantic(defense: str) -> bool:
     return defense in ("aug_msroi", "msroi")
 
 
-def plot_rate_accuracy(table: list[dict]) -> bytes | None:
-    """Agreement with the clean prediction against mean bytes, one panel per attack."""
+def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes | None:
+    """``metric`` (agreement with the clean prediction, or top1) against mean bytes, one panel
+    per attack."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attacks = list(dict.fromkeys(r["attack_spec"] for r in table))
-    rows = [r for r in table if r["defense"] != "none" and r["bytes"]]
+    rows = [r for r in table if r["defense"] != "none" and r["bytes"] and r.get(metric) is not None]
     if not rows:
         return None
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
@@ -108,22 +109,22 @@ def plot_rate_accuracy(table: list[dict]) -> bytes | None:
         jpeg = sorted((r for r in mine if r["defense"] == "jpeg" and "match" not in r["defense_spec"]
                        and "bytes" not in r["defense_spec"]), key=lambda r: r["bytes"])
         if jpeg:
-            ax.plot([r["bytes"] / 1000 for r in jpeg], [r["agree_clean"] for r in jpeg], "o-", color="#777",
+            ax.plot([r["bytes"] / 1000 for r in jpeg], [r[metric] for r in jpeg], "o-", color="#777",
                     label="uniform JPEG")
             for r in jpeg:
-                ax.annotate(r["defense_spec"].split("=")[-1], (r["bytes"] / 1000, r["agree_clean"]),
+                ax.annotate(r["defense_spec"].split("=")[-1], (r["bytes"] / 1000, r[metric]),
                             fontsize=7, xytext=(3, -8), textcoords="offset points", color="#555")
         markers = {"aug_msroi": ("*", "#c0392b", 14), "msroi": ("D", "#2471a3", 7)}
         for r in mine:
             if _is_semantic(r["defense"]):
                 m, c, s = markers[r["defense"]]
-                ax.plot(r["bytes"] / 1000, r["agree_clean"], m, color=c, markersize=s, label=r["defense_spec"])
+                ax.plot(r["bytes"] / 1000, r[metric], m, color=c, markersize=s, label=r["defense_spec"])
             elif "match" in r["defense_spec"] or "bytes" in r["defense_spec"]:
-                ax.plot(r["bytes"] / 1000, r["agree_clean"], "s", color="#f39c12", label=r["defense_spec"])
+                ax.plot(r["bytes"] / 1000, r[metric], "s", color="#f39c12", label=r["defense_spec"])
         ax.set_title(attack, fontsize=10)
         ax.set_xlabel("mean kB per image")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("agreement with clean prediction")
+    axes[0][0].set_ylabel("agreement with clean prediction" if metric == "agree_clean" else metric)
     handles = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
