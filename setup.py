@@ -32,7 +32,7 @@ setup(
     extras_require={
         "dask": ["apache-beam[dask]>=2.60,<3"],
         "gcp": ["gcsfs", "apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7", "adversarial-robustness-toolbox>=1.17", "apache-beam[dask]>=2.60,<3"],
+        "test": ["pytest>=7", "adversarial-robustness-toolbox>=1.17", "foolbox>=3.3", "apache-beam[dask]>=2.60,<3"],
     },
     entry_points={"console_scripts": ["semjpeg=jobs.__main__:main"]},
 )

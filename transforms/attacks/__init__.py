@@ -2,8 +2,11 @@
 
 Every attack has the signature ``attack(model, images, labels, *, <budget and paper defaults>,
 target=None) -> AttackResult``: float32 NCHW images in [0, 1] in, the adversarial images on the
-uint8 grid out. Passing ``target`` (class indices) makes it targeted. :data:`ATTACKS` is the
-registry that ``--attack name:k=v`` specs are checked against.
+uint8 grid out, judged after quantization. Passing ``target`` (class indices) makes it targeted;
+attacks that draw noise also take ``seeds`` (N,). Every attack takes ``rmse=`` (the paper's
+protocol: RMSE 0.02 from the clean image), never exceeded after quantization; the FGSM family
+also takes ``eps=`` (L-inf). :data:`ATTACKS` is the registry that ``--attack name:k=v`` specs are
+checked against.
 """
 from __future__ import annotations
 
@@ -13,15 +16,32 @@ import torch
 
 from ..specs import Spec, parse_spec, spec_params
 from ._common import AttackResult
+from .cw import cw
+from .deepfool import deepfool
 from .fgsm import fgsm
+from .ga import ga
 from .igsm import igsm
+from .jsma import jsma
+from .lbfgs import lbfgs
+from .mifgsm import mifgsm
+from .pgd import pgd
 
-__all__ = ["ATTACKS", "AttackResult", "parse_attack", "resolve_target", "run_attack", "fgsm", "igsm"]
+__all__ = [
+    "ATTACKS", "AttackResult", "CLEAN", "parse_attack", "resolve_target", "run_attack",
+    "fgsm", "igsm", "pgd", "mifgsm", "ga", "deepfool", "jsma", "lbfgs", "cw",
+]
 
 ATTACKS = {
     "fgsm": fgsm,
     "igsm": igsm,
     "bim": igsm,
+    "pgd": pgd,
+    "mifgsm": mifgsm,
+    "ga": ga,
+    "deepfool": deepfool,
+    "jsma": jsma,
+    "lbfgs": lbfgs,
+    "cw": cw,
 }
 
 #: How a spec names the target: a class index, a random class or the least likely one.

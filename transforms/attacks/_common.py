@@ -1,12 +1,36 @@
-"""Helpers shared by the attacks: losses, projections, quantization onto the uint8 grid."""
+"""Helpers shared by the attacks: losses, projections, budgets, quantization onto the uint8 grid.
+
+Budgets, in [0, 1] units: ``eps`` bounds the L-inf distance to the clean image; ``rmse`` bounds
+``sqrt(mean((adv - clean) ** 2))`` over all C*H*W values (:func:`transforms.metrics.rmse`), which is
+an L2 ball of radius ``rmse * sqrt(C*H*W)``. :func:`fit_budget` is the one place that puts an
+attack's float result onto the uint8 grid without leaving either budget.
+"""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttackResult", "input_grad", "project_linf", "quantize_linf", "check_inputs"]
+__all__ = [
+    "AttackResult",
+    "check_inputs",
+    "check_budget",
+    "check_range",
+    "input_grad",
+    "predict",
+    "is_adversarial",
+    "project_linf",
+    "project_l2",
+    "l2_radius",
+    "quantize_linf",
+    "fit_budget",
+    "default_seeds",
+]
+
+#: Relative slack kept under an RMSE budget so float32 re-measurement never lands above it.
+_RMSE_SLACK = 1e-5
 
 
 class AttackResult(NamedTuple):
@@ -29,6 +53,51 @@ def check_inputs(images: torch.Tensor, labels: torch.Tensor, target: torch.Tenso
         raise ValueError(f"target must have shape {tuple(labels.shape)}, got {tuple(target.shape)}")
 
 
+def check_range(
+    name: str, value: float | int, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+) -> None:
+    """Raise ValueError naming ``name`` and ``value`` unless ``lo <= value <= hi`` (``lo < value``
+    when ``lo_open``)."""
+    ok = True
+    if lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if hi is not None:
+        ok = ok and value <= hi
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        left = "(" if lo_open else "["
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+
+
+def check_budget(eps: float | None, rmse: float | None) -> None:
+    """``eps`` in [0, 1] and ``rmse`` in (0, 1], each optional."""
+    if eps is not None:
+        check_range("eps", eps, 0.0, 1.0)
+    if rmse is not None:
+        check_range("rmse", rmse, 0.0, 1.0, lo_open=True)
+
+
+def default_seeds(seeds: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``seeds`` as given, else 0..n-1 (then a sample's noise depends on its batch position)."""
+    if seeds is None:
+        return torch.arange(n, dtype=torch.int64)
+    if seeds.shape != (n,):
+        raise ValueError(f"seeds must have shape ({n},), got {tuple(seeds.shape)}")
+    return seeds
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits (N, K) without a graph."""
+    with torch.no_grad():
+        return model(x)
+
+
+def is_adversarial(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """bool (N,): the prediction left ``labels`` (untargeted) or reached ``target`` (targeted)."""
+    pred = logits.argmax(dim=1)
+    return pred != labels if target is None else pred == target
+
+
 def input_grad(
     model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +118,29 @@ def input_grad(
     return grad, logits.detach()
 
 
+def l2_radius(images: torch.Tensor, rmse: float) -> float:
+    """The L2 radius (in [0, 1] units) that an RMSE budget allows for images of this shape."""
+    return rmse * math.sqrt(images[0].numel())
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
 def project_linf(x: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
     """Clip ``x`` into the L-inf ball of radius ``eps`` around ``clean`` and into [0, 1]."""
     return torch.min(torch.max(x, clean - eps), clean + eps).clamp_(0.0, 1.0)
+
+
+def project_l2(x: torch.Tensor, clean: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scale ``x - clean`` per sample down to L2 norm ``radius`` where it is longer.
+
+    Scaling towards ``clean`` keeps ``x`` inside [0, 1] and inside any L-inf ball it was in.
+    """
+    d = x - clean
+    norm = d.flatten(1).norm(dim=1)
+    scale = torch.where(norm > radius, radius / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return clean + d * _view(scale, d)
 
 
 def quantize_linf(x: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,9 +149,55 @@ def quantize_linf(x: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Ten
     ``clean`` is assumed on the grid. Rounding alone could step half a level past a budget that
     is not a whole number of levels (eps=0.03 is 7.65 levels), so the grid bounds are enforced.
     """
-    c = torch.round(clean * 255.0)
-    e = eps * 255.0
-    lo = torch.clamp(c - torch.floor(torch.tensor(e + 1e-6)), 0, 255)
-    hi = torch.clamp(c + torch.floor(torch.tensor(e + 1e-6)), 0, 255)
-    q = torch.round(x.detach().clamp(0, 1) * 255.0)
-    return (torch.min(torch.max(q, lo), hi) / 255.0).contiguous()
+    return fit_budget(x, clean, eps=eps)
+
+
+def fit_budget(
+    x: torch.Tensor, clean: torch.Tensor, *, eps: float | None = None, rmse: float | None = None
+) -> torch.Tensor:
+    """Put ``x`` on the uint8 grid, in [0, 1], within ``eps`` (L-inf) and ``rmse`` of ``clean``.
+
+    ``clean`` is assumed on the grid. L-inf: the perturbation is clipped to the whole number of
+    levels ``eps`` allows, then rounded. RMSE: the perturbation is first scaled (per sample) to the
+    budget; rounding can push the RMSE back over it, so samples that land over are rounded towards
+    the clean image (which cannot increase any coordinate's distance), except the coordinates with
+    the largest fractional parts, which round away while they fit (a per-sample sort, batched).
+    Works without a graph; callers that need gradients use it as a straight-through step:
+    ``x + (fit_budget(x, ...) - x).detach()``.
+    """
+    x = x.detach()
+    c = torch.round(clean.detach() * 255.0)
+    d = x.clamp(0.0, 1.0) * 255.0 - c
+    if eps is not None:
+        lim = math.floor(eps * 255.0 + 1e-6)
+        d = d.clamp(-lim, lim)
+    if rmse is None or d.shape[0] == 0 or d[0].numel() == 0:
+        return ((c + torch.round(d)).clamp_(0.0, 255.0) / 255.0).contiguous()
+    flat = d.flatten(1)
+    cap = (rmse * 255.0) ** 2 * flat.shape[1] * (1.0 - _RMSE_SLACK)  # sum of squares, levels^2
+    norm2 = flat.double().pow(2).sum(dim=1)
+    scale = torch.where(norm2 > cap, (cap / norm2.clamp_min(1e-30)).sqrt(), torch.ones_like(norm2)).float()
+    flat = flat * scale[:, None]
+    q = torch.round(flat)
+    over = q.double().pow(2).sum(dim=1) > cap
+    if bool(over.any()):
+        q[over] = _round_within(flat[over], cap)
+    return ((c + q.view_as(d)).clamp_(0.0, 255.0) / 255.0).contiguous()
+
+
+def _round_within(flat: torch.Tensor, cap: float) -> torch.Tensor:
+    """Round rows of ``flat`` (levels, each of squared norm <= ``cap``) to integers of squared
+    norm <= ``cap``, as close to rounding to nearest as the cap allows.
+
+    Start from rounding towards zero (which cannot exceed the cap) and round away from zero the
+    coordinates that rounding to nearest would, largest fractional part first, while they fit.
+    """
+    mag = flat.abs()
+    t = torch.floor(mag)
+    frac = mag - t
+    cost = (2 * t + 1).double() * (frac >= 0.5)  # extra squared norm of rounding up; 0 = not eligible
+    order = torch.argsort(frac, dim=1, descending=True, stable=True)
+    room = cap - t.double().pow(2).sum(dim=1, keepdim=True)
+    fits = cost.gather(1, order).cumsum(dim=1) <= room
+    up = torch.zeros_like(fits).scatter(1, order, fits) & (frac >= 0.5)
+    return torch.sign(flat) * (t + up.float())

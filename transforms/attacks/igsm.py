@@ -5,7 +5,10 @@ import math
 
 import torch
 
-from ._common import AttackResult, check_inputs, input_grad, project_linf, quantize_linf
+from ._common import (
+    AttackResult, check_budget, check_inputs, check_range, fit_budget, input_grad, l2_radius, project_l2,
+    project_linf,
+)
 
 
 def kurakin_steps(eps: float) -> int:
@@ -22,6 +25,7 @@ def igsm(
     eps: float = 8 / 255,
     step_size: float = 1 / 255,
     steps: int | None = None,
+    rmse: float | None = None,
     target: torch.Tensor | None = None,
 ) -> AttackResult:
     """Iterative gradient sign method (basic iterative method), L-inf.
@@ -29,21 +33,24 @@ def igsm(
     ``steps`` sign-gradient steps of ``step_size``, each clipped back into the ``eps`` ball and
     [0, 1]. The paper's defaults: step 1/255 and ``min(eps+4, 1.25 eps)`` steps (``steps=None``).
 
+    RMSE budget: after every step the perturbation is also projected (scaled per sample) onto the
+    L2 ball of radius ``rmse * sqrt(C*H*W)``; the final quantization keeps it there.
+
     Args and returns as :func:`~transforms.attacks.fgsm.fgsm`; ``iterations`` is ``steps``.
     """
     check_inputs(images, labels, target)
-    if not 0 <= eps <= 1:
-        raise ValueError(f"eps must be in [0, 1], got {eps}")
-    if step_size <= 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
+    check_budget(eps, rmse)
+    check_range("step_size", step_size, 0.0, lo_open=True)
     n_steps = kurakin_steps(eps) if steps is None else int(steps)
-    if n_steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_range("steps", n_steps, 1)
     iters = torch.full((images.shape[0],), n_steps, dtype=torch.int64, device=images.device)
     if images.shape[0] == 0:
         return AttackResult(images.clone(), iters)
+    radius = l2_radius(images, rmse) if rmse is not None else None
     adv = images.clone()
     for _ in range(n_steps):
         grad, _ = input_grad(model, adv, labels, target)
         adv = project_linf(adv + step_size * grad.sign(), images, eps)
-    return AttackResult(quantize_linf(adv, images, eps), iters)
+        if radius is not None:
+            adv = project_l2(adv, images, radius)
+    return AttackResult(fit_budget(adv, images, eps=eps, rmse=rmse), iters)
