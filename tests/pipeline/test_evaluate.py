@@ -185,3 +185,36 @@ def test_configuration_errors_before_any_work(tmp_path, fnapi):
     with pytest.raises(ValueError, match="duplicate attack spec"):
         tiny_config([str(tmp_path)], tmp_path / "out", attacks=("fgsm:eps=4/255", "fgsm:eps=0.01568627450980392"))
     assert not (tmp_path / "out").exists()
+
+
+def test_attack_suite_metadata(tmp_path, photos, fnapi):
+    """Minimal, budgeted and targeted attacks through the pipeline: a row for every sample whether
+    the attack succeeded or not, with success judged on the stored (uint8) image, the target, the
+    iterations spent, the perturbation's size and the time."""
+    from tests.shards import good_members, write_tar
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    attacks = ("deepfool:rmse=0.02", "pgd:eps=8/255,target=least_likely",
+               "cw:steps=2,binary_search_steps=1,initial_const=0.001", "jsma:rmse=0.005")
+    out = tmp_path / "out"
+    run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=attacks, defenses=()), fnapi)
+    rows = read_dataset(out / "metadata")
+    keys = {r["key"] for r in rows}
+    assert len(rows) == len(keys) * (len(attacks) + 1)  # no attack drops a row
+    by_attack = {}
+    for r in rows:
+        by_attack.setdefault(r["attack_spec"], []).append(r)
+        if r["attack"] == "clean":
+            continue
+        targeted = r["attack"] == "pgd"
+        assert r["success"] == (r["pred"] == r["target"] if targeted else r["pred"] != r["clean_pred"]), r
+        assert (r["target"] is not None) == targeted
+        if targeted:
+            assert r["target"] != r["clean_pred"] and r["linf"] <= 8 / 255 + 1e-6
+        assert r["iterations"] >= 0 and r["attack_seconds"] > 0
+    assert all(r["rmse"] <= 0.02 for r in by_attack["deepfool:rmse=0.02"])
+    assert all(r["rmse"] <= 0.005 for r in by_attack["jsma:rmse=0.005"])
+    assert any(r["success"] for r in by_attack["deepfool:rmse=0.02"])
+    # Two Adam steps at a tiny constant fool nothing: the rows stay, marked as failures.
+    cw_rows = by_attack["cw:steps=2,binary_search_steps=1,initial_const=0.001"]
+    assert cw_rows and not any(r["success"] for r in cw_rows)

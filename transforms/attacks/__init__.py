@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from ..specs import Spec, parse_spec, spec_params
-from ._common import AttackResult
+from ._common import AttackResult, zero_iterations
 from .cw import cw
 from .deepfool import deepfool
 from .fgsm import fgsm
@@ -96,8 +96,7 @@ def run_attack(
 ) -> tuple[AttackResult, torch.Tensor | None]:
     """Run a parsed attack spec on a batch. Returns the result and the targets used (or None)."""
     if spec.name == CLEAN:
-        n = images.shape[0]
-        return AttackResult(images.clone(), torch.zeros(n, dtype=torch.int64, device=images.device)), None
+        return AttackResult(images.clone(), zero_iterations(images)), None
     params = dict(spec.params)
     target = resolve_target(params.pop("target", None), clean_logits, labels, seeds)
     fn = ATTACKS[spec.name]

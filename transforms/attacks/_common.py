@@ -27,6 +27,9 @@ __all__ = [
     "quantize_linf",
     "fit_budget",
     "default_seeds",
+    "zero_iterations",
+    "runner_up",
+    "bisect_const",
 ]
 
 #: Relative slack kept under an RMSE budget so float32 re-measurement never lands above it.
@@ -84,6 +87,32 @@ def default_seeds(seeds: torch.Tensor | None, n: int) -> torch.Tensor:
     if seeds.shape != (n,):
         raise ValueError(f"seeds must have shape ({n},), got {tuple(seeds.shape)}")
     return seeds
+
+
+def zero_iterations(images: torch.Tensor) -> torch.Tensor:
+    """int64 (N,) zeros on the images' device: the per-sample iteration counter."""
+    return torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+
+
+def runner_up(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The most likely class other than ``labels`` (N,): the nearest class to aim for when an
+    attack that needs a class is run untargeted."""
+    return predict(model, images).scatter(1, labels[:, None], float("-inf")).argmax(dim=1)
+
+
+def bisect_const(
+    const: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, success: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the per-sample search over a loss constant (C&W, L-BFGS).
+
+    A success lowers the upper bound to ``const``, a failure raises the lower one; the next
+    constant is the midpoint once an upper bound exists, else ten times the last. ``upper``
+    starts at +inf. Returns (const, lower, upper).
+    """
+    upper = torch.where(success, torch.minimum(upper, const), upper)
+    lower = torch.where(success, lower, torch.maximum(lower, const))
+    const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+    return const, lower, upper
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

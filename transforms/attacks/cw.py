@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AttackResult, check_budget, check_inputs, check_range, fit_budget
+from ._common import AttackResult, bisect_const, check_budget, check_inputs, check_range, fit_budget, zero_iterations
 
 
 def cw(
@@ -65,14 +65,14 @@ def cw(
     check_budget(None, rmse)
     n = images.shape[0]
     dev = images.device
-    iters = torch.zeros(n, dtype=torch.int64, device=dev)
+    iters = zero_iterations(images)
     if n == 0:
         return AttackResult(images.clone(), iters)
     clean = images.detach()
     cls = labels if target is None else target
     w0 = torch.atanh((clean * 2 - 1) * (1 - 1e-6))
     lower = torch.zeros(n, device=dev)
-    upper = torch.full((n,), 1e10, device=dev)
+    upper = torch.full((n,), float("inf"), device=dev)
     const = torch.full((n,), float(initial_const), device=dev)
     best_l2 = torch.full((n,), float("inf"), device=dev)
     best_adv = clean.clone()
@@ -127,7 +127,5 @@ def cw(
                 stalled = loss > prev[idx] * 0.9999
                 prev[idx] = loss
                 active[idx[stalled]] = False
-        upper = torch.where(succeeded, torch.minimum(upper, const), upper)
-        lower = torch.where(succeeded, lower, torch.maximum(lower, const))
-        const = torch.where(upper < 1e9, (lower + upper) / 2, const * 10)
+        const, lower, upper = bisect_const(const, lower, upper, succeeded)
     return AttackResult(best_adv, iters)

@@ -6,7 +6,9 @@ from typing import Literal
 
 import torch
 
-from ._common import AttackResult, check_budget, check_inputs, check_range, fit_budget, is_adversarial, predict
+from ._common import (
+    AttackResult, check_budget, check_inputs, check_range, fit_budget, is_adversarial, predict, zero_iterations,
+)
 
 
 def deepfool(
@@ -61,7 +63,7 @@ def deepfool(
     check_range("candidates", candidates, 2)
     check_budget(None, rmse)
     n = images.shape[0]
-    iters = torch.zeros(n, dtype=torch.int64, device=images.device)
+    iters = zero_iterations(images)
     if n == 0:
         return AttackResult(images.clone(), iters)
     clean = images.detach()

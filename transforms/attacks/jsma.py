@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from ._common import AttackResult, check_budget, check_inputs, check_range, fit_budget, is_adversarial, predict
+from ._common import (
+    AttackResult, check_budget, check_inputs, check_range, fit_budget, is_adversarial, runner_up, zero_iterations,
+)
 
 
 def jsma(
@@ -72,16 +74,13 @@ def jsma(
     check_budget(None, rmse)
     n = images.shape[0]
     dev = images.device
-    iters = torch.zeros(n, dtype=torch.int64, device=dev)
+    iters = zero_iterations(images)
     if n == 0:
         return AttackResult(images.clone(), iters)
     clean = images.detach()
     x = clean.clone()
     d_ = clean[0].numel()
-    if target is None:
-        cls = predict(model, clean).scatter(1, labels[:, None], float("-inf")).argmax(dim=1)
-    else:
-        cls = target
+    cls = runner_up(model, clean, labels) if target is None else target
     sign = 1.0 if theta > 0 else -1.0
     c_lev = torch.round(clean.flatten(1) * 255.0)
     domain = (x.flatten(1) < 1.0) if theta > 0 else (x.flatten(1) > 0.0)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import AttackResult, check_budget, check_inputs, check_range, fit_budget, is_adversarial, predict
+from ._common import (
+    AttackResult, bisect_const, check_budget, check_inputs, check_range, fit_budget, is_adversarial, predict, runner_up,
+    zero_iterations,
+)
 
 
 def lbfgs(
@@ -63,14 +66,11 @@ def lbfgs(
     check_budget(None, rmse)
     n = images.shape[0]
     dev = images.device
-    iters = torch.zeros(n, dtype=torch.int64, device=dev)
+    iters = zero_iterations(images)
     if n == 0:
         return AttackResult(images.clone(), iters)
     clean = images.detach()
-    if target is None:
-        cls = predict(model, clean).scatter(1, labels[:, None], float("-inf")).argmax(dim=1)
-    else:
-        cls = target
+    cls = runner_up(model, clean, labels) if target is None else target
     lower = torch.zeros(n, device=dev)
     upper = torch.full((n,), float("inf"), device=dev)
     const = torch.full((n,), float(initial_const), device=dev)
@@ -85,9 +85,7 @@ def lbfgs(
         take = (ok & (l2 < best_l2)) | (~ok & ~torch.isfinite(best_l2))  # failures keep the latest c
         best_l2 = torch.where(ok & take, l2, best_l2)
         best = torch.where(take.view(-1, 1, 1, 1), cand, best)
-        upper = torch.where(ok, torch.minimum(upper, const), upper)
-        lower = torch.where(ok, lower, torch.maximum(lower, const))
-        const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+        const, lower, upper = bisect_const(const, lower, upper, ok)
     return AttackResult(best, iters)
 
 
