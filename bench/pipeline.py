@@ -75,19 +75,23 @@ def run_loop(shards: list[str], out: str) -> None:
             logits = model(x)
         labels = logits.argmax(1)
         adv = run_attack(attack, model, x, labels, clean_logits=logits)[0].images
-        for name, imgs in (("clean", x), (ATTACK, adv)):
+        with torch.no_grad():
+            adv_logits = model(adv)
+        success = adv_logits.argmax(1) != labels
+        for name, imgs, known in (("clean", x, logits), (ATTACK, adv, adv_logits)):
             u8 = to_uint8(imgs)
             for d in defenses:
                 enc = [apply_defense(d, im) for im in u8]
                 seen = to_tensor([im if e.ext == "png" else decode_rgb(e.data) for im, e in zip(u8, enc)])
-                with torch.no_grad():
-                    probs = torch.softmax(model(seen), 1)
+                with torch.no_grad():  # lossless PNG: the logits already computed for these pixels
+                    probs = torch.softmax(known if d.name == "none" else model(seen), 1)
                     psnr, ssim = metrics.psnr(seen, x), metrics.ssim(seen, x)
                 top_p, top_i = probs.topk(5, 1)
                 for i, (key, label, _) in enumerate(chunk):
                     blobs.setdefault((name, d.text), []).append((f"{key}.{enc[i].ext}", enc[i].data))
                     rows.append({"key": key, "attack": name, "defense": d.text, "pred": int(top_i[i, 0]),
-                                 "label": label, "bytes": len(enc[i].data), "psnr": float(psnr[i]), "ssim": float(ssim[i])})
+                                 "label": label, "bytes": len(enc[i].data), "psnr": float(psnr[i]),
+                                 "ssim": float(ssim[i]), "success": None if name == "clean" else bool(success[i])})
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, ((a, d), members) in enumerate(sorted(blobs.items())):

@@ -1,0 +1,50 @@
+"""The model handlers on the tiny CNN, outside Beam: the attack stage's softmax is reused for
+variants stored losslessly, and only for them."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model_handlers import AttackHandler, ClassifyHandler
+from pipeline.records import Defended, Sample
+from transforms.attacks import parse_attack
+from transforms.defenses import apply_defense, parse_defense
+from transforms.images import to_tensor
+from transforms.jpeg import decode_rgb
+
+
+def test_classify_reuses_attack_stage_softmax_for_lossless_variants_only(tiny_model, photos):
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    samples = [Sample(0, "s.tar", f"k{i}", None, p) for i, p in enumerate(photos)]
+    attack = AttackHandler(config, (parse_attack("clean"), parse_attack("fgsm:eps=4/255")), seed=0,
+                           attack_labels="pred")
+    variants = [v for per_sample in attack.run_inference(samples, tiny_model) for v in per_sample]
+    assert len(variants) == 8 and all(v.probs is not None and v.probs.shape == (10,) for v in variants)
+
+    # The attack stage's softmax is the model's on the variant's own pixels.
+    with torch.no_grad():
+        direct = torch.softmax(tiny_model(to_tensor([v.image for v in variants])), 1)
+    assert np.allclose(np.stack([v.probs for v in variants]), direct.numpy(), atol=1e-5)
+
+    # Plant a softmax no model gives: lossless variants must report it, JPEG ones must not.
+    planted = np.full(10, 0.01, dtype=np.float32)
+    planted[7] = 0.91
+    none, jpeg = parse_defense("none"), parse_defense("jpeg:quality=50")
+    batch = []
+    for v in variants[:4]:
+        v = dataclasses.replace(v, probs=planted)
+        png = apply_defense(none, v.image)
+        jp = apply_defense(jpeg, v.image)
+        batch.append(Defended(v, none, png.data, png.ext, v.image))
+        batch.append(Defended(v, jpeg, jp.data, jp.ext, decode_rgb(jp.data)))
+    results = ClassifyHandler(config, run_id="r").run_inference(batch, tiny_model)
+    for d, r in zip(batch, results):
+        if d.defense.name == "none":
+            assert r.row["pred"] == 7 and abs(r.row["prob"] - 0.91) < 1e-6
+        else:
+            with torch.no_grad():
+                want = torch.softmax(tiny_model(to_tensor([d.decoded])), 1)
+            assert r.row["pred"] == int(want.argmax()) and abs(r.row["prob"] - float(want.max())) < 1e-5
