@@ -38,7 +38,10 @@ class _Finalize(beam.DoFn):
         self.config = config
         self.n_sources = n_sources
 
-    def process(self, _, table, error_counts, written):
+    def process(self, _, parts):
+        table = [v for tag, v in parts if tag == "table"]
+        error_counts = [v for tag, v in parts if tag == "errors"]
+        written = [v for tag, v in parts if tag == "written"]
         order = {(a.text, d.text): i for i, (a, d) in
                  enumerate((a, d) for a in self.config.attacks for d in self.config.defenses)}
         rows = sorted(table, key=lambda kv: order.get(kv[0], 1 << 30))
@@ -98,13 +101,17 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     part_paths = (results, errors, sources) | "WriteMetadata" >> WriteMetadata(out, config.run_id, order)
     table, error_counts = (results, errors) | "Summarize" >> Summarize()
     written = (shard_paths, part_paths) | "Written" >> beam.Flatten()
+    # One side input, not three: Beam's Dask runner computes each side input separately, and
+    # three would run the whole pipeline three times.
+    parts = (
+        table | "TagTable" >> beam.Map(lambda kv: ("table", kv)),
+        error_counts | "TagErrorCounts" >> beam.Map(lambda kv: ("errors", kv)),
+        written | "TagWritten" >> beam.Map(lambda path: ("written", path)),
+    ) | "Gather" >> beam.Flatten()
     return (
         p
         | "Once" >> beam.Create([None])
-        | "Finalize" >> beam.ParDo(
-            _Finalize(out, config, len(shards)),
-            beam.pvalue.AsList(table), beam.pvalue.AsList(error_counts), beam.pvalue.AsList(written),
-        )
+        | "Finalize" >> beam.ParDo(_Finalize(out, config, len(shards)), beam.pvalue.AsList(parts))
     )
 
 

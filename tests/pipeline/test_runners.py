@@ -68,3 +68,27 @@ def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatc
     assert summary["samples"] == 21 and (tmp_path / "dask" / "_SUCCESS").exists()
     shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*.tar"))
     assert shards == sorted(p.relative_to(tmp_path / "fn") for p in (tmp_path / "fn").rglob("*.tar"))
+
+
+def test_evaluate_graph_has_a_single_side_input(tmp_path, photos):
+    """Beam's Dask runner computes every side input as its own nested job, rerunning all that
+    feeds it: with more than one side input the attacks would run once per side input."""
+    import apache_beam as beam
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipeline.evaluate import build_evaluate
+    from pipeline.io import OutputDir, expand_inputs
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", defenses=("jpeg:quality=50", "aug_msroi"))
+    p = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
+    build_evaluate(p, config, expand_inputs(config.input.paths, "auto", 100), OutputDir(config.output, "r"))
+
+    side_inputs = []
+
+    class Count(PipelineVisitor):
+        def visit_transform(self, node):
+            side_inputs.extend([node.full_label] * len(node.side_inputs))
+
+    p.visit(Count())
+    assert side_inputs == ["Finalize"]
