@@ -13,6 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*", "jobs", "jobs.*"]),
+    package_data={"transforms": ["imagenet_classes.txt"]},
     install_requires=[
         "apache-beam>=2.60,<3",
         "torch>=2.1",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.resources
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,10 +38,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @functools.lru_cache(maxsize=1)
 def imagenet_class_names() -> tuple[str, ...]:
-    """The 1000 ImageNet class names in model output order, from torchvision's offline metadata."""
-    from torchvision.models import ResNet50_Weights
+    """The 1000 ImageNet class names in model output order.
 
-    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    A copy of torchvision's weight metadata (``ResNet50_Weights.IMAGENET1K_V1.meta["categories"]``,
+    BSD-3-Clause) shipped with the package: importing torchvision costs every worker process
+    about 3 s, most of it in ``torch._dynamo``; a test keeps the copy equal to torchvision's.
+    """
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

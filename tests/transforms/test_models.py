@@ -14,8 +14,11 @@ def test_registry_errors_list_valid_names():
 
 
 def test_class_names_offline():
+    from torchvision.models import ResNet50_Weights
+
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+    assert names == tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # the shipped copy is torchvision's
 
 
 @pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
