@@ -1,4 +1,4 @@
-"""Model handlers for RunInference: the model loads once per worker process and is shared.
+"""Model handlers for RunInference: the classifier loads once per worker process and is shared.
 
 Gradient stages (attacks) bring their own inference: RunInference's stock PyTorch handlers run
 under ``no_grad``. Each handler unpacks a batch, calls ``transforms/`` functions and packs the
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,10 +33,30 @@ from .records import Defended, ErrorRecord, Result, Sample, Variant
 log = logging.getLogger(__name__)
 
 
-def load_classifier(config: ModelConfig) -> Classifier:
-    """Build the configured classifier; ``weights`` may be any fsspec URL (loaded weights-only)."""
+#: Classifiers shared by the attack and classify stages of one process, while either holds one.
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def load_classifier(config: ModelConfig, *, shared: bool = True) -> Classifier:
+    """The configured classifier; ``weights`` may be any fsspec URL (loaded weights-only).
+
+    ``shared``: one instance per configuration and process, whichever stage asks first (the
+    model is only read: attacks take input gradients, parameters never change). The saliency
+    stage asks for a private one, because Aug-MSROI hooks noise into the model's layers.
+    """
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if not shared:
+        return _build_classifier(config)
+    with _SHARED_LOCK:
+        model = _SHARED.get(config)
+        if model is None:
+            model = _SHARED[config] = _build_classifier(config)
+        return model
+
+
+def _build_classifier(config: ModelConfig) -> Classifier:
     state = None
     if config.weights:
         with fsspec.open(config.weights, "rb") as f:

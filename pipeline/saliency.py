@@ -23,7 +23,7 @@ from transforms.specs import Spec
 
 from .config import ModelConfig
 from .errors import SplitErrors, batch_errors
-from .model_handlers import _ClassifierHandler
+from .model_handlers import _ClassifierHandler, load_classifier
 from .records import Variant
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class MapHandler(_ClassifierHandler):
         self.seed = seed
 
     def load_model(self) -> Classifier:
-        model = super().load_model()
+        model = load_classifier(self.model_config, shared=False)  # its hooks must not reach the classifier
         if not model.has_cam:
             raise ValueError(f"map model {self.model_config.name!r} does not end in global average pooling + linear")
         return model

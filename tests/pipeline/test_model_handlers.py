@@ -48,3 +48,16 @@ def test_classify_reuses_attack_stage_softmax_for_lossless_variants_only(tiny_mo
             with torch.no_grad():
                 want = torch.softmax(tiny_model(to_tensor([d.decoded])), 1)
             assert r.row["pred"] == int(want.argmax()) and abs(r.row["prob"] - float(want.max())) < 1e-5
+
+
+def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
+    from pipeline.model_handlers import load_classifier
+    from pipeline.saliency import MapHandler
+
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    attack = AttackHandler(config, (parse_attack("clean"),), seed=0, attack_labels="pred").load_model()
+    classify = ClassifyHandler(config, run_id="r").load_model()
+    maps = MapHandler(config, {}, seed=0).load_model()
+    assert attack is classify is load_classifier(config)
+    assert maps is not attack and type(maps) is type(attack)
+    assert load_classifier(dataclasses.replace(config, batch_size=8)) is not attack  # another configuration

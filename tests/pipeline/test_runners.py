@@ -46,9 +46,9 @@ def test_multiprocess_runner_matches_fnapi_and_loads_model_once_per_process(tmp_
     run_evaluate(tiny_config(inputs, tmp_path / "mp", run_id="r"), mp)
     mp_loads = Counter(log.read_text().split())
 
-    # Two model stages (attack, classify): one load each per process, however many batches.
-    assert list(fn_loads.values()) == [2]
-    assert len(mp_loads) <= 2 and all(n <= 2 for n in mp_loads.values())
+    # Two model stages (attack, classify) share one load per process, however many batches.
+    assert list(fn_loads.values()) == [1]
+    assert len(mp_loads) <= 2 and all(n == 1 for n in mp_loads.values())
     a, b = rows(tmp_path / "fn"), rows(tmp_path / "mp")
     assert len(a) == 3 * 7 * 4 and same(a, b)
 
