@@ -24,7 +24,6 @@ __all__ = [
     "project_linf",
     "project_l2",
     "l2_radius",
-    "quantize_linf",
     "fit_budget",
     "default_seeds",
     "zero_iterations",
@@ -170,15 +169,6 @@ def project_l2(x: torch.Tensor, clean: torch.Tensor, radius: float) -> torch.Ten
     norm = d.flatten(1).norm(dim=1)
     scale = torch.where(norm > radius, radius / norm.clamp_min(1e-12), torch.ones_like(norm))
     return clean + d * _view(scale, d)
-
-
-def quantize_linf(x: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
-    """Round ``x`` to the uint8 grid without leaving the ``eps`` L-inf ball around ``clean``.
-
-    ``clean`` is assumed on the grid. Rounding alone could step half a level past a budget that
-    is not a whole number of levels (eps=0.03 is 7.65 levels), so the grid bounds are enforced.
-    """
-    return fit_budget(x, clean, eps=eps)
 
 
 def fit_budget(
