@@ -42,18 +42,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from pipeline.dask_cluster import early_local_cluster
+
     from .common import setup_logging
 
     setup_logging("-v" in argv or "--verbose" in argv)  # before Beam's import-time warnings
     parser, modules = build_parser()
     args, beam_argv = parser.parse_known_args(argv)
-    try:
-        return int(modules[args.job].run(args, beam_argv) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        logging.getLogger(__name__).debug("configuration error", exc_info=True)
-        print(f"semjpeg {args.job}: error: {e}", file=sys.stderr)
-        return 2
-
+    # A local Dask cluster starts now, its workers importing while this process does. (The error
+    # line comes before the cluster's shutdown, which waits for workers still starting.)
+    with early_local_cluster(beam_argv) as beam_argv:
+        try:
+            return int(modules[args.job].run(args, beam_argv) or 0)
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            logging.getLogger(__name__).debug("configuration error", exc_info=True)
+            print(f"semjpeg {args.job}: error: {e}", file=sys.stderr, flush=True)
+            return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,6 @@ other job; images already at the crop size are not resized again.
 """
 from __future__ import annotations
 
-from pipeline.evaluate import run_evaluate
-from pipeline.summary import format_table
-
 from . import evaluate
 from .common import pipeline_options
 
@@ -23,6 +20,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args, beam_argv) -> int:
+    from pipeline.evaluate import run_evaluate
+    from pipeline.summary import format_table
+
     if args.defense:
         raise ValueError("semjpeg attack stores images losslessly; use evaluate or defend for --defense")
     if not args.attack:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from transforms.images import DEFAULT_MAX_PIXELS
-
 
 def pipeline_options(beam_argv: list[str]):
     """Beam options from the arguments a job did not take (see pipeline.runners)."""
@@ -27,7 +25,8 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
     g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
     g.add_argument("--crop", type=int, default=None, help="center crop size (default: the model's)")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="decompression-bomb limit in pixels (default: Pillow's, 89,478,485)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +53,7 @@ def input_config(args):
         folder_shard_size=args.folder_shard_size,
         resize=info.resize if args.resize is None else args.resize,
         crop=info.input_size if args.crop is None else args.crop,
-        max_pixels=args.max_pixels,
+        **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )
 
 
@@ -75,17 +74,12 @@ def map_model_config(args):
                        batch_size=args.batch_size, torch_threads=args.torch_threads)
 
 
-class _DropNoise(logging.Filter):
-    """Beam warns at import time that BigQuery client libraries are missing; we never use them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("apitools not found")
-
-
 def setup_logging(verbose: bool) -> None:
+    from pipeline.dask_cluster import DropImportNoise
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for h in logging.getLogger().handlers:
-        h.addFilter(_DropNoise())
+        h.addFilter(DropImportNoise())

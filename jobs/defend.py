@@ -7,9 +7,6 @@ OUT/errors/*.parquet, OUT/stats/*.json, OUT/summary.json and finally OUT/_SUCCES
 """
 from __future__ import annotations
 
-from pipeline.evaluate import run_evaluate
-from pipeline.summary import format_table
-
 from . import evaluate
 from .common import add_input_args, add_model_args, pipeline_options
 
@@ -27,6 +24,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args, beam_argv) -> int:
+    from pipeline.evaluate import run_evaluate
+    from pipeline.summary import format_table
+
     config = evaluate.build_config(args, layout="defend", attacks=[], defenses=args.defense or ["aug_msroi"])
     summary = run_evaluate(config, pipeline_options(beam_argv))
     print(format_table(summary))

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import tempfile
 
-from pipeline.config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
-from pipeline.evaluate import run_evaluate
-from pipeline.summary import format_table
-
 from .common import pipeline_options
 
 HELP = "the embedded demo: sample photos, FGSM + IGSM, none + JPEG"
@@ -50,6 +46,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args, beam_argv) -> int:
+    from pipeline.config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
+    from pipeline.evaluate import run_evaluate
+    from pipeline.summary import format_table
+
     options = pipeline_options(beam_argv)
     with tempfile.TemporaryDirectory(prefix="semjpeg-demo-") as tmp:
         n = write_photos(tmp)

@@ -6,10 +6,6 @@ and the undefended images (defense ``none``) are always evaluated.
 """
 from __future__ import annotations
 
-from pipeline.config import EvaluateConfig, parse_attacks, parse_defenses
-from pipeline.evaluate import run_evaluate
-from pipeline.summary import format_table
-
 from .common import add_input_args, add_model_args, input_config, map_model_config, model_config, pipeline_options
 
 HELP = "attack x defense evaluation: shards + Parquet metadata + summary"
@@ -29,7 +25,9 @@ def add_arguments(parser) -> None:
     add_model_args(parser)
 
 
-def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None) -> EvaluateConfig:
+def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None):
+    from pipeline.config import EvaluateConfig, parse_attacks, parse_defenses
+
     extra = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
     return EvaluateConfig(
         input=input_config(args), output=args.output, model=model_config(args),
@@ -41,6 +39,9 @@ def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None)
 
 
 def run(args, beam_argv) -> int:
+    from pipeline.evaluate import run_evaluate
+    from pipeline.summary import format_table
+
     config = build_config(args)
     options = pipeline_options(beam_argv)
     summary = run_evaluate(config, options)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.nightly import load_config, parse_date, run_nightly
-from pipeline.summary import format_table
-
 HELP = "nightly evaluation with history, regression alarms and an HTML report"
 REGRESSION_EXIT = 3
 
@@ -23,6 +20,9 @@ def add_arguments(parser) -> None:
 def run(args, beam_argv) -> int:
     if beam_argv:
         raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}; runner options go in the config")
+    from pipeline.nightly import load_config, parse_date, run_nightly
+    from pipeline.summary import format_table
+
     cfg = load_config(args.config)
     result = run_nightly(cfg, parse_date(args.date))
     print(format_table(result.summary))

@@ -1,8 +1,6 @@
 """Write one self-contained HTML report for a run: tables, plots, trends and a gallery."""
 from __future__ import annotations
 
-from pipeline.report import write_report
-
 HELP = "HTML report of a run (and of past nights with --history)"
 
 
@@ -15,5 +13,7 @@ def add_arguments(parser) -> None:
 def run(args, beam_argv) -> int:
     if beam_argv:
         raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}")
+    from pipeline.report import write_report
+
     print(f"wrote {write_report(args.run, args.output, history=args.history)}")
     return 0

@@ -4,8 +4,6 @@ Image bytes are stored unchanged; ``--labels`` (a file,label CSV) adds ``<key>.c
 """
 from __future__ import annotations
 
-from pipeline.pack import pack_folder
-
 HELP = "pack a folder of images into WebDataset shards"
 
 
@@ -19,6 +17,8 @@ def add_arguments(parser) -> None:
 def run(args, beam_argv) -> int:
     if beam_argv:
         raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}")
+    from pipeline.pack import pack_folder
+
     paths = pack_folder(args.input, args.output, args.per_shard, args.labels)
     print(f"wrote {len(paths)} shards: {paths[0]} .. {paths[-1]}")
     return 0

@@ -8,16 +8,22 @@ that matter for this pipeline (Beam 2.77):
   samples silently vanished. Outputs are collected after ``finish_bundle`` here.
 * Tagged outputs are not routed (they land in the main output). The pipeline never uses them;
   should a DoFn emit one anyway, the run fails loudly instead of mixing them in.
+* A GroupByKey shuffles as many partitions as its input has, and a Flatten's output has the sum
+  of its inputs' (the errors of six stages, say): the shuffle then took some n x n tiny tasks
+  (700 of the 2,100 tasks of a 256-image run, 2 s of its end). Here a GroupByKey whose input has
+  more partitions than the run's ``--dask_npartitions`` first merges neighbouring partitions
+  down to that number (no data moves for that).
 
 ``--dask_workers N`` starts a ``distributed.LocalCluster`` of N single-threaded worker processes
-for the run (and closes it afterwards); Beam's own ``--dask_client_address`` connects to an
-existing cluster instead. Unless ``--dask_npartitions`` says otherwise, the inputs are split into
-as many partitions as the cluster has worker threads, so every worker gets work.
+for the run (and closes it afterwards; see pipeline.dask_cluster). With Beam's own
+``--dask_client_address`` the run uses that cluster instead, and ``--dask_workers N`` then means
+"wait until it has N workers" (the jobs start their local cluster early this way). Unless
+``--dask_npartitions`` says otherwise, the inputs are split into twice as many partitions as
+workers, so every worker gets work.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
@@ -25,7 +31,8 @@ from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
 from apache_beam.runners.dask import transform_evaluator as _evaluator
 
-log = logging.getLogger(__name__)
+from .dask_cluster import start_local_cluster, wait_for_workers
+
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
 DEFAULT_RUNNER = "FnApiRunner"
@@ -82,18 +89,34 @@ class DaskPipelineOptions(PipelineOptions):
         )
 
 
+class _GroupByKey(_evaluator.GroupByKey):
+    def apply(self, input_bag, side_inputs=None):
+        limit = self.bag_kwargs.get("npartitions")
+        if limit and input_bag.npartitions > limit:
+            input_bag = input_bag.repartition(npartitions=limit)
+        return super().apply(input_bag, side_inputs)
+
+
 @contextlib.contextmanager
-def _fixed_pardo():
-    original = _evaluator.apply_dofn_to_bundle
+def _fixed_translations():
+    """Beam's Dask translation with the fixes above, for the time the graph is built."""
+    original = _evaluator.apply_dofn_to_bundle, dict(_evaluator.TRANSLATIONS)
     _evaluator.apply_dofn_to_bundle = apply_dofn_to_bundle
+    for beam_transform, op in original[1].items():
+        if op is _evaluator.GroupByKey:
+            _evaluator.TRANSLATIONS[beam_transform] = _GroupByKey
     try:
         yield
     finally:
-        _evaluator.apply_dofn_to_bundle = original
+        _evaluator.apply_dofn_to_bundle = original[0]
+        _evaluator.TRANSLATIONS.clear()
+        _evaluator.TRANSLATIONS.update(original[1])
 
 
-class _ClusterResult:
-    """Wraps Beam's Dask result so the local cluster closes when the run is over."""
+class _DaskResult:
+    """Beam's Dask result, closing its client (and the local cluster it started, if any) when the
+    run is over. Beam leaves its client open: once an outside cluster closed, the client kept
+    trying to reconnect and logged connection errors."""
 
     def __init__(self, result, cluster):
         self._result = result
@@ -106,9 +129,9 @@ class _ClusterResult:
             self.close()
 
     def close(self):
+        with contextlib.suppress(Exception):
+            self._result.client.close()
         if self._cluster is not None:
-            with contextlib.suppress(Exception):
-                self._result.client.close()
             self._cluster.close()
             self._cluster = None
 
@@ -123,26 +146,18 @@ class DaskRunner(_dask_runner.DaskRunner):
         dask_opts = options.view_as(_dask_runner.DaskOptions)
         workers = options.view_as(DaskPipelineOptions).dask_workers
         cluster = None
-        if workers and not dask_opts.address and not dask_opts.scheduler_file:
-            import dask
-            from distributed import LocalCluster
-
-            # Dask's nannies set MALLOC_TRIM_THRESHOLD_ in their workers by default; an explicit
-            # trim threshold switches off glibc's adaptive mmap threshold, so every large torch
-            # buffer is mmapped and zeroed anew: the attack and classify stages ran twice as slow,
-            # half of it in the kernel. None unsets it (Dask's documented override).
-            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+        if workers and dask_opts.address:
+            wait_for_workers(dask_opts.address, workers)
+        elif workers and not dask_opts.scheduler_file:
+            cluster = start_local_cluster(workers)
             dask_opts.address = cluster.scheduler_address
-            log.info("started a local Dask cluster of %d workers at %s", workers, cluster.scheduler_address)
         if not dask_opts.npartitions and not dask_opts.partition_size:
             dask_opts.npartitions = max(2, 2 * (workers or 1))
         try:
-            with _fixed_pardo():
+            with _fixed_translations():
                 result = super().run_pipeline(pipeline, options)
         except BaseException:
             if cluster is not None:
                 cluster.close()
             raise
-        return _ClusterResult(result, cluster)
+        return _DaskResult(result, cluster)

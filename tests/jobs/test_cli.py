@@ -27,6 +27,17 @@ def test_help_lists_the_jobs():
     assert "apitools" not in r.stderr
 
 
+def test_parsing_the_command_line_imports_neither_torch_nor_beam():
+    """Jobs import their heavy modules when they run: `--help` is quick, and a local Dask cluster
+    starts before the job process spends seconds importing torch and Beam."""
+    code = ("import sys; from jobs.__main__ import build_parser; build_parser()[0].parse_known_args("
+            "['evaluate', '--input', 'x', '--output', 'y']); "
+            "print(sorted(m for m in ('torch', 'apache_beam', 'distributed', 'pyarrow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.evaluate import run_evaluate
@@ -54,6 +55,11 @@ def test_multiprocess_runner_matches_fnapi_and_loads_model_once_per_process(tmp_
 
 
 def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatch):
+    """The jobs' path: the cluster starts before the pipeline is built (its address is passed on,
+    the runner waits for the two workers) and is gone once the block ends."""
+    from distributed import Client
+
+    from pipeline.dask_cluster import early_local_cluster
     from pipeline.runners import pipeline_options
 
     for i in range(3):
@@ -61,13 +67,56 @@ def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatc
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Dask worker processes import tests.tiny
     inputs = [str(tmp_path / "s*.tar")]
     run_evaluate(tiny_config(inputs, tmp_path / "fn", run_id="r"), PipelineOptions(["--runner", "FnApiRunner"]))
-    dask = pipeline_options(["--runner", "DaskRunner", "--dask_workers", "2"])
-    summary = run_evaluate(tiny_config(inputs, tmp_path / "dask", run_id="r"), dask)
+    with early_local_cluster(["--runner", "DaskRunner", "--dask_workers", "2"]) as argv:
+        address = argv[argv.index("--dask_client_address") + 1]
+        summary = run_evaluate(tiny_config(inputs, tmp_path / "dask", run_id="r"), pipeline_options(argv))
     a, b = rows(tmp_path / "fn"), rows(tmp_path / "dask")
     assert len(a) == 3 * 7 * 4 and same(a, b)  # every last partial batch included
     assert summary["samples"] == 21 and (tmp_path / "dask" / "_SUCCESS").exists()
     shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*.tar"))
     assert shards == sorted(p.relative_to(tmp_path / "fn") for p in (tmp_path / "fn").rglob("*.tar"))
+    with pytest.raises(OSError):
+        Client(address, timeout=1)
+
+
+def test_dask_runner_starts_and_closes_its_own_cluster(tmp_path, photos, monkeypatch):
+    """Without an address (the nightly job's runner options), the runner starts the cluster itself."""
+    import pipeline.runners as runners
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    started, start = [], runners.start_local_cluster
+    monkeypatch.setattr(runners, "start_local_cluster", lambda n: started.append(start(n)) or started[-1])
+    summary = run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r"),
+                           runners.pipeline_options(["--runner", "DaskRunner", "--dask_workers", "1"]))
+    assert summary["samples"] == 7 and len(started) == 1 and started[0].status.name == "closed"
+
+
+def test_early_local_cluster_only_for_dask_worker_counts():
+    from pipeline.dask_cluster import early_local_cluster
+
+    for argv in (["--runner", "FnApiRunner"], ["--runner", "DaskRunner"],
+                 ["--runner", "DaskRunner", "--dask_workers", "2", "--dask_client_address", "tcp://h:1"],
+                 ["--runner", "DataflowRunner", "--dask_workers", "2"]):
+        with early_local_cluster(argv) as out:
+            assert out == argv
+
+
+def test_group_by_key_merges_partitions_before_its_shuffle():
+    """A Flatten of many stages' outputs has many partitions; the shuffle after it needs not."""
+    import dask
+    import dask.bag as db
+
+    from pipeline.runners import _GroupByKey
+
+    items = [(k % 3, k) for k in range(40)]
+    bag = db.from_sequence(items, npartitions=10)
+    grouped = _GroupByKey(None, bag_kwargs={"npartitions": 2}).apply(bag)
+    assert grouped.npartitions == 2
+    with dask.config.set(scheduler="sync"):
+        got = {k: sorted(v) for k, v in grouped.compute()}
+    assert got == {r: [k for k in range(40) if k % 3 == r] for r in range(3)}
+    assert _GroupByKey(None, bag_kwargs={}).apply(bag).npartitions == 10
 
 
 def test_evaluate_graph_has_a_single_side_input(tmp_path, photos):
