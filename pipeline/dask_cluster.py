@@ -1,10 +1,11 @@
 """Local Dask clusters for ``--runner DaskRunner --dask_workers N``.
 
 Kept free of Beam and torch imports: a job starts its cluster before it imports them, so the
-worker processes spawn and import torch, Beam and this package (a worker preload) while the job's
-own process does the same and builds the pipeline, instead of one after the other. Without this,
-each worker paid its imports when its first task arrived, and the second worker of a two-worker
-cluster started work about 3 s after the first.
+workers' imports of torch, Beam and this package happen while the job's own process does the same
+and builds the pipeline, instead of one after the other. Without this, each worker paid its
+imports when its first task arrived, and the second worker of a two-worker cluster started work
+about 3 s after the first. The workers are forked from one server process that does those imports
+once (multiprocessing's ``forkserver``), so two workers cost no more start-up than one.
 
 Workers are single-threaded processes. Dask's nannies set ``MALLOC_TRIM_THRESHOLD_`` in their
 workers by default; an explicit trim threshold switches off glibc's adaptive mmap threshold, so
@@ -49,6 +50,7 @@ def start_local_cluster(workers: int, *, wait: bool = True):
     # The nannies read the environment setting when they are created, which with wait=False is
     # after this call returns: it is set for the rest of this process (only local clusters read it).
     dask.config.set(_NO_MALLOC_TRIM)
+    _forkserver_workers()
     cluster = LocalCluster(n_workers=workers if wait else 0, threads_per_worker=1, processes=True,
                            dashboard_address=None, preload=list(WORKER_PRELOAD))
     if not wait:
@@ -56,6 +58,26 @@ def start_local_cluster(workers: int, *, wait: bool = True):
     log.info("local Dask cluster at %s: %d workers%s", cluster.scheduler_address, workers,
              "" if wait else " starting")
     return cluster
+
+
+def _forkserver_workers() -> None:
+    """Worker processes forked from one server that imported the worker preload once.
+
+    Spawned workers each import torch, Beam and the pipeline (about 3 s of CPU each) while the
+    job's own process does the same: three importers on two cores for a two-worker cluster, two for
+    one worker, so the second worker's cluster started work later. With ``forkserver`` the imports
+    happen once in the server, whatever the number of workers, and each worker is a fork of it.
+    Dask sets its nannies' ``pre-spawn-environ`` (``OMP_NUM_THREADS=1``, ``PYTHONHASHSEED``) in the
+    environment before the first worker starts, which is when the server starts: it and every
+    worker get them."""
+    import multiprocessing
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    get_mp_context()  # Dask sets its own preload list on first use: replace it, before the server starts
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_PRELOAD])
 
 
 def wait_for_workers(address: str, workers: int, timeout: float = 300) -> None:

@@ -1,6 +1,7 @@
 """The same job on FnApiRunner and on DirectRunner with two worker processes; model loads."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatc
     with early_local_cluster(["--runner", "DaskRunner", "--dask_workers", "2"]) as argv:
         address = argv[argv.index("--dask_client_address") + 1]
         summary = run_evaluate(tiny_config(inputs, tmp_path / "dask", run_id="r"), pipeline_options(argv))
+        with Client(address, timeout=30) as client:
+            parents = set(client.run(os.getppid).values())
+    # Both workers forked from one server that imported the pipeline once (not from this process).
+    assert len(parents) == 1 and os.getpid() not in parents
     a, b = rows(tmp_path / "fn"), rows(tmp_path / "dask")
     assert len(a) == 3 * 7 * 4 and same(a, b)  # every last partial batch included
     assert summary["samples"] == 21 and (tmp_path / "dask" / "_SUCCESS").exists()
