@@ -65,8 +65,9 @@ def _forkserver_workers() -> None:
 
     Spawned workers each import torch, Beam and the pipeline (about 3 s of CPU each) while the
     job's own process does the same: three importers on two cores for a two-worker cluster, two for
-    one worker, so the second worker's cluster started work later. With ``forkserver`` the imports
-    happen once in the server, whatever the number of workers, and each worker is a fork of it.
+    one worker, so a two-worker run started work seconds later than a one-worker run. With
+    ``forkserver`` the imports happen once in the server, whatever the number of workers, and each
+    worker is a fork of it (where the platform has no ``forkserver``, workers are spawned).
     Dask sets its nannies' ``pre-spawn-environ`` (``OMP_NUM_THREADS=1``, ``PYTHONHASHSEED``) in the
     environment before the first worker starts, which is when the server starts: it and every
     worker get them."""
@@ -75,6 +76,8 @@ def _forkserver_workers() -> None:
     import dask
     from distributed.utils import get_mp_context
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     get_mp_context()  # Dask sets its own preload list on first use: replace it, before the server starts
     multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_PRELOAD])
