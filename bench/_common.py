@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,40 @@ def dev_files(n: int) -> list[tuple[Path, int]]:
     with open(DEV / "labels.csv", newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: r["file"])
     return [(DEV / r["file"], int(r["label"])) for r in rows[:n]]
+
+
+class AttackedDevSets(NamedTuple):
+    """The first N dev images, their clean predictions and their adversarial versions."""
+
+    names: list[str]  # file stems
+    labels: Any  # numpy int (N,)
+    logits: Any  # torch (N, classes), clean
+    preds: Any  # torch (N,), clean top-1
+    sets: dict  # "clean" and each attack's name -> uint8 (N, H, W, 3)
+
+
+def attacked_dev_sets(model, n: int, attacks: dict[str, str], batch: int) -> AttackedDevSets:
+    """Decode the first ``n`` dev images, classify them, and attack them with each of ``attacks``
+    ({name: spec}) in batches of ``batch``, against the clean prediction."""
+    import numpy as np
+    import torch
+
+    from transforms.attacks import parse_attack, run_attack
+    from transforms.images import decode_image, to_tensor, to_uint8
+
+    files = dev_files(n)
+    clean = np.stack([decode_image(p.read_bytes()) for p, _ in files])
+    x = to_tensor(clean)
+    with torch.no_grad():
+        logits = torch.cat([model(x[i : i + batch]) for i in range(0, n, batch)])
+    preds = logits.argmax(1)
+    sets = {"clean": clean}
+    for name, spec in attacks.items():
+        attack = parse_attack(spec)
+        adv = [run_attack(attack, model, x[i : i + batch], preds[i : i + batch],
+                          clean_logits=logits[i : i + batch])[0].images for i in range(0, n, batch)]
+        sets[name] = to_uint8(torch.cat(adv))
+    return AttackedDevSets([p.stem for p, _ in files], np.array([lab for _, lab in files]), logits, preds, sets)
 
 
 def emit(record: dict) -> None:

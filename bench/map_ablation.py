@@ -32,9 +32,8 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import dev_files, emit  # noqa: E402
-from transforms.attacks import parse_attack, run_attack  # noqa: E402
-from transforms.images import decode_image, to_tensor, to_uint8  # noqa: E402
+from bench._common import attacked_dev_sets, emit  # noqa: E402
+from transforms.images import to_tensor  # noqa: E402
 from transforms.jpeg import decode_rgb  # noqa: E402
 from transforms.models import build_model  # noqa: E402
 from transforms.saliency import aug_msroi, msroi  # noqa: E402
@@ -64,19 +63,8 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     model = build_model("efficientnet_lite0")
-    files = dev_files(n)
-    names = [p.stem for p, _ in files]
-    labels = np.array([lab for _, lab in files])
-    clean = np.stack([decode_image(p.read_bytes()) for p, _ in files])
-    x = to_tensor(clean)
-    with torch.no_grad():
-        logits = _batched(model, x)
-    preds = logits.argmax(1)
-    sets = {"clean": clean}
-    for name, spec in ATTACKS.items():
-        attack = parse_attack(spec)
-        sets[name] = to_uint8(_batched(lambda xb, pb, lb: run_attack(attack, model, xb, pb, clean_logits=lb)[0].images,
-                                       x, preds, logits))
+    names, labels, _, preds, sets = attacked_dev_sets(model, n, ATTACKS, BATCH)
+    clean = sets["clean"]
     seeds = seed_tensor([sample_seed(0, k) for k in names])
 
     def aug(imgs: np.ndarray) -> np.ndarray:

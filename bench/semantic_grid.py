@@ -20,9 +20,8 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import dev_files, emit  # noqa: E402
-from transforms.attacks import parse_attack, run_attack  # noqa: E402
-from transforms.images import decode_image, to_tensor, to_uint8  # noqa: E402
+from bench._common import attacked_dev_sets, emit  # noqa: E402
+from transforms.images import to_tensor  # noqa: E402
 from transforms.jpeg import decode_rgb  # noqa: E402
 from transforms.models import build_model  # noqa: E402
 from transforms.saliency import aug_msroi  # noqa: E402
@@ -43,19 +42,8 @@ def main() -> None:
     n, grid = (16, GRID[:2]) if args.quick else (args.n, GRID)
     torch.set_num_threads(2)
     model = build_model("efficientnet_lite0")
-    files = dev_files(n)
-    names = [p.stem for p, _ in files]
-    labels = torch.tensor([lab for _, lab in files])
-    clean = np.stack([decode_image(p.read_bytes()) for p, _ in files])
-    x = to_tensor(clean)
-    with torch.no_grad():
-        logits = torch.cat([model(x[i : i + BATCH]) for i in range(0, n, BATCH)])
-    preds = logits.argmax(1)
-    sets = {"clean": clean}
-    for name, spec in ATTACKS.items():
-        adv = [run_attack(parse_attack(spec), model, x[i : i + BATCH], preds[i : i + BATCH],
-                          clean_logits=logits[i : i + BATCH])[0].images for i in range(0, n, BATCH)]
-        sets[name] = to_uint8(torch.cat(adv))
+    names, labels, _, preds, sets = attacked_dev_sets(model, n, ATTACKS, BATCH)
+    labels = torch.as_tensor(labels)
 
     def classify(imgs):
         with torch.no_grad():
