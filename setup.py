@@ -35,5 +35,5 @@ setup(
         "gcp": ["gcsfs", "apache-beam[gcp]>=2.60,<3"],
         "test": ["pytest>=7", "adversarial-robustness-toolbox>=1.17", "foolbox>=3.3", "apache-beam[dask]>=2.60,<3"],
     },
-    entry_points={"console_scripts": ["semjpeg=jobs.__main__:main"]},
+    entry_points={"console_scripts": ["semjpeg=jobs.__main__:cli"]},
 )

@@ -6,6 +6,7 @@ Dataflow options, ...). Configuration errors end with one line on stderr and exi
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -59,5 +60,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"semjpeg {args.job}: error: {e}", file=sys.stderr, flush=True)
             return 2
 
+
+def cli() -> int:
+    """The ``semjpeg`` command: :func:`main`, then a quicker exit.
+
+    The job is over when ``main`` returns (outputs committed, clusters closed). Freezing the
+    garbage collector's view of what is left (``gc.freeze``) lets the interpreter's exit skip its
+    final collections over torch's and Beam's objects: about 1 s of every run on this machine.
+    ``main`` itself leaves the collector alone, for callers that go on working in the process."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

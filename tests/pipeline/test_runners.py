@@ -1,6 +1,7 @@
 """The same job on FnApiRunner and on DirectRunner with two worker processes; model loads."""
 from __future__ import annotations
 
+import gc
 import os
 from collections import Counter
 from pathlib import Path
@@ -73,8 +74,11 @@ def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatc
         summary = run_evaluate(tiny_config(inputs, tmp_path / "dask", run_id="r"), pipeline_options(argv))
         with Client(address, timeout=30) as client:
             parents = set(client.run(os.getppid).values())
-    # Both workers forked from one server that imported the pipeline once (not from this process).
+            frozen = list(client.run(gc.get_freeze_count).values())
+    # Both workers forked from one server that imported the pipeline once (not from this process),
+    # and froze the collector's view of it (torch alone is over 100,000 objects).
     assert len(parents) == 1 and os.getpid() not in parents
+    assert len(frozen) == 2 and min(frozen) > 100_000
     a, b = rows(tmp_path / "fn"), rows(tmp_path / "dask")
     assert len(a) == 3 * 7 * 4 and same(a, b)  # every last partial batch included
     assert summary["samples"] == 21 and (tmp_path / "dask" / "_SUCCESS").exists()
