@@ -5,13 +5,17 @@ one torch thread per worker, each run in a fresh process (cluster start and mode
 included). Prints one JSON line: images/s on 1 and 2 workers and their ratio (target >= 1.7 on a
 2-core machine).
 
-    python bench/scale.py [--quick] [--n 256] [--shards 4] [--repeat 2]
+    python bench/scale.py [--quick] [--n 256] [--shards 4] [--repeat 2] [--base 32]
 
 256 images by default: the fixed cost of a run (imports, cluster start, model loads, commit,
-shutdown; about 8 s) would otherwise hide the scaling of the work itself. Single runs on this
-shared 2-core machine vary by up to 25% (1-worker runs of the same code took 75 to 92 s), so the
+shutdown; about 7 s) would otherwise hide the scaling of the work itself. Single runs on this
+shared 2-core machine vary by up to 25% (1-worker runs of the same code took 75 to 93 s), so the
 runs alternate (1, 2, 1, 2, ...) and the fastest of each count is compared, as bench/pipeline.py
 does; every time is printed too.
+
+Each repeat also runs `--base` images (32; 0 skips it) on each count, which separates the fixed
+cost from the work: `marginal_ratio` is the ratio of the extra seconds the extra n - base images
+take (fastest runs), `fixed_seconds` what a run costs beyond that work, extrapolated to no images.
 """
 from __future__ import annotations
 
@@ -46,24 +50,44 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="runs per worker count, alternating; the fastest counts")
+    ap.add_argument("--base", type=int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
     args = ap.parse_args()
     n = 32 if args.quick else args.n
+    base = 0 if args.quick else args.base
+    if base and not 0 < base < n:
+        ap.error(f"--base must be between 0 and --n ({n}), got {base}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
         shards = make_shards(tmp / "in", n, per_shard=max(1, n // args.shards))
+        small = []
+        if base:
+            (tmp / "base").mkdir()
+            small = make_shards(tmp / "base", base, per_shard=max(1, base // args.shards))
         times = {1: [], 2: []}
+        base_times = {1: [], 2: []}
         for r in range(max(1, args.repeat)):
             for w in (1, 2):
                 times[w].append(run(shards, tmp / f"out{w}-{r}", w))
+                if small:
+                    base_times[w].append(run(small, tmp / f"base{w}-{r}", w))
     seconds = {w: min(t) for w, t in times.items()}
-    emit({
+    doc = {
         "bench": "scale", "runner": "DaskRunner", "images": n, "shards": len(shards), "torch_threads_per_worker": 1,
         "images_per_s_1_worker": round(n / seconds[1], 3), "images_per_s_2_workers": round(n / seconds[2], 3),
         "ratio": round(seconds[1] / seconds[2], 3), "seconds": {str(k): round(v, 1) for k, v in seconds.items()},
         "all_seconds": {str(k): [round(x, 1) for x in v] for k, v in times.items()},
         "target_ratio": 1.7,
-    })
+    }
+    if small:
+        base_s = {w: min(t) for w, t in base_times.items()}
+        extra = {w: seconds[w] - base_s[w] for w in (1, 2)}
+        doc.update({
+            "base_images": base, "base_seconds": {str(k): [round(x, 1) for x in v] for k, v in base_times.items()},
+            "marginal_ratio": round(extra[1] / extra[2], 3) if extra[2] > 0 else None,
+            "fixed_seconds": {str(w): round(base_s[w] - extra[w] * base / (n - base), 1) for w in (1, 2)},
+        })
+    emit(doc)
 
 
 if __name__ == "__main__":
