@@ -16,10 +16,16 @@ does; every time is printed too.
 Each repeat also runs `--base` images (32; 0 skips it) on each count, which separates the fixed
 cost from the work: `marginal_ratio` is the ratio of the extra seconds the extra n - base images
 take (fastest runs), `fixed_seconds` what a run costs beyond that work, extrapolated to no images.
+
+`--probe` (default on) measures the machine's speed just before and just after every run (three
+forward and backward passes of the model, one thread, in this process) and also reports the
+ratio of the fastest run times scaled to the median speed (`ratio_speed_adjusted`): a
+diagnostic of how much of a ratio is drift, not a replacement for `ratio`.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,27 @@ def run(shards: list[Path], out: Path, workers: int) -> float:
     return time.perf_counter() - t
 
 
+class SpeedProbe:
+    """Seconds for three forward+backward passes of the default model (batch 8, one thread)."""
+
+    def __init__(self):
+        import torch
+
+        from transforms.models import build_model
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = build_model("efficientnet_lite0").eval()
+        self.x = torch.rand(8, 3, 224, 224, requires_grad=True)
+        self()  # warm-up
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        for _ in range(3):
+            self.model(self.x).sum().backward()
+        return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 images")
@@ -51,6 +78,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="runs per worker count, alternating; the fastest counts")
     ap.add_argument("--base", type=int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
+    ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip the speed probes around each run")
     args = ap.parse_args()
     n = 32 if args.quick else args.n
     base = 0 if args.quick else args.base
@@ -66,9 +94,14 @@ def main() -> None:
             small = make_shards(tmp / "base", base, per_shard=max(1, base // args.shards))
         times = {1: [], 2: []}
         base_times = {1: [], 2: []}
+        probe = SpeedProbe() if args.probe and not args.quick else None
+        probes = {1: [], 2: []}  # mean of the probes just before and just after each big run
         for r in range(max(1, args.repeat)):
             for w in (1, 2):
+                before = probe() if probe else None
                 times[w].append(run(shards, tmp / f"out{w}-{r}", w))
+                if probe:
+                    probes[w].append((before + probe()) / 2)
                 if small:
                     base_times[w].append(run(small, tmp / f"base{w}-{r}", w))
     seconds = {w: min(t) for w, t in times.items()}
@@ -86,6 +119,13 @@ def main() -> None:
             "base_images": base, "base_seconds": {str(k): [round(x, 1) for x in v] for k, v in base_times.items()},
             "marginal_ratio": round(extra[1] / extra[2], 3) if extra[2] > 0 else None,
             "fixed_seconds": {str(w): round(base_s[w] - extra[w] * base / (n - base), 1) for w in (1, 2)},
+        })
+    if probes[1]:
+        ref = statistics.median(probes[1] + probes[2])
+        adjusted = {w: min(t * ref / p for t, p in zip(times[w], probes[w])) for w in (1, 2)}
+        doc.update({
+            "probe_seconds": {str(k): [round(x, 2) for x in v] for k, v in probes.items()},
+            "ratio_speed_adjusted": round(adjusted[1] / adjusted[2], 3),
         })
     emit(doc)
 
