@@ -9,7 +9,7 @@ included). Prints one JSON line: images/s on 1 and 2 workers and their ratio (ta
 
 256 images by default: the fixed cost of a run (imports, cluster start, model loads, commit,
 shutdown; 8 to 10 s) would otherwise hide the scaling of the work itself. Single runs on this
-shared 2-core machine vary by up to 25% (1-worker runs of the same code took 75 to 93 s), so the
+shared 2-core machine vary by up to 25% (1-worker runs of the same code took 73 to 100 s), so the
 runs alternate (1, 2, 1, 2, ...) and the fastest of each count is compared, as bench/pipeline.py
 does; every time is printed too.
 
