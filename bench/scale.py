@@ -17,10 +17,10 @@ Each repeat also runs `--base` images (32; 0 skips it) on each count, which sepa
 cost from the work: `marginal_ratio` is the ratio of the extra seconds the extra n - base images
 take (fastest runs), `fixed_seconds` what a run costs beyond that work, extrapolated to no images.
 
-`--probe` (default on) measures the machine's speed just before and just after every run (three
-forward and backward passes of the model, one thread, in this process) and also reports the
-ratio of the fastest run times scaled to the median speed (`ratio_speed_adjusted`): a
-diagnostic of how much of a ratio is drift, not a replacement for `ratio`.
+A speed probe (on unless `--no-probe`) times three forward and backward passes of the model (one
+thread, in this process) just before and just after every run, and the ratio of the fastest run
+times scaled to the median speed is reported too (`ratio_speed_adjusted`): a diagnostic of how
+much of a ratio is drift, not a replacement for `ratio`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ class SpeedProbe:
         from transforms.models import build_model
 
         torch.set_num_threads(1)
-        self.torch = torch
         self.model = build_model("efficientnet_lite0").eval()
         self.x = torch.rand(8, 3, 224, 224, requires_grad=True)
         self()  # warm-up
@@ -69,6 +68,10 @@ class SpeedProbe:
         for _ in range(3):
             self.model(self.x).sum().backward()
         return time.perf_counter() - t
+
+
+def _per_count(values: dict[int, list[float]], digits: int) -> dict[str, list[float]]:
+    return {str(k): [round(x, digits) for x in v] for k, v in values.items()}
 
 
 def main() -> None:
@@ -109,14 +112,14 @@ def main() -> None:
         "bench": "scale", "runner": "DaskRunner", "images": n, "shards": len(shards), "torch_threads_per_worker": 1,
         "images_per_s_1_worker": round(n / seconds[1], 3), "images_per_s_2_workers": round(n / seconds[2], 3),
         "ratio": round(seconds[1] / seconds[2], 3), "seconds": {str(k): round(v, 1) for k, v in seconds.items()},
-        "all_seconds": {str(k): [round(x, 1) for x in v] for k, v in times.items()},
+        "all_seconds": _per_count(times, 1),
         "target_ratio": 1.7,
     }
     if small:
         base_s = {w: min(t) for w, t in base_times.items()}
         extra = {w: seconds[w] - base_s[w] for w in (1, 2)}
         doc.update({
-            "base_images": base, "base_seconds": {str(k): [round(x, 1) for x in v] for k, v in base_times.items()},
+            "base_images": base, "base_seconds": _per_count(base_times, 1),
             "marginal_ratio": round(extra[1] / extra[2], 3) if extra[2] > 0 else None,
             "fixed_seconds": {str(w): round(base_s[w] - extra[w] * base / (n - base), 1) for w in (1, 2)},
         })
@@ -124,7 +127,7 @@ def main() -> None:
         ref = statistics.median(probes[1] + probes[2])
         adjusted = {w: min(t * ref / p for t, p in zip(times[w], probes[w])) for w in (1, 2)}
         doc.update({
-            "probe_seconds": {str(k): [round(x, 2) for x in v] for k, v in probes.items()},
+            "probe_seconds": _per_count(probes, 2),
             "ratio_speed_adjusted": round(adjusted[1] / adjusted[2], 3),
         })
     emit(doc)
