@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import model_handlers
 from pipeline.evaluate import run_evaluate
 from tests.pipeline.conftest import tiny_config
 from tests.shards import good_members, write_tar
@@ -39,6 +41,9 @@ def test_multiprocess_runner_matches_fnapi_and_loads_model_once_per_process(tmp_
     inputs = [str(tmp_path / "s*.tar")]
     log = tmp_path / "loads.txt"
     monkeypatch.setenv("SEMJPEG_TEST_LOAD_LOG", str(log))
+    # This process's shared models are weakly held: one an earlier test left in a cycle that the
+    # collector has not freed yet would be reused here, and the run would load nothing.
+    monkeypatch.setattr(model_handlers, "_SHARED", weakref.WeakValueDictionary())
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # worker processes import tests.tiny
 
     run_evaluate(tiny_config(inputs, tmp_path / "fn", run_id="r"), PipelineOptions(["--runner", "FnApiRunner"]))
