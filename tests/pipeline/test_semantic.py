@@ -119,3 +119,44 @@ def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     for r in rows:  # before (clean_pred) and after (pred), quality against the input
         assert r["clean_pred"] is not None and r["pred"] is not None and r["agree_clean"] == (r["pred"] == r["clean_pred"])
         assert 15 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["quality_levels"]
+
+
+def test_adaptive_bpda_attack_through_the_pipeline(tmp_path, photos, fnapi):
+    """A ``bpda=`` attack in ``semjpeg evaluate``: its stored images are the transforms' BPDA attack
+    of the stored clean images, and differ from the same attack without it."""
+    import torch
+
+    from tests import tiny
+    from transforms.attacks import parse_attack, run_attack
+    from transforms.images import to_tensor
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    adaptive = "fgsm:eps=8/255,bpda=aug_msroi:q_low=10;q_high=50"
+    cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "run", attacks=("fgsm:eps=8/255", adaptive),
+                      defenses=("aug_msroi:q_low=10,q_high=50",))
+    summary = run_evaluate(cfg, fnapi)
+    assert summary["errors"] == {}
+    rows = pq.read_table(sorted((tmp_path / "run" / "metadata").glob("*.parquet"))).to_pylist()
+    assert {r["attack_spec"] for r in rows} == {"clean", "fgsm:eps=8/255", adaptive}
+    shards = tmp_path / "run" / "shards"
+    folder = parse_attack(adaptive).folder
+    assert (shards / folder / "none").is_dir()
+
+    def stored(attack_folder):
+        files = {}
+        for shard in sorted((shards / attack_folder / "none").glob("*.tar")):
+            files.update({k[:-4]: np.asarray(Image.open(io.BytesIO(v)).convert("RGB"))
+                          for k, v in members(shard).items() if k.endswith(".png")})
+        return files
+
+    clean, adv, plain = stored("clean"), stored(folder), stored("fgsm-eps=8_255")
+    keys = sorted(clean)
+    assert keys and sorted(adv) == keys == sorted(plain)
+    model = tiny.build()
+    x = to_tensor([clean[k] for k in keys])
+    with torch.no_grad():
+        logits = model(x)
+    want, _ = run_attack(parse_attack(adaptive), model, x, logits.argmax(1), clean_logits=logits)
+    got = to_tensor([adv[k] for k in keys])
+    assert float((got != want.images).float().mean()) < 1e-3  # batched differently: a rare sign flip at most
+    assert not torch.equal(got, to_tensor([plain[k] for k in keys]))

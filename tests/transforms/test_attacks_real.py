@@ -119,3 +119,21 @@ def test_gradient_attack_at_the_paper_budget(real_model, dev4):
     got = metrics.rmse(r.images.double(), x.double())
     assert float(got.max()) <= 0.02 and float(got.min()) > 0.018  # uses the budget, never exceeds it
     assert _success(real_model, r.images, labels) >= 0.75
+
+
+def test_bpda_defeats_jpeg_where_the_plain_attack_is_undone(real_model, dev4):
+    """IGSM (eps 4/255, 30 steps) against JPEG at quality 50: the plain attack's perturbation is
+    partly undone by the codec; the same attack differentiating through it (BPDA) fools every image."""
+    from transforms.defenses import defend_images, parse_defense
+
+    x, labels = dev4
+    jpeg = parse_defense("jpeg:quality=50")
+
+    def agree(spec):
+        r, _ = run_attack(parse_attack(spec), real_model, x, labels, clean_logits=real_model(x).detach())
+        with torch.no_grad():
+            return float((real_model(defend_images(jpeg, r.images)).argmax(1) == labels).float().mean())
+
+    plain = agree("igsm:eps=4/255,steps=30")
+    adaptive = agree("igsm:eps=4/255,steps=30,bpda=jpeg:quality=50")
+    assert adaptive == 0.0 < plain, (plain, adaptive)

@@ -6,7 +6,9 @@ uint8 grid out, judged after quantization. Passing ``target`` (class indices) ma
 attacks that draw noise also take ``seeds`` (N,). Every attack takes ``rmse=`` (the paper's
 protocol: RMSE 0.02 from the clean image), never exceeded after quantization; the FGSM family
 also takes ``eps=`` (L-inf). :data:`ATTACKS` is the registry that ``--attack name:k=v`` specs are
-checked against.
+checked against. Every attack also takes ``bpda=<defense spec>`` in a spec: it then attacks the
+classifier behind that defense, differentiating through the defense as the identity
+(:mod:`.bpda`), the adaptive attack that JPEG-family defenses have to face.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from typing import Literal
 
 import torch
 
+from ..defenses import defend_images, match_target, parse_defense
 from ..specs import Spec, parse_spec, spec_params
 from ._common import AttackResult, zero_iterations
+from .bpda import BPDA_PARAM, ThroughDefense, split_bpda
 from .cw import cw
 from .deepfool import deepfool
 from .fgsm import fgsm
@@ -27,7 +31,7 @@ from .mifgsm import mifgsm
 from .pgd import pgd
 
 __all__ = [
-    "ATTACKS", "AttackResult", "CLEAN", "parse_attack", "resolve_target", "run_attack",
+    "ATTACKS", "AttackResult", "CLEAN", "parse_attack", "resolve_target", "run_attack", "ThroughDefense",
     "fgsm", "igsm", "pgd", "mifgsm", "ga", "deepfool", "jsma", "lbfgs", "cw",
 ]
 
@@ -52,10 +56,29 @@ CLEAN = "clean"
 
 
 def parse_attack(text: str) -> Spec:
-    """Parse ``name[:k=v,...]``; ``clean`` is accepted and means no attack."""
+    """Parse ``name[:k=v,...]``; ``clean`` is accepted and means no attack.
+
+    ``bpda=<defense spec>`` (the defense's parameters separated by ``;``) is checked as a defense
+    spec and kept, normalized, in the params under ``bpda``."""
     if text.strip().lower() == CLEAN:
         return Spec(CLEAN, {}, CLEAN)
-    return parse_spec(text, ATTACKS, kind="attack", overrides={"target": TargetSpec})
+    base, defense = split_bpda(text)
+    try:
+        spec = parse_spec(base, ATTACKS, kind="attack", overrides={"target": TargetSpec})
+    except ValueError as e:
+        if str(e).startswith("unknown parameter"):  # every attack also takes bpda=
+            raise ValueError(f"{e}, {BPDA_PARAM}") from None
+        raise
+    if defense is None:
+        return spec
+    try:
+        dspec = parse_defense(defense)
+        ref = match_target(dspec)
+        if ref is not None and match_target(parse_defense(ref)) is not None:
+            raise ValueError(f"{dspec.text} cannot match {ref}, itself rate-matched")
+    except ValueError as e:
+        raise ValueError(f"bad {BPDA_PARAM} defense in attack spec {text!r}: {e}") from None
+    return Spec(spec.name, {**spec.params, BPDA_PARAM: dspec.text}, text.strip())
 
 
 def resolve_target(
@@ -85,6 +108,13 @@ def resolve_target(
     raise ValueError(f"unknown target {target!r}")
 
 
+def through_defense(model: torch.nn.Module, defense: Spec) -> ThroughDefense:
+    """``model`` behind ``defense`` for a BPDA attack. A semantic defense's maps come from
+    ``model`` itself, their noise seeded from each image's pixels (the attacker does not know the
+    defender's seeds; a rerun draws the same noise)."""
+    return ThroughDefense(model, lambda x: defend_images(defense, x, model=model))
+
+
 def run_attack(
     spec: Spec,
     model: torch.nn.Module,
@@ -99,6 +129,9 @@ def run_attack(
         return AttackResult(images.clone(), zero_iterations(images)), None
     params = dict(spec.params)
     target = resolve_target(params.pop("target", None), clean_logits, labels, seeds)
+    through = params.pop(BPDA_PARAM, None)
+    if through is not None:
+        model = through_defense(model, parse_defense(through))
     fn = ATTACKS[spec.name]
     if "seeds" in spec_params(fn):
         params["seeds"] = seeds
