@@ -28,7 +28,7 @@ class ThroughDefense(nn.Module):
     """``model(defense(x))`` on the forward pass; the identity for ``defense`` on the backward.
 
     ``defense``: float32 NCHW in [0, 1] -> the defended images, same shape, device and dtype (no
-    graph needed: :func:`transforms.defenses.defend_images` with its model and seeds bound).
+    graph needed: :func:`transforms.defenses.defend_images` with its model bound).
     ``calls`` counts the defense's batches, for tests and benchmarks.
     """
 
