@@ -129,3 +129,20 @@ def test_bpda_through_aug_msroi_uses_its_maps(tiny_model, batch):
     c, _ = run_attack(flat, tiny_model, batch, labels, clean_logits=logits)
     assert not torch.equal(a.images, c.images)
     assert np.isfinite(a.images.numpy()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("defense", ["jpeg:quality=30", "aug_msroi"])
+def test_bpda_on_cuda_keeps_the_device(defense, batch):
+    from tests import tiny
+
+    model = tiny.build().to("cuda")
+    x = batch.cuda()
+    with torch.no_grad():
+        logits = model(x)
+    spec = parse_attack(f"igsm:eps=8/255,steps=3,bpda={defense}")
+    r, _ = run_attack(spec, model, x, logits.argmax(1), clean_logits=logits)
+    assert r.images.device.type == "cuda"
+    cpu_model = tiny.build()
+    cpu, _ = run_attack(spec, cpu_model, batch, logits.argmax(1).cpu(), clean_logits=logits.cpu())
+    assert float((cpu.images - r.images.cpu()).abs().mean()) < 2 / 255
