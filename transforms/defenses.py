@@ -22,9 +22,11 @@ from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import torch
 
 from . import saliency as _saliency
-from .jpeg import Subsampling, encode_jpeg, encode_png
+from .images import to_tensor, to_uint8
+from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
 from .semantic_jpeg import (
     Binning,
     Method,
@@ -234,7 +236,6 @@ def apply_defense(spec: Spec, image: np.ndarray, **runner_params: Any) -> Encode
     return fn(image, **spec.params, **extra)
 
 
-
 def defend_images(spec: Spec, images, *, model=None, seeds=None, map_model=None):
     """The defense end to end on a batch: encode every image with ``spec``, decode the files.
 
@@ -245,9 +246,6 @@ def defend_images(spec: Spec, images, *, model=None, seeds=None, map_model=None)
     classifier behind this defense sees (the forward pass of a BPDA attack,
     :mod:`transforms.attacks.bpda`).
     """
-    from .images import to_tensor, to_uint8
-    from .jpeg import decode_rgb
-
     pixels = to_uint8(images)
     if len(pixels) == 0:
         return images.detach().clone()
@@ -267,10 +265,6 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, seeds=None, map_
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
     defense's maps are computed batched on ``map_model`` (default ``model``) with ``seeds``;
     ``matched`` gives a ``jpeg:match`` defense its per-image byte budgets."""
-    import torch
-
-    from .images import to_tensor
-
     maps = None
     req = map_request(spec)
     if req is not None:
