@@ -39,7 +39,7 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
-    "none", "jpeg", "msroi", "aug_msroi", "defend_images", "encode_batch",
+    "none", "jpeg", "msroi", "aug_msroi", "matched_defense", "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
@@ -236,44 +236,49 @@ def apply_defense(spec: Spec, image: np.ndarray, **runner_params: Any) -> Encode
     return fn(image, **spec.params, **extra)
 
 
-def defend_images(spec: Spec, images, *, model=None, seeds=None, map_model=None):
+def matched_defense(spec: Spec) -> Spec | None:
+    """The parsed defense a ``jpeg:match=X`` spec refers to (X must not be rate-matched itself);
+    None for any other spec. A run's specs are resolved against each other instead
+    (``pipeline.encode.resolve_matches``); this is for a spec standing alone."""
+    ref = match_target(spec)
+    if ref is None:
+        return None
+    ref_spec = parse_defense(ref)
+    if match_target(ref_spec) is not None:
+        raise ValueError(f"{spec.text} cannot match {ref}, itself rate-matched")
+    return ref_spec
+
+
+def defend_images(spec: Spec, images, *, model=None):
     """The defense end to end on a batch: encode every image with ``spec``, decode the files.
 
     ``images``: float32 NCHW in [0, 1], rounded to the uint8 grid first, as stored images are.
-    Semantic defenses compute their map on ``map_model`` (default ``model``) with per-sample
-    ``seeds`` (N,); ``jpeg:match=X`` encodes X first and fits each file into X's size. Returns the
-    decoded images, float32 NCHW in [0, 1], on the input's device, without a graph: what a
-    classifier behind this defense sees (the forward pass of a BPDA attack,
-    :mod:`transforms.attacks.bpda`).
+    Semantic defenses compute their maps on ``model``, their noise seeded from each image's
+    pixels; ``jpeg:match=X`` encodes X first and fits each file into X's size. Returns the decoded
+    images, float32 NCHW in [0, 1], on the input's device, without a graph: what a classifier
+    behind this defense sees (the forward pass of a BPDA attack, :mod:`transforms.attacks.bpda`).
     """
     pixels = to_uint8(images)
     if len(pixels) == 0:
         return images.detach().clone()
-    matched = None
-    ref = match_target(spec)
-    if ref is not None:
-        ref_spec = parse_defense(ref)
-        if match_target(ref_spec) is not None:
-            raise ValueError(f"{spec.text}: cannot match {ref}, itself rate-matched")
-        matched = [len(e.data) for e in encode_batch(ref_spec, pixels, model=model, seeds=seeds, map_model=map_model)]
-    files = encode_batch(spec, pixels, model=model, seeds=seeds, map_model=map_model, matched=matched)
+    ref = matched_defense(spec)
+    matched = None if ref is None else [len(e.data) for e in encode_batch(ref, pixels, model=model)]
+    files = encode_batch(spec, pixels, model=model, matched=matched)
     return to_tensor([decode_rgb(e.data) for e in files], images.device)
 
 
-def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, seeds=None, map_model=None,
-                 matched: list[int] | None = None) -> list[Encoded]:
+def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[int] | None = None) -> list[Encoded]:
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
-    defense's maps are computed batched on ``map_model`` (default ``model``) with ``seeds``;
-    ``matched`` gives a ``jpeg:match`` defense its per-image byte budgets."""
+    defense's maps are computed batched on ``model`` (noise seeded from the pixels); ``matched``
+    gives a ``jpeg:match`` defense its per-image byte budgets."""
     maps = None
     req = map_request(spec)
     if req is not None:
-        net = map_model if map_model is not None else model
-        if net is None:
+        if model is None:
             raise ValueError(f"defense {spec.text} needs a model for its saliency maps")
-        x = to_tensor(pixels, next(net.parameters()).device)
+        x = to_tensor(pixels, next(model.parameters()).device)
         with torch.no_grad():
-            maps = compute_maps(spec.name, net, x, req[1], seeds).float().cpu().numpy()
+            maps = compute_maps(spec.name, model, x, req[1]).float().cpu().numpy()
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     return [

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..defenses import defend_images, match_target, parse_defense
+from ..defenses import defend_images, matched_defense, parse_defense
 from ..specs import Spec, parse_spec, spec_params
 from ._common import AttackResult, zero_iterations
 from .bpda import BPDA_PARAM, ThroughDefense, split_bpda
@@ -73,9 +73,7 @@ def parse_attack(text: str) -> Spec:
         return spec
     try:
         dspec = parse_defense(defense)
-        ref = match_target(dspec)
-        if ref is not None and match_target(parse_defense(ref)) is not None:
-            raise ValueError(f"{dspec.text} cannot match {ref}, itself rate-matched")
+        matched_defense(dspec)
     except ValueError as e:
         raise ValueError(f"bad {BPDA_PARAM} defense in attack spec {text!r}: {e}") from None
     return Spec(spec.name, {**spec.params, BPDA_PARAM: dspec.text}, text.strip())
