@@ -28,7 +28,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import DEV, emit  # noqa: E402
+from bench._common import dev_files, emit  # noqa: E402
 
 DEFENSES = ("jpeg:quality=50", "aug_msroi", "jpeg:match=aug_msroi")
 
@@ -40,19 +40,15 @@ def attacks(steps: int) -> list[str]:
 
 def subset(n: int, folder: Path) -> Path:
     """Links to every (500 / n)-th dev image (sorted by file) in ``folder``; returns a labels CSV."""
-    if not (DEV / "labels.csv").exists():
-        sys.exit(f"dev images not found at {DEV} (set SEMJPEG_SHARED)")
-    with open(DEV / "labels.csv", newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: r["file"])
-    step = max(1, len(rows) // n)
-    picked = rows[::step][:n]
-    for r in picked:
-        (folder / r["file"]).symlink_to(DEV / r["file"])
+    files = dev_files(sys.maxsize)
+    picked = files[:: max(1, len(files) // n)][:n]
+    for path, _ in picked:
+        (folder / path.name).symlink_to(path)
     labels = folder.parent / "labels.csv"
     with open(labels, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label"])
-        w.writerows([r["file"], r["label"]] for r in picked)
+        w.writerows([path.name, label] for path, label in picked)
     return labels
 
 
