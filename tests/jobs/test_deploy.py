@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -43,13 +44,56 @@ def test_dockerfiles_parse(name):
         assert ("ENTRYPOINT", '["/opt/apache/beam/boot"]') in ins
 
 
+def _launcher():
+    spec = importlib.util.spec_from_file_location("flex_launch", DEPLOY / "flex-template/launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_flex_template_metadata_and_launcher():
     meta = json.loads((DEPLOY / "flex-template/metadata.json").read_text())
-    assert meta["name"] and {p["name"] for p in meta["parameters"]} == {"job", "config", "date"}
+    assert meta["name"] and {p["name"] for p in meta["parameters"]} == {"job", "config", "date", "args"}
+    job = next(p for p in meta["parameters"] if p["name"] == "job")
     for p in meta["parameters"]:
         for rx in p.get("regexes", []):
             re.compile(rx)
-    ast.parse((DEPLOY / "flex-template/launch.py").read_text())
+    # Every job the template offers is one the launcher runs.
+    offered = [j for j in _launcher().JOBS if re.fullmatch(job["regexes"][0], j)]
+    assert offered == list(_launcher().JOBS)
+
+
+@pytest.mark.parametrize("params, expected", [
+    (["--config=gs://b/n.yaml"], ["nightly", "--config=gs://b/n.yaml"]),
+    (["--job=nightly", "--config=gs://b/n.yaml", "--date=2026-11-27", "--region=us-central1"],
+     ["nightly", "--config=gs://b/n.yaml", "--date=2026-11-27", "--region=us-central1"]),
+    (["--job=defend", "--args=--input 'gs://b/in/*.tar' --output gs://b/out --defense aug_msroi:q_low=20",
+      "--project=p"],
+     ["defend", "--input", "gs://b/in/*.tar", "--output", "gs://b/out", "--defense", "aug_msroi:q_low=20",
+      "--project=p"]),
+])
+def test_flex_template_launcher_command_lines(params, expected):
+    from jobs.__main__ import build_parser
+
+    argv = _launcher().job_argv(params)
+    assert argv == expected
+    parser, _ = build_parser()
+    args, beam_argv = parser.parse_known_args(argv)  # the CLI accepts what the launcher builds
+    assert args.job == expected[0]
+    assert pipeline_options(beam_argv).get_all_options()["project"] in (None, "p")
+
+
+@pytest.mark.parametrize("params, message", [
+    (["--job=evaluate", "--config=gs://b/n.yaml"], "nightly job's parameters"),
+    (["--job=defend"], "needs args"),
+    (["--job=nightly"], "needs the config"),
+    (["--config=c", "--args=--input x"], "not args"),
+    (["--job=shard", "--args=--input x"], "unknown job"),
+    (["--config=a", "--config=b"], "given twice"),
+])
+def test_flex_template_launcher_refuses_parameters_that_do_not_fit(params, message):
+    with pytest.raises(ValueError, match=message):
+        _launcher().job_argv(params)
 
 
 def test_gpu_options_accepted_by_beam():
