@@ -23,7 +23,8 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                    "(default: the 'key' column if there is one, else generated keys)")
     g.add_argument("--label-column", help="Parquet column with labels; must exist when given "
                    "(default: the 'label' column if there is one)")
-    g.add_argument("--labels", metavar="CSV", help="file,label CSV for folder inputs (an error with tar/Parquet inputs)")
+    g.add_argument("--labels", metavar="CSV",
+                   help="file,label CSV for folder inputs (an error with tar/Parquet inputs)")
     g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
     g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
     g.add_argument("--crop", type=int, default=None, help="center crop size (default: the model's)")

@@ -63,7 +63,8 @@ def test_tar_members_with_leading_dot_slash(tmp_path):
     path = write_tar(tmp_path / "x.tar", [("./a.png", PNG), ("./a.cls", b"1"), ("././b.png", PNG),
                                            ("./../evil.png", PNG), ("/abs.png", PNG)])
     out = read(path, "webdataset")
-    assert [(o.key, o.member, o.label) for o in out if isinstance(o, RawSample)] == [("a", "a.png", "1"), ("b", "b.png", None)]
+    samples = [(o.key, o.member, o.label) for o in out if isinstance(o, RawSample)]
+    assert samples == [("a", "a.png", "1"), ("b", "b.png", None)]
     assert sorted(o.member for o in out if isinstance(o, ErrorRecord)) == ["./../evil.png", "/abs.png"]
 
 
@@ -128,4 +129,5 @@ def test_labels_csv_checks(tmp_path):
     ok = InputConfig(paths=(str(tmp_path / "f"),), labels_csv=str(tmp_path / "bom.csv"))
     assert len(input_shards(ok)) == 1
     with pytest.raises(ValueError, match=r"--labels applies to folder inputs only; .*x.tar is a WebDataset tar"):
-        input_shards(InputConfig(paths=(str(tmp_path / "f"), str(tmp_path / "x.tar")), labels_csv=str(tmp_path / "bom.csv")))
+        input_shards(InputConfig(paths=(str(tmp_path / "f"), str(tmp_path / "x.tar")),
+                                 labels_csv=str(tmp_path / "bom.csv")))
