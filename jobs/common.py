@@ -19,9 +19,12 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                    help="WebDataset tar(s), Parquet file(s) or a folder; globs and fsspec URLs; repeatable")
     g.add_argument("--input-format", default="auto", choices=["auto", "webdataset", "parquet", "folder"])
     g.add_argument("--image-column", default="image", help="Parquet column with image bytes")
-    g.add_argument("--key-column", default="key", help="Parquet column with keys (optional)")
-    g.add_argument("--label-column", default="label", help="Parquet column with labels (optional)")
-    g.add_argument("--labels", metavar="CSV", help="file,label CSV for a folder input")
+    g.add_argument("--key-column", help="Parquet column with keys; must exist when given "
+                   "(default: the 'key' column if there is one, else generated keys)")
+    g.add_argument("--label-column", help="Parquet column with labels; must exist when given "
+                   "(default: the 'label' column if there is one)")
+    g.add_argument("--labels", metavar="CSV",
+                   help="file,label CSV for folder inputs (an error with tar/Parquet inputs)")
     g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
     g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
     g.add_argument("--crop", type=int, default=None, help="center crop size (default: the model's)")

@@ -35,16 +35,18 @@ class InputConfig:
 
     paths: globs, files or folders (any fsspec URL). format: ``auto`` tells by extension
     (``.tar``/``.tar.gz``/``.tgz`` WebDataset, ``.parquet`` Parquet, a folder of images).
-    Parquet columns are named by ``image_column``/``key_column``/``label_column``; a folder may
-    come with ``labels_csv`` (``file,label``) and is read ``folder_shard_size`` files per shard.
+    Parquet columns are named by ``image_column``/``key_column``/``label_column``; key and label
+    columns are optional when left None (the ``key`` and ``label`` columns if a file has them) and
+    required when named. A folder may come with ``labels_csv`` (``file,label``) and is read
+    ``folder_shard_size`` files per shard.
     Decoding resizes the shorter side to ``resize`` and center-crops ``crop`` x ``crop``.
     """
 
     paths: tuple[str, ...]
     format: str = "auto"
     image_column: str = "image"
-    key_column: str = "key"
-    label_column: str = "label"
+    key_column: str | None = None
+    label_column: str | None = None
     labels_csv: str | None = None
     folder_shard_size: int = 1000
     resize: int = 256
@@ -55,6 +57,8 @@ class InputConfig:
         object.__setattr__(self, "paths", tuple(self.paths))
         if not self.paths:
             raise ValueError("no --input given")
+        if any(not p.strip() for p in self.paths):
+            raise ValueError(f"--input must not be empty, got {list(self.paths)!r}")
         if self.format not in INPUT_FORMATS:
             raise ValueError(f"unknown input format {self.format!r}; valid: {', '.join(INPUT_FORMATS)}")
         _positive("folder shard size", self.folder_shard_size)
@@ -63,8 +67,9 @@ class InputConfig:
         if self.resize and self.resize < self.crop:
             raise ValueError(f"resize ({self.resize}) must be 0 or at least the crop ({self.crop})")
         _positive("max pixels", self.max_pixels)
-        for col in ("image_column", "key_column", "label_column"):
-            if not getattr(self, col):
+        for col, optional in (("image_column", False), ("key_column", True), ("label_column", True)):
+            value = getattr(self, col)
+            if not value and not (optional and value is None):
                 raise ValueError(f"{col.replace('_', ' ')} must not be empty")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -16,14 +17,23 @@ STAGE = "decode"
 
 
 def parse_label(text: str | None, num_classes: int) -> int | None:
-    """Label text -> class index; raises ValueError with the reason for anything else."""
+    """Label text -> class index; raises ValueError with the reason for anything else.
+
+    Integral decimals (``2.0``: an int column with missing values, written by pandas) are read as
+    integers."""
     if text is None:
         return None
     t = text.strip()
     try:
         value = int(t)
     except ValueError:
-        raise ValueError(f"unreadable label {t[:40]!r}") from None
+        try:
+            number = float(t)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise ValueError(f"unreadable label {t[:40]!r}") from None
+        value = int(number)
     if not 0 <= value < num_classes:
         raise ValueError(f"label {value} out of range 0..{num_classes - 1}")
     return value

@@ -18,7 +18,7 @@ from .classify import Classify
 from .config import EvaluateConfig
 from .decode import DecodeImages
 from .encode import EncodeDefenses
-from .io import OutputDir, expand_inputs, join, read_bytes, read_labels_csv, write_bytes
+from .io import OutputDir, input_shards, join, read_bytes, write_bytes
 from .progress import CountProgress, ProgressMonitor, is_local, summarize_counters
 from .read_shards import ReadImageShards
 from .records import SourceShard
@@ -121,9 +121,7 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     Configuration problems raise ValueError before any work starts; a failed run removes its
     staging folder and leaves the previous output untouched.
     """
-    shards = expand_inputs(config.input.paths, config.input.format, config.input.folder_shard_size)
-    if config.input.labels_csv:
-        read_labels_csv(config.input.labels_csv)
+    shards = input_shards(config.input)
     out = OutputDir(config.output, config.run_id)
     out.check()
     log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)

@@ -62,22 +62,36 @@ def _format_of(path: str, is_dir: bool) -> str | None:
     return None
 
 
+def input_fs(path: str):
+    """``url_to_fs`` for an input; a missing fsspec backend (s3fs, gcsfs, ...) is a ValueError
+    naming the package, not an ImportError traceback."""
+    if not path or not path.strip():
+        raise ValueError("empty input path")
+    try:
+        return url_to_fs(path)
+    except ImportError as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
 def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: int = 1000) -> list[SourceShard]:
     """Expand globs, files and folders into numbered source shards (sorted, deterministic).
 
+    An existing path is taken literally even if it holds glob characters (a folder ``set[1]``).
+    A path reached twice (the same input given twice, or also through a glob) is read once.
     Raises ValueError naming the first input that matches nothing or whose format is unknown.
     """
     found: list[tuple[str, str]] = []  # (path, format)
+    seen: dict[str, str] = {}  # resolved path -> the input that first gave it
     for raw in paths:
-        fs, p = url_to_fs(raw)
-        if any(c in p for c in "*?["):
-            matches = sorted(fs.glob(p))
-        elif fs.exists(p):
+        fs, p = input_fs(raw)
+        if fs.exists(p):
             matches = [p]
+        elif any(c in p for c in "*?["):
+            matches = sorted(fs.glob(p))
+            if not matches:
+                raise ValueError(f"no input matches {raw}")
         else:
             raise ValueError(f"input not found: {raw}")
-        if not matches:
-            raise ValueError(f"no input matches {raw}")
         for m in matches:
             is_dir = fs.isdir(m)
             f = fmt if fmt != "auto" else _format_of(m, is_dir)
@@ -85,7 +99,12 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
                 raise ValueError(f"cannot tell the format of {m!r}; pass --input-format")
             if f == "folder" and not is_dir:
                 raise ValueError(f"--input-format folder needs a folder, got the file {m!r}")
-            found.append((_unstrip(fs, m, raw), f))
+            path = _unstrip(fs, m, raw)
+            if path in seen:
+                log.warning("input %s: %s was already given by %s; reading it once", raw, path, seen[path])
+                continue
+            seen[path] = raw
+            found.append((path, f))
     shards: list[SourceShard] = []
     for path, f in found:
         if f != "folder":
@@ -99,9 +118,30 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
     return shards
 
 
+def input_shards(config) -> list[SourceShard]:
+    """An :class:`~pipeline.config.InputConfig`'s source shards, checked before any work: inputs
+    exist, a labels CSV is readable and only comes with folder inputs (tar samples carry ``.cls``
+    members and Parquet rows a label column, so a CSV would silently be ignored for them)."""
+    shards = expand_inputs(config.paths, config.format, config.folder_shard_size)
+    if config.labels_csv:
+        other = next((s for s in shards if s.format != "folder"), None)
+        if other is not None:
+            what = "a WebDataset tar" if other.format == "webdataset" else "a Parquet file"
+            raise ValueError(f"--labels applies to folder inputs only; {other.path} is {what} "
+                             "(labels come from its .cls members or its label column)")
+        read_labels_csv(config.labels_csv)
+    return shards
+
+
 def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive), as sorted paths relative to it."""
-    fs, root = url_to_fs(folder)
+    """Image files under ``folder`` (recursive), as sorted paths relative to it.
+
+    Raises ValueError when ``folder`` does not exist or is not a folder."""
+    fs, root = input_fs(folder)
+    if not fs.exists(root):
+        raise ValueError(f"input not found: {folder}")
+    if not fs.isdir(root):
+        raise ValueError(f"not a folder: {folder}")
     root = root.rstrip("/")
     out = []
     for p in fs.find(root):
@@ -112,13 +152,19 @@ def list_images(folder: str) -> list[str]:
 
 
 def read_labels_csv(path: str) -> dict[str, str]:
-    """``file,label`` CSV (other columns ignored) -> {file: label text}."""
-    with fsspec.open(path, "rt", newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "file" not in cols or "label" not in cols:
-            raise ValueError(f"labels CSV {path} needs 'file' and 'label' columns, has {cols}")
-        return {row["file"]: row["label"] for row in reader}
+    """``file,label`` CSV (other columns ignored, a UTF-8 byte-order mark allowed) -> {file: label text}."""
+    input_fs(path)
+    try:
+        with fsspec.open(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            if "file" not in cols or "label" not in cols:
+                raise ValueError(f"labels CSV {path} needs 'file' and 'label' columns, has {cols}")
+            return {row["file"]: row["label"] for row in reader}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"labels CSV {path} is not UTF-8 text ({e.reason})") from None
+    except csv.Error as e:
+        raise ValueError(f"labels CSV {path} is not a readable CSV: {e}") from None
 
 
 _SAFE_KEY = re.compile(r"^[^\x00-\x1f\\]+$")

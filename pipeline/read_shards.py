@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import posixpath
 import re
 import tarfile
@@ -34,6 +35,27 @@ def split_key(name: str) -> tuple[str, str] | None:
     """WebDataset naming: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``); None without a dot."""
     m = _KEY_EXT.match(name)
     return (m.group(1), m.group(2).lower()) if m else None
+
+
+def member_name(name: str) -> str:
+    """A tar member's name without leading ``./`` (``tar -C dir -cf x.tar .`` writes ``./a.jpg``)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def image_type_reason(t) -> str | None:
+    """Why a Parquet column of Arrow type ``t`` cannot hold images (None if it can): binary or
+    string values, or the Hugging Face ``struct<bytes, path>``."""
+    import pyarrow as pa
+
+    ok = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
+          pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+    if any(check(t) for check in ok):
+        return None
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        return image_type_reason(t.field("bytes").type)
+    return f"is {t}, not binary, string or struct<bytes, path>"
 
 
 def sanitize_key(key: str) -> str:
@@ -98,19 +120,19 @@ class _ReadShardFn(beam.DoFn):
                 return
             try:
                 for m in tf:
-                    current = m.name
+                    current = name = member_name(m.name)
                     if m.isdir():
                         continue
-                    reason = unsafe_name_reason(m.name)
+                    reason = unsafe_name_reason(name)
                     if reason:
                         yield err(None, m.name, f"unsafe member name ({reason})")
                         continue
                     if not m.isfile():
-                        yield err(None, m.name, "not a regular file (link or device)")
+                        yield err(None, name, "not a regular file (link or device)")
                         continue
-                    parts = split_key(m.name)
+                    parts = split_key(name)
                     if parts is None:
-                        yield err(None, m.name, "member name has no extension")
+                        yield err(None, name, "member name has no extension")
                         continue
                     k, ext = parts
                     if k != key:
@@ -119,15 +141,15 @@ class _ReadShardFn(beam.DoFn):
                             yield done
                         key, members = None, {}
                         if k in seen:
-                            yield err(k, m.name, "duplicate key in shard (members of one sample must be adjacent)")
+                            yield err(k, name, "duplicate key in shard (members of one sample must be adjacent)")
                             continue
                         seen.add(k)
                         key = k
                     data = tf.extractfile(m).read()
                     if ext in members:
-                        yield err(k, m.name, f"duplicate member .{ext}; kept the first")
+                        yield err(k, name, f"duplicate member .{ext}; kept the first")
                         continue
-                    members[ext] = (m.name, data)
+                    members[ext] = (name, data)
                     current = None
                 done = flush()
                 if done is not None:
@@ -142,53 +164,83 @@ class _ReadShardFn(beam.DoFn):
         import pyarrow.parquet as pq
 
         cfg = self.config
+
+        def err(key, member, reason):
+            return ErrorRecord(shard.index, shard.path, key, member, STAGE, reason)
+
         stem = sanitize_key(posixpath.basename(shard.path).split(".")[0]) or "row"
         with open_binary(shard.path) as f:
             try:
                 pf = pq.ParquetFile(f)
             except Exception as e:
-                yield ErrorRecord(shard.index, shard.path, None, None, STAGE, f"not a readable Parquet file: {e}")
+                yield err(None, None, f"not a readable Parquet file: {e}")
                 return
-            names = pf.schema_arrow.names
-            if cfg.image_column not in names:
-                yield ErrorRecord(shard.index, shard.path, None, None, STAGE,
-                                  f"no image column {cfg.image_column!r} (columns: {', '.join(names)})")
+            schema = pf.schema_arrow
+            names = schema.names
+            # The image column must exist; key and label columns must when named (None: the
+            # "key" and "label" columns if the file has them).
+            for what, name, required in (("image", cfg.image_column, True),
+                                         ("key", cfg.key_column, cfg.key_column is not None),
+                                         ("label", cfg.label_column, cfg.label_column is not None)):
+                if required and name not in names:
+                    yield err(None, None, f"no {what} column {name!r} (columns: {', '.join(names)})")
+                    return
+            key_col, label_col = cfg.key_column or "key", cfg.label_column or "label"
+            reason = image_type_reason(schema.field(cfg.image_column).type)
+            if reason:
+                yield err(None, None, f"wrong column type: image column {cfg.image_column!r} {reason}")
                 return
-            cols = [c for c in (cfg.image_column, cfg.key_column, cfg.label_column) if c in names]
+            cols = [c for c in (cfg.image_column, key_col, label_col) if c in names]
             row = 0
             seen: set[str] = set()
             try:
                 for batch in pf.iter_batches(batch_size=256, columns=cols):
                     d = batch.to_pydict()
-                    for i in range(batch.num_rows):
-                        member = f"row {row}"
-                        given = d.get(cfg.key_column, [None] * batch.num_rows)[i]
-                        raw_key = str(given) if given is not None else f"{stem}-{row:08d}"
-                        row += 1
-                        key = sanitize_key(raw_key)
-                        reason = unsafe_name_reason(key)
-                        if reason:
-                            yield ErrorRecord(shard.index, shard.path, None, member, STAGE, f"unsafe key {raw_key!r} ({reason})")
-                            continue
-                        if key in seen:
-                            yield ErrorRecord(shard.index, shard.path, key, member, STAGE, "duplicate key in file")
-                            continue
-                        seen.add(key)
-                        img = d[cfg.image_column][i]
-                        if isinstance(img, dict):  # Hugging Face datasets: struct<bytes, path>
-                            img = img.get("bytes")
-                        if img is None:
-                            yield ErrorRecord(shard.index, shard.path, key, member, STAGE, "null image")
-                            continue
-                        if isinstance(img, str):
-                            img = img.encode("latin-1")
-                        label = d.get(cfg.label_column, [None] * batch.num_rows)[i]
-                        meta = None if raw_key == key else json.dumps({"source_key": raw_key}).encode()
-                        yield RawSample(shard.index, shard.path, key, member, bytes(img),
-                                        None if label is None else str(label), meta)
-            except Exception as e:
-                yield ErrorRecord(shard.index, shard.path, None, f"row {row}", STAGE,
-                                  f"Parquet file unreadable from row {row}: {e}")
+                    n = batch.num_rows
+                    images, keys, labels = d[cfg.image_column], d.get(key_col, [None] * n), d.get(label_col, [None] * n)
+                    for i in range(n):
+                        yield self._parquet_row(shard, stem, row + i, images[i], keys[i], labels[i], seen)
+                    row += n
+            except Exception as e:  # a batch that cannot be read: the rest of the file is lost
+                yield err(None, f"row {row}", f"Parquet file unreadable from row {row}: {e}")
+
+    @staticmethod
+    def _parquet_row(shard: SourceShard, stem: str, row: int, img, given_key, label,
+                     seen: set[str]) -> RawSample | ErrorRecord:
+        """One Parquet row -> RawSample, or an ErrorRecord with the reason (never raises)."""
+        member = f"row {row}"
+        raw_key = str(given_key) if given_key is not None else f"{stem}-{row:08d}"
+        key = sanitize_key(raw_key)
+
+        def err(k, reason):
+            return ErrorRecord(shard.index, shard.path, k, member, STAGE, reason)
+
+        reason = unsafe_name_reason(key)
+        if reason:
+            return err(None, f"unsafe key {raw_key!r} ({reason})")
+        if key in seen:
+            return err(key, "duplicate key in file")
+        seen.add(key)
+        if isinstance(img, dict):  # Hugging Face datasets: struct<bytes, path>
+            img = img.get("bytes")
+        if img is None:
+            return err(key, "null image")
+        if isinstance(img, str):
+            # Bytes stored as text, one character per byte; anything else is not image data.
+            try:
+                img = img.encode("latin-1")
+            except UnicodeEncodeError:
+                return err(key, "image column holds text, not image bytes (a character above U+00FF)")
+        if not isinstance(img, (bytes, bytearray)):
+            return err(key, f"wrong column type: image value is {type(img).__name__}, not bytes")
+        if isinstance(label, float):  # an int column with nulls, through pandas
+            if math.isnan(label):
+                label = None
+            elif label.is_integer():
+                label = int(label)
+        meta = None if raw_key == key else json.dumps({"source_key": raw_key}).encode()
+        return RawSample(shard.index, shard.path, key, member, bytes(img),
+                         None if label is None else str(label), meta)
 
     # ----------------------------------------------------------------------- folders
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -60,6 +62,12 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
+#: Resizing the whole image first is kept while its result stays within this many times the
+#: target square; beyond (a thin strip brought up to the target size: 1x3000 px at 256 would make
+#: a 256x768000 intermediate), only the center region is resampled.
+_FULL_RESIZE_MAX_RATIO = 16
+
+
 def resize_and_crop(image: np.ndarray, *, resize: int, crop: int) -> np.ndarray:
     """Resize the shorter side to ``resize`` (bicubic, antialiased), then center-crop ``crop`` x ``crop``.
 
@@ -67,6 +75,11 @@ def resize_and_crop(image: np.ndarray, *, resize: int, crop: int) -> np.ndarray:
     crop, in which case its shorter side is brought up to ``crop``. An image that already is
     ``crop`` x ``crop`` is returned unchanged: re-resizing a pre-cropped (for instance adversarial)
     image would destroy exactly the pixels we want to study.
+
+    Memory stays bounded by the input and the crop: when upscaling would make an intermediate
+    larger than the input and than ``_FULL_RESIZE_MAX_RATIO`` target squares (aspect ratios beyond
+    16:1), only the crop's region is resampled (Pillow's ``resize(box=...)``, same scale), which
+    agrees with resize-then-crop to within 2 levels; all other images take resize-then-crop.
     """
     h, w = image.shape[:2]
     if (h, w) == (crop, crop):
@@ -77,11 +90,46 @@ def resize_and_crop(image: np.ndarray, *, resize: int, crop: int) -> np.ndarray:
             nh, nw = target, max(1, int(round(w * target / h)))
         else:
             nh, nw = max(1, int(round(h * target / w))), target
+        top = int(round((nh - crop) / 2.0))
+        left = int(round((nw - crop) / 2.0))
+        if nh * nw > max(h * w, _FULL_RESIZE_MAX_RATIO * target * target):
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+            return np.asarray(Image.fromarray(image).resize((crop, crop), Image.Resampling.BICUBIC, box=box))
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
         h, w = nh, nw
     top = int(round((h - crop) / 2.0))
     left = int(round((w - crop) / 2.0))
     return np.ascontiguousarray(image[top : top + crop, left : left + crop])
+
+
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+_PILLOW_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+_pillow_limit_lock = threading.Lock()
+
+
+def _reason(e: Exception) -> str:
+    """``Type: message`` without object addresses (Pillow names its ``<_io.BytesIO object at
+    0x...>``), so the same input gives the same reason in every run."""
+    return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))}"
+
+
+def _allow_in_pillow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide bomb limit (``Image.MAX_IMAGE_PIXELS``, whose hard error fires at
+    twice it) to ``max_pixels`` when that is higher, so the configured limit governs. Never lowers
+    it, and leaves a disabled (None) limit alone."""
+    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= max_pixels:
+        return
+    with _pillow_limit_lock:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _bomb(e: Image.DecompressionBombError, max_pixels: int) -> DecodeError:
+    """Pillow's own hard error, reworded to cite the configured limit."""
+    m = _PILLOW_BOMB_PIXELS.search(str(e))
+    size = f"{int(m.group(1))} pixels" if m else "the image"
+    return DecodeError(f"decompression bomb: {size} exceeds the limit of {max_pixels}")
 
 
 def decode_image(
@@ -97,19 +145,21 @@ def decode_image(
     alpha over white). Raises :class:`DecodeError` with a reason for empty, truncated or
     non-image data and for images over ``max_pixels`` (decompression bombs), which are rejected
     from the header alone, before any pixel is decoded. ``crop=0`` skips resizing and cropping.
+    A ``max_pixels`` above Pillow's own limit raises that (process-wide) limit to it.
     """
     if not data:
         raise DecodeError("empty image data")
+    _allow_in_pillow(max_pixels)
     with warnings.catch_warnings():
-        # Our own max_pixels check replaces Pillow's warning; its hard error (2x its limit) is
-        # still caught below.
+        # Our own max_pixels check replaces Pillow's warning; its hard error (2x its limit, never
+        # below max_pixels) is still caught below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
-            raise DecodeError(f"decompression bomb: {e}") from None
+            raise _bomb(e, max_pixels) from None
         except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from plugins
-            raise DecodeError(f"not a decodable image ({type(e).__name__}: {e})") from None
+            raise DecodeError(f"not a decodable image ({_reason(e)})") from None
         w, h = img.size
         if w * h > max_pixels:
             raise DecodeError(
@@ -122,9 +172,9 @@ def decode_image(
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
         except Image.DecompressionBombError as e:
-            raise DecodeError(f"decompression bomb: {e}") from None
+            raise _bomb(e, max_pixels) from None
         except Exception as e:
-            raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+            raise DecodeError(f"corrupt or truncated image ({_reason(e)})") from None
     if crop:
         rgb = resize_and_crop(rgb, resize=resize, crop=crop)
     return np.ascontiguousarray(rgb, dtype=np.uint8)

@@ -112,3 +112,75 @@ def test_quantize_on_grid():
     q = quantize(x)
     assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
     assert (q - x).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def _full_resize_then_crop(img: np.ndarray, target: int, crop: int) -> np.ndarray:
+    """The reference: the whole image resized (shorter side = target), then center-cropped."""
+    h, w = img.shape[:2]
+    nh, nw = (target, round(w * target / h)) if h <= w else (round(h * target / w), target)
+    big = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC))
+    top, left = round((nh - crop) / 2), round((nw - crop) / 2)
+    return big[top : top + crop, left : left + crop]
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (40, 150), (300, 70), (50, 50), (500, 400)])
+def test_normal_images_are_resized_then_cropped_exactly(shape):
+    img = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert np.array_equal(resize_and_crop(img, resize=72, crop=64), _full_resize_then_crop(img, 72, 64))
+
+
+def test_thin_strips_resample_only_the_crop_region():
+    """A 6x400 strip brought up to 72 would be a 72x4800 intermediate; only the crop is resampled,
+    within 2 levels of resize-then-crop."""
+    rng = np.random.default_rng(2)
+    for shape in [(6, 400), (400, 6), (1, 300)]:
+        img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        out = resize_and_crop(img, resize=72, crop=64)
+        ref = _full_resize_then_crop(img, 72, 64)
+        assert out.shape == (64, 64, 3) and np.abs(out.astype(int) - ref).max() <= 2, shape
+
+
+def test_thin_image_decodes_in_bounded_memory():
+    """A 1x3000 PNG (under 100 bytes) at resize 256 used to build a 256x768000 intermediate (GBs)."""
+    code = (
+        "import io, resource, numpy as np\n"
+        "from PIL import Image\n"
+        "from transforms.images import decode_image\n"
+        "buf = io.BytesIO(); Image.new('RGB', (1, 3000), (10, 200, 30)).save(buf, 'PNG')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = decode_image(buf.getvalue(), resize=256, crop=224)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "assert out.shape == (224, 224, 3) and (out == (10, 200, 30)).all(), out[0, 0]\n"
+        "print(grown)\n"
+    )
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 50_000, f"peak memory grew by {int(r.stdout)} KiB"
+
+
+def test_configured_pixel_limit_governs_over_pillows(monkeypatch):
+    """Pillow refuses images over twice its own process-wide limit; --max-pixels above it wins, and
+    messages cite the configured limit, not Pillow's."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's hard error now at 2000 px
+    data = encode(Image.new("RGB", (64, 64), (1, 2, 3)))  # 4096 px
+    assert decode_image(data, crop=0, max_pixels=5000).shape == (64, 64, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DecodeError, match=r"4096 pixels exceeds the limit of 3000$") as e:
+        decode_image(data, crop=0, max_pixels=3000)
+    assert "2000" not in str(e.value)
+    huge = encode(Image.new("1", (20000, 10000)))  # over Pillow's default hard limit (178956970)
+    monkeypatch.undo()
+    with pytest.raises(DecodeError, match="200000000 pixels exceeds the limit of 1000000$"):
+        decode_image(huge, max_pixels=1_000_000)
+
+
+def test_reasons_are_the_same_in_every_run():
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"not an image at all")
+    assert "0x" not in str(e.value) and str(e.value) == (
+        "not a decodable image (UnidentifiedImageError: cannot identify image file <_io.BytesIO object>)")

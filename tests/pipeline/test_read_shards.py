@@ -1,0 +1,133 @@
+"""Reading source shards and listing inputs: every row or member is a sample or an error with its
+reason, and input mistakes are clear errors before any work."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import InputConfig
+from pipeline.io import expand_inputs, input_shards, list_images, read_labels_csv
+from pipeline.read_shards import _ReadShardFn
+from pipeline.records import ErrorRecord, RawSample, SourceShard
+from tests.shards import encode, write_tar
+
+PNG = encode(np.full((8, 8, 3), 100, np.uint8))
+
+
+def read(path, fmt, **config):
+    fn = _ReadShardFn(InputConfig(paths=(str(path),), **config))
+    fn.setup()
+    return list(fn.process(SourceShard(0, str(path), fmt)))
+
+
+def parquet(tmp_path, **columns):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_a_bad_parquet_row_is_one_error_and_the_rest_is_read(tmp_path):
+    out = read(parquet(tmp_path, image=["not an image", "ünïcödé € text", "after"]), "parquet")
+    assert [type(o) for o in out] == [RawSample, ErrorRecord, RawSample]
+    assert (out[1].member, out[1].key) == ("row 1", "x-00000001") and "holds text" in out[1].reason
+    assert (out[0].data, out[2].data, out[2].member) == (b"not an image", b"after", "row 2")
+
+
+def test_image_column_of_the_wrong_type_is_rejected_unread(tmp_path):
+    (err,) = read(parquet(tmp_path, image=[1_000_000_000, 7]), "parquet")
+    assert isinstance(err, ErrorRecord) and err.reason.startswith("wrong column type: image column 'image' is int64")
+    hf = read(parquet(tmp_path, image=[{"bytes": PNG, "path": "a.png"}, {"bytes": None, "path": "b.png"}]), "parquet")
+    assert hf[0].data == PNG and hf[1].reason == "null image"
+
+
+def test_integral_float_labels_are_labels_and_nan_is_none(tmp_path):
+    out = read(parquet(tmp_path, image=[PNG] * 4, label=[0.0, 2.0, float("nan"), None]), "parquet")
+    assert [o.label for o in out] == ["0", "2", None, None]
+
+
+def test_named_key_and_label_columns_must_exist(tmp_path):
+    path = parquet(tmp_path, image=[PNG, PNG], key=["a", "b"], label=[1, 2])
+    assert [(o.key, o.label) for o in read(path, "parquet")] == [("a", "1"), ("b", "2")]
+    for option, column in (("key_column", "id"), ("label_column", "lbl")):
+        (err,) = read(path, "parquet", **{option: column})
+        assert err.reason == f"no {option.split('_')[0]} column {column!r} (columns: image, key, label)"
+    bare = parquet(tmp_path, image=[PNG])
+    assert [(o.key, o.label) for o in read(bare, "parquet")] == [("x-00000000", None)]
+
+
+def test_tar_members_with_leading_dot_slash(tmp_path):
+    path = write_tar(tmp_path / "x.tar", [("./a.png", PNG), ("./a.cls", b"1"), ("././b.png", PNG),
+                                           ("./../evil.png", PNG), ("/abs.png", PNG)])
+    out = read(path, "webdataset")
+    samples = [(o.key, o.member, o.label) for o in out if isinstance(o, RawSample)]
+    assert samples == [("a", "a.png", "1"), ("b", "b.png", None)]
+    assert sorted(o.member for o in out if isinstance(o, ErrorRecord)) == ["./../evil.png", "/abs.png"]
+
+
+def test_empty_input_is_an_error(tmp_path, monkeypatch):
+    from jobs.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.png").write_bytes(PNG)
+    with pytest.raises(ValueError, match="--input must not be empty"):
+        InputConfig(paths=("",))
+    with pytest.raises(ValueError, match="empty input path"):
+        expand_inputs(("",))
+    with pytest.raises(ValueError, match="empty input path"):
+        list_images(" ")
+    assert main(["defend", "--input", "", "--output", "out", "--defense", "jpeg:quality=50"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_given_twice_are_read_once(tmp_path):
+    (tmp_path / "two").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "two" / name).write_bytes(PNG)
+    write_tar(tmp_path / "x.tar", [("k.png", PNG)])
+    shards = expand_inputs((str(tmp_path / "two"), str(tmp_path / "two") + "/", str(tmp_path / "x.tar"),
+                            str(tmp_path / "*.tar")))
+    assert [(s.index, s.format, s.files) for s in shards] == [(0, "folder", ("a.png", "b.png")), (1, "webdataset", ())]
+
+
+def test_an_existing_path_is_literal_even_with_glob_characters(tmp_path):
+    (tmp_path / "set[1]").mkdir()
+    (tmp_path / "set[1]" / "a.png").write_bytes(PNG)
+    (tmp_path / "set1").mkdir()  # what the glob would match
+    (tmp_path / "set1" / "b.png").write_bytes(PNG)
+    (shard,) = expand_inputs((str(tmp_path / "set[1]"),))
+    assert shard.path.endswith("set[1]") and shard.files == ("a.png",)
+
+
+def test_missing_folder_says_so(tmp_path):
+    from pipeline.pack import pack_folder
+
+    with pytest.raises(ValueError, match="input not found"):
+        pack_folder(str(tmp_path / "nope"), str(tmp_path / "s"), 10)
+    with pytest.raises(ValueError, match="input not found"):
+        expand_inputs((str(tmp_path / "nope"),))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
+def test_missing_fsspec_backend_names_the_package():
+    with pytest.raises(ValueError, match="cannot read s3://bucket/x.tar: .*s3fs"):
+        expand_inputs(("s3://bucket/x.tar",))
+
+
+def test_labels_csv_checks(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("file,label\na.png,3\n".encode("utf-8-sig"))
+    assert read_labels_csv(str(tmp_path / "bom.csv")) == {"a.png": "3"}
+    (tmp_path / "bin.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ValueError, match=f"labels CSV {tmp_path / 'bin.csv'} is not UTF-8 text"):
+        read_labels_csv(str(tmp_path / "bin.csv"))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.png").write_bytes(PNG)
+    write_tar(tmp_path / "x.tar", [("k.png", PNG)])
+    ok = InputConfig(paths=(str(tmp_path / "f"),), labels_csv=str(tmp_path / "bom.csv"))
+    assert len(input_shards(ok)) == 1
+    with pytest.raises(ValueError, match=r"--labels applies to folder inputs only; .*x.tar is a WebDataset tar"):
+        input_shards(InputConfig(paths=(str(tmp_path / "f"), str(tmp_path / "x.tar")),
+                                 labels_csv=str(tmp_path / "bom.csv")))
