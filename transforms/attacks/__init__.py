@@ -31,7 +31,8 @@ from .mifgsm import mifgsm
 from .pgd import pgd
 
 __all__ = [
-    "ATTACKS", "AttackResult", "CLEAN", "check_values", "parse_attack", "resolve_target", "run_attack", "ThroughDefense",
+    "ATTACKS", "AttackResult", "CLEAN", "check_values", "parse_attack", "resolve_target", "run_attack",
+    "ThroughDefense",
     "fgsm", "igsm", "pgd", "mifgsm", "ga", "deepfool", "jsma", "lbfgs", "cw",
 ]
 
