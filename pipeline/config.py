@@ -8,7 +8,7 @@ import datetime as _dt
 import secrets
 from dataclasses import dataclass, field
 
-from transforms.attacks import CLEAN, parse_attack
+from transforms.attacks import CLEAN, check_values, parse_attack
 from transforms.defenses import parse_defense
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.models import model_info
@@ -176,6 +176,8 @@ class EvaluateConfig:
             raise ValueError("the defend layout defends its inputs as they are (no attacks)")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for spec in self.attacks:  # a target class must be one the model has
+            check_values(spec, self.model.num_classes)
 
     @property
     def maps(self) -> ModelConfig:

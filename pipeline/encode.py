@@ -68,6 +68,8 @@ class _EncodeFn(beam.DoFn):
         sizes: dict[str, int] = {}
         for spec in self.order:
             req = map_request(spec)
+            if req and req[0] not in v.maps:
+                continue  # its map failed on this variant: reported by the saliency stage
             try:
                 saliency = v.maps[req[0]] if req else None
                 matched = None

@@ -29,18 +29,24 @@ from .records import Variant
 log = logging.getLogger(__name__)
 
 
-def map_requests(defenses: tuple[Spec, ...]) -> dict[str, tuple[str, dict]]:
-    """Distinct map requests of the defenses: canonical text -> (defense name, map kwargs)."""
-    out: dict[str, tuple[str, dict]] = {}
+def map_requests(defenses: tuple[Spec, ...]) -> dict[str, tuple[str, dict, tuple[str, ...]]]:
+    """Distinct map requests of the defenses: canonical text -> (defense name, map kwargs, the
+    texts of the defenses that need this map)."""
+    out: dict[str, tuple[str, dict, tuple[str, ...]]] = {}
     for d in defenses:
         req = map_request(d)
         if req is not None:
-            out.setdefault(req[0], (d.name, req[1]))
+            name, kwargs, users = out.get(req[0], (d.name, req[1], ()))
+            out[req[0]] = (name, kwargs, users + (d.text,))
     return out
 
 
 class MapHandler(_ClassifierHandler):
-    """Batch of Variants -> the same Variants with ``maps`` filled (or ErrorRecords)."""
+    """Batch of Variants -> the same Variants with ``maps`` filled (or ErrorRecords).
+
+    A map request that fails on a batch is reported for each variant and each defense that needs
+    that map (stage ``saliency``); the variants go on without it, so their other defenses still
+    run (the encode stage skips the defenses whose map is missing: they are reported here)."""
 
     def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int):
         super().__init__(model)
@@ -57,22 +63,28 @@ class MapHandler(_ClassifierHandler):
         try:
             device = next(model.parameters()).device
             x = to_tensor([v.image for v in batch], device)
-            maps: list[dict] = [{} for _ in batch]
-            seconds: list[dict] = [{} for _ in batch]
-            for text, (name, kwargs) in self.requests.items():
+        except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            log.exception("saliency maps failed on a batch of %d", len(batch))
+            return batch_errors(batch, "saliency", e)
+        maps: list[dict] = [{} for _ in batch]
+        seconds: list[dict] = [{} for _ in batch]
+        errors = []
+        for text, (name, kwargs, users) in self.requests.items():
+            try:
                 seeds = seed_tensor([sample_seed(self.seed, v.sample.source, v.sample.key, v.attack.text, text)
                                      for v in batch])
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     m = compute_maps(name, model, x, kwargs, seeds).float().cpu().numpy()
                 dt = (time.perf_counter() - t0) / max(1, len(batch))
-                for i in range(len(batch)):
-                    maps[i][text] = m[i]
-                    seconds[i][text] = dt
-            return [dataclasses.replace(v, maps=mp, map_seconds=sc) for v, mp, sc in zip(batch, maps, seconds)]
-        except Exception as e:  # a failed batch becomes error rows, never a failed bundle
-            log.exception("saliency maps failed on a batch of %d", len(batch))
-            return batch_errors(batch, "saliency", e)
+            except Exception as e:  # only the defenses that need this map fail
+                log.exception("saliency map %s failed on a batch of %d", text, len(batch))
+                errors += [dataclasses.replace(r, defense=d) for d in users for r in batch_errors(batch, "saliency", e)]
+                continue
+            for i in range(len(batch)):
+                maps[i][text] = m[i]
+                seconds[i][text] = dt
+        return [dataclasses.replace(v, maps=mp, map_seconds=sc) for v, mp, sc in zip(batch, maps, seconds)] + errors
 
 
 class SaliencyMaps(beam.PTransform):

@@ -211,14 +211,10 @@ def parse_defense(text: str) -> Spec:
             bad("q_low", f"q_low ({lo}) must not exceed q_high ({hi})")
         if p.get("levels", 1) < 1:
             bad("levels", "must be >= 1")
-        if p.get("top_k", 1) < 1:
-            bad("top_k", "must be >= 1")
-    if spec.name == "aug_msroi":
-        if p.get("samples", 1) < 1:
-            bad("samples", "must be >= 1")
-        for key in ("input_noise", "activation_noise"):
-            if p.get(key, 0) < 0:
-                bad(key, "must be >= 0")
+        try:  # the map function's own checks: finite noise scales, top_k and samples >= 1, ...
+            _saliency.check_map_params(**map_request(spec)[1])
+        except ValueError as e:
+            raise ValueError(f"bad value in defense spec {text!r}: {e}") from None
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
         bad("bytes", "must be >= 1")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]

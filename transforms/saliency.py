@@ -34,6 +34,7 @@ __all__ = [
     "msroi",
     "aug_msroi",
     "msroi_rank_weights",
+    "check_map_params",
     "NOISES",
     "DEFAULT_SAMPLES",
     "DEFAULT_INPUT_NOISE",
@@ -76,11 +77,30 @@ def _check(model: nn.Module, images: torch.Tensor) -> torch.device:
     return param.device if param is not None else images.device
 
 
-def _check_selection(top_k: int, threshold: float | None) -> None:
-    if threshold is None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+def check_map_params(
+    *,
+    top_k: int = 5,
+    threshold: float | None = None,
+    samples: int = 1,
+    input_noise: float = 0.0,
+    activation_noise: float = 0.0,
+    noise: str = DEFAULT_NOISE,
+) -> None:
+    """The valid values of the map parameters of :func:`msroi` and :func:`aug_msroi` (which
+    check them first): ``top_k`` and ``samples`` integers >= 1, ``threshold`` finite or None,
+    ``input_noise`` and ``activation_noise`` finite and >= 0, ``noise`` a key of
+    :data:`NOISES`. Raises ValueError naming the parameter; the defenses call it when a spec is
+    parsed, so a bad value fails before any work starts."""
+    for name, v in (("top_k", top_k), ("samples", samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if threshold is not None and not math.isfinite(float(threshold)):
         raise ValueError(f"threshold must be a finite number or None, got {threshold!r}")
+    for name, v in (("input_noise", input_noise), ("activation_noise", activation_noise)):
+        if not (math.isfinite(float(v)) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if noise not in NOISES:
+        raise ValueError(f"unknown noise {noise!r}; valid: {', '.join(NOISES)}")
 
 
 # --------------------------------------------------------------------------- CAM and MSROI
@@ -199,7 +219,7 @@ def msroi(
         float32 (N, H, W) in [0, 1] on the images' device.
     """
     device = _check(model, images)
-    _check_selection(top_k, threshold)
+    check_map_params(top_k=top_k, threshold=threshold)
     n, _, h, w = images.shape
     if n == 0:
         return torch.zeros((0, h, w), dtype=torch.float32, device=images.device)
@@ -384,14 +404,8 @@ def aug_msroi(
         float32 (N, H, W) in [0, 1] on the images' device.
     """
     device = _check(model, images)
-    _check_selection(top_k, threshold)
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    for name, v in (("input_noise", input_noise), ("activation_noise", activation_noise)):
-        if not (math.isfinite(float(v)) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if noise not in NOISES:
-        raise ValueError(f"unknown noise {noise!r}; valid: {', '.join(NOISES)}")
+    check_map_params(top_k=top_k, threshold=threshold, samples=samples, input_noise=input_noise,
+                     activation_noise=activation_noise, noise=noise)
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1 or None, got {max_batch!r}")
     n, _, h, w = images.shape

@@ -160,3 +160,28 @@ def test_adaptive_bpda_attack_through_the_pipeline(tmp_path, photos, fnapi):
     got = to_tensor([adv[k] for k in keys])
     assert float((got != want.images).float().mean()) < 1e-3  # batched differently: a rare sign flip at most
     assert not torch.equal(got, to_tensor([plain[k] for k in keys]))
+
+
+def test_a_failing_map_fails_only_the_defenses_that_need_it(tmp_path, photos):
+    """A map that fails at run time (a spec built past the parser here; out of memory in life) is
+    reported for each variant and each defense that needs it, with that defense's spec; the
+    variant's other defenses, rate-matched ones included, still give their rows."""
+    import dataclasses
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms.specs import Spec
+
+    write_tar(tmp_path / "a.tar", [("p.png", encode(photos[0])), ("q.png", encode(photos[1]))])
+    cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "run", attacks=(),
+                      defenses=("msroi", "jpeg:match=msroi", "jpeg:quality=50"), run_id="fixed")
+    broken = Spec("aug_msroi", {"activation_noise": float("nan")})
+    cfg = dataclasses.replace(cfg, defenses=(*cfg.defenses, broken))
+    run_evaluate(cfg, PipelineOptions(["--runner", "FnApiRunner"]))
+    rows = pq.read_table(sorted((tmp_path / "run" / "metadata").glob("*.parquet"))).to_pylist()
+    errors = pq.read_table(sorted((tmp_path / "run" / "errors").glob("*.parquet"))).to_pylist()
+    assert sorted((r["key"], r["defense_spec"]) for r in rows) == sorted(
+        (k, d) for k in ("p", "q") for d in ("none", "msroi", "jpeg:match=msroi", "jpeg:quality=50"))
+    assert sorted((e["key"], e["stage"], e["defense_spec"], e["attack_spec"]) for e in errors) == [
+        ("p", "saliency", broken.text, "clean"), ("q", "saliency", broken.text, "clean")]
+    assert all("activation_noise" in e["reason"] for e in errors)

@@ -1,4 +1,5 @@
 import pickle
+import re
 from typing import Literal
 
 import pytest
@@ -58,3 +59,54 @@ def test_spec_pickles_and_has_safe_folder():
     for text in ("a:b=../../x", "../..", "x y*?"):
         name = safe_name(text)
         assert "/" not in name and name not in (".", "..") and " " not in name
+
+
+# Every numeric parameter of every registered attack and defense, out of its range: the spec fails
+# when it is parsed (before any work), with a message naming the parameter.
+BAD_SPECS = [
+    ("fgsm:eps=-1", "eps"), ("fgsm:eps=nan", "eps"), ("fgsm:rmse=-0.1", "rmse"), ("fgsm:rmse=inf", "rmse"),
+    ("fgsm:target=-1", "target"),
+    ("igsm:steps=-3", "steps"), ("bim:step_size=0", "step_size"), ("igsm:eps=2", "eps"),
+    ("pgd:eps=nan", "eps"), ("pgd:steps=0", "steps"), ("pgd:step_size=inf", "step_size"), ("pgd:rmse=0", "rmse"),
+    ("pgd:norm=2", "rmse"),
+    ("mifgsm:mu=-1", "mu"), ("mifgsm:mu=inf", "mu"), ("mifgsm:steps=0", "steps"), ("mifgsm:eps=-0.1", "eps"),
+    ("ga:rmse=0", "rmse"), ("ga:search_steps=-1", "search_steps"),
+    ("deepfool:overshoot=nan", "overshoot"), ("deepfool:max_iter=0", "max_iter"),
+    ("deepfool:candidates=1", "candidates"), ("deepfool:rmse=-1", "rmse"),
+    ("jsma:theta=nan", "theta"), ("jsma:theta=0", "theta"), ("jsma:gamma=0", "gamma"), ("jsma:gamma=1.5", "gamma"),
+    ("jsma:candidates=1", "candidates"), ("jsma:pairs=0", "pairs"),
+    ("lbfgs:initial_const=0", "initial_const"), ("lbfgs:search_steps=0", "search_steps"),
+    ("lbfgs:steps=0", "steps"), ("lbfgs:memory=0", "memory"),
+    ("cw:confidence=-1", "confidence"), ("cw:confidence=inf", "confidence"), ("cw:initial_const=nan", "initial_const"),
+    ("cw:binary_search_steps=0", "binary_search_steps"), ("cw:steps=0", "steps"), ("cw:lr=inf", "lr"),
+    ("fgsm:eps=4/255,bpda=aug_msroi:activation_noise=nan", "activation_noise"),
+    ("jpeg:quality=0", "quality"), ("jpeg:quality=101", "quality"), ("jpeg:bytes=0", "bytes"),
+    ("msroi:top_k=0", "top_k"), ("msroi:threshold=nan", "threshold"), ("msroi:levels=0", "levels"),
+    ("msroi:q_low=0", "q_low"), ("msroi:bytes=-5", "bytes"),
+    ("aug_msroi:activation_noise=nan", "activation_noise"), ("aug_msroi:activation_noise=-0.1", "activation_noise"),
+    ("aug_msroi:input_noise=inf", "input_noise"), ("aug_msroi:samples=0", "samples"),
+    ("aug_msroi:threshold=-inf", "threshold"), ("aug_msroi:top_k=-2", "top_k"), ("aug_msroi:q_high=101", "q_high"),
+]
+
+
+@pytest.mark.parametrize("text, param", BAD_SPECS)
+def test_bad_values_fail_at_parse_time_naming_the_parameter(text, param):
+    from transforms.attacks import ATTACKS, parse_attack
+    from transforms.defenses import parse_defense
+
+    parse = parse_attack if text.split(":")[0] in ATTACKS else parse_defense
+    with pytest.raises(ValueError) as e:
+        parse(text)
+    assert repr(text) in str(e.value) and re.search(rf"\b{param}\b", str(e.value)), str(e.value)
+
+
+def test_every_registered_spec_parses_with_its_defaults():
+    """The attacks' values are checked on an empty batch without a model: each registered attack
+    must check its parameters before touching either."""
+    from transforms.attacks import ATTACKS, parse_attack
+    from transforms.defenses import DEFENSES, parse_defense
+
+    for name in ATTACKS:
+        assert parse_attack(name).name == name
+    for name in DEFENSES:
+        assert parse_defense(name).name == name

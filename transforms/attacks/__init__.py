@@ -31,7 +31,8 @@ from .mifgsm import mifgsm
 from .pgd import pgd
 
 __all__ = [
-    "ATTACKS", "AttackResult", "CLEAN", "parse_attack", "resolve_target", "run_attack", "ThroughDefense",
+    "ATTACKS", "AttackResult", "CLEAN", "check_values", "parse_attack", "resolve_target", "run_attack",
+    "ThroughDefense",
     "fgsm", "igsm", "pgd", "mifgsm", "ga", "deepfool", "jsma", "lbfgs", "cw",
 ]
 
@@ -69,6 +70,7 @@ def parse_attack(text: str) -> Spec:
         if str(e).startswith("unknown parameter"):  # every attack also takes bpda=
             raise ValueError(f"{e}, {BPDA_PARAM}") from None
         raise
+    check_values(spec)
     if defense is None:
         return spec
     try:
@@ -77,6 +79,29 @@ def parse_attack(text: str) -> Spec:
     except ValueError as e:
         raise ValueError(f"bad {BPDA_PARAM} defense in attack spec {text!r}: {e}") from None
     return Spec(spec.name, {**spec.params, BPDA_PARAM: dspec.text}, text.strip())
+
+
+def check_values(spec: Spec, num_classes: int | None = None) -> None:
+    """Check a parsed attack spec's values, so a bad one fails before any work starts.
+
+    Every attack checks its parameters (each one's range is in its ``check_range`` calls: finite,
+    budgets in [0, 1], step counts >= 1, ...) before it touches the model or the images, so the
+    checks run here on an empty batch, without a model: the same checks as at run time. A class
+    index ``target`` must be >= 0, and below ``num_classes`` where the model is known.
+    Raises ValueError naming the spec and the parameter."""
+    if spec.name == CLEAN:
+        return
+    params = {k: v for k, v in spec.params.items() if k not in ("target", BPDA_PARAM)}
+    target = spec.params.get("target")
+    try:
+        if isinstance(target, int):
+            hi = "" if num_classes is None else f" and < {num_classes} (the model's classes)"
+            if target < 0 or (num_classes is not None and target >= num_classes):
+                raise ValueError(f"target must be a class index >= 0{hi}, random or least_likely, got {target}")
+        empty = torch.zeros(0, 3, 1, 1)
+        ATTACKS[spec.name](None, empty, torch.zeros(0, dtype=torch.int64), **params)
+    except ValueError as e:
+        raise ValueError(f"bad value in attack spec {spec.text!r}: {e}") from None
 
 
 def resolve_target(

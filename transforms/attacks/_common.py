@@ -58,16 +58,16 @@ def check_inputs(images: torch.Tensor, labels: torch.Tensor, target: torch.Tenso
 def check_range(
     name: str, value: float | int, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
 ) -> None:
-    """Raise ValueError naming ``name`` and ``value`` unless ``lo <= value <= hi`` (``lo < value``
-    when ``lo_open``)."""
-    ok = True
+    """Raise ValueError naming ``name`` and ``value`` unless it is a finite number with
+    ``lo <= value <= hi`` (``lo < value`` when ``lo_open``): nan and inf are never valid."""
+    ok = math.isfinite(value)
     if lo is not None:
-        ok = value > lo if lo_open else value >= lo
+        ok = ok and (value > lo if lo_open else value >= lo)
     if hi is not None:
         ok = ok and value <= hi
-    if not ok or (isinstance(value, float) and math.isnan(value)):
+    if not ok:
         left = "(" if lo_open else "["
-        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf)' if hi is None else f'{hi}]'}"
         raise ValueError(f"{name} must be in {rng}, got {value}")
 
 
