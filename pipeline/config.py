@@ -14,6 +14,8 @@ from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.models import model_info
 from transforms.specs import Spec
 
+from .io import check_run_id
+
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
 ATTACK_LABELS = ("pred", "label")
 
@@ -171,6 +173,7 @@ class EvaluateConfig:
             raise ValueError("the defend layout defends its inputs as they are (no attacks)")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_run_id(self.run_id)
 
     @property
     def maps(self) -> ModelConfig:
