@@ -113,3 +113,41 @@ def test_attack_job_rejects_defenses(tmp_path, capsys):
     code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
                  "--attack", "fgsm", "--defense", "jpeg"])
     assert code == 2 and "losslessly" in capsys.readouterr().err
+
+
+def one_error_line(capsys, job: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"semjpeg {job}: error:"), err
+    return err[0]
+
+
+def test_the_working_folder_is_never_an_output(tmp_path, capsys, monkeypatch):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    work = tmp_path / "emptycwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work)):
+        code = main(["defend", "--input", "../a.tar", "--output", output, "--defense", "jpeg:quality=50",
+                     "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+        assert code == 2 and "current folder or one of its parents" in one_error_line(capsys, "defend")
+    assert work.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "emptycwd"]
+
+
+def test_a_rerun_never_removes_its_own_input(tmp_path, capsys, photos):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    out = tmp_path / "adv"
+    tiny = ["--model", "tests.tiny:build", "--runner", "FnApiRunner"]
+    assert main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--attack", "fgsm", *tiny]) == 0
+    capsys.readouterr()
+    adv = out / "shards/fgsm/shard-00000.tar"
+    code = main(["defend", "--input", str(out / "shards/fgsm/*.tar"), "--output", str(out), *tiny])
+    assert code == 2 and f"output {out} holds the input {adv}" in one_error_line(capsys, "defend")
+    assert adv.exists()
+
+
+def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, capsys):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--run-id", "x/y", "--model", "tests.tiny:build"])
+    assert code == 2 and "run id must be" in one_error_line(capsys, "evaluate")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
