@@ -151,3 +151,21 @@ def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, c
                  "--run-id", "x/y", "--model", "tests.tiny:build"])
     assert code == 2 and "run id must be" in one_error_line(capsys, "evaluate")
     assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
+
+
+def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    r = run_cli("evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                "--model", "tests.tiny:build", "--direct_num_workers", "abc", "--no_such_flag", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "semjpeg evaluate: error: bad pipeline option: argument --direct_num_workers: invalid int value: 'abc'"]
+
+
+def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--model", "tests.tiny:build", "--runner", "NoSuchRunner"])
+    err = one_error_line(capsys, "evaluate")
+    assert code == 2 and "unknown runner 'NoSuchRunner'; valid: " in err and "DaskRunner" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
