@@ -153,6 +153,18 @@ def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
 
 
+def test_outputs_under_a_plain_file_are_one_clear_line(tmp_path, capsys, photos):
+    from tests.shards import encode
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs/a.png").write_bytes(encode(photos[0]))
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["shard", "--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/p")]) == 2
+    assert "a file stands where a parent folder should be" in one_error_line(capsys, "shard")
+    assert main(["report", "--run", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/r.html")]) == 2
+    assert "a file stands where a parent folder should be" in one_error_line(capsys, "report")
+
+
 def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     r = run_cli("evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
