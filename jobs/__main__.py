@@ -1,7 +1,9 @@
 """``semjpeg <job> ...`` (also ``python -m jobs``): one subcommand per job.
 
 Arguments a job does not define are Beam pipeline options (``--runner``, ``--direct_num_workers``,
-Dataflow options, ...). Configuration errors end with one line on stderr and exit status 2.
+Dataflow options, ...). Configuration errors end with one line on stderr and exit status 2; a
+run that wrote its outputs but processed no input (every input failed, see OUT/errors) exits
+with status 4 (jobs.common.NOTHING_PROCESSED).
 """
 from __future__ import annotations
 

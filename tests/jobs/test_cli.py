@@ -165,6 +165,18 @@ def test_outputs_under_a_plain_file_are_one_clear_line(tmp_path, capsys, photos)
     assert "a file stands where a parent folder should be" in one_error_line(capsys, "report")
 
 
+@pytest.mark.parametrize("job, extra", [("evaluate", ["--attack", "fgsm"]), ("attack", ["--attack", "fgsm"]),
+                                        ("defend", [])])
+def test_a_run_that_processed_nothing_exits_4_with_its_outputs(tmp_path, capsys, job, extra):
+    write_tar(tmp_path / "a.tar", [("k1.jpg", b"not an image"), ("k2.png", b"")])
+    out = tmp_path / "out"
+    code = main([job, "--input", str(tmp_path / "a.tar"), "--output", str(out), *extra,
+                 "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+    err = one_error_line(capsys, job)
+    assert code == 4 and err.endswith(f"no input was processed: 2 errors (see {out}/errors)")
+    assert (out / "_SUCCESS").exists() and list((out / "errors").glob("*.parquet"))
+
+
 def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     r = run_cli("evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
