@@ -1,7 +1,9 @@
 """``semjpeg <job> ...`` (also ``python -m jobs``): one subcommand per job.
 
 Arguments a job does not define are Beam pipeline options (``--runner``, ``--direct_num_workers``,
-Dataflow options, ...). Configuration errors end with one line on stderr and exit status 2.
+Dataflow options, ...). Configuration errors end with one line on stderr and exit status 2; a
+run that wrote its outputs but processed no input (every input failed, see OUT/errors) exits
+with status 4 (jobs.common.NOTHING_PROCESSED).
 """
 from __future__ import annotations
 
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     with early_local_cluster(beam_argv) as beam_argv:
         try:
             return int(modules[args.job].run(args, beam_argv) or 0)
-        except (ValueError, FileNotFoundError, PermissionError) as e:
+        # Path errors on outputs (a file where a folder should be, no permission) are the user's
+        # to fix, like unknown options; they are checked early, and these catch the rest.
+        except (ValueError, FileNotFoundError, PermissionError, FileExistsError, NotADirectoryError,
+                IsADirectoryError) as e:
             logging.getLogger(__name__).debug("configuration error", exc_info=True)
             print(f"semjpeg {args.job}: error: {e}", file=sys.stderr, flush=True)
             return 2

@@ -7,7 +7,7 @@ other job; images already at the crop size are not resized again.
 from __future__ import annotations
 
 from . import evaluate
-from .common import pipeline_options
+from .common import finish_run, pipeline_options
 
 HELP = "write adversarial sets (PNG WebDataset shards per attack) + metadata"
 
@@ -21,7 +21,6 @@ def add_arguments(parser) -> None:
 
 def run(args, beam_argv) -> int:
     from pipeline.evaluate import run_evaluate
-    from pipeline.summary import format_table
 
     if args.defense:
         raise ValueError("semjpeg attack stores images losslessly; use evaluate or defend for --defense")
@@ -29,6 +28,4 @@ def run(args, beam_argv) -> int:
         raise ValueError("give at least one --attack")
     config = evaluate.build_config(args, layout="attack", defenses=[])
     summary = run_evaluate(config, pipeline_options(beam_argv))
-    print(format_table(summary))
-    print(f"wrote {config.output}")
-    return 0
+    return finish_run("attack", summary, config.output)

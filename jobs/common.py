@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+
+#: Exit status of a run that wrote its outputs (``_SUCCESS`` included) but processed no input:
+#: every input failed and is reported in OUT/errors. (2: configuration errors, 3: nightly regressions.)
+NOTHING_PROCESSED = 4
 
 
 def pipeline_options(beam_argv: list[str]):
@@ -11,6 +16,26 @@ def pipeline_options(beam_argv: list[str]):
 
     return build(beam_argv)
 
+
+def nothing_processed(summary: dict, output: str) -> str | None:
+    """The one-line complaint about a run (its summary.json content) that processed no input, or None."""
+    if summary.get("samples", 0) > 0:
+        return None
+    errors = sum(summary.get("errors", {}).values())
+    return f"no input was processed: {errors} errors (see {output.rstrip('/')}/errors)"
+
+
+def finish_run(job: str, summary: dict, output: str) -> int:
+    """Print a finished run's table and output; the exit status (NOTHING_PROCESSED, or 0)."""
+    from pipeline.summary import format_table
+
+    print(format_table(summary))
+    print(f"wrote {output}")
+    problem = nothing_processed(summary, output)
+    if problem:
+        print(f"semjpeg {job}: error: {problem}", file=sys.stderr, flush=True)
+        return NOTHING_PROCESSED
+    return 0
 
 
 def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -8,7 +8,7 @@ OUT/errors/*.parquet, OUT/stats/*.json, OUT/summary.json and finally OUT/_SUCCES
 from __future__ import annotations
 
 from . import evaluate
-from .common import add_input_args, add_model_args, pipeline_options
+from .common import add_input_args, add_model_args, finish_run, pipeline_options
 
 HELP = "defend shards with Aug-MSROI semantic JPEG: shards + metadata"
 
@@ -25,10 +25,7 @@ def add_arguments(parser) -> None:
 
 def run(args, beam_argv) -> int:
     from pipeline.evaluate import run_evaluate
-    from pipeline.summary import format_table
 
     config = evaluate.build_config(args, layout="defend", attacks=[], defenses=args.defense or ["aug_msroi"])
     summary = run_evaluate(config, pipeline_options(beam_argv))
-    print(format_table(summary))
-    print(f"wrote {config.output}")
-    return 0
+    return finish_run("defend", summary, config.output)

@@ -6,7 +6,8 @@ and the undefended images (defense ``none``) are always evaluated.
 """
 from __future__ import annotations
 
-from .common import add_input_args, add_model_args, input_config, map_model_config, model_config, pipeline_options
+from .common import (add_input_args, add_model_args, finish_run, input_config, map_model_config, model_config,
+                     pipeline_options)
 
 HELP = "attack x defense evaluation: shards + Parquet metadata + summary"
 
@@ -40,11 +41,8 @@ def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None)
 
 def run(args, beam_argv) -> int:
     from pipeline.evaluate import run_evaluate
-    from pipeline.summary import format_table
 
     config = build_config(args)
     options = pipeline_options(beam_argv)
     summary = run_evaluate(config, options)
-    print(format_table(summary))
-    print(f"wrote {config.output}")
-    return 0
+    return finish_run("evaluate", summary, config.output)

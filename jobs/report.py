@@ -13,7 +13,9 @@ def add_arguments(parser) -> None:
 def run(args, beam_argv) -> int:
     if beam_argv:
         raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}")
+    from pipeline.io import check_output_file
     from pipeline.report import write_report
 
+    check_output_file(args.output)
     print(f"wrote {write_report(args.run, args.output, history=args.history)}")
     return 0

@@ -14,6 +14,8 @@ from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.models import model_info
 from transforms.specs import Spec
 
+from .io import check_run_id
+
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
 ATTACK_LABELS = ("pred", "label")
 
@@ -178,6 +180,7 @@ class EvaluateConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for spec in self.attacks:  # a target class must be one the model has
             check_values(spec, self.model.num_classes)
+        check_run_id(self.run_id)
 
     @property
     def maps(self) -> ModelConfig:

@@ -123,7 +123,8 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     """
     shards = input_shards(config.input)
     out = OutputDir(config.output, config.run_id)
-    out.check()
+    reads = [s.path for s in shards] + [config.input.labels_csv, config.model.weights, config.maps.weights]
+    out.check(reads=[r for r in reads if r])
     log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
     runner = options.view_as(StandardOptions).runner
     monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None

@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import posixpath
 import re
 import secrets
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .records import SourceShard
@@ -207,22 +208,98 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> None:
+    """Run ids name staging folders and partitions: letters, digits, ``.``, ``_``, ``-`` only."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ValueError(
+            f"run id must be 1-128 letters, digits, '.', '_' or '-' (not starting with one of the last "
+            f"three), got {run_id!r}"
+        )
+
+
+def _location(path: str) -> tuple[bool, str]:
+    """(local?, a comparable form of ``path``): symlinks resolved locally, the protocol kept otherwise."""
+    fs, p = url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        return True, os.path.realpath(p)
+    return False, fs.unstrip_protocol(p).rstrip("/")
+
+
+def _protocol(path: str) -> str:
+    return split_protocol(path)[0] or "file"
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_output_file(path: str) -> None:
+    """Fail early, with one line, when a single output file (a report, a packed shard) cannot be
+    created at ``path``: a folder in its place, or a file where its parent folder should be."""
+    fs, p = url_to_fs(path)
+    try:
+        if fs.isdir(p):
+            raise ValueError(f"output {path} is a folder; give a file name")
+        parent = posixpath.dirname(p)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"output {path} cannot be written: a file stands where a parent folder should be") from None
+    except PermissionError:
+        raise ValueError(f"output {path} cannot be written: permission denied") from None
+
+
 class OutputDir:
     """An output folder written through a staging folder and replaced as a whole.
 
-    Refuses to replace an existing folder that is not empty and holds no ``_SUCCESS`` (it is
-    not a finished semjpeg output, so it might be someone's data).
+    The staging folder is ``.<name>.staging-<run id>`` beside the output, on the same filesystem
+    (for URLs, with the same protocol). Refuses to replace an existing folder that is not empty
+    and holds no ``_SUCCESS`` (it is not a finished semjpeg output, so it might be someone's
+    data), a filesystem or bucket root, the current folder or one of its parents, and a folder
+    holding something the run reads.
     """
 
     def __init__(self, final: str, run_id: str):
-        self.final = final.rstrip("/")
+        check_run_id(run_id)
+        self.final = final.rstrip("/") or final
         self.run_id = run_id
-        parent, name = posixpath.split(self.final)
-        self.staging = join(parent, f".{name}.staging-{run_id}") if parent else f".{name}.staging-{run_id}"
+        fs, path = url_to_fs(final)  # not self.final: "memory://" stripped is a local name
+        local = isinstance(fs, LocalFileSystem)
+        if local:
+            # Absolute and normalized now: "a/b/.." must not stage into "a/b/...staging".
+            path = os.path.abspath(path)
+        parent, name = posixpath.split(path.rstrip("/"))
+        if not parent or not name:
+            raise ValueError(f"output {final} is a filesystem or bucket root; give a folder inside it")
+        staging = posixpath.join(parent, f".{name}.staging-{run_id}")
+        #: The output and staging folders as this filesystem names them (paths or full URLs).
+        self.target = path if local else fs.unstrip_protocol(path)
+        self.staging = staging if local else fs.unstrip_protocol(staging)
 
-    def check(self) -> None:
-        """Fail early if the output cannot be replaced or written."""
-        fs, p = url_to_fs(self.final)
+    def check(self, reads: tuple[str, ...] | list[str] = ()) -> None:
+        """Fail early if the output cannot be replaced or written, or if replacing it would
+        remove the working folder or something the run reads (``reads``: input paths)."""
+        local, target = _location(self.target)
+        if local:
+            cwd = os.path.realpath(os.getcwd())
+            if _within(cwd, target):
+                raise ValueError(
+                    f"output {self.final} is the current folder or one of its parents; "
+                    "refusing to replace it (give a new folder)"
+                )
+        protocol = _protocol(self.target)
+        for read in reads:
+            if _protocol(read) != protocol:
+                continue  # another filesystem (and perhaps one not installed here)
+            if _within(_location(read)[1], target):
+                raise ValueError(
+                    f"output {self.final} holds the input {read}; the run would remove what it reads "
+                    "(give another --output)"
+                )
+        fs, p = url_to_fs(self.target)
         if fs.exists(p):
             if not fs.isdir(p):
                 raise ValueError(f"output {self.final} exists and is not a folder")
@@ -248,7 +325,7 @@ class OutputDir:
 
     def commit(self) -> None:
         """Replace the final folder with the staging folder, then write ``_SUCCESS``."""
-        fs, final = url_to_fs(self.final)
+        fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
         old = None
         if fs.exists(final):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .io import join, list_images, read_bytes, read_labels_csv, write_bytes
+from .io import check_output_file, join, list_images, read_bytes, read_labels_csv, write_bytes
 from .read_shards import sanitize_key
 from .write_shards import tar_bytes
 
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None = None) -> list[str]:
     """Write ``<prefix>-NNNNN.tar`` shards of ``per_shard`` images each; returns their paths.
 
-    Raises ValueError for an empty folder, a bad labels CSV or two files giving the same key.
+    Raises ValueError for an empty folder, a bad labels CSV, two files giving the same key or
+    a prefix where no file can be written.
     """
     if per_shard < 1:
         raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
@@ -27,6 +28,7 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
     if not files:
         raise ValueError(f"no images in folder {folder}")
     labels = read_labels_csv(labels_csv) if labels_csv else {}
+    check_output_file(f"{prefix}-{0:05d}.tar")
     keys: dict[str, str] = {}
     for rel in files:
         key = sanitize_key(rel.rsplit(".", 1)[0])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
@@ -36,11 +36,31 @@ from .dask_cluster import start_local_cluster, wait_for_workers
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
 DEFAULT_RUNNER = "FnApiRunner"
-RUNNER_ALIASES = {"DaskRunner": "pipeline.runners.DaskRunner"}
+RUNNER_ALIASES = {"daskrunner": "pipeline.runners.DaskRunner", "dask": "pipeline.runners.DaskRunner"}
+
+
+def _runner_path(name: str) -> str:
+    """A ``--runner`` value as Beam will load it; unknown names raise ValueError listing the valid ones.
+
+    Beam's own check comes only when the pipeline is built, after the output is prepared."""
+    from apache_beam.runners.runner import _RUNNER_MAP
+
+    low = name.lower()
+    if low in RUNNER_ALIASES:
+        return RUNNER_ALIASES[low]
+    if "." in name or low in _RUNNER_MAP or low + "runner" in _RUNNER_MAP:
+        return name
+    valid = sorted(set(StandardOptions.KNOWN_RUNNER_NAMES) | {"DaskRunner"})
+    raise ValueError(f"unknown runner {name!r}; valid: {', '.join(valid)} or a PipelineRunner's dotted path")
+
+
+def _quiet_error(message: str):
+    raise ValueError(f"bad pipeline option: {message}")
 
 
 def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
-    """Beam options from command-line flags; unknown flags are an error, not a warning.
+    """Beam options from command-line flags; unknown flags and bad values are a ValueError (one
+    line), not Beam's warning or its usage text.
 
     ``--runner`` defaults to FnApiRunner (offline); ``DaskRunner`` names the fixed Dask runner below.
     """
@@ -48,16 +68,22 @@ def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
     if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
         argv = ["--runner", DEFAULT_RUNNER] + argv
     for i, a in enumerate(argv):
-        if a == "--runner" and i + 1 < len(argv) and argv[i + 1] in RUNNER_ALIASES:
-            argv[i + 1] = RUNNER_ALIASES[argv[i + 1]]
-        elif a.startswith("--runner=") and a.split("=", 1)[1] in RUNNER_ALIASES:
-            argv[i] = "--runner=" + RUNNER_ALIASES[a.split("=", 1)[1]]
-    captured = {}
+        if a == "--runner" and i + 1 < len(argv):
+            argv[i + 1] = _runner_path(argv[i + 1])
+        elif a.startswith("--runner="):
+            argv[i] = "--runner=" + _runner_path(a.split("=", 1)[1])
+
+    def check(parser):
+        # Beam parses every option class's flags with this parser right after this call: parse
+        # them here first, with errors raised instead of printed with the usage text, and unknown
+        # flags refused before Beam logs that it discards them.
+        parser.error = _quiet_error
+        _, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+
     options = PipelineOptions(argv)
-    options.get_all_options(add_extra_args_fn=lambda p: captured.setdefault("parser", p))
-    _, unknown = captured["parser"].parse_known_args(argv)
-    if unknown:
-        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    options.get_all_options(add_extra_args_fn=check)
     return options
 
 

@@ -117,3 +117,83 @@ def test_attack_job_rejects_defenses(tmp_path, capsys):
     code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
                  "--attack", "fgsm", "--defense", "jpeg"])
     assert code == 2 and "losslessly" in capsys.readouterr().err
+
+
+def one_error_line(capsys, job: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"semjpeg {job}: error:"), err
+    return err[0]
+
+
+def test_the_working_folder_is_never_an_output(tmp_path, capsys, monkeypatch):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    work = tmp_path / "emptycwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work)):
+        code = main(["defend", "--input", "../a.tar", "--output", output, "--defense", "jpeg:quality=50",
+                     "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+        assert code == 2 and "current folder or one of its parents" in one_error_line(capsys, "defend")
+    assert work.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "emptycwd"]
+
+
+def test_a_rerun_never_removes_its_own_input(tmp_path, capsys, photos):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    out = tmp_path / "adv"
+    tiny = ["--model", "tests.tiny:build", "--runner", "FnApiRunner"]
+    assert main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--attack", "fgsm", *tiny]) == 0
+    capsys.readouterr()
+    adv = out / "shards/fgsm/shard-00000.tar"
+    code = main(["defend", "--input", str(out / "shards/fgsm/*.tar"), "--output", str(out), *tiny])
+    assert code == 2 and f"output {out} holds the input {adv}" in one_error_line(capsys, "defend")
+    assert adv.exists()
+
+
+def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, capsys):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--run-id", "x/y", "--model", "tests.tiny:build"])
+    assert code == 2 and "run id must be" in one_error_line(capsys, "evaluate")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
+
+
+def test_outputs_under_a_plain_file_are_one_clear_line(tmp_path, capsys, photos):
+    from tests.shards import encode
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs/a.png").write_bytes(encode(photos[0]))
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["shard", "--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/p")]) == 2
+    assert "a file stands where a parent folder should be" in one_error_line(capsys, "shard")
+    assert main(["report", "--run", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/r.html")]) == 2
+    assert "a file stands where a parent folder should be" in one_error_line(capsys, "report")
+
+
+@pytest.mark.parametrize("job, extra", [("evaluate", ["--attack", "fgsm"]), ("attack", ["--attack", "fgsm"]),
+                                        ("defend", [])])
+def test_a_run_that_processed_nothing_exits_4_with_its_outputs(tmp_path, capsys, job, extra):
+    write_tar(tmp_path / "a.tar", [("k1.jpg", b"not an image"), ("k2.png", b"")])
+    out = tmp_path / "out"
+    code = main([job, "--input", str(tmp_path / "a.tar"), "--output", str(out), *extra,
+                 "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+    err = one_error_line(capsys, job)
+    assert code == 4 and err.endswith(f"no input was processed: 2 errors (see {out}/errors)")
+    assert (out / "_SUCCESS").exists() and list((out / "errors").glob("*.parquet"))
+
+
+def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    r = run_cli("evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                "--model", "tests.tiny:build", "--direct_num_workers", "abc", "--no_such_flag", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "semjpeg evaluate: error: bad pipeline option: argument --direct_num_workers: invalid int value: 'abc'"]
+
+
+def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys):
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--model", "tests.tiny:build", "--runner", "NoSuchRunner"])
+    err = one_error_line(capsys, "evaluate")
+    assert code == 2 and "unknown runner 'NoSuchRunner'; valid: " in err and "DaskRunner" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]

@@ -155,3 +155,20 @@ def test_evaluate_graph_has_a_single_side_input(tmp_path, photos):
 
     p.visit(Count())
     assert side_inputs == ["Finalize"]
+
+
+def test_pipeline_options_errors_are_one_line_values():
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipeline import runners
+
+    # A nightly config's runner_options: {direct_num_workers: {a: 1}} arrives like this.
+    with pytest.raises(ValueError, match=r"^bad pipeline option: argument --direct_num_workers: invalid int value"):
+        runners.pipeline_options(["--direct_num_workers", "{'a': 1}"])
+    with pytest.raises(ValueError, match=r"unknown runner 'NoSuchRunner'; valid: .*DaskRunner.*FnApiRunner"):
+        runners.pipeline_options(["--runner=NoSuchRunner"])
+    for name in ("DaskRunner", "dask", "--runner=DaskRunner"):
+        argv = [name] if name.startswith("--") else ["--runner", name]
+        assert runners.pipeline_options(argv).view_as(StandardOptions).runner == "pipeline.runners.DaskRunner"
+    for name in ("direct", "DataflowRunner", "FnApiRunner", "apache_beam.runners.direct.DirectRunner"):
+        assert runners.pipeline_options(["--runner", name]).view_as(StandardOptions).runner == name

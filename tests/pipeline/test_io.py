@@ -1,0 +1,87 @@
+"""Output folders: where staging goes, what an output may not be, single output files."""
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from pipeline.evaluate import run_evaluate
+from pipeline.io import OutputDir, check_output_file
+from tests.pipeline.conftest import tiny_config
+from tests.shards import good_members, write_tar
+
+
+def test_staging_of_a_url_stays_on_its_filesystem():
+    out = OutputDir("memory://ev", "r1")
+    assert out.staging == "memory:///.ev.staging-r1"
+    assert OutputDir("memory://ev/run/", "r1").staging == "memory:///ev/.run.staging-r1"
+
+
+def test_evaluate_into_a_one_component_memory_url(tmp_path, photos, fnapi):
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    fs = fsspec.filesystem("memory")
+    try:
+        summary = run_evaluate(tiny_config([str(tmp_path / "a.tar")], "memory://ev", attacks=(), defenses=()), fnapi)
+        assert summary["samples"] == 1
+        assert fs.exists("/ev/_SUCCESS") and fs.exists("/ev/summary.json")
+        assert not [p for p in fs.ls("/", detail=False) if "staging" in p]
+        assert not (tmp_path / "memory:").exists()
+    finally:
+        for p in fs.ls("/", detail=False):
+            if "ev" in p:
+                fs.rm(p, recursive=True)
+
+
+@pytest.mark.parametrize("output", ["/", "memory://"])
+def test_a_filesystem_root_is_never_an_output(output):
+    with pytest.raises(ValueError, match="root"):
+        OutputDir(output, "r1")
+
+
+@pytest.mark.parametrize("relative", [".", "..", "sub/..", "./"])
+def test_the_working_folder_and_its_parents_are_never_outputs(tmp_path, monkeypatch, relative):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = OutputDir(relative, "r1")
+    with pytest.raises(ValueError, match="current folder or one of its parents"):
+        out.check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # nothing staged anywhere
+    assert not any(".staging-" in p.name for p in tmp_path.parent.iterdir())
+
+
+def test_a_relative_output_stages_beside_its_normalized_path(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert OutputDir("a/b/../out", "r1").staging == str(tmp_path / "a/.out.staging-r1")
+
+
+def test_an_output_holding_an_input_is_refused(tmp_path, photos, fnapi):
+    out = tmp_path / "out"
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=(), defenses=()), fnapi)
+    shard = out / "shards/clean/none/shard-00000.tar"
+    (out / "labels.csv").write_text("file,label\n")
+    for inputs, kw in (([str(out / "shards/*/*/*.tar")], {}), ([str(shard)], {}),
+                       ([str(tmp_path / "a.tar")], {"labels_csv": str(out / "labels.csv")})):
+        with pytest.raises(ValueError, match="holds the input"):
+            run_evaluate(tiny_config(inputs, out, attacks=(), defenses=(), **kw), fnapi)
+    assert shard.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
+
+
+@pytest.mark.parametrize("run_id", ["x/y", "../x", "", ".hidden", "a b", "x" * 129])
+def test_unsafe_run_ids_are_refused_before_anything_is_written(tmp_path, run_id):
+    with pytest.raises(ValueError, match="run id"):
+        tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id=run_id)
+    with pytest.raises(ValueError, match="run id"):
+        OutputDir(str(tmp_path / "out"), run_id)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_single_output_files_fail_early_with_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="a file stands where a parent folder should be"):
+        check_output_file(str(tmp_path / "afile/r.html"))
+    with pytest.raises(ValueError, match="is a folder"):
+        check_output_file(str(tmp_path))
+    check_output_file(str(tmp_path / "new/r.html"))
+    assert (tmp_path / "new").is_dir()
