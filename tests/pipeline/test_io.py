@@ -60,12 +60,15 @@ def test_an_output_holding_an_input_is_refused(tmp_path, photos, fnapi):
     run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=(), defenses=()), fnapi)
     shard = out / "shards/clean/none/shard-00000.tar"
     (out / "labels.csv").write_text("file,label\n")
+    (tmp_path / "imgs").mkdir()  # a labels CSV comes with folder inputs only
+    name, data = good_members(photos)[0]
+    (tmp_path / "imgs" / name).write_bytes(data)
     for inputs, kw in (([str(out / "shards/*/*/*.tar")], {}), ([str(shard)], {}),
-                       ([str(tmp_path / "a.tar")], {"labels_csv": str(out / "labels.csv")})):
+                       ([str(tmp_path / "imgs")], {"labels_csv": str(out / "labels.csv")})):
         with pytest.raises(ValueError, match="holds the input"):
             run_evaluate(tiny_config(inputs, out, attacks=(), defenses=(), **kw), fnapi)
     assert shard.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "imgs", "out"]
 
 
 @pytest.mark.parametrize("run_id", ["x/y", "../x", "", ".hidden", "a b", "x" * 129])
