@@ -1,8 +1,10 @@
 """One night of evaluation: run the configured attacks x defenses into OUTPUT/date=YYYY-MM-DD/,
 append the summary to the history dataset, compare with the previous night, write the report.
 
-Exit status: 0 when no metric regressed, 3 when one did (each regression is named on stderr and
-in the report), 2 for configuration errors (nothing is run, history is untouched).
+Exit status: 0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
+beyond tolerance, an attack x defense pair without results, a night without any result; each is
+named on stderr and in the report), 2 for configuration errors and a damaged or unwritable
+history (nothing is run, history is untouched).
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ def run(args, beam_argv) -> int:
     print(format_table(result.summary))
     print(f"wrote {result.output}" + (f" and {result.report}" if result.report else ""))
     if result.previous_date is None:
-        print("no earlier night in the history: nothing to compare")
+        print("no earlier night with results in the history: nothing to compare")
+    elif not result.regressions:
+        print(f"compared with {result.previous_date}: no regression")
     for r in result.regressions:
         print(f"REGRESSION: {r.describe()}", file=sys.stderr)
     return REGRESSION_EXIT if result.regressions else 0

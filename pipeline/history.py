@@ -1,12 +1,18 @@
 """Nightly history: a Parquet dataset partitioned by date, and regression checks against it.
 
 ``HIST/date=YYYY-MM-DD/summary.parquet`` holds one row per (attack, defense) of that night's run.
-A partition is written to a hidden temporary name and renamed into place, so a failure never
-leaves a half-written file, and writing one date never touches another. A partition folder
-without its file, or a file that is not readable Parquet, is an error that names it.
+The date lives in the folder name only (hive partitioning), so ``pyarrow.parquet.read_table(HIST)``
+and ``pandas.read_parquet(HIST)`` read the whole dataset; files written before that change also
+hold a ``date`` column, which is read and checked here but clashes with the folder's in those
+readers. A partition is written to a hidden temporary name and renamed into place, so a failure
+never leaves a half-written file, and writing one date never touches another. A folder holding
+only such temporary leftovers (a write that was interrupted) is not a partition: it is skipped
+with a warning and cleaned when that date is written again. A partition folder without its file,
+or a file that is not readable Parquet with the history columns, is an error that names it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import posixpath
@@ -25,8 +31,9 @@ log = logging.getLogger(__name__)
 FILE = "summary.parquet"
 _DATE_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
+#: Columns of a partition's file (the date is the folder's). In memory, rows also carry ``date``.
 HISTORY_SCHEMA = pa.schema([
-    ("date", pa.string()), ("run_id", pa.string()), ("model", pa.string()),
+    ("run_id", pa.string()), ("model", pa.string()),
     ("attack", pa.string()), ("attack_spec", pa.string()),
     ("defense", pa.string()), ("defense_spec", pa.string()),
     ("n", pa.int64()), ("top1", pa.float64()), ("agree_clean", pa.float64()), ("success", pa.float64()),
@@ -34,9 +41,10 @@ HISTORY_SCHEMA = pa.schema([
     ("linf", pa.float64()), ("rmse", pa.float64()),
 ])
 
-#: Metrics a regression can be found in, and whether higher is better.
+#: Metrics a regression can be found in, and whether higher is better. The tolerance of ``n``
+#: (images evaluated per pair) is a fraction of the previous night's n; the others are absolute.
 METRICS = {"top1": True, "agree_clean": True, "psnr": True, "ssim": True, "bytes": False, "bpp": False,
-           "success": False}
+           "success": False, "n": True}
 
 
 def history_rows(summary: dict, date: str) -> list[dict]:
@@ -44,6 +52,46 @@ def history_rows(summary: dict, date: str) -> list[dict]:
     model = summary.get("config", {}).get("model")
     return [{**{k: r.get(k) for k in HISTORY_SCHEMA.names}, "date": date, "run_id": summary["run_id"], "model": model}
             for r in summary["table"]]
+
+
+def _evaluated(row: dict) -> bool:
+    return row.get("n") is None or row["n"] > 0
+
+
+def has_results(rows: list[dict]) -> bool:
+    """Whether a night evaluated anything (a night where every input failed has no rows)."""
+    return any(_evaluated(r) for r in rows)
+
+
+def read_parquet(data: bytes) -> pa.Table:
+    """A Parquet file's table, read on the calling thread.
+
+    pyarrow (25.0.1) reading with its thread pools and the process exiting right after (a job
+    that stops on an error) sometimes aborted in C++ ("terminate called without an active
+    exception", SIGABRT, exit 134). Read this way, no pyarrow thread is ever started.
+    """
+    return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
+
+
+def _check_schema(table: pa.Table, date: str) -> None:
+    problems = []
+    for f in HISTORY_SCHEMA:
+        if f.name not in table.schema.names:
+            problems.append(f"no column {f.name}")
+        elif table.schema.field(f.name).type not in (f.type, pa.null()):
+            problems.append(f"column {f.name} is {table.schema.field(f.name).type}, expected {f.type}")
+    if "date" in table.schema.names:  # files written by earlier versions
+        dates = set(table.column("date").to_pylist())
+        if dates - {date}:
+            problems.append(f"its date column says {', '.join(sorted(map(str, dates - {date})))}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _leftovers_only(fs, part: str) -> list[str]:
+    """The temporary files of an interrupted write, when the folder holds nothing else."""
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(part, detail=False)]
+    return names if names and all(n.startswith(f".{FILE}.tmp-") for n in names) else []
 
 
 def read_history(history: str) -> dict[str, list[dict]]:
@@ -59,15 +107,41 @@ def read_history(history: str) -> dict[str, list[dict]]:
             continue
         path = join(entry, FILE)
         if not fs.exists(path):
+            leftovers = _leftovers_only(fs, entry)
+            if leftovers:
+                log.warning("history folder %s in %s holds only the leftovers of an interrupted write (%s): "
+                            "not a partition, skipped", name, history, ", ".join(leftovers))
+                continue
             raise ValueError(f"history partition {name} in {history} has no {FILE} "
                              "(restore it, or remove the folder to forget that night)")
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(io.BytesIO(f.read()))
+                table = read_parquet(f.read())
+            _check_schema(table, m.group(1))
         except Exception as e:
             raise ValueError(f"history partition {name} in {history} is corrupt: {e}") from None
-        out[m.group(1)] = table.to_pylist()
+        out[m.group(1)] = [{**r, "date": m.group(1)} for r in table.select(HISTORY_SCHEMA.names).to_pylist()]
     return out
+
+
+def check_writable(history: str) -> None:
+    """Fail before any work if the history location cannot take a partition (a folder created
+    for the probe is removed again: a run that fails later leaves no empty history behind)."""
+    try:
+        fs, root = url_to_fs(history)
+        existed = fs.exists(root)
+        if existed and not fs.isdir(root):
+            raise NotADirectoryError(f"{root} is a file")
+        fs.makedirs(root, exist_ok=True)
+        probe = join(root, f".probe-{secrets.token_hex(4)}")
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as e:
+        raise ValueError(f"history location {history} cannot be written: {e}") from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            fs.rmdir(root)
 
 
 def write_partition(history: str, date: str, rows: list[dict]) -> str:
@@ -76,42 +150,89 @@ def write_partition(history: str, date: str, rows: list[dict]) -> str:
     part = join(root, f"date={date}")
     fs.makedirs(part, exist_ok=True)
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), buf, compression="zstd")
+    table = pa.Table.from_pylist([{k: r.get(k) for k in HISTORY_SCHEMA.names} for r in rows], schema=HISTORY_SCHEMA)
+    pq.write_table(table, buf, compression="zstd")
     tmp = join(part, f".{FILE}.tmp-{secrets.token_hex(4)}")
+    stale = [p for p in fs.ls(part, detail=False) if posixpath.basename(p).startswith(f".{FILE}.tmp-")]
     with fs.open(tmp, "wb") as f:
         f.write(buf.getvalue())
     fs.mv(tmp, join(part, FILE))
+    for p in stale:  # an earlier interrupted write of this date; never anything else
+        log.info("removing %s (left by an interrupted write)", p)
+        fs.rm(p)
     return join(part, FILE)
+
+
+#: The "metric" of a pair that had results the previous night and has none tonight.
+MISSING = "missing"
 
 
 @dataclass(frozen=True)
 class Regression:
+    """One (attack, defense) pair that got worse than the previous night beyond tolerance:
+    ``metric`` is a METRICS name or MISSING (``previous`` is then its previous n)."""
+
     attack_spec: str
     defense_spec: str
     metric: str
-    previous: float
-    current: float
+    previous: float | None
+    current: float | None
     tolerance: float
     previous_date: str
 
     def describe(self) -> str:
+        pair = f"{self.attack_spec} x {self.defense_spec}"
+        if self.metric == MISSING:
+            had = f"n was {self.previous:g}" if self.previous is not None else "it had results"
+            return f"{pair} has no result ({had} on {self.previous_date})"
         worse = "dropped" if METRICS[self.metric] else "rose"
-        return (f"{self.metric} of {self.attack_spec} x {self.defense_spec} {worse} from {self.previous:.4g} "
-                f"({self.previous_date}) to {self.current:.4g} (tolerance {self.tolerance:g})")
+        tol = f"{self.tolerance:g} of the previous n" if self.metric == "n" else f"{self.tolerance:g}"
+        return (f"{self.metric} of {pair} {worse} from {self.previous:.4g} "
+                f"({self.previous_date}) to {self.current:.4g} (tolerance {tol})")
+
+
+@dataclass(frozen=True)
+class EmptyNight:
+    """A night with no results at all: every input failed, or none was found."""
+
+    date: str
+    errors: dict
+
+    def describe(self) -> str:
+        errors = ", ".join(f"{k} {v}" for k, v in self.errors.items()) or "none"
+        return f"the night {self.date} has no results: no input was evaluated (errors: {errors})"
 
 
 def previous_night(history: dict[str, list[dict]], date: str) -> str | None:
-    earlier = [d for d in history if d < date]
+    """The latest night before ``date`` with results; nights without any (every input failed)
+    are never the baseline, so the night after one is compared with the last good night."""
+    earlier = [d for d in history if d < date and has_results(history[d])]
     return max(earlier) if earlier else None
+
+
+def compare(history: dict[str, list[dict]], date: str, rows: list[dict], tolerance: dict[str, float],
+            errors: dict | None = None) -> tuple[str | None, list]:
+    """(the night compared with, the alarms) for the night ``date`` whose history rows are ``rows``:
+    an EmptyNight when it has no results, else the regressions against previous_night()."""
+    prev = previous_night(history, date)
+    if not has_results(rows):
+        return prev, [EmptyNight(date, dict(errors or {}))]
+    return prev, (find_regressions(history[prev], rows, tolerance, prev) if prev else [])
 
 
 def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[str, float],
                      previous_date: str) -> list[Regression]:
-    """Metrics of (attack, defense) pairs present both nights that got worse beyond tolerance."""
-    before = {(r["attack_spec"], r["defense_spec"]): r for r in previous}
+    """Pairs with results the previous night and none now (MISSING), and metrics of pairs present
+    both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value)."""
+    now = {(r["attack_spec"], r["defense_spec"]): r for r in current if _evaluated(r)}
     out = []
-    for r in current:
-        p = before.get((r["attack_spec"], r["defense_spec"]))
+    for p in previous:
+        pair = (p["attack_spec"], p["defense_spec"])
+        if _evaluated(p) and pair not in now:
+            out.append(Regression(*pair, MISSING, p["n"], None, 0.0, previous_date))
+    before = {(r["attack_spec"], r["defense_spec"]): r for r in previous}
+    for pair, r in now.items():
+        p = before.get(pair)
         if p is None:
             continue
         for metric, tol in tolerance.items():
@@ -119,6 +240,8 @@ def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[
             if a is None or b is None:
                 continue
             worse = (a - b) if METRICS[metric] else (b - a)
+            if metric == "n":
+                worse = worse / a if a else 0.0
             if worse > tol:
-                out.append(Regression(r["attack_spec"], r["defense_spec"], metric, a, b, tol, previous_date))
+                out.append(Regression(*pair, metric, a, b, tol, previous_date))
     return out

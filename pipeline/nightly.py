@@ -13,16 +13,32 @@ model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:
 map_model: null                      # same forms; default: the classifier
 runner: DataflowRunner               # FnApiRunner (default), DirectRunner, DaskRunner, ...
 runner_options: {project: p, region: us-central1, temp_location: gs://bucket/tmp}
-tolerance: {top1: 0.02, agree_clean: 0.02, psnr: 0.5, ssim: 0.01}
+tolerance: {top1: 0.02, psnr: 1.0}     # merged into the defaults below
 seed: 0
 save_maps: true
 report: true
 input_options: {format: auto, resize: 256, crop: 224}
 ```
+
+``runner`` is checked with the rest: a Beam runner name, ``DaskRunner``, or the dotted path of a
+PipelineRunner subclass. ``tolerance`` is merged into the defaults (top1 0.02, agree_clean 0.02,
+psnr 0.5, ssim 0.01, n 0.1): the keys given replace those defaults, ``null`` turns a metric's
+check off, and bytes, bpp and success are checked only when given. Each tolerance is how much a
+metric may get worse than the previous night, absolute, except ``n`` (images evaluated per
+attack x defense), a fraction of the previous night's n.
+
+Alarms (exit status 3, each named on stderr and in the report): a night with no results at all
+(every input failed, or none was found); an (attack, defense) pair that had results the previous
+night and has none; a metric worse beyond tolerance. The previous night is the latest earlier
+night *with results*: a night without any is kept in the history but is never the baseline, so
+the night after it is compared with the last good night.
+
+The history location is checked writable before any work, like the output.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +47,13 @@ import fsspec
 import yaml
 
 from .config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
-from .history import METRICS, Regression, find_regressions, history_rows, previous_night, read_history, write_partition
-from .io import join
-from .runners import pipeline_options
+from .history import METRICS, check_writable, compare, history_rows, read_history, write_partition
+from .io import join, write_bytes
+from .runners import check_runner, pipeline_options
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = {"top1": 0.02, "agree_clean": 0.02, "psnr": 0.5, "ssim": 0.01}
+DEFAULT_TOLERANCE = {"top1": 0.02, "agree_clean": 0.02, "psnr": 0.5, "ssim": 0.01, "n": 0.1}
 MODEL_KEYS = {"name": str, "weights": str, "device": str, "batch_size": int, "torch_threads": int}
 INPUT_KEYS = {"format": str, "image_column": str, "key_column": str, "label_column": str, "labels": str,
               "folder_shard_size": int, "resize": int, "crop": int, "max_pixels": int}
@@ -138,17 +154,21 @@ class NightlyConfig:
             kw["map_model"] = _model(f"{source}: map_model", raw["map_model"])
         if "runner" in raw:
             kw["runner"] = _check(f"{source}: runner", raw["runner"], str)
+            try:
+                check_runner(kw["runner"])
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
         if raw.get("runner_options") is not None:
             opts = raw["runner_options"]
             if not isinstance(opts, dict):
                 raise ValueError(f"{source}: runner_options must be a mapping, got {opts!r}")
             kw["runner_options"] = dict(opts)
         if raw.get("tolerance") is not None:
-            tol = _mapping(f"{source}: tolerance", raw["tolerance"], {m: float for m in METRICS})
+            tol = {**DEFAULT_TOLERANCE, **_mapping(f"{source}: tolerance", raw["tolerance"], {m: float for m in METRICS})}
             for m, v in tol.items():
-                if v is None or v < 0:
-                    raise ValueError(f"{source}: tolerance.{m} must be a number >= 0, got {v!r}")
-            kw["tolerance"] = tol
+                if v is not None and v < 0:
+                    raise ValueError(f"{source}: tolerance.{m} must be a number >= 0 or null, got {v!r}")
+            kw["tolerance"] = {m: v for m, v in tol.items() if v is not None}
         for k, t in (("seed", int), ("save_maps", bool), ("report", bool)):
             if k in raw:
                 kw[k] = _check(f"{source}: {k}", raw[k], t)
@@ -156,7 +176,10 @@ class NightlyConfig:
             kw["input_options"] = _mapping(f"{source}: input_options", raw["input_options"], INPUT_KEYS)
         cfg = cls(**kw)
         cfg.evaluate_config("2000-01-01")  # every spec and option checked now, not at night
-        cfg.beam_argv()
+        try:
+            cfg.beam_argv()
+        except ValueError as e:
+            raise ValueError(f"{source}: runner_options: {e}") from None
         return cfg
 
     def beam_argv(self) -> list[str]:
@@ -221,26 +244,34 @@ class NightlyResult:
     output: str
     summary: dict
     previous_date: str | None
-    regressions: tuple[Regression, ...]
+    regressions: tuple  # history.Regression and history.EmptyNight: every alarm of the night
     report: str | None
+
+
+#: Written into the night's output folder: what the report needs to recompute the alarms.
+NIGHTLY_FILE = "nightly.json"
 
 
 def run_nightly(cfg: NightlyConfig, date: str) -> NightlyResult:
     """Evaluate, compare with the previous night, append to history, write the report.
 
-    History is read (and any damage reported) before any work; it is written only after the
-    run committed, one partition, atomically.
+    History is checked writable and read (any damage reported) before any work; it is written
+    only after the run committed, one partition, atomically.
     """
     from .evaluate import run_evaluate
 
+    check_writable(cfg.history)
     history = read_history(cfg.history)
     evaluate = cfg.evaluate_config(date)
     options = pipeline_options(cfg.beam_argv())
     summary = run_evaluate(evaluate, options)
     rows = history_rows(summary, date)
-    prev = previous_night(history, date)
-    regressions = tuple(find_regressions(history[prev], rows, cfg.tolerance, prev)) if prev else ()
+    prev, alarms = compare(history, date, rows, cfg.tolerance, summary.get("errors"))
+    regressions = tuple(alarms)
     write_partition(cfg.history, date, rows)
+    write_bytes(join(evaluate.output, NIGHTLY_FILE), json.dumps({
+        "date": date, "history": cfg.history, "tolerance": cfg.tolerance, "previous_date": prev,
+        "alarms": [a.describe() for a in regressions]}, indent=1).encode())
     report = None
     if cfg.report:
         from .report import write_report

@@ -1,6 +1,7 @@
 """`semjpeg report`: one self-contained HTML page for a run (every image and plot inlined).
 
-Sections: regressions (when the nightly job found any), the accuracy table per attack x defense,
+Sections: regressions (the nightly job's alarms, or with a history those recomputed against it;
+regressed cells of the table are marked), the accuracy table per attack x defense,
 accuracy against bytes (Aug-MSROI and MSROI against uniform JPEG), PSNR and SSIM, trends over past
 nights (with a history), and a gallery per attack: clean | adversarial | JPEG | Aug-MSROI with
 its saliency heatmap overlaid, each with the predicted class.
@@ -8,21 +9,23 @@ its saliency heatmap overlaid, each with the predicted class.
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import json
 import logging
+import posixpath
 import tarfile
 from collections.abc import Iterable
 
 import numpy as np
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
 
 from transforms.specs import safe_name
 from transforms.visual import overlay
 
+from .history import read_parquet
 from .io import join, read_bytes, shard_name, write_bytes
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,7 @@ def load_rows(run: str) -> list[dict]:
     rows = []
     for path in sorted(fs.glob(join(root, "*.parquet"))):
         with fs.open(path, "rb") as f:
-            rows += pq.read_table(io.BytesIO(f.read())).to_pylist()
+            rows += read_parquet(f.read()).to_pylist()
     return rows
 
 
@@ -171,6 +174,8 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import matplotlib.dates as mdates
+
     if not history:
         return None
     dates = sorted(history)
@@ -179,11 +184,15 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
         for r in history[d]:
             if (r["attack_spec"], r["defense_spec"]) != ("clean", "none"):
                 series.setdefault((r["attack_spec"], r["defense_spec"]), [None] * len(dates))[i] = r["agree_clean"]
+    days = [_dt.date.fromisoformat(d) for d in dates]  # a date axis: nights missing leave gaps
     fig, ax = plt.subplots(figsize=(11, 3.8))
     for (a, d), ys in sorted(series.items()):
-        ax.plot(dates, [np.nan if y is None else y for y in ys], "o-", label=f"{a} × {d}", markersize=4)
+        ax.plot(days, [np.nan if y is None else y for y in ys], "o-", label=f"{a} × {d}", markersize=4)
     ax.set_ylabel("agreement with clean prediction")
-    ax.tick_params(axis="x", rotation=30, labelsize=7)
+    locator = mdates.AutoDateLocator(maxticks=12)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.tick_params(axis="x", labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _fig_png(fig)
@@ -211,8 +220,17 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
     by = {(r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
     attacks = summary["config"]["attacks"]
     defenses = summary["config"]["defenses"]
-    clean_tar = _read_tar(join(run, "shards", safe_name("clean"), safe_name("none"), shard_name(0)))
-    keys = sorted({n.rsplit(".", 1)[0] for n in clean_tar if n.endswith(".png")})[:size]
+    # The first ``size`` keys over the clean shards in order; a key's images in every other
+    # folder are in the shard of the same index.
+    clean: dict[str, bytes] = {}
+    keys: list[tuple[str, int]] = []
+    for index in _shard_indexes(join(run, "shards", safe_name("clean"), safe_name("none"))):
+        if len(keys) >= size:
+            break
+        tar = _read_tar(join(run, "shards", safe_name("clean"), safe_name("none"), shard_name(index)))
+        mine = sorted({n.rsplit(".", 1)[0] for n in tar if n.endswith(".png")})[:size - len(keys)]
+        clean.update({f"{k}.png": tar[f"{k}.png"] for k in mine})
+        keys += [(k, index) for k in mine]
     if not keys:
         return "<p class='meta'>No shards to show (gallery needs an evaluate run with the undefended images).</p>"
     out = []
@@ -220,13 +238,16 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         if attack == "clean":
             continue
         cols = _gallery_columns(defenses)
-        tars = {d: _read_tar(join(run, "shards", safe_name(attack), safe_name(d), shard_name(0))) for _, d in cols}
+        shards = {}
+        for _, d in cols:
+            for index in sorted({i for _, i in keys}):
+                shards[(d, index)] = _read_tar(join(run, "shards", safe_name(attack), safe_name(d), shard_name(index)))
         out.append(f"<h3>{html.escape(attack)}</h3><table class='gallery'><tr><th>clean</th>"
                    + "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols) + "</tr>")
-        for key in keys:
-            cells = [_cell(clean_tar.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")))]
+        for key, index in keys:
+            cells = [_cell(clean.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")))]
             for _, d in cols:
-                tar = tars[d]
+                tar = shards[(d, index)]
                 data = tar.get(f"{key}.jpg") or tar.get(f"{key}.png")
                 mime = "image/jpeg" if f"{key}.jpg" in tar else "image/png"
                 heat = tar.get(f"{key}.map.png")
@@ -238,6 +259,19 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
     return "\n".join(out)
+
+
+def _shard_indexes(folder: str) -> list[int]:
+    """Indexes of the shards in ``folder``, in order."""
+    fs, root = url_to_fs(folder)
+    if not fs.isdir(root):
+        return []
+    found = []
+    for p in fs.ls(root, detail=False):
+        digits = "".join(c for c in posixpath.basename(p) if c.isdigit())
+        if digits and shard_name(int(digits)) == posixpath.basename(p):
+            found.append(int(digits))
+    return sorted(found)
 
 
 def _blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -260,17 +294,22 @@ def _cell(data: bytes | None, mime: str, row: dict | None) -> str:
 # --------------------------------------------------------------------------- page
 
 
-def _table(summary: dict) -> str:
+def _table(summary: dict, regressions: Iterable = ()) -> str:
+    """The accuracy table; cells of metrics that regressed get the ``bad`` class."""
+    bad = {(r.attack_spec, r.defense_spec, r.metric) for r in regressions if hasattr(r, "metric")}
     head = ("<tr><th class='l'>attack</th><th class='l'>defense</th><th>n</th><th>top-1</th><th>agree</th>"
             "<th>attack success</th><th>bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th></tr>")
     body = []
     for r in summary["table"]:
         psnr = "∞" if r["psnr"] is None and r.get("identical") == r["n"] else _fmt(r["psnr"], ".2f")
+        cells = {"n": str(r["n"]), "top1": _fmt(r["top1"]), "agree_clean": _fmt(r["agree_clean"]),
+                 "success": _fmt(r.get("success")), "bytes": _fmt(r["bytes"], ",.0f"), "bpp": _fmt(r["bpp"], ".2f"),
+                 "psnr": psnr, "ssim": _fmt(r["ssim"], ".4f")}
+        pair = (r["attack_spec"], r["defense_spec"])
         body.append(
-            f"<tr><td class='l'>{html.escape(r['attack_spec'])}</td><td class='l'>{html.escape(r['defense_spec'])}</td>"
-            f"<td>{r['n']}</td><td>{_fmt(r['top1'])}</td><td>{_fmt(r['agree_clean'])}</td>"
-            f"<td>{_fmt(r.get('success'))}</td><td>{_fmt(r['bytes'], ',.0f')}</td><td>{_fmt(r['bpp'], '.2f')}</td>"
-            f"<td>{psnr}</td><td>{_fmt(r['ssim'], '.4f')}</td></tr>")
+            f"<tr><td class='l'>{html.escape(pair[0])}</td><td class='l'>{html.escape(pair[1])}</td>"
+            + "".join(f"<td class='bad'>{v}</td>" if (*pair, m) in bad else f"<td>{v}</td>" for m, v in cells.items())
+            + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -278,8 +317,10 @@ def _img(png: bytes | None, alt: str) -> str:
     return f"<img class='plot' alt='{alt}' src='{_data_uri(png, 'image/png')}'>" if png else f"<p class='meta'>No data for {alt}.</p>"
 
 
-def render_report(run: str, *, history: dict[str, list[dict]] | None = None, regressions: Iterable = ()) -> str:
-    """The report page for the run at ``run`` (an evaluate or nightly output folder)."""
+def render_report(run: str, *, history: dict[str, list[dict]] | None = None, regressions: Iterable = (),
+                  comparison: str = "") -> str:
+    """The report page for the run at ``run`` (an evaluate or nightly output folder);
+    ``comparison`` says what the regressions were computed against."""
     summary = json.loads(read_bytes(join(run, "summary.json")))
     rows = load_rows(run)
     cfg = summary.get("config", {})
@@ -295,27 +336,67 @@ def render_report(run: str, *, history: dict[str, list[dict]] | None = None, reg
     if regressions:
         items = "".join(f"<li>{html.escape(r.describe())}</li>" for r in regressions)
         parts.append(f"<h2 class='warn'>Regressions ({len(regressions)})</h2><ul class='warn'>{items}</ul>")
+    if comparison:
+        parts.append(f"<p class='meta'>{html.escape(comparison)}</p>")
     parts += [
-        "<h2>Accuracy per attack × defense</h2>", _table(summary),
+        "<h2>Accuracy per attack × defense</h2>", _table(summary, regressions),
         "<p class='meta'>agree: share of images whose top-1 equals the prediction on the clean image "
         "(Prakash et al.'s metric); top-1 against labels where known; PSNR/SSIM against the clean image.</p>",
         "<h2>Accuracy against bytes</h2>", _img(plot_rate_accuracy(summary["table"]), "accuracy against bytes"),
         "<h2>PSNR and SSIM</h2>", _img(plot_quality(summary["table"]), "PSNR and SSIM"),
     ]
     if history:
-        parts += [f"<h2>Trends over {len(history)} nights</h2>", _img(plot_trends(history), "trends")]
+        nights = f"{len(history)} night" + ("s" if len(history) != 1 else "")
+        parts += [f"<h2>Trends over {nights}</h2>", _img(plot_trends(history), "trends")]
     parts += ["<h2>Gallery</h2>", gallery(run, summary, rows),
               f"<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"]
     return "\n".join(parts)
 
 
-def write_report(run: str, output: str, *, history: str | None = None, regressions: Iterable = ()) -> str:
-    """Render and write the report (atomically); returns ``output``."""
-    hist = None
+def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]]) -> tuple[list, str]:
+    """(alarms, what they were computed against) of the run at ``run`` against ``history``.
+
+    The night is the one recorded by the nightly job (``nightly.json``), else the history night
+    holding this run's id, else the run folder's ``date=`` name; an evaluate run is compared with
+    the latest night. The tolerance is the nightly config's as recorded in ``nightly.json``, else
+    the defaults (pipeline.nightly.DEFAULT_TOLERANCE).
+    """
+    from .history import compare, history_rows
+    from .nightly import DEFAULT_TOLERANCE, NIGHTLY_FILE
+
+    fs, path = url_to_fs(join(run, NIGHTLY_FILE))
+    recorded = json.loads(read_bytes(join(run, NIGHTLY_FILE))) if fs.exists(path) else {}
+    tolerance, which = recorded.get("tolerance"), "the tolerance recorded with the nightly run"
+    if tolerance is None:
+        tolerance, which = dict(DEFAULT_TOLERANCE), "the default tolerance"
+    date = recorded.get("date") or next(
+        (d for d, rows in sorted(history.items()) if any(r.get("run_id") == summary["run_id"] for r in rows)), None)
+    name = posixpath.basename(run.rstrip("/"))
+    if date is None and name.startswith("date="):
+        date = name[len("date="):]
+    date = date or "9999-12-31"
+    prev, alarms = compare(history, date, history_rows(summary, date), tolerance, summary.get("errors"))
+    tol = ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
+    against = f"compared with {prev}" if prev else "no earlier night with results to compare with"
+    return alarms, f"Regressions recomputed from the history: {against}, with {which} ({tol})."
+
+
+def write_report(run: str, output: str, *, history: str | None = None, regressions: Iterable | None = None) -> str:
+    """Render and write the report (atomically); returns ``output``. With a ``history`` and no
+    ``regressions`` given, the regressions are recomputed (see recompute_regressions)."""
+    hist, comparison = None, ""
     if history:
         from .history import read_history
 
+        fs, root = url_to_fs(history)
+        if not fs.isdir(root):
+            raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
-    write_bytes(output, render_report(run, history=hist, regressions=regressions).encode())
+        if regressions is None:
+            summary = json.loads(read_bytes(join(run, "summary.json")))
+            regressions, comparison = recompute_regressions(run, summary, hist)
+            log.info("%s", comparison)
+    write_bytes(output, render_report(run, history=hist, regressions=regressions or (),
+                                      comparison=comparison).encode())
     log.info("wrote %s", output)
     return output

@@ -87,6 +87,35 @@ def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
     return options
 
 
+def check_runner(name: str) -> None:
+    """Raise ValueError unless Beam can load a runner by ``name``: a Beam runner name (as Beam
+    matches them: any case, ``Runner`` optional), one of RUNNER_ALIASES, or the dotted import
+    path of a PipelineRunner subclass."""
+    import importlib
+
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.runners.runner import PipelineRunner
+
+    path = RUNNER_ALIASES.get(name, name)
+    known = {n.lower(): n for n in StandardOptions.KNOWN_RUNNER_NAMES}
+    short = known.get(path.lower()) or known.get(path.lower() + "runner")
+    if short:
+        from apache_beam.runners import runner as beam_runner
+
+        path = getattr(beam_runner, "_RUNNER_MAP", {}).get(short.lower(), path)
+    if "." not in path:
+        valid = sorted({*RUNNER_ALIASES, *StandardOptions.KNOWN_RUNNER_NAMES})
+        raise ValueError(f"unknown runner {name!r}; valid: {', '.join(valid)}, or the dotted path of a "
+                         "PipelineRunner subclass")
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"runner {name!r} cannot be loaded: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, PipelineRunner)):
+        raise ValueError(f"runner {name!r} is not a PipelineRunner subclass")
+
+
 def apply_dofn_to_bundle(items, do_fn_invoker_args, do_fn_invoker_kwargs, tagged_receivers):
     """One Dask partition as one Beam bundle, with ``finish_bundle`` outputs kept."""
     # Each task unpickles its own receivers; clearing guards against reuse all the same. (No

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from jobs.__main__ import main
-from pipeline.history import find_regressions, read_history, write_partition
-from pipeline.nightly import NightlyConfig
-from tests.shards import good_members, write_tar
+from pipeline.history import MISSING, compare, find_regressions, read_history, write_partition
+from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig
+from tests.shards import good_members, hostile_members, write_tar
 
 
 def config(tmp_path, **over) -> dict:
@@ -46,6 +49,9 @@ def write_config(tmp_path, cfg) -> str:
         ({"attacks": ["fgsm:eps=x"]}, "bad value for 'eps'"),
         ({"runner_options": {"no_such_flag": 1}}, "unrecognized arguments: --no_such_flag"),
         ({"history": None}, "'history' is required"),
+        ({"runner": "NoSuchRunner"}, "nightly.yaml: unknown runner 'NoSuchRunner'; valid: .*DaskRunner"),
+        ({"runner": "no_such_module.Runner"}, "nightly.yaml: runner 'no_such_module.Runner' cannot be loaded"),
+        ({"runner": "pipeline.nightly.NightlyConfig"}, "is not a PipelineRunner subclass"),
     ],
 )
 def test_config_errors_are_clear(tmp_path, change, message):
@@ -128,3 +134,166 @@ def test_unwritable_output_is_a_clear_error(tmp_path, photos, capsys):
     assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-11-21"]) == 2
     assert "cannot be written" in capsys.readouterr().err
     assert not (tmp_path / "history").exists()
+
+
+@pytest.mark.parametrize("runner", ["FnApiRunner", "DirectRunner", "direct", "DaskRunner", "PrismRunner",
+                                    "pipeline.runners.DaskRunner"])
+def test_runner_names_beam_accepts_are_valid(tmp_path, runner):
+    assert NightlyConfig.from_dict(config(tmp_path, runner=runner)).runner == runner
+
+
+def test_bad_runner_stops_before_any_work(tmp_path, capsys):
+    path = write_config(tmp_path, config(tmp_path, runner="NoSuchRunner"))
+    assert main(["nightly", "--config", path, "--date", "2026-11-21"]) == 2
+    assert f"{path}: unknown runner 'NoSuchRunner'" in capsys.readouterr().err
+    assert not (tmp_path / "nightly").exists() and not (tmp_path / "history").exists()
+
+
+def test_partial_tolerance_merges_with_the_defaults(tmp_path):
+    cfg = NightlyConfig.from_dict(config(tmp_path, tolerance={"top1": 0.9, "psnr": None, "bytes": 500}))
+    assert cfg.tolerance == {**{k: v for k, v in DEFAULT_TOLERANCE.items() if k != "psnr"}, "top1": 0.9, "bytes": 500}
+    assert NightlyConfig.from_dict(config(tmp_path, tolerance=None)).tolerance == DEFAULT_TOLERANCE
+
+
+def test_missing_pairs_and_fewer_images_are_regressions():
+    before = [{"attack_spec": a, "defense_spec": "jpeg", "n": 100, "top1": 0.5} for a in ("clean", "fgsm", "pgd")]
+    now = [dict(before[0], n=95), dict(before[1], n=80), dict(before[2], n=0)]
+    regs = find_regressions(before, now, {"n": 0.1, "top1": 0.02}, "2026-01-01")
+    assert sorted((r.attack_spec, r.metric) for r in regs) == [("fgsm", "n"), ("pgd", MISSING)]
+    text = " ".join(r.describe() for r in regs)
+    assert "pgd x jpeg has no result (n was 100 on 2026-01-01)" in text
+    assert "n of fgsm x jpeg dropped from 100 (2026-01-01) to 80 (tolerance 0.1 of the previous n)" in text
+
+
+def test_a_night_without_results_is_an_alarm_and_never_the_baseline():
+    good = [{"attack_spec": "clean", "defense_spec": "none", "n": 4, "top1": 0.75}]
+    history = {"2026-01-01": good, "2026-01-02": []}
+    prev, alarms = compare(history, "2026-01-02", [], DEFAULT_TOLERANCE, {"decode": 4})
+    assert [a.describe() for a in alarms] == [
+        "the night 2026-01-02 has no results: no input was evaluated (errors: decode 4)"]
+    prev, alarms = compare(history, "2026-01-03", [dict(good[0], top1=0.25)], DEFAULT_TOLERANCE)
+    assert prev == "2026-01-01" and [a.metric for a in alarms] == ["top1"]
+
+
+def test_failed_night_alarms_and_next_night_compares_with_the_last_good_one(tmp_path, photos, capsys):
+    (tmp_path / "in").mkdir()
+    bad, _ = hostile_members(photos)
+    write_tar(tmp_path / "in" / "a.tar", [m for m in bad if m[0].startswith("bad_truncated")])
+    loose = {"top1": 1.0, "agree_clean": 1.0, "psnr": 100.0, "ssim": 1.0, "n": 1.0}
+    cfg = config(tmp_path, tolerance=loose, report=False)
+    path = write_config(tmp_path, cfg)
+    pairs = [(a, d) for a in ("clean", "fgsm:eps=4/255") for d in ("none", "jpeg:quality=50")]
+    write_partition(cfg["history"], "2026-01-01", [{"attack_spec": a, "defense_spec": d, "n": 1} for a, d in pairs])
+
+    assert main(["nightly", "--config", path, "--date", "2026-01-02"]) == 3
+    assert "REGRESSION: the night 2026-01-02 has no results: no input was evaluated (errors: decode" \
+        in capsys.readouterr().err
+    assert read_history(cfg["history"])["2026-01-02"] == []  # kept: the history says what happened
+
+    (tmp_path / "in" / "a.tar").unlink()
+    write_tar(tmp_path / "in" / "b.tar", good_members(photos)[:4])
+    assert main(["nightly", "--config", path, "--date", "2026-01-03"]) == 0
+    assert "compared with 2026-01-01: no regression" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "nightly" / "date=2026-01-03" / "nightly.json").read_text())
+    assert recorded["previous_date"] == "2026-01-01" and recorded["tolerance"] == loose
+
+    # Re-rendered with the history, the report recomputes the alarms with the recorded tolerance.
+    better = [dict(r, top1=2.0) for r in read_history(cfg["history"])["2026-01-01"]]
+    write_partition(cfg["history"], "2026-01-01", better)
+    out = tmp_path / "r.html"
+    run = str(tmp_path / "nightly" / "date=2026-01-03")
+    assert main(["report", "--run", run, "--history", cfg["history"], "--output", str(out)]) == 0
+    page = out.read_text()
+    assert "Regressions (4)" in page and "top1 of clean x none dropped from 2 (2026-01-01)" in page
+    assert "with the tolerance recorded with the nightly run" in page and "<td class='bad'>" in page
+    assert "Trends over 3 nights" in page
+
+
+def test_unwritable_history_stops_before_any_work(tmp_path, photos, capsys):
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = config(tmp_path, history=str(blocker / "history"))
+    assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-11-21"]) == 2
+    err = capsys.readouterr().err
+    assert f"history location {blocker / 'history'} cannot be written" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nightly").exists()
+
+
+HISTORY_ROW = {"run_id": "r", "model": "m", "attack": "clean", "attack_spec": "clean", "defense": "none",
+               "defense_spec": "none", "n": 4, "top1": 0.5, "agree_clean": 1.0, "success": None, "bytes": 900.0,
+               "bpp": 1.5, "psnr": None, "ssim": 1.0, "linf": 0.0, "rmse": 0.0}
+
+
+def test_partition_with_the_wrong_schema_is_corrupt(tmp_path):
+    import pyarrow as pa
+
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+    part = hist / "date=2026-01-02"
+    part.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"key": "a", "attack_spec": "clean", "defense_spec": "none", "n": "4"}]),
+                   part / "summary.parquet")  # a run's metadata file, say
+    with pytest.raises(ValueError, match="partition date=2026-01-02 .* is corrupt: no column run_id.*column n is string"):
+        read_history(str(hist))
+    # A file of an earlier version (with its own date column) copied to another night.
+    old = pa.Table.from_pylist([{**HISTORY_ROW, "date": "2026-01-01"}])
+    pq.write_table(old, part / "summary.parquet")
+    with pytest.raises(ValueError, match="date=2026-01-02 .* is corrupt: its date column says 2026-01-01"):
+        read_history(str(hist))
+
+
+def test_history_reads_as_a_hive_dataset_and_reads_older_files(tmp_path):
+    import pyarrow as pa
+
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+    write_partition(str(hist), "2026-01-02", [dict(HISTORY_ROW, top1=0.25)])
+    table = pq.read_table(hist)  # the date comes from the folder names
+    assert sorted(zip(map(str, table.column("date").to_pylist()), table.column("top1").to_pylist())) == [
+        ("2026-01-01", 0.5), ("2026-01-02", 0.25)]
+    # Written by an earlier version: a date column inside the file.
+    pq.write_table(pa.Table.from_pylist([{**HISTORY_ROW, "date": "2026-01-02"}]), hist / "date=2026-01-02" / "summary.parquet")
+    h = read_history(str(hist))
+    assert h["2026-01-02"][0]["date"] == "2026-01-02" and h["2026-01-01"][0]["date"] == "2026-01-01"
+
+
+def test_leftovers_of_an_interrupted_write_are_not_a_partition(tmp_path, caplog):
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+    part = hist / "date=2026-01-02"
+    part.mkdir()
+    (part / ".summary.parquet.tmp-0badc0de").write_bytes(b"PAR1 half")
+    with caplog.at_level(logging.WARNING, logger="pipeline.history"):
+        assert sorted(read_history(str(hist))) == ["2026-01-01"]
+    assert "leftovers of an interrupted write" in caplog.text
+    write_partition(str(hist), "2026-01-02", [HISTORY_ROW])  # the next write of that date cleans up
+    assert sorted(p.name for p in part.iterdir()) == ["summary.parquet"]
+    # Anything else in a folder without its file is still an error, and nothing is deleted.
+    (part / "summary.parquet").rename(part / "summary.parquet.bak")
+    (part / ".summary.parquet.tmp-0badc0de").write_bytes(b"PAR1 half")
+    with pytest.raises(ValueError, match="has no summary.parquet"):
+        read_history(str(hist))
+    assert sorted(p.name for p in part.iterdir()) == [".summary.parquet.tmp-0badc0de", "summary.parquet.bak"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_history_and_report_reads_start_no_pyarrow_threads(tmp_path):
+    """pyarrow 25 aborted (SIGABRT, exit 134) now and then when the process exited right after a
+    read on its thread pools: a damaged history ends the job just then. Reads stay on the calling
+    thread; a fresh process shows it (pools, once started, stay for the process's life)."""
+    write_partition(str(tmp_path / "h"), "2026-01-01", [HISTORY_ROW])
+    (tmp_path / "run" / "metadata").mkdir(parents=True)
+    shutil.copy(tmp_path / "h" / "date=2026-01-01" / "summary.parquet", tmp_path / "run" / "metadata" / "part-00000.parquet")
+    code = (
+        "import os, sys\n"
+        "from pipeline.history import read_history\n"
+        "from pipeline.report import load_rows\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = threads()\n"
+        f"assert read_history({str(tmp_path / 'h')!r}) and load_rows({str(tmp_path / 'run')!r})\n"
+        "sys.exit(0 if threads() == before else 1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

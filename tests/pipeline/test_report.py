@@ -56,3 +56,54 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape == (2400, 1200)
     assert img.std() > 20  # text, plots and photos, not a blank page
+
+
+def test_report_with_a_history_that_does_not_exist_is_an_error(run_dir, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", "--run", str(run_dir), "--history", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert f"history {tmp_path / 'nope'} is not a folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_report_recomputes_regressions_with_default_tolerance_and_marks_cells(run_dir, tmp_path):
+    """An evaluate run (no nightly.json) against a history: compared with the latest night."""
+    import json
+
+    from pipeline.history import history_rows, write_partition
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = history_rows(summary, "2026-01-01")
+    write_partition(str(tmp_path / "h"), "2026-01-01", [dict(r, agree_clean=2.0, run_id="earlier") for r in rows])
+    out = tmp_path / "report.html"
+    assert main(["report", "--run", str(run_dir), "--history", str(tmp_path / "h"), "--output", str(out)]) == 0
+    page = out.read_text()
+    assert f"Regressions ({len(rows)})" in page and "compared with 2026-01-01, with the default tolerance" in page
+    assert page.count("<td class='bad'>") == len(rows) and "Trends over 1 night<" in page
+
+
+def test_trends_use_a_date_axis(caplog):
+    import logging
+
+    from pipeline.report import plot_trends
+
+    row = {"attack_spec": "fgsm", "defense_spec": "jpeg", "agree_clean": 0.5}
+    with caplog.at_level(logging.INFO, logger="matplotlib"):
+        assert plot_trends({"2026-01-01": [row], "2026-01-09": [row]}).startswith(b"\x89PNG")
+    assert "categorical" not in caplog.text
+
+
+def test_gallery_gathers_samples_across_shards(tmp_path, photos):
+    from pipeline.io import shard_name
+    from pipeline.report import gallery
+    from tests.shards import encode, write_tar
+    from transforms.specs import safe_name
+
+    run = tmp_path / "run"
+    for attack, defense in (("clean", "none"), ("fgsm", "none"), ("fgsm", "jpeg:quality=50")):
+        folder = run / "shards" / safe_name(attack) / safe_name(defense)
+        folder.mkdir(parents=True)
+        for index, keys in ((0, ("a", "b")), (1, ("c", "d")), (2, ("e",))):
+            write_tar(folder / shard_name(index), [(f"{k}.png", encode(photos[0])) for k in keys])
+    summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["none", "jpeg:quality=50"]}}
+    page = gallery(str(run), summary, [], size=4)
+    assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
