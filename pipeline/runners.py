@@ -89,24 +89,15 @@ def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
 
 def check_runner(name: str) -> None:
     """Raise ValueError unless Beam can load a runner by ``name``: a Beam runner name (as Beam
-    matches them: any case, ``Runner`` optional), one of RUNNER_ALIASES, or the dotted import
-    path of a PipelineRunner subclass."""
+    matches them: any case, ``Runner`` optional), ``DaskRunner``, or the dotted import path of a
+    PipelineRunner subclass (imported here to check it)."""
     import importlib
 
-    from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.runners.runner import PipelineRunner
 
-    path = RUNNER_ALIASES.get(name, name)
-    known = {n.lower(): n for n in StandardOptions.KNOWN_RUNNER_NAMES}
-    short = known.get(path.lower()) or known.get(path.lower() + "runner")
-    if short:
-        from apache_beam.runners import runner as beam_runner
-
-        path = getattr(beam_runner, "_RUNNER_MAP", {}).get(short.lower(), path)
+    path = _runner_path(name)
     if "." not in path:
-        valid = sorted({*RUNNER_ALIASES, *StandardOptions.KNOWN_RUNNER_NAMES})
-        raise ValueError(f"unknown runner {name!r}; valid: {', '.join(valid)}, or the dotted path of a "
-                         "PipelineRunner subclass")
+        return
     module, _, attr = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), attr)
