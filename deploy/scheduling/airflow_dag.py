@@ -2,7 +2,8 @@
 
 The task runs on a worker with semjpeg installed (`pip install "semjpeg[gcp]"`); with
 `runner: DataflowRunner` in the config it submits the Dataflow job, waits for it, then writes the
-history partition and the report. Exit status 3 (a regression) fails the task, which alerts.
+history partition and the report. Exit status 3 (an alarm: a regression, a missing pair or a
+night without results) fails the task, which alerts.
 """
 from datetime import datetime, timedelta
 
