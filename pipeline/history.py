@@ -210,24 +210,40 @@ def previous_night(history: dict[str, list[dict]], date: str) -> str | None:
     return max(earlier) if earlier else None
 
 
+def configured_pairs(summary: dict) -> set[tuple[str, str]] | None:
+    """The (attack, defense) specs a run was configured with (its summary's ``config``), or None
+    when the summary does not say."""
+    config = summary.get("config") or {}
+    attacks, defenses = config.get("attacks"), config.get("defenses")
+    if not attacks or not defenses:
+        return None
+    return {(a, d) for a in attacks for d in defenses}
+
+
 def compare(history: dict[str, list[dict]], date: str, rows: list[dict], tolerance: dict[str, float],
-            errors: dict | None = None) -> tuple[str | None, list]:
+            errors: dict | None = None, configured: set[tuple[str, str]] | None = None) -> tuple[str | None, list]:
     """(the night compared with, the alarms) for the night ``date`` whose history rows are ``rows``:
-    an EmptyNight when it has no results, else the regressions against previous_night()."""
+    an EmptyNight when it has no results, else the regressions against previous_night()
+    (``configured``: see find_regressions)."""
     prev = previous_night(history, date)
     if not has_results(rows):
         return prev, [EmptyNight(date, dict(errors or {}))]
-    return prev, (find_regressions(history[prev], rows, tolerance, prev) if prev else [])
+    return prev, (find_regressions(history[prev], rows, tolerance, prev, configured) if prev else [])
 
 
 def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[str, float],
-                     previous_date: str) -> list[Regression]:
+                     previous_date: str, configured: set[tuple[str, str]] | None = None) -> list[Regression]:
     """Pairs with results the previous night and none now (MISSING), and metrics of pairs present
-    both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value)."""
+    both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value).
+
+    ``configured``: the pairs tonight's run was asked for; a pair the configuration dropped is not
+    missing (None: every pair of the previous night is expected)."""
     now = {(r["attack_spec"], r["defense_spec"]): r for r in current if _evaluated(r)}
     out = []
     for p in previous:
         pair = (p["attack_spec"], p["defense_spec"])
+        if configured is not None and pair not in configured:
+            continue
         if _evaluated(p) and pair not in now:
             out.append(Regression(*pair, MISSING, p["n"], None, 0.0, previous_date))
     before = {(r["attack_spec"], r["defense_spec"]): r for r in previous}

@@ -47,7 +47,8 @@ import fsspec
 import yaml
 
 from .config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
-from .history import METRICS, check_writable, compare, history_rows, read_history, write_partition
+from .history import (METRICS, check_writable, compare, configured_pairs, history_rows, read_history,
+                      write_partition)
 from .io import join, write_bytes
 from .runners import check_runner, pipeline_options
 
@@ -266,7 +267,8 @@ def run_nightly(cfg: NightlyConfig, date: str) -> NightlyResult:
     options = pipeline_options(cfg.beam_argv())
     summary = run_evaluate(evaluate, options)
     rows = history_rows(summary, date)
-    prev, alarms = compare(history, date, rows, cfg.tolerance, summary.get("errors"))
+    prev, alarms = compare(history, date, rows, cfg.tolerance, summary.get("errors"),
+                          configured_pairs(summary))
     regressions = tuple(alarms)
     write_partition(cfg.history, date, rows)
     write_bytes(join(evaluate.output, NIGHTLY_FILE), json.dumps({

@@ -361,7 +361,7 @@ def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]
     the latest night. The tolerance is the nightly config's as recorded in ``nightly.json``, else
     the defaults (pipeline.nightly.DEFAULT_TOLERANCE).
     """
-    from .history import compare, history_rows
+    from .history import compare, configured_pairs, history_rows
     from .nightly import DEFAULT_TOLERANCE, NIGHTLY_FILE
 
     fs, path = url_to_fs(join(run, NIGHTLY_FILE))
@@ -375,7 +375,8 @@ def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]
     if date is None and name.startswith("date="):
         date = name[len("date="):]
     date = date or "9999-12-31"
-    prev, alarms = compare(history, date, history_rows(summary, date), tolerance, summary.get("errors"))
+    prev, alarms = compare(history, date, history_rows(summary, date), tolerance, summary.get("errors"),
+                          configured_pairs(summary))
     tol = ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
     against = f"compared with {prev}" if prev else "no earlier night with results to compare with"
     return alarms, f"Regressions recomputed from the history: {against}, with {which} ({tol})."

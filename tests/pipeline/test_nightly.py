@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from jobs.__main__ import main
-from pipeline.history import MISSING, compare, find_regressions, read_history, write_partition
+from pipeline.history import (MISSING, compare, configured_pairs, find_regressions, read_history,
+                              write_partition)
 from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig
 from tests.shards import good_members, hostile_members, write_tar
 
@@ -163,6 +164,17 @@ def test_missing_pairs_and_fewer_images_are_regressions():
     text = " ".join(r.describe() for r in regs)
     assert "pgd x jpeg has no result (n was 100 on 2026-01-01)" in text
     assert "n of fgsm x jpeg dropped from 100 (2026-01-01) to 80 (tolerance 0.1 of the previous n)" in text
+
+
+def test_a_pair_the_configuration_dropped_is_not_missing():
+    before = [{"attack_spec": a, "defense_spec": "jpeg", "n": 100, "top1": 0.5} for a in ("clean", "fgsm", "pgd")]
+    now = before[:2]  # pgd has no rows tonight
+    asked = {("clean", "jpeg"), ("fgsm", "jpeg")}
+    assert find_regressions(before, now, {"top1": 0.02}, "2026-01-01", asked) == []
+    regs = find_regressions(before, now, {"top1": 0.02}, "2026-01-01", asked | {("pgd", "jpeg")})
+    assert [(r.attack_spec, r.metric) for r in regs] == [("pgd", MISSING)]
+    summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["jpeg"]}}
+    assert configured_pairs(summary) == asked and configured_pairs({}) is None
 
 
 def test_a_night_without_results_is_an_alarm_and_never_the_baseline():
