@@ -29,7 +29,8 @@ attack x defense), a fraction of the previous night's n.
 
 Alarms (exit status 3, each named on stderr and in the report): a night with no results at all
 (every input failed, or none was found); an (attack, defense) pair that had results the previous
-night and has none; a metric worse beyond tolerance. The previous night is the latest earlier
+night and has none (unless the configuration no longer asks for it); a metric worse beyond
+tolerance. The previous night is the latest earlier
 night *with results*: a night without any is kept in the history but is never the baseline, so
 the night after it is compared with the last good night.
 
