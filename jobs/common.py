@@ -65,7 +65,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads per worker")
-    g.add_argument("--seed", type=int, default=0, help="run seed; same seed, same bytes")
+    g.add_argument("--seed", type=int, default=0,
+                   help="run seed: the same seed and --run-id give the same bytes, wherever the data is stored")
     g.add_argument("--map-model", help="model for saliency maps (default: --model)")
     g.add_argument("--map-weights", help="state dict for --map-model")
 

@@ -131,7 +131,7 @@ class AttackHandler(_ClassifierHandler):
         return out
 
     def _attack(self, spec, model, batch, x, labels, clean_logits, clean_pred) -> list[Variant]:
-        seeds = seed_tensor([sample_seed(self.seed, s.source, s.key, spec.text) for s in batch])
+        seeds = seed_tensor([sample_seed(self.seed, s.identity, spec.identity) for s in batch])
         if x.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -43,6 +43,13 @@ class Sample:
     image: np.ndarray
     meta: dict[str, Any] | None = None
 
+    @property
+    def identity(self) -> str:
+        """What seeds this sample's random numbers: its shard's file (or folder) name and its key,
+        not the shard's full path, so a dataset draws the same numbers wherever it is stored
+        (another folder, a bucket)."""
+        return self.source.rstrip("/").rsplit("/", 1)[-1] + "/" + self.key
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -71,7 +71,7 @@ class MapHandler(_ClassifierHandler):
         errors = []
         for text, (name, kwargs, users) in self.requests.items():
             try:
-                seeds = seed_tensor([sample_seed(self.seed, v.sample.source, v.sample.key, v.attack.text, text)
+                seeds = seed_tensor([sample_seed(self.seed, v.sample.identity, v.attack.identity, text)
                                      for v in batch])
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -34,6 +34,13 @@ class Spec:
         return (Spec, (self.name, dict(self.params), self.text))
 
     @property
+    def identity(self) -> str:
+        """The spec whatever way it was written: its name and values, parameters sorted
+        (``pgd:steps=3,eps=4/255`` and ``pgd:eps=0.0156862745098,steps=3`` are one spec). Seeds
+        hash this, so the same attack draws the same random numbers however it is spelled."""
+        return format_spec(self.name, {k: repr(self.params[k]) for k in sorted(self.params)})
+
+    @property
     def folder(self) -> str:
         """A filesystem-safe, injective folder name for this spec (see :func:`safe_name`)."""
         return safe_name(self.text)

@@ -102,6 +102,35 @@ def test_reruns_are_byte_identical(semantic_run, tmp_path):
         assert shard.read_bytes() == (tmp_path / "again" / shard.relative_to(tmp / "run")).read_bytes(), shard
 
 
+def test_the_same_data_and_spec_draw_the_same_numbers_wherever_they_are_and_however_written(
+        semantic_run, tmp_path):
+    """Seeds hash the shard's name and the key, not the full path, and the spec's values, not its
+    spelling: a copy of the dataset elsewhere, with the attack's parameters in another order,
+    gives the same images (PGD's random start and Aug-MSROI's noise included)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    tmp, _, _ = semantic_run
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp / "a.tar", tmp_path / "elsewhere" / "a.tar")
+    images = []
+    for src, attack, out in ((tmp / "a.tar", "pgd:eps=8/255,steps=2", "one"),
+                             (tmp_path / "elsewhere" / "a.tar", "pgd:steps=2,eps=0.031372549019607843", "two")):
+        cfg = tiny_config([str(src)], tmp_path / out, attacks=(attack,), defenses=("aug_msroi",), run_id="fixed")
+        run_evaluate(cfg, PipelineOptions(["--runner", "FnApiRunner"]))
+        spec = cfg.attacks[1]
+        images.append({(d, name): data for d in ("none", "aug_msroi")
+                       for name, data in members(tmp_path / out / "shards" / spec.folder / d / "shard-00000.tar").items()
+                       if not name.endswith(".json")})
+    kinds = sorted((d, name.split(".", 1)[1]) for d, name in images[0])
+    assert kinds.count(("none", "png")) == kinds.count(("aug_msroi", "jpg")) == 8
+    assert images[0] == images[1]
+    other = tiny_config([str(tmp / "a.tar")], tmp_path / "three", attacks=("pgd:eps=8/255,steps=2",),
+                        defenses=(), run_id="fixed", seed=1)
+    run_evaluate(other, PipelineOptions(["--runner", "FnApiRunner"]))
+    third = members(tmp_path / "three" / "shards" / other.attacks[1].folder / "none" / "shard-00000.tar")
+    assert any(third[name] != images[0][("none", name)] for name in third if not name.endswith(".json"))
+
+
 def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     write_tar(tmp_path / "a.tar", good_members(photos)[:6])
     common = ["--model", "tests.tiny:build", "--runner", "FnApiRunner", "--batch-size", "2"]
