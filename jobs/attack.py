@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     for action in parser._actions:  # the attack job stores undefended images only
         if action.dest == "defense":
             action.help = "not accepted: adversarial sets are stored losslessly"
+        elif action.dest == "save_maps":
+            action.help = "not accepted: no defense, so no saliency maps"
 
 
 def run(args, beam_argv) -> int:
@@ -24,6 +26,8 @@ def run(args, beam_argv) -> int:
 
     if args.defense:
         raise ValueError("semjpeg attack stores images losslessly; use evaluate or defend for --defense")
+    if args.save_maps:
+        raise ValueError("semjpeg attack makes no saliency maps (no defense); use evaluate or defend for --save-maps")
     if not args.attack:
         raise ValueError("give at least one --attack")
     config = evaluate.build_config(args, layout="attack", defenses=[])

@@ -112,11 +112,13 @@ def test_attack_job_writes_a_reusable_adversarial_set(tmp_path, photos):
         assert np.array_equal(decode_rgb(tf.extractfile("good_jpg.png").read()), adv)
 
 
-def test_attack_job_rejects_defenses(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [(["--defense", "jpeg"], "losslessly"),
+                                           (["--save-maps"], "makes no saliency maps")])
+def test_attack_job_rejects_defenses_and_maps(tmp_path, capsys, flags, message):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
-                 "--attack", "fgsm", "--defense", "jpeg"])
-    assert code == 2 and "losslessly" in capsys.readouterr().err
+                 "--attack", "fgsm", *flags])
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def one_error_line(capsys, job: str) -> str:
