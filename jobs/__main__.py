@@ -11,6 +11,7 @@ import argparse
 import gc
 import importlib
 import logging
+import signal
 import sys
 
 #: Subcommand -> module under ``jobs``; each has ``HELP``, ``add_arguments(parser)`` and
@@ -66,14 +67,52 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, systemd, Kubernetes), raised where the job is, so that it
+    unwinds as after Ctrl-C: staging folders removed, clusters closed, the previous output kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _chain(e: BaseException | None):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _interruption(e: BaseException) -> str | None:
+    """"terminated" or "interrupted" when ``e`` is SIGTERM or Ctrl-C, perhaps wrapped (Beam's
+    FnApiRunner re-raises one from inside a stage as ``RuntimeError: KeyboardInterrupt [while
+    running ...]``); None for anything else."""
+    for c in _chain(e):
+        text = str(c) if isinstance(c, RuntimeError) else ""
+        if isinstance(c, Terminated) or text.startswith("Terminated"):
+            return "terminated"
+        if isinstance(c, KeyboardInterrupt) or text.startswith("KeyboardInterrupt"):
+            return "interrupted"
+    return None
+
+
 def cli() -> int:
     """The ``semjpeg`` command: :func:`main`, then a quicker exit.
 
-    The job is over when ``main`` returns (outputs committed, clusters closed). Freezing the
-    garbage collector's view of what is left (``gc.freeze``) lets the interpreter's exit skip its
-    final collections over torch's and Beam's objects: about 1 s of every run on this machine.
-    ``main`` itself leaves the collector alone, for callers that go on working in the process."""
-    code = main()
+    Ctrl-C and SIGTERM stop the job cleanly (its staging folder removed, the previous output
+    kept) with one line and exit status 130 or 143, not a traceback. The job is over when
+    ``main`` returns (outputs committed, clusters closed). Freezing the garbage collector's view
+    of what is left (``gc.freeze``) lets the interpreter's exit skip its final collections over
+    torch's and Beam's objects: about 1 s of every run on this machine. ``main`` itself leaves
+    the collector and the signal handlers alone, for callers that go on working in the process."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main()
+    except BaseException as e:
+        what = _interruption(e)
+        if what is None:
+            raise
+        print(f"semjpeg: {what}; the previous output is untouched", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
     gc.freeze()
     return code
 

@@ -103,6 +103,17 @@ def map_model_config(args):
                        batch_size=args.batch_size, torch_threads=args.torch_threads)
 
 
+class DropInterruptTracebacks(logging.Filter):
+    """Beam logs every exception out of a DoFn with its traceback, Ctrl-C and SIGTERM included;
+    the command says in one line that it was interrupted (jobs.__main__.cli)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "apache_beam.runners.common":
+            return True
+        text = record.getMessage()
+        return not (text.startswith("KeyboardInterrupt") or "Terminated [while running" in text)
+
+
 def setup_logging(verbose: bool) -> None:
     from pipeline.dask_cluster import DropImportNoise
 
@@ -112,3 +123,6 @@ def setup_logging(verbose: bool) -> None:
     )
     for h in logging.getLogger().handlers:
         h.addFilter(DropImportNoise())
+        h.addFilter(DropInterruptTracebacks())
+    # Beam notes every string type hint it cannot resolve at INFO (dozens of lines per job).
+    logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
