@@ -1,4 +1,4 @@
-"""Local Dask clusters for ``--runner DaskRunner --dask_workers N``.
+"""Local Dask clusters for ``--runner DaskRunner [--dask_workers N]``.
 
 Kept free of Beam and torch imports: a job starts its cluster before it imports them, so the
 workers' imports of torch, Beam and this package happen while the job's own process does the same
@@ -17,12 +17,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-#: ``--runner`` values that mean this package's DaskRunner (see pipeline.runners).
-DASK_RUNNERS = ("DaskRunner", "pipeline.runners.DaskRunner")
+#: ``--runner`` values that mean this package's DaskRunner (see pipeline.runners), lowercased.
+DASK_RUNNERS = ("daskrunner", "dask", "pipeline.runners.daskrunner")
+#: Seconds to reach a scheduler unless ``--dask_connection_timeout`` says otherwise (Dask's default).
+CONNECT_TIMEOUT = 30.0
+#: Seconds to wait for a cluster's workers unless ``--dask_wait_timeout`` says otherwise.
+WAIT_TIMEOUT = 300.0
+#: After this many seconds of waiting for workers, say so at WARNING (once).
+WARN_AFTER = 30.0
 #: Imported by every worker of a local cluster as it starts (the modules Beam unpickles into).
 WORKER_PRELOAD = ("pipeline.dask_worker",)
 _NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
@@ -35,11 +46,19 @@ class DropImportNoise(logging.Filter):
         return not str(record.msg).startswith("apitools not found")
 
 
+def default_worker_count() -> int:
+    """One worker per CPU core this process may run on (``--runner DaskRunner`` alone)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def start_local_cluster(workers: int, *, wait: bool = True):
     """A ``distributed.LocalCluster`` of ``workers`` single-threaded worker processes.
 
     ``wait=False`` returns as soon as the scheduler listens; the workers start in the background
-    (``wait_for_workers`` waits for them)."""
+    (``wait_for_workers`` waits for them). The workers' scratch space is a temporary folder that
+    goes when the cluster closes (Dask leaves an empty ``dask-scratch-space`` in TMPDIR)."""
     if workers < 1:
         raise ValueError(f"--dask_workers must be at least 1, got {workers}")
     import dask
@@ -51,13 +70,34 @@ def start_local_cluster(workers: int, *, wait: bool = True):
     # after this call returns: it is set for the rest of this process (only local clusters read it).
     dask.config.set(_NO_MALLOC_TRIM)
     _forkserver_workers()
-    cluster = LocalCluster(n_workers=workers if wait else 0, threads_per_worker=1, processes=True,
-                           dashboard_address=None, preload=list(WORKER_PRELOAD))
+    scratch = tempfile.mkdtemp(prefix="semjpeg-dask-")
+    try:
+        cluster = LocalCluster(n_workers=workers if wait else 0, threads_per_worker=1, processes=True,
+                               dashboard_address=None, preload=list(WORKER_PRELOAD),
+                               local_directory=scratch, scheduler_kwargs={"local_directory": scratch})
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _remove_on_close(cluster, scratch)
     if not wait:
         cluster.scale(workers)
     log.info("local Dask cluster at %s: %d workers%s", cluster.scheduler_address, workers,
              "" if wait else " starting")
     return cluster
+
+
+def _remove_on_close(cluster, folder: str) -> None:
+    """Remove ``folder`` once ``cluster`` is closed, however it is closed (``close()``, ``with``,
+    garbage collection)."""
+    close = cluster.close
+
+    def close_and_remove(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    cluster.close = close_and_remove
 
 
 def _forkserver_workers() -> None:
@@ -83,21 +123,82 @@ def _forkserver_workers() -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_PRELOAD])
 
 
-def wait_for_workers(address: str, workers: int, timeout: float = 300) -> None:
-    """Block until the scheduler at ``address`` has ``workers`` workers (a clear error after ``timeout`` s)."""
+def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Raise ValueError (one line) unless a Dask scheduler answers at ``address`` within
+    ``timeout`` seconds.
+
+    Dask's own client retries an address where nothing listens for its connect timeout and then
+    fails with a long traceback, and it waits forever for the handshake of a server that is not
+    Dask's (an HTTP server, say): this asks the scheduler who it is, all within ``timeout``."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def identity():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        # Dask's connect gives up after ``timeout`` where nothing listens; the extra second lets
+        # that error (which says why) come first.
+        info = asyncio.run(asyncio.wait_for(identity(), timeout + 1))
+    except asyncio.TimeoutError:
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: no Dask answer within "
+                         f"{timeout + 1:g} s (is it a Dask scheduler's address?)") from None
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e)
+        if reason.startswith("Timed out trying to connect"):  # Dask's retries: say why they failed
+            last = re.sub(r"^in <[^>]*>: ", "", str(e.__cause__ or ""))
+            reason = f"no connection within {timeout:g} s" + (f" ({last})" if last else "")
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: {reason}") from None
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind != "Scheduler":
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: it answers as "
+                         f"{kind or 'something else'}, not a Dask scheduler")
+
+
+def wait_for_workers(address: str, workers: int, timeout: float = WAIT_TIMEOUT,
+                     connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    """Block until the scheduler at ``address`` has ``workers`` workers; a ValueError (one line)
+    if it cannot be reached within ``connect_timeout`` s or has too few after ``timeout`` s.
+
+    The wait is logged at INFO, and once at WARNING after ``WARN_AFTER`` s."""
     from distributed import Client
 
-    with Client(address, timeout=timeout) as client:
-        try:
-            client.wait_for_workers(workers, timeout=timeout)
-        except TimeoutError as e:
-            have = len(client.scheduler_info()["workers"])
-            raise RuntimeError(f"the Dask cluster at {address} has {have} workers after {timeout:.0f} s, "
-                               f"--dask_workers asked for {workers}") from e
+    check_scheduler(address, connect_timeout)
+    start = time.monotonic()
+    with Client(address, timeout=connect_timeout) as client:
+        have = len(client.nthreads())
+        if have >= workers:
+            return
+        log.info("waiting for the Dask cluster at %s: %d of %d workers", address, have, workers)
+        warned = False
+        while True:
+            left = timeout - (time.monotonic() - start)
+            step = left if warned else min(left, WARN_AFTER - (time.monotonic() - start))
+            try:
+                client.wait_for_workers(workers, timeout=max(step, 0.001))
+                return
+            except TimeoutError:
+                have = len(client.nthreads())
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise ValueError(f"the Dask cluster at {address} has {have} of {workers} workers after "
+                                 f"{timeout:g} s (--dask_workers {workers}; --dask_wait_timeout to wait longer)")
+            if not warned:
+                log.warning("waiting for the Dask cluster at %s: %d of %d workers (%.0f s so far; "
+                            "--dask_wait_timeout %g)", address, have, workers, waited, timeout)
+                warned = True
 
 
 def _dask_flags(beam_argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    """The Dask flags in ``beam_argv``; a malformed value raises argparse.ArgumentError (no usage
+    text printed: Beam's parsing in pipeline.runners reports it, once)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     p.add_argument("--runner")
     p.add_argument("--dask_workers", type=int)
     p.add_argument("--dask_client_address")
@@ -110,20 +211,25 @@ def _dask_flags(beam_argv: list[str]) -> argparse.Namespace:
 def early_local_cluster(beam_argv: list[str]) -> Iterator[list[str]]:
     """Start the local cluster that ``beam_argv`` asks for now, without waiting for its workers.
 
-    Yields the Beam flags to run with: ``--dask_client_address`` of the new cluster added (the
-    runner then waits for the ``--dask_workers`` it names); other flags are yielded unchanged. The
-    cluster closes when the block ends, however it ends."""
+    A Dask run without ``--dask_workers`` and without a cluster address gets one worker per CPU
+    core (``default_worker_count``), as the runner itself would start.
+
+    Yields the Beam flags to run with: ``--dask_client_address`` of the new cluster added (and
+    ``--dask_workers`` where it was left out: the runner then waits for that many workers); other
+    flags are yielded unchanged. The cluster closes when the block ends, however it ends."""
     try:
         flags = _dask_flags(beam_argv)
-    except SystemExit:  # a malformed value: Beam's own parser reports it
+    except argparse.ArgumentError:  # a malformed value: Beam's own parsing reports it
         yield list(beam_argv)
         return
-    if (flags.runner not in DASK_RUNNERS or not flags.dask_workers or flags.dask_workers < 1
-            or flags.dask_client_address or flags.dask_scheduler_file):
+    if ((flags.runner or "").lower() not in DASK_RUNNERS or flags.dask_client_address
+            or flags.dask_scheduler_file or (flags.dask_workers is not None and flags.dask_workers < 1)):
         yield list(beam_argv)
         return
-    cluster = start_local_cluster(flags.dask_workers, wait=False)
+    workers = default_worker_count() if flags.dask_workers is None else flags.dask_workers
+    extra = [] if flags.dask_workers is not None else ["--dask_workers", str(workers)]
+    cluster = start_local_cluster(workers, wait=False)
     try:
-        yield list(beam_argv) + ["--dask_client_address", cluster.scheduler_address]
+        yield list(beam_argv) + extra + ["--dask_client_address", cluster.scheduler_address]
     finally:
         cluster.close()

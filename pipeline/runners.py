@@ -15,14 +15,18 @@ that matter for this pipeline (Beam 2.77):
   down to that number (no data moves for that).
 
 ``--dask_workers N`` starts a ``distributed.LocalCluster`` of N single-threaded worker processes
-for the run (and closes it afterwards; see pipeline.dask_cluster). With Beam's own
-``--dask_client_address`` the run uses that cluster instead, and ``--dask_workers N`` then means
-"wait until it has N workers" (the jobs start their local cluster early this way). Unless
+for the run (and closes it afterwards; see pipeline.dask_cluster); without it, and without a
+cluster address, N is the number of CPU cores this process may use (never Beam's default cluster
+of multi-threaded workers). With Beam's own ``--dask_client_address`` the run uses that cluster
+instead: the scheduler must answer within ``--dask_connection_timeout`` (30 s by default), and
+``--dask_workers N`` then means "wait until it has N workers", for up to ``--dask_wait_timeout``
+seconds (300 by default); the jobs start their local cluster early this way. Unless
 ``--dask_npartitions`` says otherwise, the inputs are split into twice as many partitions as
 workers, so every worker gets work.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -31,7 +35,8 @@ from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
 from apache_beam.runners.dask import transform_evaluator as _evaluator
 
-from .dask_cluster import start_local_cluster, wait_for_workers
+from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, check_scheduler, default_worker_count,
+                           start_local_cluster, wait_for_workers)
 
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
@@ -126,13 +131,56 @@ def apply_dofn_to_bundle(items, do_fn_invoker_args, do_fn_invoker_kwargs, tagged
     return [v.value for v in values]
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not s > 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return s
+
+
 class DaskPipelineOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--dask_workers", type=int, default=None,
-            help="start a local Dask cluster of this many single-threaded worker processes",
+            "--dask_workers", type=_at_least_one, default=None,
+            help="start a local Dask cluster of this many single-threaded worker processes (default: "
+                 "one per CPU core); with --dask_client_address, wait until that cluster has this many",
         )
+        parser.add_argument(
+            "--dask_wait_timeout", type=_positive_seconds, default=WAIT_TIMEOUT,
+            help="seconds to wait for --dask_workers workers of a cluster before giving up (default: 300)",
+        )
+
+
+def _connect_timeout(options: PipelineOptions) -> float:
+    """Beam's ``--dask_connection_timeout`` (whole seconds), else Dask's default of 30 s."""
+    t = options.view_as(_dask_runner.DaskOptions).timeout
+    return float(t) if isinstance(t, int) and t > 0 else CONNECT_TIMEOUT
+
+
+def check_reachable(options: PipelineOptions) -> None:
+    """Raise ValueError now if the run's cluster cannot be reached: for DaskRunner with
+    ``--dask_client_address``, a Dask scheduler must answer there within the connect timeout.
+    Called before the output is prepared; other runners pass."""
+    runner = options.view_as(StandardOptions).runner or ""
+    if RUNNER_ALIASES.get(runner.lower(), runner) != "pipeline.runners.DaskRunner":
+        return
+    address = options.view_as(_dask_runner.DaskOptions).address
+    if address:
+        check_scheduler(address, _connect_timeout(options))
 
 
 class _GroupByKey(_evaluator.GroupByKey):
@@ -190,11 +238,17 @@ class DaskRunner(_dask_runner.DaskRunner):
 
     def run_pipeline(self, pipeline, options):
         dask_opts = options.view_as(_dask_runner.DaskOptions)
-        workers = options.view_as(DaskPipelineOptions).dask_workers
+        ours = options.view_as(DaskPipelineOptions)
+        workers = ours.dask_workers
         cluster = None
-        if workers and dask_opts.address:
-            wait_for_workers(dask_opts.address, workers)
-        elif workers and not dask_opts.scheduler_file:
+        if dask_opts.address:
+            # Beam's client would wait forever on a server that is not a Dask scheduler.
+            if workers:
+                wait_for_workers(dask_opts.address, workers, ours.dask_wait_timeout, _connect_timeout(options))
+            else:
+                check_scheduler(dask_opts.address, _connect_timeout(options))
+        elif not dask_opts.scheduler_file:
+            workers = workers or default_worker_count()
             cluster = start_local_cluster(workers)
             dask_opts.address = cluster.scheduler_address
         if not dask_opts.npartitions and not dask_opts.partition_size:

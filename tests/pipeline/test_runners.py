@@ -1,6 +1,7 @@
 """The same job on FnApiRunner and on DirectRunner with two worker processes; model loads."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import weakref
@@ -93,27 +94,160 @@ def test_dask_runner_with_two_workers_matches_fnapi(tmp_path, photos, monkeypatc
         Client(address, timeout=1)
 
 
-def test_dask_runner_starts_and_closes_its_own_cluster(tmp_path, photos, monkeypatch):
-    """Without an address (the nightly job's runner options), the runner starts the cluster itself."""
+@pytest.mark.parametrize("count", [["--dask_workers", "1"], []])
+def test_dask_runner_starts_and_closes_its_own_cluster(tmp_path, photos, monkeypatch, count):
+    """Without an address (the nightly job's runner options), the runner starts the cluster itself:
+    ``--dask_workers`` single-threaded workers, one per CPU core without it (never Beam's default
+    cluster), and its scratch space goes with it."""
+    import tempfile
+
     import pipeline.runners as runners
 
     write_tar(tmp_path / "a.tar", good_members(photos))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    started, start = [], runners.start_local_cluster
-    monkeypatch.setattr(runners, "start_local_cluster", lambda n: started.append(start(n)) or started[-1])
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(runners, "default_worker_count", lambda: 1)  # one core's worth
+    started, start, counts = [], runners.start_local_cluster, []
+    monkeypatch.setattr(runners, "start_local_cluster",
+                        lambda n: counts.append(n) or started.append(start(n)) or started[-1])
     summary = run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r"),
-                           runners.pipeline_options(["--runner", "DaskRunner", "--dask_workers", "1"]))
-    assert summary["samples"] == 7 and len(started) == 1 and started[0].status.name == "closed"
+                           runners.pipeline_options(["--runner", "DaskRunner", *count]))
+    assert summary["samples"] == 7 and counts == [1] and started[0].status.name == "closed"
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("dask-scratch", "semjpeg-dask"))]
 
 
-def test_early_local_cluster_only_for_dask_worker_counts():
+def test_early_local_cluster_only_for_dask_runs_without_an_address(monkeypatch):
+    from pipeline import dask_cluster
     from pipeline.dask_cluster import early_local_cluster
 
-    for argv in (["--runner", "FnApiRunner"], ["--runner", "DaskRunner"],
+    for argv in (["--runner", "FnApiRunner"], ["--runner", "DataflowRunner", "--dask_workers", "2"],
                  ["--runner", "DaskRunner", "--dask_workers", "2", "--dask_client_address", "tcp://h:1"],
-                 ["--runner", "DataflowRunner", "--dask_workers", "2"]):
+                 ["--runner", "DaskRunner", "--dask_workers", "0"]):
         with early_local_cluster(argv) as out:
             assert out == argv
+    # No count: one worker per CPU core, started early like --dask_workers N, and the count passed
+    # on so that the runner waits for them.
+    monkeypatch.setattr(dask_cluster, "default_worker_count", lambda: 1)
+    with early_local_cluster(["--runner=dask"]) as out:
+        assert out[:3] == ["--runner=dask", "--dask_workers", "1"] and out[3] == "--dask_client_address"
+
+
+def test_malformed_dask_workers_is_reported_once(capsys):
+    """The early parse leaves a bad value to Beam's parsing (one line), printing nothing itself."""
+    from pipeline.dask_cluster import early_local_cluster
+    from pipeline.runners import pipeline_options
+
+    argv = ["--runner", "DaskRunner", "--dask_workers", "abc"]
+    with early_local_cluster(argv) as out:
+        assert out == argv
+        with pytest.raises(ValueError, match=r"^bad pipeline option: argument --dask_workers: invalid int value: 'abc'$"):
+            pipeline_options(out)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dask_workers", "0"], "argument --dask_workers: must be at least 1, got 0"),
+    (["--dask_workers", "-1"], "argument --dask_workers: must be at least 1, got -1"),
+    (["--dask_wait_timeout", "0"], "argument --dask_wait_timeout: must be a number of seconds > 0, got 0"),
+    (["--dask_wait_timeout", "soon"], "argument --dask_wait_timeout: invalid number of seconds: 'soon'"),
+])
+def test_dask_counts_and_timeouts_are_checked_when_options_are_parsed(tmp_path, flags, message):
+    from pipeline.nightly import NightlyConfig
+    from pipeline.runners import pipeline_options
+    from tests.pipeline.test_nightly import config
+
+    with pytest.raises(ValueError, match=f"^bad pipeline option: {message}$"):
+        pipeline_options(["--runner", "DaskRunner", *flags])
+    # A nightly config fails when it is validated, not at night.
+    options = {flags[0][2:]: int(flags[1]) if flags[1].lstrip("-").isdigit() else flags[1]}
+    with pytest.raises(ValueError, match=f"nightly.yaml: runner_options: bad pipeline option: {message}"):
+        NightlyConfig.from_dict(config(tmp_path, runner="DaskRunner", runner_options=options), "nightly.yaml")
+
+
+def _silent_server():
+    """A TCP server that accepts connections and never answers (an HTTP server waiting for a
+    request line reads the same to Dask)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, accepted
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["silent", "nothing"])
+@pytest.mark.parametrize("count", [[], ["--dask_workers", "2"]])
+def test_dask_scheduler_that_does_not_answer_is_a_one_line_error_before_any_output(tmp_path, photos, where, count):
+    """Beam's client waited forever on a server that is not Dask's, and where nothing listens it
+    ended in a long traceback (after --dask_wait_timeout with --dask_workers)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.runners import pipeline_options
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    server, accepted = _silent_server() if where == "silent" else (None, [])
+    port = server.getsockname()[1] if server else _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    options = pipeline_options(["--runner", "DaskRunner", f"--dask_client_address={address}",
+                                "--dask_connection_timeout", "1", *count])
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r")
+    start = time.monotonic()
+    try:
+        pool = ThreadPoolExecutor(1)  # a hang fails the test instead of hanging it
+        job = pool.submit(run_evaluate, config, options)
+        pool.shutdown(wait=False)
+        reason = "no Dask answer within 2 s" if server else "no connection within 1 s"
+        with pytest.raises(ValueError, match=f"^cannot reach the Dask scheduler at {address}: {reason}"):
+            job.result(timeout=30)
+    finally:
+        if server:
+            server.close()
+            for conn in accepted:
+                conn.close()
+    assert time.monotonic() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]  # no staging folder, no output
+
+
+def test_dask_cluster_with_too_few_workers_says_it_waits_then_gives_up(tmp_path, photos, monkeypatch, caplog):
+    import logging
+
+    from pipeline import dask_cluster
+    from pipeline.runners import pipeline_options
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    monkeypatch.setattr(dask_cluster, "WARN_AFTER", 1.0)
+    with dask_cluster.start_local_cluster(1) as cluster:
+        address = cluster.scheduler_address
+        options = pipeline_options(["--runner", "DaskRunner", "--dask_client_address", address,
+                                    "--dask_workers", "2", "--dask_wait_timeout", "2.5"])
+        with caplog.at_level(logging.INFO, logger="pipeline.dask_cluster"):
+            with pytest.raises(ValueError, match=f"^the Dask cluster at {address} has 1 of 2 workers after 2.5 s "
+                                                 r"\(--dask_workers 2; --dask_wait_timeout to wait longer\)$"):
+                run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r"), options)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pipeline.dask_cluster"]
+    waiting = f"waiting for the Dask cluster at {address}: 1 of 2 workers"
+    assert [level for level, m in said if m.startswith(waiting)] == ["INFO", "WARNING"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
 
 
 def test_group_by_key_merges_partitions_before_its_shuffle():
