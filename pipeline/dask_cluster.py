@@ -161,6 +161,21 @@ def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
                          f"{kind or 'something else'}, not a Dask scheduler")
 
 
+def close_cluster(cluster) -> None:
+    """Close a local cluster this job started. Closing an interrupted run's cluster, the scheduler
+    warns about every worker it removes whose results no task fetched, and a nanny about a worker
+    still busy in a task that it kills: what closing means here, so quiet for that time."""
+    loggers = [logging.getLogger(name) for name in ("distributed.scheduler", "distributed.nanny")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        cluster.close()
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def wait_for_workers(address: str, workers: int, timeout: float = WAIT_TIMEOUT,
                      connect_timeout: float = CONNECT_TIMEOUT) -> None:
     """Block until the scheduler at ``address`` has ``workers`` workers; a ValueError (one line)
@@ -232,4 +247,4 @@ def early_local_cluster(beam_argv: list[str]) -> Iterator[list[str]]:
     try:
         yield list(beam_argv) + extra + ["--dask_client_address", cluster.scheduler_address]
     finally:
-        cluster.close()
+        close_cluster(cluster)

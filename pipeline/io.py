@@ -127,9 +127,10 @@ def input_shards(config) -> list[SourceShard]:
     if config.labels_csv:
         other = next((s for s in shards if s.format != "folder"), None)
         if other is not None:
-            what = "a WebDataset tar" if other.format == "webdataset" else "a Parquet file"
+            what, where = (("a WebDataset tar", "its .cls members") if other.format == "webdataset"
+                           else ("a Parquet file", "its label column"))
             raise ValueError(f"--labels applies to folder inputs only; {other.path} is {what} "
-                             "(labels come from its .cls members or its label column)")
+                             f"(its labels come from {where})")
         read_labels_csv(config.labels_csv)
     return shards
 

@@ -35,7 +35,7 @@ from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
 from apache_beam.runners.dask import transform_evaluator as _evaluator
 
-from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, check_scheduler, default_worker_count,
+from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, check_scheduler, close_cluster, default_worker_count,
                            start_local_cluster, wait_for_workers)
 
 
@@ -226,7 +226,7 @@ class _DaskResult:
         with contextlib.suppress(Exception):
             self._result.client.close()
         if self._cluster is not None:
-            self._cluster.close()
+            close_cluster(self._cluster)
             self._cluster = None
 
     def __getattr__(self, name):
@@ -258,6 +258,6 @@ class DaskRunner(_dask_runner.DaskRunner):
                 result = super().run_pipeline(pipeline, options)
         except BaseException:
             if cluster is not None:
-                cluster.close()
+                close_cluster(cluster)
             raise
         return _DaskResult(result, cluster)

@@ -201,33 +201,40 @@ def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
 
 
-@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
-def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, code, word):
-    """kill/timeout/systemd (SIGTERM) and Ctrl-C (SIGINT) during the pipeline: the staging folder
-    is removed, the previous output is untouched, one line and 128 + the signal's number."""
+@pytest.mark.parametrize("sig, code, word, runner", [
+    ("SIGTERM", 143, "terminated", ["FnApiRunner"]),
+    ("SIGINT", 130, "interrupted", ["FnApiRunner"]),
+    ("SIGINT", 130, "interrupted", ["DaskRunner", "--dask_workers", "2"]),
+])
+def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, code, word, runner):
+    """kill/timeout/systemd (SIGTERM) and Ctrl-C (SIGINT) during the pipeline, sent to the whole
+    process group as a terminal does (Dask workers included): the staging folder is removed, the
+    previous output is untouched, one line and 128 + the signal's number."""
+    import os
     import signal
     import time
 
-    write_tar(tmp_path / "a.tar", good_members(photos) * 10)  # 40 images x a slow attack
+    write_tar(tmp_path / "a.tar", good_members(photos) * 30)  # 120 images x a slow attack
     out = tmp_path / "out"
     out.mkdir()
     (out / "_SUCCESS").write_text("")
     (out / "summary.json").write_text("{}")  # a finished earlier run
     p = subprocess.Popen([sys.executable, "-m", "jobs", "evaluate", "--input", str(tmp_path / "a.tar"),
-                          "--output", str(out), "--attack", "igsm:eps=8/255,steps=500", "--defense", "jpeg",
+                          "--output", str(out), "--attack", "igsm:eps=8/255,steps=2000", "--defense", "jpeg",
                           "--model", "tests.tiny:build", "--resize", "72", "--crop", "64", "--batch-size", "2",
-                          "--runner", "FnApiRunner"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--runner", *runner],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".out.staging-*")) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert p.poll() is None, p.communicate()[1]
-        time.sleep(1.0)  # inside the pipeline's stages
-        p.send_signal(getattr(signal, sig))
+        time.sleep(1.0 if runner == ["FnApiRunner"] else 3.0)  # inside the pipeline's stages
+        os.killpg(p.pid, getattr(signal, sig))
         _, err = p.communicate(timeout=120)
     finally:
-        p.kill()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == code, err
     assert err.strip().splitlines() == [f"semjpeg: {word}; the previous output is untouched"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tar", "out"]
