@@ -171,18 +171,6 @@ def _connect_timeout(options: PipelineOptions) -> float:
     return float(t) if isinstance(t, int) and t > 0 else CONNECT_TIMEOUT
 
 
-def check_reachable(options: PipelineOptions) -> None:
-    """Raise ValueError now if the run's cluster cannot be reached: for DaskRunner with
-    ``--dask_client_address``, a Dask scheduler must answer there within the connect timeout.
-    Called before the output is prepared; other runners pass."""
-    runner = options.view_as(StandardOptions).runner or ""
-    if RUNNER_ALIASES.get(runner.lower(), runner) != "pipeline.runners.DaskRunner":
-        return
-    address = options.view_as(_dask_runner.DaskOptions).address
-    if address:
-        check_scheduler(address, _connect_timeout(options))
-
-
 class _GroupByKey(_evaluator.GroupByKey):
     def apply(self, input_bag, side_inputs=None):
         limit = self.bag_kwargs.get("npartitions")
