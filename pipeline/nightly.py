@@ -280,5 +280,6 @@ def run_nightly(cfg: NightlyConfig, date: str) -> NightlyResult:
         from .report import write_report
 
         report = join(evaluate.output, "report.html")
-        write_report(evaluate.output, report, history=cfg.history, regressions=regressions)
+        # The history as written: the nights read before the run and tonight's (not read again).
+        write_report(evaluate.output, report, history={**history, date: rows}, regressions=regressions)
     return NightlyResult(date, evaluate.output, summary, prev, regressions, report)

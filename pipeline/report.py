@@ -382,17 +382,23 @@ def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]
     return alarms, f"Regressions recomputed from the history: {against}, with {which} ({tol})."
 
 
-def write_report(run: str, output: str, *, history: str | None = None, regressions: Iterable | None = None) -> str:
-    """Render and write the report (atomically); returns ``output``. With a ``history`` and no
-    ``regressions`` given, the regressions are recomputed (see recompute_regressions)."""
+def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] | None = None,
+                 regressions: Iterable | None = None) -> str:
+    """Render and write the report (atomically); returns ``output``. ``history``: the history
+    dataset's location, or its nights already read ({date: rows}, as the nightly job has them).
+    With a history and no ``regressions`` given, the regressions are recomputed (see
+    recompute_regressions)."""
     hist, comparison = None, ""
-    if history:
+    if isinstance(history, dict):
+        hist = history
+    elif history:
         from .history import read_history
 
         fs, root = url_to_fs(history)
         if not fs.isdir(root):
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
+    if hist is not None:
         if regressions is None:
             summary = json.loads(read_bytes(join(run, "summary.json")))
             regressions, comparison = recompute_regressions(run, summary, hist)
