@@ -126,11 +126,17 @@ def test_corrupt_history_stops_before_any_work(tmp_path, photos, capsys):
     assert (part / "summary.parquet").read_bytes() == b"PAR1 truncated"
 
 
-def test_unwritable_output_is_a_clear_error(tmp_path, photos, capsys):
+def under_a_file(tmp_path, photos):
+    """Two input images, and a plain file for a location to be put under (so it cannot be made)."""
     (tmp_path / "in").mkdir()
     write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
+    return blocker
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, photos, capsys):
+    blocker = under_a_file(tmp_path, photos)
     cfg = config(tmp_path, output=str(blocker / "nightly"))
     assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-11-21"]) == 2
     assert "cannot be written" in capsys.readouterr().err
@@ -222,10 +228,7 @@ def test_failed_night_alarms_and_next_night_compares_with_the_last_good_one(tmp_
 
 
 def test_unwritable_history_stops_before_any_work(tmp_path, photos, capsys):
-    (tmp_path / "in").mkdir()
-    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
+    blocker = under_a_file(tmp_path, photos)
     cfg = config(tmp_path, history=str(blocker / "history"))
     assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-11-21"]) == 2
     err = capsys.readouterr().err
