@@ -353,6 +353,27 @@ def render_report(run: str, *, history: dict[str, list[dict]] | None = None, reg
     return "\n".join(parts)
 
 
+def _recorded_nightly(run: str) -> dict:
+    """The run's ``nightly.json`` (what the nightly job recorded), or {} for other runs."""
+    from .nightly import NIGHTLY_FILE
+
+    fs, path = url_to_fs(join(run, NIGHTLY_FILE))
+    return json.loads(read_bytes(join(run, NIGHTLY_FILE))) if fs.exists(path) else {}
+
+
+def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded: dict | None = None) -> str | None:
+    """The night (YYYY-MM-DD) of the run at ``run``: the one recorded by the nightly job
+    (``nightly.json``), else the history night holding this run's id, else the run folder's
+    ``date=`` name; None for a run that is no night (an evaluate run)."""
+    recorded = _recorded_nightly(run) if recorded is None else recorded
+    date = recorded.get("date") or next(
+        (d for d, rows in sorted(history.items()) if any(r.get("run_id") == summary["run_id"] for r in rows)), None)
+    name = posixpath.basename(run.rstrip("/"))
+    if date is None and name.startswith("date="):
+        date = name[len("date="):]
+    return date
+
+
 def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]]) -> tuple[list, str]:
     """(alarms, what they were computed against) of the run at ``run`` against ``history``.
 
@@ -362,19 +383,13 @@ def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]
     the defaults (pipeline.nightly.DEFAULT_TOLERANCE).
     """
     from .history import compare, configured_pairs, history_rows
-    from .nightly import DEFAULT_TOLERANCE, NIGHTLY_FILE
+    from .nightly import DEFAULT_TOLERANCE
 
-    fs, path = url_to_fs(join(run, NIGHTLY_FILE))
-    recorded = json.loads(read_bytes(join(run, NIGHTLY_FILE))) if fs.exists(path) else {}
+    recorded = _recorded_nightly(run)
     tolerance, which = recorded.get("tolerance"), "the tolerance recorded with the nightly run"
     if tolerance is None:
         tolerance, which = dict(DEFAULT_TOLERANCE), "the default tolerance"
-    date = recorded.get("date") or next(
-        (d for d, rows in sorted(history.items()) if any(r.get("run_id") == summary["run_id"] for r in rows)), None)
-    name = posixpath.basename(run.rstrip("/"))
-    if date is None and name.startswith("date="):
-        date = name[len("date="):]
-    date = date or "9999-12-31"
+    date = run_night(run, summary, history, recorded) or "9999-12-31"
     prev, alarms = compare(history, date, history_rows(summary, date), tolerance, summary.get("errors"),
                           configured_pairs(summary))
     tol = ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
@@ -387,7 +402,8 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
     """Render and write the report (atomically); returns ``output``. ``history``: the history
     dataset's location, or its nights already read ({date: rows}, as the nightly job has them).
     With a history and no ``regressions`` given, the regressions are recomputed (see
-    recompute_regressions)."""
+    recompute_regressions). The trends stop at the run's night (see run_night): a report of a
+    past night shows no later ones."""
     hist, comparison = None, ""
     if isinstance(history, dict):
         hist = history
@@ -399,10 +415,13 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
     if hist is not None:
+        summary = json.loads(read_bytes(join(run, "summary.json")))
         if regressions is None:
-            summary = json.loads(read_bytes(join(run, "summary.json")))
             regressions, comparison = recompute_regressions(run, summary, hist)
             log.info("%s", comparison)
+        night = run_night(run, summary, hist)
+        if night is not None:  # the report of a past night shows the trend up to that night
+            hist = {d: rows for d, rows in hist.items() if d <= night}
     write_bytes(output, render_report(run, history=hist, regressions=regressions or (),
                                       comparison=comparison).encode())
     log.info("wrote %s", output)

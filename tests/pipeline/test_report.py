@@ -81,6 +81,28 @@ def test_report_recomputes_regressions_with_default_tolerance_and_marks_cells(ru
     assert page.count("<td class='bad'>") == len(rows) and "Trends over 1 night<" in page
 
 
+def test_report_of_a_past_night_shows_no_later_nights(run_dir, tmp_path):
+    """A nightly run folder of 2026-01-05 reported against a history that goes on to 2026-01-09:
+    compared with the night before it, and its trends stop at its own night."""
+    import json
+
+    from pipeline.history import history_rows, write_partition
+
+    run = tmp_path / "out" / "date=2026-01-05"
+    shutil.copytree(run_dir, run)
+    summary = json.loads((run / "summary.json").read_text())
+    for date, run_id in (("2026-01-01", "earlier"), ("2026-01-05", "that-night"), ("2026-01-09", "later")):
+        write_partition(str(tmp_path / "h"), date, [dict(r, run_id=run_id) for r in history_rows(summary, date)])
+    out = tmp_path / "report.html"
+    assert main(["report", "--run", str(run), "--history", str(tmp_path / "h"), "--output", str(out)]) == 0
+    page = out.read_text()
+    assert "compared with 2026-01-01" in page and "Trends over 2 nights<" in page
+    out_evaluate = tmp_path / "evaluate.html"  # a run that is no night: every night
+    assert main(["report", "--run", str(run_dir), "--history", str(tmp_path / "h"), "--output",
+                 str(out_evaluate)]) == 0
+    assert "Trends over 3 nights<" in out_evaluate.read_text()
+
+
 def test_trends_use_a_date_axis(caplog):
     import logging
 
