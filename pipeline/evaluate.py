@@ -115,6 +115,29 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     )
 
 
+def check_models(config: EvaluateConfig) -> list:
+    """Load the classifier, and the map model where the defenses need maps and it is another
+    model, once before the run (model_handlers.check_model): a model that cannot load is one
+    line before any work, not a traceback from every worker. Returns the models loaded on the
+    CPU, which the stages of an in-process run reuse while the caller holds them."""
+    from .model_handlers import check_model
+    from .saliency import map_requests
+
+    needs_maps = bool(map_requests(config.defenses))
+    models = [check_model(config.model, maps=needs_maps and config.maps == config.model)]
+    if needs_maps and config.maps != config.model:
+        models.append(check_model(config.maps, maps=True, role="map model"))
+    return [m for m in models if m is not None]
+
+
+def _in_process(options: PipelineOptions) -> bool:
+    """Whether the pipeline's stages run in this process (FnApiRunner, or the DirectRunner in
+    memory), so a model this process holds is the one they use."""
+    runner = (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
+    mode = options.get_all_options().get("direct_running_mode") or "in_memory"
+    return runner in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
+
+
 def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     """Check inputs and output, run the pipeline to completion, return summary.json's content.
 
@@ -125,6 +148,9 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     out = OutputDir(config.output, config.run_id)
     reads = [s.path for s in shards] + [config.input.labels_csv, config.model.weights, config.maps.weights]
     out.check(reads=[r for r in reads if r])
+    checked = check_models(config)
+    if not _in_process(options):
+        checked.clear()  # the workers load their own; this process need not keep a copy
     log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
     runner = options.view_as(StandardOptions).runner
     monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None
@@ -137,6 +163,7 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     except BaseException:
         out.abandon()
         raise
+    del checked  # held until the run ended, for its stages to share
     counters = summarize_counters(result)
     if counters:
         log.info("counters: %s", counters)

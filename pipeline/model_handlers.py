@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import fsspec
@@ -56,16 +57,71 @@ def load_classifier(config: ModelConfig, *, shared: bool = True) -> Classifier:
         return model
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut at ``limit`` characters (torch's load and
+    state-dict errors run to dozens of lines)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _load_reason(e: BaseException) -> str:
+    """Why torch.load failed, in one line. Its weights-only refusal opens with a paragraph about
+    PyTorch 2.6 defaults that suggests unsafe loading; the reason proper follows
+    ``WeightsUnpickler error:`` (garbage, or a whole pickled model rather than a state dict)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        rest = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()]
+        if rest:
+            found = rest[0].split(" was not an allowed")[0]
+            return f"only state dicts are loaded (weights_only), and this file has {found}"
+    return _first_line(e)
+
+
 def _build_classifier(config: ModelConfig) -> Classifier:
+    """Build the configured classifier; a ValueError that says which step failed (reading the
+    weights, unpickling them, building the model with them) and why, in one line."""
     state = None
     if config.weights:
-        with fsspec.open(config.weights, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        try:
+            with fsspec.open(config.weights, "rb") as f:
+                data = f.read()
+        except (OSError, ImportError, ValueError) as e:  # missing, unreadable, no fsspec backend
+            raise ValueError(f"cannot read the weights {config.weights}: {_first_line(e)}") from e
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"the weights {config.weights} are not a torch state dict "
+                             f"(torch.load: {_load_reason(e)})") from e
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-    model = build_model(config.name, state, device=resolve_device(config.device))
+    try:
+        model = build_model(config.name, state, device=resolve_device(config.device))
+    except Exception as e:
+        with_weights = f" with the weights {config.weights}" if config.weights else ""
+        raise ValueError(f"cannot build model {config.name!r}{with_weights}: {_first_line(e)}") from e
     log.info("loaded %s on %s", config.name, next(model.parameters()).device)
     return model
+
+
+def check_model(config: ModelConfig, *, maps: bool = False, role: str = "model") -> Classifier | None:
+    """Build the configured model once before any work starts: missing or damaged weights,
+    weights that do not fit the model, a model factory that fails, and (``maps``) a map model
+    without class activation maps are one-line ValueErrors here, where they used to fail every
+    worker with a traceback. ``role`` names the model in the message.
+
+    A model configured for the CPU is built as the stages would build it and returned, shared
+    (see load_classifier): a caller that holds it while an in-process runner runs spares that
+    run a second load. A GPU model is checked on the CPU and dropped (None)."""
+    on_cpu = resolve_device(config.device).type == "cpu"
+    try:
+        model = load_classifier(config) if on_cpu else _build_classifier(replace(config, device="cpu"))
+    except ValueError as e:
+        raise ValueError(str(e) if role == "model" else f"{role}: {e}") from None
+    if maps and not model.has_cam:
+        raise ValueError(f"{role} {config.name!r} draws no saliency maps: it does not end in global "
+                         "average pooling + linear (its defenses need class activation maps)")
+    return model if on_cpu else None
 
 
 class _ClassifierHandler(ModelHandler):

@@ -41,3 +41,21 @@ def build(state_dict=None, *, seed: int = 0, num_classes: int = NUM_CLASSES) -> 
 
 
 build.model_info = ModelInfo("tests.tiny:build", input_size=64, resize=72, num_classes=NUM_CLASSES)
+
+
+def build_without_cam(state_dict=None) -> Classifier:
+    """The tiny CNN as one network (``fc=None``): it classifies but draws no class activation
+    maps."""
+    tiny = build(state_dict)
+    net = nn.Sequential(tiny.body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), tiny.fc)
+    return Classifier(net, None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="tests.tiny:build_without_cam",
+                      class_names=tiny.class_names, input_size=64).eval()
+
+
+build_without_cam.model_info = ModelInfo("tests.tiny:build_without_cam", input_size=64, resize=72,
+                                         num_classes=NUM_CLASSES)
+
+
+def takes_no_weights() -> Classifier:
+    """A model factory with the wrong signature (factories take the state dict)."""
+    return build()

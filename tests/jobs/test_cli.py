@@ -151,6 +151,35 @@ def test_a_rerun_never_removes_its_own_input(tmp_path, capsys, photos):
     assert adv.exists()
 
 
+@pytest.mark.parametrize("case, message", [
+    ("missing", "cannot read the weights {w}: FileNotFoundError"),
+    ("garbage", "the weights {w} are not a torch state dict (torch.load: only state dicts are loaded"),
+    ("other model's", "cannot build model 'tests.tiny:build' with the weights {w}: RuntimeError: Error(s) in loading"),
+    ("factory signature", "cannot build model 'tests.tiny:takes_no_weights': TypeError: takes_no_weights() takes 0"),
+    ("map model without CAM", "map model 'tests.tiny:build_without_cam' draws no saliency maps"),
+])
+def test_a_model_that_cannot_load_is_one_line_before_any_work(tmp_path, capsys, photos, case, message):
+    """Checked once in the job, before the pipeline: these used to fail in every worker with a
+    traceback of 170 to 200 lines and exit 1."""
+    import torch
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:1])
+    w = tmp_path / "w.pt"
+    model = ["--model", "tests.tiny:build", "--weights", str(w)]
+    if case == "garbage":
+        w.write_bytes(b"not a checkpoint\n")
+    elif case == "other model's":
+        torch.save({"fc.weight": torch.zeros(3, 3)}, w)
+    elif case == "factory signature":
+        model = ["--model", "tests.tiny:takes_no_weights"]
+    elif case == "map model without CAM":
+        model = ["--model", "tests.tiny:build", "--map-model", "tests.tiny:build_without_cam"]
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"), *model,
+                 "--defense", "aug_msroi", "--runner", "FnApiRunner"])
+    assert code == 2 and message.format(w=w) in one_error_line(capsys, "evaluate")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, capsys):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
