@@ -125,11 +125,17 @@ def _allow_in_pillow(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+def _bomb_error(pixels: int | None, max_pixels: int, size: tuple[int, int] | None = None) -> DecodeError:
+    """The one wording of a decompression bomb, whichever check caught it (ours from the header,
+    or Pillow's own hard error, which gives the pixel count but not the size)."""
+    what = "the image" if pixels is None else f"{pixels} pixels" + (f" ({size[0]}x{size[1]})" if size else "")
+    return DecodeError(f"decompression bomb: {what} exceed the limit of {max_pixels} (--max-pixels)")
+
+
 def _bomb(e: Image.DecompressionBombError, max_pixels: int) -> DecodeError:
     """Pillow's own hard error, reworded to cite the configured limit."""
     m = _PILLOW_BOMB_PIXELS.search(str(e))
-    size = f"{int(m.group(1))} pixels" if m else "the image"
-    return DecodeError(f"decompression bomb: {size} exceeds the limit of {max_pixels}")
+    return _bomb_error(int(m.group(1)) if m else None, max_pixels)
 
 
 def decode_image(
@@ -162,9 +168,7 @@ def decode_image(
             raise DecodeError(f"not a decodable image ({_reason(e)})") from None
         w, h = img.size
         if w * h > max_pixels:
-            raise DecodeError(
-                f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
-            )
+            raise _bomb_error(w * h, max_pixels, (w, h))
         if w == 0 or h == 0:
             raise DecodeError(f"image has no pixels ({w}x{h})")
         try:
