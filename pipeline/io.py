@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 import secrets
+import tarfile
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -353,3 +354,23 @@ def open_binary(path: str):
 
 def bytes_io(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)
+
+
+def sanitize_key(key: str) -> str:
+    """Keys become WebDataset member prefixes, so they may not contain dots."""
+    return key.replace(".", "_")
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic tar of (name, data) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -1,4 +1,4 @@
-"""Packing a folder of images into WebDataset tar shards (``semjpeg shard``).
+"""Packing a folder of images into WebDataset tar shards (``semjpeg shard``), without torch or Beam.
 
 The original bytes are stored unchanged as ``<key>.<ext>``, with ``<key>.cls`` when a labels
 CSV names the file and ``<key>.json`` holding the original file name. Keys are the relative
@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 
-from .io import check_output_file, join, list_images, read_bytes, read_labels_csv, write_bytes
-from .read_shards import sanitize_key
-from .write_shards import tar_bytes
+from .io import (check_output_file, join, list_images, read_bytes, read_labels_csv, sanitize_key, tar_bytes,
+                 write_bytes)
 
 log = logging.getLogger(__name__)
 

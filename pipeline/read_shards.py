@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors
-from .io import IMAGE_EXTS, join, open_binary, read_labels_csv, unsafe_name_reason
+from .io import IMAGE_EXTS, join, open_binary, read_labels_csv, sanitize_key, unsafe_name_reason
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ def image_type_reason(t) -> str | None:
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
         return image_type_reason(t.field("bytes").type)
     return f"is {t}, not binary, string or struct<bytes, path>"
-
-
-def sanitize_key(key: str) -> str:
-    """Keys become WebDataset member prefixes, so they may not contain dots."""
-    return key.replace(".", "_")
 
 
 class _ReadShardFn(beam.DoFn):

@@ -6,17 +6,15 @@ bundle writes byte-identical files.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.specs import safe_name
 
-from .io import OutputDir, shard_name, write_bytes
+from .io import OutputDir, shard_name, tar_bytes, write_bytes
 from .records import Result
 
 
@@ -35,21 +33,6 @@ def jsonable(value):
     if hasattr(value, "item"):
         return jsonable(value.item())
     return value
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A deterministic tar of (name, data) members."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def sample_members(r: Result) -> list[tuple[str, bytes]]:

@@ -68,6 +68,20 @@ def test_missing_input_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines() == [f"semjpeg evaluate: error: no input matches {tmp_path}/nothing-*.tar"]
 
 
+def test_the_shard_job_imports_neither_torch_nor_beam(tmp_path, photos):
+    """Packing files into tars needs neither (it used to import torch: 745 MB to pack 8 files)."""
+    from tests.shards import encode
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs/a.png").write_bytes(encode(photos[0]))
+    code = ("import sys; from jobs.__main__ import main; "
+            f"assert main(['shard', '--input', {str(tmp_path / 'imgs')!r}, '--output', {str(tmp_path / 's/p')!r}]) == 0; "
+            "print(sorted(m for m in ('torch', 'apache_beam', 'distributed') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]" and (tmp_path / "s/p-00000.tar").exists()
+
+
 def test_shard_job_packs_dev_images(tmp_path, dev_dir):
     sub = tmp_path / "imgs"
     sub.mkdir()
