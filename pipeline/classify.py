@@ -9,7 +9,6 @@ from apache_beam.ml.inference.base import RunInference
 from .config import ModelConfig
 from .errors import SplitErrors
 from .model_handlers import ClassifyHandler
-from .records import Result
 
 REFERENCE = ("clean", "none")
 

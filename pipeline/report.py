@@ -23,7 +23,6 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from transforms.specs import safe_name
-from transforms.visual import overlay
 
 from .history import read_parquet
 from .io import join, read_bytes, shard_name, write_bytes

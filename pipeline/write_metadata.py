@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .io import OutputDir, part_name, write_bytes
-from .records import ErrorRecord, Result, SourceShard
+from .records import ErrorRecord
 from .schema import ERRORS_SCHEMA, METADATA_SCHEMA
 
 

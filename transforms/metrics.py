@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["mse", "psnr", "ssim", "linf", "l2", "rmse"]
 

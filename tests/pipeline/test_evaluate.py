@@ -1,7 +1,6 @@
 """The evaluate pipeline end to end on the tiny CNN, hostile inputs included."""
 from __future__ import annotations
 
-import io
 import json
 import re
 import tarfile

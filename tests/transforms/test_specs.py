@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from transforms.specs import Spec, parse_spec, parse_value, safe_name
+from transforms.specs import parse_spec, parse_value, safe_name
 
 
 def attack(model, images, labels, *, eps: float = 0.1, steps: int = 3, mode: Literal["a", "b"] = "a",
