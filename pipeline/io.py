@@ -254,6 +254,34 @@ def check_output_file(path: str) -> None:
         raise ValueError(f"output {path} cannot be written: permission denied") from None
 
 
+#: What a finished semjpeg output holds at its top level (nightly runs add nightly.json and report.html).
+OUTPUT_ENTRIES = frozenset({SUCCESS, "summary.json", "shards", "metadata", "errors", "stats", "nightly.json",
+                            "report.html"})
+
+
+def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
+    """Raise ValueError unless the non-empty folder ``path`` is a finished semjpeg output holding
+    nothing else: its ``_SUCCESS`` names a run (Spark, Hadoop and Beam outputs have an empty
+    one) beside a ``summary.json``, and every top-level entry is one semjpeg writes. Replacing it
+    removes everything in it, so anything else there is someone's data."""
+    marker = join(path, SUCCESS)
+    ours = fs.exists(marker) and fs.exists(join(path, "summary.json"))
+    if ours:
+        try:
+            with fs.open(marker, "rb") as f:
+                check_run_id(f.read(200).decode("utf-8").strip())
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+    if not ours:
+        raise ValueError(f"output {final} exists, is not empty and is not a finished semjpeg output "
+                         "(no _SUCCESS naming a run beside a summary.json); refusing to replace it")
+    others = sorted(n for n in (posixpath.basename(e.rstrip("/")) for e in entries) if n not in OUTPUT_ENTRIES)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"output {final} holds files semjpeg did not write ({shown}); refusing to replace "
+                         "it (move them, or give another --output)")
+
+
 class OutputDir:
     """An output folder written through a staging folder and replaced as a whole.
 
@@ -306,11 +334,8 @@ class OutputDir:
             if not fs.isdir(p):
                 raise ValueError(f"output {self.final} exists and is not a folder")
             entries = fs.ls(p, detail=False)
-            if entries and not fs.exists(join(p, SUCCESS)):
-                raise ValueError(
-                    f"output {self.final} exists, is not empty and is not a finished semjpeg "
-                    "output (no _SUCCESS); refusing to replace it"
-                )
+            if entries:
+                _check_replaceable(fs, p, self.final, entries)
         try:
             sfs, sp = url_to_fs(self.staging)
             sfs.makedirs(sp, exist_ok=True)

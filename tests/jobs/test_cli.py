@@ -260,7 +260,7 @@ def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, cod
     write_tar(tmp_path / "a.tar", good_members(photos) * 30)  # 120 images x a slow attack
     out = tmp_path / "out"
     out.mkdir()
-    (out / "_SUCCESS").write_text("")
+    (out / "_SUCCESS").write_text("earlier-run\n")
     (out / "summary.json").write_text("{}")  # a finished earlier run
     p = subprocess.Popen([sys.executable, "-m", "jobs", "evaluate", "--input", str(tmp_path / "a.tar"),
                           "--output", str(out), "--attack", "igsm:eps=8/255,steps=2000", "--defense", "jpeg",

@@ -111,9 +111,10 @@ def test_rerun_replaces_output_as_a_whole(tmp_path, photos, fnapi):
     write_tar(tmp_path / "a.tar", good_members(photos)[:4])
     out = tmp_path / "out"
     first = run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
-    (out / "stale.txt").write_text("from the first run")
+    stale = out / "stats" / "stale.json"  # anything in what semjpeg writes goes with a rerun
+    stale.write_text("from the first run")
     second = run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=(), defenses=()), fnapi)
-    assert not (out / "stale.txt").exists() and first["run_id"] != second["run_id"]
+    assert not stale.exists() and first["run_id"] != second["run_id"]
     assert (out / "_SUCCESS").read_text().strip() == second["run_id"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["clean"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
@@ -127,6 +128,30 @@ def test_refuses_to_replace_a_folder_that_is_not_an_output(tmp_path, photos, fna
     with pytest.raises(ValueError, match="refusing to replace"):
         run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
     assert (out / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize("case", ["spark output", "user file in a finished output"])
+def test_refuses_to_replace_other_tools_outputs_and_added_files(tmp_path, photos, fnapi, case):
+    """Spark, Hadoop and Beam outputs carry an empty _SUCCESS, and a finished semjpeg output may
+    have gained someone's file: a rerun used to delete both silently."""
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    out = tmp_path / "out"
+    if case == "spark output":
+        out.mkdir()
+        (out / "_SUCCESS").write_text("")
+        (out / "part-00000.parquet").write_bytes(b"PAR1")
+        message, kept = "no _SUCCESS naming a run beside a summary.json", out / "part-00000.parquet"
+    else:
+        run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
+        (out / "notes.txt").write_text("my analysis")
+        message, kept = r"holds files semjpeg did not write \(notes.txt\)", out / "notes.txt"
+    with pytest.raises(ValueError, match=message):
+        run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
+    assert kept.exists()
+    if case != "spark output":  # without the extra file, a rerun replaces the output
+        kept.unlink()
+        run_evaluate(tiny_config([str(tmp_path / "a.tar")], out), fnapi)
+        assert (out / "_SUCCESS").exists()
 
 
 def test_same_seed_and_run_id_give_identical_bytes(tmp_path, photos, fnapi):
