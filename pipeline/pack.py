@@ -6,8 +6,13 @@ paths without extension, dots replaced (WebDataset splits key and extension at t
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import posixpath
+import re
+
+from fsspec.core import url_to_fs
 
 from .io import (check_output_file, join, list_images, read_bytes, read_labels_csv, sanitize_key, tar_bytes,
                  write_bytes)
@@ -18,8 +23,9 @@ log = logging.getLogger(__name__)
 def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None = None) -> list[str]:
     """Write ``<prefix>-NNNNN.tar`` shards of ``per_shard`` images each; returns their paths.
 
-    Raises ValueError for an empty folder, a bad labels CSV, two files giving the same key or
-    a prefix where no file can be written.
+    Shards of an earlier pack under the same prefix beyond these are removed (a rerun with
+    more images per shard replaces the set). Raises ValueError for an empty folder, a bad labels
+    CSV, two files giving the same key or a prefix where no file can be written.
     """
     if per_shard < 1:
         raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
@@ -49,4 +55,20 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
         write_bytes(path, tar_bytes(members))
         paths.append(path)
         log.info("wrote %s (%d samples)", path, len(members))
+    _remove_stale(prefix, len(paths))
     return paths
+
+
+def _remove_stale(prefix: str, count: int) -> None:
+    """Remove ``<prefix>-NNNNN.tar`` shards numbered ``count`` and above: an earlier pack under
+    this prefix with more shards left them, and a glob over the prefix would read their images
+    twice. Other files are left alone."""
+    fs, p = url_to_fs(prefix)
+    pattern = re.compile(re.escape(posixpath.basename(p)) + r"-(\d{5})\.tar$")
+    stale = [f for f in fs.glob(f"{glob.escape(p)}-*.tar")
+             if (m := pattern.match(posixpath.basename(f))) and int(m.group(1)) >= count]
+    for f in sorted(stale):
+        fs.rm(f)
+    if stale:
+        log.warning("removed %d shard(s) left under %s by an earlier pack: %s", len(stale), prefix,
+                    ", ".join(posixpath.basename(f) for f in sorted(stale)))

@@ -100,6 +100,22 @@ def test_shard_job_packs_dev_images(tmp_path, dev_dir):
         assert tf.extractfile(f"{first}.cls").read() == b"0"  # tench
 
 
+def test_a_repack_with_fewer_shards_removes_the_earlier_packs_extra_shards(tmp_path, photos, caplog):
+    """A glob over the prefix used to read the stale shards too: the same images counted twice."""
+    from tests.shards import encode
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(encode(photos[i % len(photos)]))
+    prefix = tmp_path / "s[1]" / "p"  # glob characters in the folder name
+    other = tmp_path / "s[1]" / "p-notes.tar"
+    assert main(["shard", "--input", str(tmp_path / "imgs"), "--output", str(prefix), "--per-shard", "1"]) == 0
+    other.write_bytes(b"not ours")
+    assert main(["shard", "--input", str(tmp_path / "imgs"), "--output", str(prefix), "--per-shard", "3"]) == 0
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["p-00000.tar", "p-00001.tar", "p-notes.tar"]
+    assert "removed 2 shard(s) left under" in caplog.text and "p-00002.tar, p-00003.tar" in caplog.text
+
+
 def test_attack_job_writes_a_reusable_adversarial_set(tmp_path, photos):
     write_tar(tmp_path / "a.tar", good_members(photos)[:5])
     out = tmp_path / "adv"
