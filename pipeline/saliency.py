@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import RunInference
 from transforms.defenses import compute_maps, map_request
 from transforms.images import to_tensor
 from transforms.models import Classifier
-from transforms.seeds import sample_seed, seed_tensor
+from transforms.seeds import pixel_digest, sample_seed, seed_tensor
 from transforms.specs import Spec
 
 from .config import ModelConfig
@@ -66,13 +66,15 @@ class MapHandler(_ClassifierHandler):
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
             log.exception("saliency maps failed on a batch of %d", len(batch))
             return batch_errors(batch, "saliency", e)
+        digests = [pixel_digest(v.image) for v in batch]
         maps: list[dict] = [{} for _ in batch]
         seconds: list[dict] = [{} for _ in batch]
         errors = []
         for text, (name, kwargs, users) in self.requests.items():
             try:
-                seeds = seed_tensor([sample_seed(self.seed, v.sample.identity, v.attack.identity, text)
-                                     for v in batch])
+                # Seeded by the pixels, not the sample: the same image gets the same map (and
+                # file) in evaluate and in defend, under any key, shard or attack.
+                seeds = seed_tensor([sample_seed(self.seed, digests[i], text) for i in range(len(batch))])
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     m = compute_maps(name, model, x, kwargs, seeds).float().cpu().numpy()

@@ -6,13 +6,24 @@ import hashlib
 
 import torch
 
-__all__ = ["sample_seed", "seed_tensor", "per_sample_normal", "per_sample_uniform"]
+__all__ = ["sample_seed", "pixel_digest", "seed_tensor", "per_sample_normal", "per_sample_uniform"]
 
 
 def sample_seed(*parts: object) -> int:
     """A non-negative 63-bit seed from any printable parts (run seed, key, stage, spec)."""
     h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def pixel_digest(image) -> str:
+    """A digest of an image's pixels and shape (uint8 HWC array): what seeds a defense's noise,
+    so a defense is a function of the pixels, whatever the sample is called or where it came from."""
+    import numpy as np
+
+    a = np.ascontiguousarray(image)
+    h = hashlib.sha256(repr((a.shape, str(a.dtype))).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:32]
 
 
 def seed_tensor(seeds: list[int], device: torch.device | str | None = None) -> torch.Tensor:
