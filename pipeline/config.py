@@ -121,11 +121,24 @@ def parse_defenses(texts: tuple[str, ...] | list[str], *, reference: bool = True
     return specs
 
 
+def _effective(spec: Spec, kind: str) -> tuple:
+    """The spec as it runs: its name and every parameter's value, the defaults filled in, so
+    ``jpeg`` and ``jpeg:quality=75`` are one spec."""
+    from transforms.attacks import ATTACKS
+    from transforms.defenses import DEFENSES, HIDDEN
+    from transforms.specs import spec_params
+
+    fn = (ATTACKS if kind == "attack" else DEFENSES).get(spec.name)
+    defaults = {} if fn is None else {k: p.default for k, p in spec_params(fn).items() if k not in HIDDEN}
+    values = {**defaults, **spec.params}
+    return spec.name, tuple(sorted((k, repr(v)) for k, v in values.items()))
+
+
 def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
     seen: dict[tuple, str] = {}
     folders: dict[str, str] = {}
     for s in specs:
-        ident = (s.name, tuple(sorted(s.params.items())))
+        ident = _effective(s, kind)
         if ident in seen:
             raise ValueError(f"duplicate {kind} spec {s.text!r} (same as {seen[ident]!r})")
         seen[ident] = s.text

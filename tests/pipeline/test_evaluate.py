@@ -208,6 +208,14 @@ def test_configuration_errors_before_any_work(tmp_path, fnapi):
         tiny_config([str(tmp_path)], tmp_path / "out", attacks=("nope",))
     with pytest.raises(ValueError, match="duplicate attack spec"):
         tiny_config([str(tmp_path)], tmp_path / "out", attacks=("fgsm:eps=4/255", "fgsm:eps=0.01568627450980392"))
+    # Equal once the defaults are filled in: they used to run twice, into two identical folders.
+    for given, message in ((("jpeg:quality=75", "jpeg"), "'jpeg' (same as 'jpeg:quality=75')"),
+                           (("aug_msroi", "aug_msroi:q_low=30"), "'aug_msroi:q_low=30' (same as 'aug_msroi')"),
+                           (("jpeg:quality=50,subsampling=4:2:0", "jpeg:quality=50"),
+                            "'jpeg:quality=50' (same as 'jpeg:quality=50,subsampling=4:2:0')")):
+        with pytest.raises(ValueError, match=re.escape(f"duplicate defense spec {message}")):
+            tiny_config([str(tmp_path)], tmp_path / "out", defenses=given)
+    tiny_config([str(tmp_path)], tmp_path / "out", defenses=("jpeg:quality=75", "jpeg:quality=76", "msroi"))
     assert not (tmp_path / "out").exists()
 
 
