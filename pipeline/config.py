@@ -121,7 +121,7 @@ def parse_defenses(texts: tuple[str, ...] | list[str], *, reference: bool = True
     return specs
 
 
-def _effective(spec: Spec, kind: str) -> tuple:
+def spec_identity(spec: Spec, kind: str) -> tuple:
     """The spec as it runs: its name and every parameter's value, the defaults filled in, so
     ``jpeg`` and ``jpeg:quality=75`` are one spec."""
     from transforms.attacks import ATTACKS
@@ -138,7 +138,7 @@ def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
     seen: dict[tuple, str] = {}
     folders: dict[str, str] = {}
     for s in specs:
-        ident = _effective(s, kind)
+        ident = spec_identity(s, kind)
         if ident in seen:
             raise ValueError(f"duplicate {kind} spec {s.text!r} (same as {seen[ident]!r})")
         seen[ident] = s.text

@@ -11,7 +11,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from transforms.defenses import apply_defense, map_request, match_target
+from transforms.defenses import apply_defense, map_request, match_target, parse_defense
 from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 from transforms.visual import heatmap
@@ -25,17 +25,28 @@ log = logging.getLogger(__name__)
 def resolve_matches(defenses: tuple[Spec, ...]) -> dict[str, str]:
     """``jpeg:match=X`` -> the text of the defense X names (its full spec text, or its name when
     that is unambiguous). Raises ValueError for unknown, ambiguous or chained references."""
+    from .config import spec_identity
+
     out = {}
     for d in defenses:
         ref = match_target(d)
         if ref is None:
             continue
-        hits = [o for o in defenses if o.text == ref] or [o for o in defenses if o.name == ref]
+        hits = [o for o in defenses if o.text == ref]
+        if not hits and ":" in ref:  # the same spec written otherwise: parameters in another order, ';'
+            try:
+                ident = spec_identity(parse_defense(ref.replace(";", ",")), "defense")
+            except ValueError as e:
+                raise ValueError(f"{d.text}: cannot read the defense to match: {e}") from None
+            hits = [o for o in defenses if spec_identity(o, "defense") == ident]
+        if not hits:
+            hits = [o for o in defenses if o.name == ref]
         if not hits:
             raise ValueError(f"{d.text}: no defense {ref!r} in this run to match; "
                              f"defenses: {', '.join(o.text for o in defenses)}")
         if len(hits) > 1:
-            raise ValueError(f"{d.text}: {ref!r} is ambiguous ({', '.join(h.text for h in hits)}); use the full spec")
+            raise ValueError(f"{d.text}: {ref!r} is ambiguous ({', '.join(h.text for h in hits)}); name one "
+                             "with its parameters separated by ';', e.g. jpeg:match=" + hits[0].text.replace(",", ";"))
         if match_target(hits[0]) is not None or hits[0] is d:
             raise ValueError(f"{d.text}: cannot match {hits[0].text}, itself rate-matched")
         out[d.text] = hits[0].text

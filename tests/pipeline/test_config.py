@@ -11,3 +11,20 @@ def test_attack_target_must_be_a_class_of_the_model(tmp_path):
         tiny_config([str(tmp_path)], tmp_path / "out", attacks=("fgsm:target=10",))
     with pytest.raises(ValueError, match=r"'pgd:target=5000,bpda=jpeg:quality=50'.*< 10"):
         tiny_config([str(tmp_path)], tmp_path / "out", attacks=("pgd:target=5000,bpda=jpeg:quality=50",))
+
+
+def test_match_names_a_defense_with_several_parameters_however_written():
+    """`jpeg:match=` takes the matched defense's parameters separated by ';', in any order, defaults
+    filled in; a bare name that fits several defenses says how to name one."""
+    from pipeline.config import parse_defenses
+    from pipeline.encode import resolve_matches
+
+    two = ("aug_msroi:q_low=20", "aug_msroi:q_low=40,q_high=60")
+    got = resolve_matches(parse_defenses(two + ("jpeg:match=aug_msroi:q_high=60;q_low=40",)))
+    assert got == {"jpeg:match=aug_msroi:q_high=60;q_low=40": "aug_msroi:q_low=40,q_high=60"}
+    assert resolve_matches(parse_defenses(("aug_msroi", "jpeg:match=aug_msroi:q_low=30"))) == {
+        "jpeg:match=aug_msroi:q_low=30": "aug_msroi"}
+    with pytest.raises(ValueError, match="ambiguous .* separated by ';', e.g. jpeg:match=aug_msroi:q_low=20"):
+        parse_defenses(two + ("jpeg:match=aug_msroi",))
+    with pytest.raises(ValueError, match="no defense 'aug_msroi:q_low=31' in this run to match"):
+        parse_defenses(("aug_msroi", "jpeg:match=aug_msroi:q_low=31"))
