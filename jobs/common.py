@@ -52,7 +52,8 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                    help="file,label CSV for folder inputs (an error with tar/Parquet inputs)")
     g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
     g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
-    g.add_argument("--crop", type=int, default=None, help="center crop size (default: the model's)")
+    g.add_argument("--crop", type=int, default=None,
+                   help="center crop size (default: the model's); 0: every image at its own size (no attacks)")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="decompression-bomb limit in pixels (default: Pillow's, 89,478,485)")
 
@@ -80,7 +81,7 @@ def input_config(args):
         paths=tuple(args.input), format=args.input_format, image_column=args.image_column,
         key_column=args.key_column, label_column=args.label_column, labels_csv=args.labels,
         folder_shard_size=args.folder_shard_size,
-        resize=info.resize if args.resize is None else args.resize,
+        resize=(0 if args.crop == 0 else info.resize) if args.resize is None else args.resize,
         crop=info.input_size if args.crop is None else args.crop,
         **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
     )

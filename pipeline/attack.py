@@ -14,9 +14,10 @@ from .model_handlers import AttackHandler
 class AttackImages(beam.PTransform):
     """Sample -> (Variant PCollection, ErrorRecord PCollection). ``attacks`` starts with clean."""
 
-    def __init__(self, model: ModelConfig, attacks: tuple[Spec, ...], *, seed: int, attack_labels: str):
+    def __init__(self, model: ModelConfig, attacks: tuple[Spec, ...], *, seed: int, attack_labels: str,
+                 native: bool = False):
         super().__init__()
-        self.handler = AttackHandler(model, attacks, seed=seed, attack_labels=attack_labels)
+        self.handler = AttackHandler(model, attacks, seed=seed, attack_labels=attack_labels, native=native)
 
     def expand(self, samples):
         return (

@@ -32,9 +32,9 @@ def join_clean(item):
 class Classify(beam.PTransform):
     """Defended -> (Result PCollection with agreement filled, ErrorRecord PCollection)."""
 
-    def __init__(self, model: ModelConfig, *, run_id: str):
+    def __init__(self, model: ModelConfig, *, run_id: str, native: bool = False):
         super().__init__()
-        self.handler = ClassifyHandler(model, run_id=run_id)
+        self.handler = ClassifyHandler(model, run_id=run_id, native=native)
 
     def expand(self, defended):
         results, errors = defended | "RunClassifier" >> RunInference(self.handler) | "Split" >> SplitErrors()

@@ -41,7 +41,8 @@ class InputConfig:
     columns are optional when left None (the ``key`` and ``label`` columns if a file has them) and
     required when named. A folder may come with ``labels_csv`` (``file,label``) and is read
     ``folder_shard_size`` files per shard.
-    Decoding resizes the shorter side to ``resize`` and center-crops ``crop`` x ``crop``.
+    Decoding resizes the shorter side to ``resize`` and center-crops ``crop`` x ``crop``;
+    ``crop=0`` (with ``resize=0``) keeps every image at its own size (see EvaluateConfig.native).
     """
 
     paths: tuple[str, ...]
@@ -64,8 +65,11 @@ class InputConfig:
         if self.format not in INPUT_FORMATS:
             raise ValueError(f"unknown input format {self.format!r}; valid: {', '.join(INPUT_FORMATS)}")
         _positive("folder shard size", self.folder_shard_size)
-        _positive("crop", self.crop, minimum=16)
+        if self.crop != 0:
+            _positive("crop", self.crop, minimum=16)
         _positive("resize", self.resize, minimum=0)
+        if self.crop == 0 and self.resize:
+            raise ValueError(f"resize ({self.resize}) needs a crop: --crop 0 keeps images at their own size")
         if self.resize and self.resize < self.crop:
             raise ValueError(f"resize ({self.resize}) must be 0 or at least the crop ({self.crop})")
         _positive("max pixels", self.max_pixels)
@@ -191,9 +195,20 @@ class EvaluateConfig:
             raise ValueError("the defend layout defends its inputs as they are (no attacks)")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.native and len(self.attacks) > 1:
+            raise ValueError("--crop 0 (images at their own size) works without attacks only (semjpeg defend, or "
+                             "evaluate without --attack): attacks run at the model's input size")
         for spec in self.attacks:  # a target class must be one the model has
             check_values(spec, self.model.num_classes)
         check_run_id(self.run_id)
+
+    @property
+    def native(self) -> bool:
+        """Images at their own size (``crop=0``): the model sees each through its own
+        preprocessing (resize, center crop) for predictions, and the whole image squashed to its
+        input size for saliency maps, whose map is then stretched back over the image; the
+        defenses encode, and PSNR/SSIM compare, the full image."""
+        return self.input.crop == 0
 
     @property
     def maps(self) -> ModelConfig:

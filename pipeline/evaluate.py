@@ -81,14 +81,18 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     samples, decode_errors = raw | "DecodeImages" >> DecodeImages(config.input, config.model.num_classes)
     samples = _count(samples, "CountDecoded", progress, "decoded")
     variants, attack_errors = samples | "AttackImages" >> AttackImages(
-        config.model, config.attacks, seed=config.seed, attack_labels=config.attack_labels
+        config.model, config.attacks, seed=config.seed, attack_labels=config.attack_labels, native=config.native
     )
     variants = _count(variants, "CountAttacked", progress, "attacked")
-    mapped, map_errors = variants | "SaliencyMaps" >> SaliencyMaps(config.maps, config.defenses, seed=config.seed)
+    mapped, map_errors = variants | "SaliencyMaps" >> SaliencyMaps(
+        config.maps, config.defenses, seed=config.seed, native=config.native
+    )
     defended, encode_errors = mapped | "EncodeSemanticJpeg" >> EncodeDefenses(
         config.defenses, map_model=config.maps.name, save_maps=config.save_maps
     )
-    results, classify_errors = defended | "Classify" >> Classify(config.model, run_id=config.run_id)
+    results, classify_errors = defended | "Classify" >> Classify(
+        config.model, run_id=config.run_id, native=config.native
+    )
     results = _count(results, "CountClassified", progress, "classified")
     errors = (
         (read_errors, decode_errors, attack_errors, map_errors, encode_errors, classify_errors)

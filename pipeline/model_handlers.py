@@ -22,8 +22,8 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import metrics
 from transforms.attacks import run_attack
-from transforms.images import to_tensor, to_uint8
-from transforms.models import Classifier, build_model, resolve_device
+from transforms.images import resize_and_crop, to_tensor, to_uint8
+from transforms.models import Classifier, build_model, model_info, resolve_device
 from transforms.seeds import sample_seed, seed_tensor
 from transforms.specs import Spec
 
@@ -125,11 +125,23 @@ def check_model(config: ModelConfig, *, maps: bool = False, role: str = "model")
 
 
 class _ClassifierHandler(ModelHandler):
-    """Shared base: loads the configured classifier; batches of exactly ``batch_size``."""
+    """Shared base: loads the configured classifier; batches of exactly ``batch_size``.
 
-    def __init__(self, model: ModelConfig):
+    ``native``: the images keep their own sizes (``--crop 0``); the model sees each through its
+    own preprocessing (``inputs``)."""
+
+    def __init__(self, model: ModelConfig, *, native: bool = False):
         super().__init__(min_batch_size=model.batch_size, max_batch_size=model.batch_size)
         self.model_config = model
+        self.native = native
+
+    def inputs(self, images: Sequence[np.ndarray], device) -> torch.Tensor:
+        """The model's input batch for uint8 HWC ``images``: as they are, or for images at their
+        own size the model's resize and center crop of each (its evaluation preprocessing)."""
+        if self.native:
+            info = model_info(self.model_config.name)
+            images = [resize_and_crop(im, resize=info.resize, crop=info.input_size) for im in images]
+        return to_tensor(images, device)
 
     def load_model(self) -> Classifier:
         return load_classifier(self.model_config)
@@ -149,8 +161,11 @@ class AttackHandler(_ClassifierHandler):
     ``attack_labels="label"`` and the sample has one.
     """
 
-    def __init__(self, model: ModelConfig, attacks: tuple[Spec, ...], *, seed: int, attack_labels: str):
-        super().__init__(model)
+    def __init__(self, model: ModelConfig, attacks: tuple[Spec, ...], *, seed: int, attack_labels: str,
+                 native: bool = False):
+        super().__init__(model, native=native)
+        if native and any(a.name != "clean" for a in attacks):
+            raise ValueError("attacks run at the model's input size, not on images at their own size")
         self.attacks = attacks
         self.seed = seed
         self.attack_labels = attack_labels
@@ -158,7 +173,7 @@ class AttackHandler(_ClassifierHandler):
     def run_inference(self, batch: Sequence[Sample], model: Classifier, inference_args=None) -> Iterable[list]:
         try:
             device = next(model.parameters()).device
-            x = to_tensor([s.image for s in batch], device)
+            x = self.inputs([s.image for s in batch], device)
             with torch.no_grad():
                 clean_logits = model(x)
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
@@ -226,8 +241,8 @@ class AttackHandler(_ClassifierHandler):
 class ClassifyHandler(_ClassifierHandler):
     """Batch of Defended -> Results: top-5 predictions and quality against the clean image."""
 
-    def __init__(self, model: ModelConfig, *, run_id: str):
-        super().__init__(model)
+    def __init__(self, model: ModelConfig, *, run_id: str, native: bool = False):
+        super().__init__(model, native=native)
         self.run_id = run_id
 
     def get_num_bytes(self, batch: Sequence[Defended]) -> int:
@@ -240,20 +255,34 @@ class ClassifyHandler(_ClassifierHandler):
             log.exception("classification failed on a batch of %d", len(batch))
             return batch_errors(batch, "classify", e)
 
+    def _quality(self, batch: Sequence[Defended], device, seen_all: torch.Tensor | None = None
+                 ) -> tuple[list[float], list[float]]:
+        """PSNR and SSIM of each stored image against its clean image, at their full size: as one
+        batch (``seen_all``: the stored images, already a tensor), or one by one for images at
+        their own sizes."""
+        if not self.native:
+            clean = to_tensor([d.variant.sample.image for d in batch], device)
+            return metrics.psnr(seen_all, clean).tolist(), metrics.ssim(seen_all, clean).tolist()
+        psnr, ssim = [], []
+        for d in batch:
+            seen, clean = to_tensor([d.decoded], device), to_tensor([d.variant.sample.image], device)
+            psnr += metrics.psnr(seen, clean).tolist()
+            ssim += metrics.ssim(seen, clean).tolist()
+        return psnr, ssim
+
     def _classify(self, batch: Sequence[Defended], model: Classifier) -> list[Result]:
         device = next(model.parameters()).device
-        seen = to_tensor([d.decoded for d in batch], device)
-        clean = to_tensor([d.variant.sample.image for d in batch], device)
         # A defense that stored the variant losslessly shows the model the pixels the attack stage
         # already classified: reuse that softmax, run the model on the rest only.
         known = [d.variant.probs is not None and np.array_equal(d.decoded, d.variant.image) for d in batch]
         with torch.no_grad():
             todo = [i for i, k in enumerate(known) if not k]
-            fresh = iter(torch.softmax(model(seen[todo]).float(), dim=1).cpu() if todo else ())
+            full = None if self.native else to_tensor([d.decoded for d in batch], device)
+            seen = self.inputs([batch[i].decoded for i in todo], device) if self.native else full[todo]
+            fresh = iter(torch.softmax(model(seen).float(), dim=1).cpu() if todo else ())
             probs = torch.stack([torch.from_numpy(d.variant.probs) if k else next(fresh) for d, k in zip(batch, known)])
             top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
-            psnr = metrics.psnr(seen, clean).tolist()
-            ssim = metrics.ssim(seen, clean).tolist()
+            psnr, ssim = self._quality(batch, device, full)
         top_p, top_i = top_p.tolist(), top_i.tolist()
         names = model.class_names
         results = []

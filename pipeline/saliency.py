@@ -16,8 +16,8 @@ import torch
 from apache_beam.ml.inference.base import RunInference
 
 from transforms.defenses import compute_maps, map_request
-from transforms.images import to_tensor
-from transforms.models import Classifier
+from transforms.images import squash, stretch_map, to_tensor
+from transforms.models import Classifier, model_info
 from transforms.seeds import pixel_digest, sample_seed, seed_tensor
 from transforms.specs import Spec
 
@@ -46,12 +46,22 @@ class MapHandler(_ClassifierHandler):
 
     A map request that fails on a batch is reported for each variant and each defense that needs
     that map (stage ``saliency``); the variants go on without it, so their other defenses still
-    run (the encode stage skips the defenses whose map is missing: they are reported here)."""
+    run (the encode stage skips the defenses whose map is missing: they are reported here).
 
-    def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int):
-        super().__init__(model)
+    Images at their own size (``native``) are squashed whole to the model's input size, and each
+    map is stretched back over its image."""
+
+    def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int,
+                 native: bool = False):
+        super().__init__(model, native=native)
         self.requests = requests
         self.seed = seed
+
+    def inputs(self, images, device):
+        if not self.native:
+            return to_tensor(images, device)
+        size = model_info(self.model_config.name).input_size
+        return to_tensor([squash(im, size) for im in images], device)
 
     def load_model(self) -> Classifier:
         model = load_classifier(self.model_config, shared=False)  # its hooks must not reach the classifier
@@ -62,7 +72,7 @@ class MapHandler(_ClassifierHandler):
     def run_inference(self, batch: Sequence[Variant], model: Classifier, inference_args=None):
         try:
             device = next(model.parameters()).device
-            x = to_tensor([v.image for v in batch], device)
+            x = self.inputs([v.image for v in batch], device)
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
             log.exception("saliency maps failed on a batch of %d", len(batch))
             return batch_errors(batch, "saliency", e)
@@ -83,8 +93,8 @@ class MapHandler(_ClassifierHandler):
                 log.exception("saliency map %s failed on a batch of %d", text, len(batch))
                 errors += [dataclasses.replace(r, defense=d) for d in users for r in batch_errors(batch, "saliency", e)]
                 continue
-            for i in range(len(batch)):
-                maps[i][text] = m[i]
+            for i, v in enumerate(batch):
+                maps[i][text] = stretch_map(m[i], v.image.shape[:2]) if self.native else m[i]
                 seconds[i][text] = dt
         return [dataclasses.replace(v, maps=mp, map_seconds=sc) for v, mp, sc in zip(batch, maps, seconds)] + errors
 
@@ -92,10 +102,10 @@ class MapHandler(_ClassifierHandler):
 class SaliencyMaps(beam.PTransform):
     """Variant -> (Variant with maps, ErrorRecord); the identity when no defense needs a map."""
 
-    def __init__(self, model: ModelConfig, defenses: tuple[Spec, ...], *, seed: int):
+    def __init__(self, model: ModelConfig, defenses: tuple[Spec, ...], *, seed: int, native: bool = False):
         super().__init__()
         self.requests = map_requests(defenses)
-        self.handler = MapHandler(model, self.requests, seed=seed) if self.requests else None
+        self.handler = MapHandler(model, self.requests, seed=seed, native=native) if self.requests else None
 
     def expand(self, variants):
         if self.handler is None:

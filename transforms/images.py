@@ -184,6 +184,24 @@ def decode_image(
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
+def squash(image: np.ndarray, size: int) -> np.ndarray:
+    """The whole image resized to ``size`` x ``size`` (bicubic, antialiased; the aspect ratio is
+    not kept): how a saliency model sees all of an image of any size at its input size."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def stretch_map(saliency: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float (h, w) map resized bilinearly to ``shape`` (height, width): a map drawn on a
+    squashed image laid back over the image."""
+    if saliency.shape == tuple(shape):
+        return saliency
+    t = torch.from_numpy(np.ascontiguousarray(saliency, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
 def to_tensor(
     images: Sequence[np.ndarray] | np.ndarray, device: torch.device | str | None = None
 ) -> torch.Tensor:

@@ -221,3 +221,53 @@ def test_a_failing_map_fails_only_the_defenses_that_need_it(tmp_path, photos):
     assert sorted((e["key"], e["stage"], e["defense_spec"], e["attack_spec"]) for e in errors) == [
         ("p", "saliency", broken.text, "clean"), ("q", "saliency", broken.text, "clean")]
     assert all("activation_noise" in e["reason"] for e in errors)
+
+
+def test_defend_at_native_size(tmp_path, capsys):
+    """`defend --crop 0`: every image is defended at its own size (odd sizes, one smaller than an
+    MCU, a grayscale one), its map stretched over it; predictions use the model's preprocessing
+    of the stored file, PSNR compares the full images. Attacks and a resize are refused with it."""
+    import skimage.data
+    import torch
+
+    from pipeline.model_handlers import _build_classifier
+    from pipeline.config import ModelConfig
+    from transforms import metrics
+    from transforms.images import resize_and_crop, to_tensor
+
+    astronaut = skimage.data.astronaut()
+    images = {"odd": astronaut[37:37 + 123, 11:11 + 201], "thin": astronaut[:40, :333],
+              "tiny": np.full((13, 21, 3), 200, np.uint8), "gray": np.dstack([skimage.data.camera()[:150, :170]] * 3)}
+    write_tar(tmp_path / "a.tar", [(f"{k}.png", encode(v)) for k, v in images.items()])
+    common = ["--model", "tests.tiny:build", "--runner", "FnApiRunner", "--batch-size", "3"]
+    out = tmp_path / "out"
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--crop", "0", "--save-maps",
+                 "--defense", "aug_msroi", "--defense", "jpeg:match=aug_msroi", *common]) == 0
+    rows = {(r["key"], r["defense"]): r for r in pq.read_table(sorted((out / "metadata").glob("*.parquet"))).to_pylist()}
+    assert len(rows) == 8
+    model = _build_classifier(ModelConfig(name="tests.tiny:build"))
+    for folder, defense in (("aug_msroi", "aug_msroi"), ("jpeg-match=aug_msroi", "jpeg")):
+        files = members(out / "shards" / folder / "shard-00000.tar")
+        for key, image in images.items():
+            data = files[f"{key}.jpg"]
+            assert sof_markers(data) == {0xC0}
+            decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            assert decoded.shape == image.shape  # its own size, not a 64x64 crop
+            if defense == "aug_msroi":
+                assert Image.open(io.BytesIO(files[f"{key}.map.png"])).size == image.shape[1::-1]
+            r = rows[(key, defense)]
+            assert (r["width"], r["height"]) == image.shape[1::-1] and r["bytes"] == len(data)
+            view = to_tensor([resize_and_crop(decoded, resize=72, crop=64)])
+            with torch.no_grad():
+                assert r["pred"] == int(model(view).argmax())
+            if key != "tiny":  # flat: identical after JPEG, PSNR inf
+                assert r["psnr"] == pytest.approx(metrics.psnr(to_tensor([decoded]), to_tensor([image])).item(), rel=1e-4)
+    assert rows[("tiny", "aug_msroi")]["psnr"] == float("inf")
+    capsys.readouterr()
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "x"), "--crop", "0",
+                 "--resize", "256", *common]) == 2
+    assert "resize (256) needs a crop" in capsys.readouterr().err
+    assert main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "x"), "--crop", "0",
+                 "--attack", "fgsm", *common]) == 2
+    assert "--crop 0 (images at their own size) works without attacks only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
