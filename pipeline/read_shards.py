@@ -216,8 +216,9 @@ class _ReadShardFn(beam.DoFn):
         if key in seen:
             return err(key, "duplicate key in file")
         seen.add(key)
+        file = None
         if isinstance(img, dict):  # Hugging Face datasets: struct<bytes, path>
-            img = img.get("bytes")
+            img, file = img.get("bytes"), img.get("path")
         if img is None:
             return err(key, "null image")
         if isinstance(img, str):
@@ -233,7 +234,8 @@ class _ReadShardFn(beam.DoFn):
                 label = None
             elif label.is_integer():
                 label = int(label)
-        meta = None if raw_key == key else json.dumps({"source_key": raw_key}).encode()
+        meta = {k: v for k, v in (("source_key", raw_key if raw_key != key else None), ("file", file)) if v}
+        meta = json.dumps(meta).encode() if meta else None
         return RawSample(shard.index, shard.path, key, member, bytes(img),
                          None if label is None else str(label), meta)
 

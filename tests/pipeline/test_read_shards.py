@@ -3,6 +3,7 @@ reason, and input mistakes are clear errors before any work."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ def test_image_column_of_the_wrong_type_is_rejected_unread(tmp_path):
     assert isinstance(err, ErrorRecord) and err.reason.startswith("wrong column type: image column 'image' is int64")
     hf = read(parquet(tmp_path, image=[{"bytes": PNG, "path": "a.png"}, {"bytes": None, "path": "b.png"}]), "parquet")
     assert hf[0].data == PNG and hf[1].reason == "null image"
+    assert json.loads(hf[0].meta) == {"file": "a.png"}  # the struct's path is kept, as `shard` keeps the file name
 
 
 def test_integral_float_labels_are_labels_and_nan_is_none(tmp_path):
