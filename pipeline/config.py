@@ -5,6 +5,7 @@ Errors name the bad value; the jobs turn them into one line on stderr and a non-
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -96,7 +97,7 @@ class ModelConfig:
                 f"model {self.name!r} needs --weights (a state-dict path or URL); "
                 "nothing is downloaded at run time"
             )
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _positive("batch size", self.batch_size)
         if self.torch_threads is not None:

@@ -119,19 +119,30 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     )
 
 
-def check_models(config: EvaluateConfig) -> list:
+def check_models(config: EvaluateConfig, *, devices_here: bool = False) -> list:
     """Load the classifier, and the map model where the defenses need maps and it is another
     model, once before the run (model_handlers.check_model): a model that cannot load is one
-    line before any work, not a traceback from every worker. Returns the models loaded on the
-    CPU, which the stages of an in-process run reuse while the caller holds them."""
-    from .model_handlers import check_model
+    line before any work, not a traceback from every worker. ``devices_here``: the run's workers
+    are processes of this machine, so a CUDA device it lacks is an error too. Returns the models
+    loaded on the CPU, which the stages of an in-process run reuse while the caller holds them."""
+    from .model_handlers import check_device, check_model
     from .saliency import map_requests
+
+    if devices_here:
+        check_device(config.model.device)
 
     needs_maps = bool(map_requests(config.defenses))
     models = [check_model(config.model, maps=needs_maps and config.maps == config.model)]
     if needs_maps and config.maps != config.model:
         models.append(check_model(config.maps, maps=True, role="map model"))
     return [m for m in models if m is not None]
+
+
+def _devices_here(options: PipelineOptions) -> bool:
+    """Whether the run's stages run in processes of this machine (the FnApiRunner and the
+    DirectRunner; a Dask cluster may be elsewhere, Dataflow is)."""
+    runner = (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
+    return is_local(runner) and runner != "DaskRunner"
 
 
 def _in_process(options: PipelineOptions) -> bool:
@@ -151,14 +162,14 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
     shards = input_shards(config.input)
     out = OutputDir(config.output, config.run_id)
     reads = [s.path for s in shards] + [config.input.labels_csv, config.model.weights, config.maps.weights]
-    out.check(reads=[r for r in reads if r])
-    checked = check_models(config)
-    if not _in_process(options):
-        checked.clear()  # the workers load their own; this process need not keep a copy
-    log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
-    runner = options.view_as(StandardOptions).runner
-    monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None
+    out.check(reads=[r for r in reads if r])  # creates the staging folder: removed however the run ends
     try:
+        checked = check_models(config, devices_here=_devices_here(options))
+        if not _in_process(options):
+            checked.clear()  # the workers load their own; this process need not keep a copy
+        log.info("run %s: %d source shards -> %s", config.run_id, len(shards), config.output)
+        runner = options.view_as(StandardOptions).runner
+        monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None
         p = beam.Pipeline(options=options)
         build_evaluate(p, config, shards, out, progress=monitor.folder if monitor else None)
         with monitor or contextlib.nullcontext():

@@ -104,6 +104,17 @@ def _build_classifier(config: ModelConfig) -> Classifier:
     return model
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError (one line) when ``device`` names a CUDA device this machine lacks."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        have = "no CUDA device" if count == 0 else f"{count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        raise ValueError(f"--device {device}: this machine has {have} (--device auto uses one when present)")
+
+
 def check_model(config: ModelConfig, *, maps: bool = False, role: str = "model") -> Classifier | None:
     """Build the configured model once before any work starts: missing or damaged weights,
     weights that do not fit the model, a model factory that fails, and (``maps``) a map model

@@ -51,6 +51,7 @@ def test_parsing_the_command_line_imports_neither_torch_nor_beam():
         (["--defense", "aug_msroi:activation_noise=nan"], "activation_noise must be a finite number >= 0, got nan"),
         (["--defense", "zip"], "unknown defense 'zip'"),
         (["--model", "alexnetz"], "unknown model 'alexnetz'"),
+        (["--device", "cuda:x"], "device must be auto, cpu or cuda[:N], got 'cuda:x'"),
         (["--runner", "FnApiRunner", "--no_such_beam_flag", "1"], "unrecognized arguments: --no_such_beam_flag"),
     ],
 )
@@ -207,7 +208,18 @@ def test_a_model_that_cannot_load_is_one_line_before_any_work(tmp_path, capsys, 
     code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"), *model,
                  "--defense", "aug_msroi", "--runner", "FnApiRunner"])
     assert code == 2 and message.format(w=w) in one_error_line(capsys, "evaluate")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, photos):
+    import torch
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:1])
+    device = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"  # one past the last
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--device", device, "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+    assert code == 2 and f"--device {device}: this machine has" in one_error_line(capsys, "evaluate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
 
 
 def test_a_run_id_with_a_slash_is_refused_before_anything_is_written(tmp_path, capsys):
