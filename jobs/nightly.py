@@ -1,6 +1,9 @@
 """One night of evaluation: run the configured attacks x defenses into OUTPUT/date=YYYY-MM-DD/,
 append the summary to the history dataset, compare with the previous night, write the report.
 
+Beam options on the command line (``--region=...``, as a Flex Template launcher passes Dataflow's
+own) come after the config's ``runner`` and ``runner_options``, and win.
+
 Exit status: 0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
 beyond tolerance, an attack x defense pair without results, a night without any result; each is
 named on stderr and in the report), 2 for configuration errors and a damaged or unwritable
@@ -20,13 +23,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args, beam_argv) -> int:
-    if beam_argv:
-        raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}; runner options go in the config")
     from pipeline.nightly import load_config, parse_date, run_nightly
     from pipeline.summary import format_table
 
     cfg = load_config(args.config)
-    result = run_nightly(cfg, parse_date(args.date))
+    result = run_nightly(cfg, parse_date(args.date), beam_argv)
     print(format_table(result.summary))
     print(f"wrote {result.output}" + (f" and {result.report}" if result.report else ""))
     if result.previous_date is None:

@@ -254,18 +254,20 @@ class NightlyResult:
 NIGHTLY_FILE = "nightly.json"
 
 
-def run_nightly(cfg: NightlyConfig, date: str) -> NightlyResult:
+def run_nightly(cfg: NightlyConfig, date: str, extra_beam_argv: list[str] | tuple[str, ...] = ()) -> NightlyResult:
     """Evaluate, compare with the previous night, append to history, write the report.
 
+    ``extra_beam_argv``: Beam options from the command line (a Flex Template launcher passes
+    Dataflow's own, ``--region=...``), after the config's, so they win.
     History is checked writable and read (any damage reported) before any work; it is written
     only after the run committed, one partition, atomically.
     """
     from .evaluate import run_evaluate
 
+    options = pipeline_options(cfg.beam_argv() + list(extra_beam_argv))  # bad options: before anything
     check_writable(cfg.history)
     history = read_history(cfg.history)
     evaluate = cfg.evaluate_config(date)
-    options = pipeline_options(cfg.beam_argv())
     summary = run_evaluate(evaluate, options)
     rows = history_rows(summary, date)
     prev, alarms = compare(history, date, rows, cfg.tolerance, summary.get("errors"),

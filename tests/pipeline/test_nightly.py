@@ -88,7 +88,12 @@ def test_two_nights_regression_exit_and_report(tmp_path, photos, capsys):
     write_tar(tmp_path / "in" / "a.tar", good_members(photos))
     cfg = config(tmp_path)
     path = write_config(tmp_path, cfg)
-    assert main(["nightly", "--config", path, "--date", "2026-11-24"]) == 0
+    # Beam options on the command line, as a Flex Template launcher passes Dataflow's own: accepted
+    # (this one means nothing to the FnApiRunner); an unknown one stops the night before anything.
+    assert main(["nightly", "--config", path, "--date", "2026-11-24", "--region=us-central1", "--no_such_flag=1"]) == 2
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    assert not (tmp_path / "nightly").exists() and not (tmp_path / "history").exists()
+    assert main(["nightly", "--config", path, "--date", "2026-11-24", "--region=us-central1"]) == 0
     first = tmp_path / "nightly" / "date=2026-11-24"
     assert (first / "_SUCCESS").exists() and (first / "report.html").exists()
     assert "nothing to compare" in capsys.readouterr().out
