@@ -20,10 +20,12 @@ def parse_label(text: str | None, num_classes: int) -> int | None:
     """Label text -> class index; raises ValueError with the reason for anything else.
 
     Integral decimals (``2.0``: an int column with missing values, written by pandas) are read as
-    integers."""
+    integers; an empty label and ``nan`` (how pandas writes a missing value) are no label."""
     if text is None:
         return None
     t = text.strip()
+    if not t or t.lower() == "nan":
+        return None
     try:
         value = int(t)
     except ValueError:
