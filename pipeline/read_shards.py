@@ -91,21 +91,24 @@ class _ReadShardFn(beam.DoFn):
         members: dict[str, tuple[str, bytes]] = {}
         current = None
 
-        def flush():
+        def flush() -> list:
             if key is None:
-                return None
+                return []
             images = [e for e in IMAGE_EXTS if e in members]
             if not images:
-                return err(key, ",".join(m for m, _ in members.values()),
-                           f"no image member in sample (found: {', '.join(sorted(members)) or 'nothing'})")
+                return [err(key, ",".join(m for m, _ in members.values()),
+                            f"no image member in sample (found: {', '.join(sorted(members)) or 'nothing'})")]
             member, data = members[images[0]]
+            # One image per sample: the others are reported, never dropped silently.
+            extra = [err(key, members[e][0], f"a second image member in the sample; read {member} instead")
+                     for e in images[1:]]
             label = next((members[e][1] for e in LABEL_EXTS if e in members), None)
             meta = members.get("json", (None, None))[1]
             try:
                 label_text = label.decode("utf-8") if label is not None else None
             except UnicodeDecodeError:
                 label_text = repr(label[:20])
-            return RawSample(shard.index, shard.path, key, member, data, label_text, meta)
+            return [RawSample(shard.index, shard.path, key, member, data, label_text, meta), *extra]
 
         with open_binary(shard.path) as f:
             try:
@@ -131,9 +134,7 @@ class _ReadShardFn(beam.DoFn):
                         continue
                     k, ext = parts
                     if k != key:
-                        done = flush()
-                        if done is not None:
-                            yield done
+                        yield from flush()
                         key, members = None, {}
                         if k in seen:
                             yield err(k, name, "duplicate key in shard (members of one sample must be adjacent)")
@@ -146,9 +147,7 @@ class _ReadShardFn(beam.DoFn):
                         continue
                     members[ext] = (name, data)
                     current = None
-                done = flush()
-                if done is not None:
-                    yield done
+                yield from flush()
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 where = f" inside member {current}" if current else ""
                 yield err(key, current, f"tar cut short{where}: {e}; samples before it were read")

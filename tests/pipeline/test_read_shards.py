@@ -70,6 +70,14 @@ def test_tar_members_with_leading_dot_slash(tmp_path):
     assert sorted(o.member for o in out if isinstance(o, ErrorRecord)) == ["./../evil.png", "/abs.png"]
 
 
+def test_a_second_image_in_a_sample_is_reported_not_dropped(tmp_path):
+    path = write_tar(tmp_path / "x.tar", [("x.png", PNG), ("x.jpg", PNG), ("x.map.png", PNG), ("y.png", PNG)])
+    out = read(path, "webdataset")
+    assert [(o.key, o.member) for o in out if isinstance(o, RawSample)] == [("x", "x.jpg"), ("y", "y.png")]
+    (err,) = [o for o in out if isinstance(o, ErrorRecord)]  # x.map.png is a map beside the image, not one
+    assert (err.key, err.member, err.reason) == ("x", "x.png", "a second image member in the sample; read x.jpg instead")
+
+
 def test_empty_input_is_an_error(tmp_path, monkeypatch):
     from jobs.__main__ import main
 
