@@ -34,7 +34,8 @@ def photos_folder() -> str:
 
 def write_photos(folder: str) -> int:
     """Copy the bundled sample photos, as encoded, into ``folder`` (those already there with the
-    same size are kept); returns how many."""
+    same size are kept, anything else there is removed: the folder is the demo's input);
+    returns how many."""
     import shutil
 
     import skimage.data
@@ -45,11 +46,16 @@ def write_photos(folder: str) -> int:
         src, dst = os.path.join(data_dir, name), os.path.join(folder, name)
         if os.path.exists(src):
             if not (os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src)):
-                shutil.copyfile(src, dst + ".part")
-                os.replace(dst + ".part", dst)
+                part = f"{dst}.{os.getpid()}.part"  # two demos at once each write their own
+                shutil.copyfile(src, part)
+                os.replace(part, dst)
             n += 1
     if not n:
         raise ValueError(f"no scikit-image sample photos found in {data_dir}")
+    for name in set(os.listdir(folder)) - set(PHOTOS):  # left by another version, or put there
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.endswith(".part"):
+            os.remove(path)
     return n
 
 

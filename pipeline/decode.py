@@ -1,4 +1,5 @@
-"""DecodeImages: RawSample -> Sample (uint8 RGB at the crop size), plus errors with reasons."""
+"""DecodeImages: RawSample -> Sample (uint8 RGB at the crop size, or at its own size with
+``crop=0``), plus errors with reasons."""
 from __future__ import annotations
 
 import json

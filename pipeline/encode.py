@@ -46,7 +46,8 @@ def resolve_matches(defenses: tuple[Spec, ...]) -> dict[str, str]:
                              f"defenses: {', '.join(o.text for o in defenses)}")
         if len(hits) > 1:
             raise ValueError(f"{d.text}: {ref!r} is ambiguous ({', '.join(h.text for h in hits)}); name one "
-                             "with its parameters separated by ';', e.g. jpeg:match=" + hits[0].text.replace(",", ";"))
+                             "with its parameters separated by ';' (quoted in a shell), e.g. "
+                             f"'jpeg:match={hits[0].text.replace(',', ';')}'")
         if match_target(hits[0]) is not None or hits[0] is d:
             raise ValueError(f"{d.text}: cannot match {hits[0].text}, itself rate-matched")
         out[d.text] = hits[0].text

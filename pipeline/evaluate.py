@@ -124,33 +124,39 @@ def check_models(config: EvaluateConfig, *, devices_here: bool = False) -> list:
     model, once before the run (model_handlers.check_model): a model that cannot load is one
     line before any work, not a traceback from every worker. ``devices_here``: the run's workers
     are processes of this machine, so a CUDA device it lacks is an error too. Returns the models
-    loaded on the CPU, which the stages of an in-process run reuse while the caller holds them."""
+    loaded on the CPU (the classifier), which the stages of an in-process run reuse while the
+    caller holds them."""
     from .model_handlers import check_device, check_model
     from .saliency import map_requests
 
+    needs_maps = bool(map_requests(config.defenses))
+    separate = needs_maps and config.maps != config.model
     if devices_here:
         check_device(config.model.device)
+        if separate:
+            check_device(config.maps.device)
+    model = check_model(config.model, maps=needs_maps and not separate)
+    if separate:  # checked, not kept: the map stage always builds its own (it hooks noise into it)
+        check_model(config.maps, maps=True, role="map model")
+    return [] if model is None else [model]
 
-    needs_maps = bool(map_requests(config.defenses))
-    models = [check_model(config.model, maps=needs_maps and config.maps == config.model)]
-    if needs_maps and config.maps != config.model:
-        models.append(check_model(config.maps, maps=True, role="map model"))
-    return [m for m in models if m is not None]
+
+def _runner_name(options: PipelineOptions) -> str:
+    """The runner's class name (``FnApiRunner`` when none is given)."""
+    return (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
 
 
 def _devices_here(options: PipelineOptions) -> bool:
     """Whether the run's stages run in processes of this machine (the FnApiRunner and the
     DirectRunner; a Dask cluster may be elsewhere, Dataflow is)."""
-    runner = (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
-    return is_local(runner) and runner != "DaskRunner"
+    return is_local(_runner_name(options)) and _runner_name(options) != "DaskRunner"
 
 
 def _in_process(options: PipelineOptions) -> bool:
     """Whether the pipeline's stages run in this process (FnApiRunner, or the DirectRunner in
     memory), so a model this process holds is the one they use."""
-    runner = (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
     mode = options.get_all_options().get("direct_running_mode") or "in_memory"
-    return runner in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
+    return _runner_name(options) in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
 
 
 def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:

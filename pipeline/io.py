@@ -287,9 +287,9 @@ class OutputDir:
 
     The staging folder is ``.<name>.staging-<run id>`` beside the output, on the same filesystem
     (for URLs, with the same protocol). Refuses to replace an existing folder that is not empty
-    and holds no ``_SUCCESS`` (it is not a finished semjpeg output, so it might be someone's
-    data), a filesystem or bucket root, the current folder or one of its parents, and a folder
-    holding something the run reads.
+    and is not a finished semjpeg output holding only what semjpeg writes (``_check_replaceable``:
+    it might be someone's data), a filesystem or bucket root, the current folder or one of its
+    parents, and a folder holding something the run reads.
     """
 
     def __init__(self, final: str, run_id: str):

@@ -86,7 +86,7 @@ def _build_classifier(config: ModelConfig) -> Classifier:
         try:
             with fsspec.open(config.weights, "rb") as f:
                 data = f.read()
-        except (OSError, ImportError, ValueError) as e:  # missing, unreadable, no fsspec backend
+        except Exception as e:  # missing, unreadable, no fsspec backend, a cloud credentials error
             raise ValueError(f"cannot read the weights {config.weights}: {_first_line(e)}") from e
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

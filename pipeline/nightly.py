@@ -7,7 +7,7 @@ name the key, the expected type and the value found.
 input: gs://bucket/shards/*.tar      # a path/glob or a list of them
 output: gs://bucket/nightly          # runs go to output/date=YYYY-MM-DD/
 history: gs://bucket/nightly-history # Parquet dataset partitioned by date
-attacks: [fgsm:eps=4/255, igsm:eps=4/255,steps=10]
+attacks: [fgsm:eps=4/255, "igsm:eps=4/255,steps=10"]  # quote specs with commas in a flow list
 defenses: [aug_msroi, jpeg:match=aug_msroi, jpeg:quality=50]
 model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:}
 map_model: null                      # same forms; default: the classifier
@@ -17,7 +17,7 @@ tolerance: {top1: 0.02, psnr: 1.0}     # merged into the defaults below
 seed: 0
 save_maps: true
 report: true
-input_options: {format: auto, resize: 256, crop: 224}
+input_options: {format: auto, resize: 256, crop: 224}  # crop 0: images at their own size (no attacks)
 ```
 
 ``runner`` is checked with the rest: a Beam runner name, ``DaskRunner``, or the dotted path of a
@@ -211,9 +211,10 @@ class NightlyConfig:
         opts = dict(self.input_options)
         labels = opts.pop("labels", None)
         fmt = opts.pop("format", None) or "auto"
-        inp = InputConfig(paths=self.input, format=fmt, labels_csv=labels,
-                          resize=opts.pop("resize", None) or info.resize,
-                          crop=opts.pop("crop", None) or info.input_size,
+        crop, resize = opts.pop("crop", None), opts.pop("resize", None)  # 0 means something: not `or`
+        crop = info.input_size if crop is None else crop
+        resize = (0 if crop == 0 else info.resize) if resize is None else resize
+        inp = InputConfig(paths=self.input, format=fmt, labels_csv=labels, resize=resize, crop=crop,
                           **{k: v for k, v in opts.items() if v is not None})
         return EvaluateConfig(
             input=inp, output=self.run_output(date), model=self.model,

@@ -192,16 +192,6 @@ def squash(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def stretch_map(saliency: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A float (h, w) map resized bilinearly to ``shape`` (height, width): a map drawn on a
-    squashed image laid back over the image."""
-    if saliency.shape == tuple(shape):
-        return saliency
-    t = torch.from_numpy(np.ascontiguousarray(saliency, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
 def to_tensor(
     images: Sequence[np.ndarray] | np.ndarray, device: torch.device | str | None = None
 ) -> torch.Tensor:

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,6 +187,15 @@ def _roi(
 def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     out = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return out.clamp_(0.0, 1.0)
+
+
+def stretch_map(saliency: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float (h, w) map resized bilinearly to ``shape`` (height, width), as maps are upsampled
+    from the feature grid: a map drawn on a squashed image laid back over the image."""
+    if saliency.shape == tuple(shape):
+        return saliency
+    t = torch.from_numpy(np.ascontiguousarray(saliency, dtype=np.float32))[None]
+    return _upsample(t, tuple(shape))[0].numpy()
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,4 +61,8 @@ def test_demo_runs_on_its_embedded_default_and_its_source_outlives_the_run(tmp_p
     photos = tmp_path / "cache" / "semjpeg" / "demo-photos"
     assert len(rows) == len(PHOTOS) * 6 and sources == {str(photos)}
     assert sorted(p.name for p in photos.iterdir()) == sorted(PHOTOS)
-    assert main(["demo", "--runner", "FnApiRunner", "--attack", "fgsm:eps=4/255"]) == 0  # reuses the cache
+    stamps = {p.name: p.stat().st_mtime_ns for p in photos.iterdir()}
+    (photos / "stray.png").write_bytes((photos / PHOTOS[0]).read_bytes())  # not the demo's: not its input
+    assert main(["demo", "--runner", "FnApiRunner", "--attack", "fgsm:eps=4/255"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in photos.iterdir()} == stamps  # reused, not copied again
+    assert json.loads((out / "summary.json").read_text())["samples"] == len(PHOTOS)

@@ -24,7 +24,34 @@ def test_match_names_a_defense_with_several_parameters_however_written():
     assert got == {"jpeg:match=aug_msroi:q_high=60;q_low=40": "aug_msroi:q_low=40,q_high=60"}
     assert resolve_matches(parse_defenses(("aug_msroi", "jpeg:match=aug_msroi:q_low=30"))) == {
         "jpeg:match=aug_msroi:q_low=30": "aug_msroi"}
-    with pytest.raises(ValueError, match="ambiguous .* separated by ';', e.g. jpeg:match=aug_msroi:q_low=20"):
+    with pytest.raises(ValueError, match="ambiguous .* separated by ';' \\(quoted in a shell\\), e.g. 'jpeg:match=aug_msroi:q_low=20'"):
         parse_defenses(two + ("jpeg:match=aug_msroi",))
     with pytest.raises(ValueError, match="no defense 'aug_msroi:q_low=31' in this run to match"):
         parse_defenses(("aug_msroi", "jpeg:match=aug_msroi:q_low=31"))
+
+
+def test_a_separate_map_model_is_checked_on_its_own_device(tmp_path):
+    """A nightly config may give the map model its own device; a CUDA device this machine lacks
+    is an error before the run (it used to fail in the map stage, after the attacks)."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.evaluate import check_models
+
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    maps = ModelConfig(name="tests.tiny:build", batch_size=4, device=missing)
+    cfg = tiny_config([str(tmp_path)], tmp_path / "out", defenses=("aug_msroi",), map_model=maps)
+    with pytest.raises(ValueError, match=f"--device {missing}: this machine has"):
+        check_models(cfg, devices_here=True)
+    assert len(check_models(cfg, devices_here=False)) == 1  # elsewhere (Dataflow): checked on the CPU only
+
+
+def test_nightly_input_options_crop_and_resize_zero_mean_zero(tmp_path):
+    """`crop: 0` (images at their own size) and `resize: 0` used to fall back to the model's."""
+    from pipeline.nightly import NightlyConfig
+    from tests.pipeline.test_nightly import config
+
+    native = NightlyConfig.from_dict(config(tmp_path, attacks=[], input_options={"crop": 0})).evaluate_config("2026-01-01")
+    assert native.native and (native.input.crop, native.input.resize) == (0, 0)
+    no_resize = NightlyConfig.from_dict(config(tmp_path, input_options={"resize": 0, "crop": 64}))
+    assert no_resize.evaluate_config("2026-01-01").input.resize == 0
