@@ -270,7 +270,7 @@ class ClassifyHandler(_ClassifierHandler):
                  ) -> tuple[list[float], list[float]]:
         """PSNR and SSIM of each stored image against its clean image, at their full size: as one
         batch (``seen_all``: the stored images, already a tensor), or one by one for images at
-        their own sizes."""
+        their own sizes (SSIM None below its window, 11x11)."""
         if not self.native:
             clean = to_tensor([d.variant.sample.image for d in batch], device)
             return metrics.psnr(seen_all, clean).tolist(), metrics.ssim(seen_all, clean).tolist()
@@ -278,7 +278,8 @@ class ClassifyHandler(_ClassifierHandler):
         for d in batch:
             seen, clean = to_tensor([d.decoded], device), to_tensor([d.variant.sample.image], device)
             psnr += metrics.psnr(seen, clean).tolist()
-            ssim += metrics.ssim(seen, clean).tolist()
+            small = min(d.decoded.shape[:2]) < metrics.SSIM_WINDOW  # SSIM is undefined: null
+            ssim += [None] if small else metrics.ssim(seen, clean).tolist()
         return psnr, ssim
 
     def _classify(self, batch: Sequence[Defended], model: Classifier) -> list[Result]:

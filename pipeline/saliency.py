@@ -16,9 +16,9 @@ import torch
 from apache_beam.ml.inference.base import RunInference
 
 from transforms.defenses import compute_maps, map_request
-from transforms.saliency import stretch_map
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
+from transforms.saliency import stretch_map
 from transforms.seeds import pixel_digest, sample_seed, seed_tensor
 from transforms.specs import Spec
 

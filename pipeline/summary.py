@@ -5,16 +5,17 @@ import math
 
 import apache_beam as beam
 
-_SUMS = ("bytes", "bpp", "ssim", "linf", "rmse")
+_SUMS = ("bytes", "bpp", "linf", "rmse")
 
 
 class SummaryFn(beam.CombineFn):
     """Rows of one (attack, defense) -> n, top1, agree_clean, mean bytes/bpp/psnr/ssim/linf/rmse,
     attack success rate. ``top1`` is over labeled rows only (None without labels); PSNR averages
-    the finite values (identical images have infinite PSNR and are counted apart)."""
+    the finite values (identical images have infinite PSNR and are counted apart); SSIM the rows
+    that have one (an image smaller than its 11x11 window, at its own size, has none)."""
 
     def create_accumulator(self):
-        return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0,
+        return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0, "ssim": 0.0, "ssim_n": 0,
                 "success_n": 0, "success": 0, **{k: 0.0 for k in _SUMS}}
 
     def add_input(self, acc, row):
@@ -32,6 +33,9 @@ class SummaryFn(beam.CombineFn):
         if p is not None and math.isfinite(p):
             acc["psnr"] += p
             acc["psnr_n"] += 1
+        if row.get("ssim") is not None:
+            acc["ssim"] += row["ssim"]
+            acc["ssim_n"] += 1
         for k in _SUMS:
             acc[k] += float(row.get(k) or 0.0)
         return acc
@@ -58,7 +62,7 @@ class SummaryFn(beam.CombineFn):
             "bpp": ratio(acc["bpp"], n),
             "psnr": ratio(acc["psnr"], acc["psnr_n"]),
             "identical": n - acc["psnr_n"],
-            "ssim": ratio(acc["ssim"], n),
+            "ssim": ratio(acc["ssim"], acc["ssim_n"]),
             "linf": ratio(acc["linf"], n),
             "rmse": ratio(acc["rmse"], n),
         }

@@ -60,7 +60,11 @@ def _band(n: int, window: int, sigma: float, device: torch.device) -> torch.Tens
     return _band_cached(n, window, sigma, str(device))
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+#: The side of SSIM's Gaussian window: images must be at least this large on both sides.
+SSIM_WINDOW = 11
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity per sample (N,) (Wang et al., IEEE TIP 2004), averaged over channels.
 
     Gaussian 11x11 window, sigma 1.5, K1=0.01, K2=0.03, data range 1, population covariances,

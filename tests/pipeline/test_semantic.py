@@ -237,14 +237,16 @@ def test_defend_at_native_size(tmp_path, capsys):
 
     astronaut = skimage.data.astronaut()
     images = {"odd": astronaut[37:37 + 123, 11:11 + 201], "thin": astronaut[:40, :333],
-              "tiny": np.full((13, 21, 3), 200, np.uint8), "gray": np.dstack([skimage.data.camera()[:150, :170]] * 3)}
+              "tiny": np.full((13, 21, 3), 200, np.uint8), "gray": np.dstack([skimage.data.camera()[:150, :170]] * 3),
+              "speck": astronaut[200:204, 200:206]}  # below SSIM's 11x11 window: no SSIM, still a JPEG
     write_tar(tmp_path / "a.tar", [(f"{k}.png", encode(v)) for k, v in images.items()])
     common = ["--model", "tests.tiny:build", "--runner", "FnApiRunner", "--batch-size", "3"]
     out = tmp_path / "out"
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--crop", "0", "--save-maps",
                  "--defense", "aug_msroi", "--defense", "jpeg:match=aug_msroi", *common]) == 0
     rows = {(r["key"], r["defense"]): r for r in pq.read_table(sorted((out / "metadata").glob("*.parquet"))).to_pylist()}
-    assert len(rows) == 8
+    assert len(rows) == 10 and rows[("speck", "aug_msroi")]["ssim"] is None
+    assert all(r["ssim"] is not None for (k, _), r in rows.items() if k != "speck")
     model = _build_classifier(ModelConfig(name="tests.tiny:build"))
     for folder, defense in (("aug_msroi", "aug_msroi"), ("jpeg-match=aug_msroi", "jpeg")):
         files = members(out / "shards" / folder / "shard-00000.tar")
