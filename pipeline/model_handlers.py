@@ -135,6 +135,14 @@ def check_model(config: ModelConfig, *, maps: bool = False, role: str = "model")
     return model if on_cpu else None
 
 
+def input_attack(meta: dict | None) -> str | None:
+    """The attack that made an input, as recorded in its semjpeg ``<key>.json`` (an adversarial
+    set written by ``semjpeg attack``): None for clean inputs and for anything else."""
+    doc = meta.get("semjpeg") if isinstance(meta, dict) else None
+    spec = doc.get("attack_spec") if isinstance(doc, dict) else None
+    return spec if isinstance(spec, str) and spec != "clean" else None
+
+
 class _ClassifierHandler(ModelHandler):
     """Shared base: loads the configured classifier; batches of exactly ``batch_size``.
 
@@ -304,7 +312,7 @@ class ClassifyHandler(_ClassifierHandler):
             pred = top_i[i][0]
             row = {
                 "key": s.key, "source": s.source, "label": s.label,
-                "attack": v.attack.name, "attack_spec": v.attack.text,
+                "attack": v.attack.name, "attack_spec": v.attack.text, "input_attack": input_attack(s.meta),
                 "defense": d.defense.name, "defense_spec": d.defense.text,
                 "pred": pred, "pred_name": names[pred], "prob": top_p[i][0],
                 "top5": [{"label": a, "prob": b} for a, b in zip(top_i[i], top_p[i])],

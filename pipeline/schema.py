@@ -14,6 +14,7 @@ METADATA_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("attack", pa.string()),
         ("attack_spec", pa.string()),
+        ("input_attack", pa.string()),
         ("defense", pa.string()),
         ("defense_spec", pa.string()),
         ("pred", pa.int32()),

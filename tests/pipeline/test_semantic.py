@@ -145,6 +145,7 @@ def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     assert sorted(files) == sorted(expected + ["good_jpg.cls", "good_png.cls"])  # good_gray has no label
     rows = pq.read_table(sorted((out / "metadata").glob("*.parquet"))).to_pylist()
     assert {(r["attack"], r["defense"]) for r in rows} == {("clean", "aug_msroi")} and len(rows) == 3
+    assert {r["input_attack"] for r in rows} == {"fgsm:eps=8/255"}  # what made the input, from its JSON
     for r in rows:  # before (clean_pred) and after (pred), quality against the input
         assert r["clean_pred"] is not None and r["pred"] is not None and r["agree_clean"] == (r["pred"] == r["clean_pred"])
         assert 15 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["quality_levels"]
@@ -153,6 +154,8 @@ def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     assert main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "ev"),
                  "--attack", "fgsm:eps=8/255", "--defense", "aug_msroi", *common]) == 0
     evaluated = members(tmp_path / "ev" / "shards" / "fgsm-eps=8_255" / "aug_msroi" / "shard-00000.tar")
+    ev_rows = pq.read_table(sorted((tmp_path / "ev" / "metadata").glob("*.parquet"))).to_pylist()
+    assert {r["input_attack"] for r in ev_rows} == {None}  # clean inputs
     jpgs = sorted(n for n in files if n.endswith(".jpg"))
     assert len(jpgs) == 3 and all(files[n] == evaluated[n] for n in jpgs)
 
