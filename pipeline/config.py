@@ -9,11 +9,11 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from transforms.attacks import CLEAN, check_values, parse_attack
-from transforms.defenses import parse_defense
+from transforms.attacks import ATTACKS, CLEAN, check_values, parse_attack
+from transforms.defenses import DEFENSES, HIDDEN, parse_defense
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.models import model_info
-from transforms.specs import Spec
+from transforms.specs import Spec, spec_params
 
 from .io import check_run_id
 
@@ -129,10 +129,6 @@ def parse_defenses(texts: tuple[str, ...] | list[str], *, reference: bool = True
 def spec_identity(spec: Spec, kind: str) -> tuple:
     """The spec as it runs: its name and every parameter's value, the defaults filled in, so
     ``jpeg`` and ``jpeg:quality=75`` are one spec."""
-    from transforms.attacks import ATTACKS
-    from transforms.defenses import DEFENSES, HIDDEN
-    from transforms.specs import spec_params
-
     fn = (ATTACKS if kind == "attack" else DEFENSES).get(spec.name)
     defaults = {} if fn is None else {k: p.default for k, p in spec_params(fn).items() if k not in HIDDEN}
     values = {**defaults, **spec.params}

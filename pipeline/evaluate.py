@@ -19,7 +19,7 @@ from .config import EvaluateConfig
 from .decode import DecodeImages
 from .encode import EncodeDefenses
 from .io import OutputDir, input_shards, join, read_bytes, write_bytes
-from .progress import CountProgress, ProgressMonitor, is_local, summarize_counters
+from .progress import CountProgress, ProgressMonitor, is_local, runner_name, summarize_counters
 from .read_shards import ReadImageShards
 from .records import SourceShard
 from .saliency import SaliencyMaps
@@ -141,22 +141,19 @@ def check_models(config: EvaluateConfig, *, devices_here: bool = False) -> list:
     return [] if model is None else [model]
 
 
-def _runner_name(options: PipelineOptions) -> str:
-    """The runner's class name (``FnApiRunner`` when none is given)."""
-    return (options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
-
-
 def _devices_here(options: PipelineOptions) -> bool:
     """Whether the run's stages run in processes of this machine (the FnApiRunner and the
     DirectRunner; a Dask cluster may be elsewhere, Dataflow is)."""
-    return is_local(_runner_name(options)) and _runner_name(options) != "DaskRunner"
+    runner = options.view_as(StandardOptions).runner
+    return is_local(runner) and runner_name(runner) != "DaskRunner"
 
 
 def _in_process(options: PipelineOptions) -> bool:
     """Whether the pipeline's stages run in this process (FnApiRunner, or the DirectRunner in
     memory), so a model this process holds is the one they use."""
     mode = options.get_all_options().get("direct_running_mode") or "in_memory"
-    return _runner_name(options) in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
+    name = runner_name(options.view_as(StandardOptions).runner)
+    return name in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
 
 
 def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:

@@ -141,6 +141,10 @@ def summarize_counters(result) -> str | None:
     return ", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or None
 
 
+def runner_name(runner: str | None) -> str:
+    """A ``--runner`` value's class name (``FnApiRunner`` when none is given)."""
+    return (runner or "FnApiRunner").rsplit(".", 1)[-1]
+
+
 def is_local(runner: str | None) -> bool:
-    name = (runner or "FnApiRunner").rsplit(".", 1)[-1]
-    return name in LOCAL_RUNNERS
+    return runner_name(runner) in LOCAL_RUNNERS

@@ -316,11 +316,10 @@ def _img(png: bytes | None, alt: str) -> str:
     return f"<img class='plot' alt='{alt}' src='{_data_uri(png, 'image/png')}'>" if png else f"<p class='meta'>No data for {alt}.</p>"
 
 
-def render_report(run: str, *, history: dict[str, list[dict]] | None = None, regressions: Iterable = (),
-                  comparison: str = "") -> str:
-    """The report page for the run at ``run`` (an evaluate or nightly output folder);
-    ``comparison`` says what the regressions were computed against."""
-    summary = json.loads(read_bytes(join(run, "summary.json")))
+def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | None = None,
+                  regressions: Iterable = (), comparison: str = "") -> str:
+    """The report page for the run at ``run`` (an evaluate or nightly output folder) and its
+    ``summary.json`` content; ``comparison`` says what the regressions were computed against."""
     rows = load_rows(run)
     cfg = summary.get("config", {})
     regressions = list(regressions)
@@ -360,11 +359,10 @@ def _recorded_nightly(run: str) -> dict:
     return json.loads(read_bytes(join(run, NIGHTLY_FILE))) if fs.exists(path) else {}
 
 
-def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded: dict | None = None) -> str | None:
-    """The night (YYYY-MM-DD) of the run at ``run``: the one recorded by the nightly job
-    (``nightly.json``), else the history night holding this run's id, else the run folder's
-    ``date=`` name; None for a run that is no night (an evaluate run)."""
-    recorded = _recorded_nightly(run) if recorded is None else recorded
+def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded: dict) -> str | None:
+    """The night (YYYY-MM-DD) of the run at ``run``: the one the nightly job recorded
+    (``recorded``, its ``nightly.json``), else the history night holding this run's id, else the
+    run folder's ``date=`` name; None for a run that is no night (an evaluate run)."""
     date = recorded.get("date") or next(
         (d for d, rows in sorted(history.items()) if any(r.get("run_id") == summary["run_id"] for r in rows)), None)
     name = posixpath.basename(run.rstrip("/"))
@@ -373,22 +371,20 @@ def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded:
     return date
 
 
-def recompute_regressions(run: str, summary: dict, history: dict[str, list[dict]]) -> tuple[list, str]:
-    """(alarms, what they were computed against) of the run at ``run`` against ``history``.
-
-    The night is the one recorded by the nightly job (``nightly.json``), else the history night
-    holding this run's id, else the run folder's ``date=`` name; an evaluate run is compared with
-    the latest night. The tolerance is the nightly config's as recorded in ``nightly.json``, else
-    the defaults (pipeline.nightly.DEFAULT_TOLERANCE).
+def recompute_regressions(summary: dict, history: dict[str, list[dict]], night: str | None,
+                          recorded: dict) -> tuple[list, str]:
+    """(alarms, what they were computed against) of a run (its ``summary.json`` content) against
+    ``history``, as of its ``night`` (see run_night; a run that is no night is compared with the
+    latest night). The tolerance is the nightly config's as recorded in its ``nightly.json``
+    (``recorded``), else the defaults (pipeline.nightly.DEFAULT_TOLERANCE).
     """
     from .history import compare, configured_pairs, history_rows
     from .nightly import DEFAULT_TOLERANCE
 
-    recorded = _recorded_nightly(run)
     tolerance, which = recorded.get("tolerance"), "the tolerance recorded with the nightly run"
     if tolerance is None:
         tolerance, which = dict(DEFAULT_TOLERANCE), "the default tolerance"
-    date = run_night(run, summary, history, recorded) or "9999-12-31"
+    date = night or "9999-12-31"
     prev, alarms = compare(history, date, history_rows(summary, date), tolerance, summary.get("errors"),
                           configured_pairs(summary))
     tol = ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
@@ -413,15 +409,16 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
         if not fs.isdir(root):
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
+    summary = json.loads(read_bytes(join(run, "summary.json")))
     if hist is not None:
-        summary = json.loads(read_bytes(join(run, "summary.json")))
+        recorded = _recorded_nightly(run)
+        night = run_night(run, summary, hist, recorded)
         if regressions is None:
-            regressions, comparison = recompute_regressions(run, summary, hist)
+            regressions, comparison = recompute_regressions(summary, hist, night, recorded)
             log.info("%s", comparison)
-        night = run_night(run, summary, hist)
         if night is not None:  # the report of a past night shows the trend up to that night
             hist = {d: rows for d, rows in hist.items() if d <= night}
-    write_bytes(output, render_report(run, history=hist, regressions=regressions or (),
+    write_bytes(output, render_report(run, summary, history=hist, regressions=regressions or (),
                                       comparison=comparison).encode())
     log.info("wrote %s", output)
     return output
