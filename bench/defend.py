@@ -3,7 +3,8 @@
 Map stage: ``aug_msroi`` with its defaults (S perturbations of every image in one batch of
 N * S) on EfficientNet-Lite0 at 224x224, images/s (input images, not forward passes), on CPU and,
 when available, CUDA; on CUDA also with channels_last and/or bf16 autocast. Plain ``msroi`` (one
-pass) is reported alongside. Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
+pass) is reported alongside, and on CUDA the ceiling without noise (``msroi`` over the N * S
+repeated images, per input image). Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
 (requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
 reference.
 
@@ -11,16 +12,20 @@ For scale: the authors report 300 images x 5 perturbations in about 5 s on a Tit
 images/s); the target for the map stage on an H100 is >= 5,000 images/s.
 
     python bench/defend.py [--quick] [--device auto|cpu|cuda] [--batch 32] [--iters 5] [--cuda-batches 128 256]
+                           [--encoder-procs N ...]
 
 On CUDA the map stage is timed at ``--batch`` and at each ``--cuda-batches`` size, in fp32,
 channels_last, bf16 autocast and both; cuDNN autotuning is on (its first call is the warm-up).
+``--encoder-procs`` also times the encoder in that many worker processes at once (one thread
+each), as a worker's SDK processes would run it beside the GPU: does it keep up with the maps?
 
-Prints one JSON line.
+Prints one JSON line (and each stage's figures to stderr as they come).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +90,12 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
                 "aug_msroi_images_per_s": round(time_maps(m, x, aug, iters, bf16=bf16), 1),
                 "msroi_images_per_s": round(time_maps(m, x, msroi, iters, bf16=bf16), 1),
             }
+            if device.type == "cuda":
+                # The ceiling without noise: S plain passes per image, in one batch of N * S.
+                xs = x.repeat_interleave(DEFAULT_SAMPLES, dim=0)
+                xs = xs.contiguous(memory_format=torch.channels_last) if cl else xs
+                out[v]["s_passes_no_noise_images_per_s"] = round(
+                    time_maps(m, xs, msroi, iters, bf16=bf16) / DEFAULT_SAMPLES, 1)
         except RuntimeError as e:  # e.g. out of memory, bf16 unsupported
             out[v] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if device.type == "cuda":
@@ -115,6 +126,37 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     return out
 
 
+def _encode_chunk(args: tuple) -> int:
+    """Worker: requantize-encode ``repeats`` times over the images; returns images encoded."""
+    images, maps, repeats = args
+    torch.set_num_threads(1)
+    from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg
+
+    for _ in range(repeats):
+        for img, m in zip(images, maps):
+            encode_semantic_jpeg(img, block_qualities(m))
+    return len(images) * repeats
+
+
+def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: int) -> dict:
+    """Requantize encoder images/s with ``procs`` processes encoding at once (each its own copy
+    of the images), timed from the first start to the last finish, pool start-up excluded."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no forked torch state
+    with ctx.Pool(procs) as pool:
+        pool.map(_encode_chunk, [(images[:2], maps[:2], 1)] * procs)  # warm-up: imports, libjpeg
+        t = time.perf_counter()
+        done = sum(pool.map(_encode_chunk, [(images, maps, repeats)] * procs))
+        dt = time.perf_counter() - t
+    return {"procs": procs, "requantize_images_per_s": round(done / dt, 1),
+            "per_process_images_per_s": round(done / dt / procs, 1)}
+
+
+def _progress(key: str, value) -> None:
+    print(f"# {key}: {value}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batch, one iteration: a smoke run")
@@ -125,6 +167,8 @@ def main() -> None:
                     help="further batch sizes timed on CUDA (besides --batch)")
     ap.add_argument("--images", type=int, default=32, help="distinct dev images")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--encoder-procs", type=int, nargs="*", default=[],
+                    help="also time the encoder in this many processes at once (e.g. 2 16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -146,9 +190,11 @@ def main() -> None:
             iters = args.iters if args.quick else max(args.iters, 10)
             for batch in [args.batch] + ([] if args.quick else args.cuda_batches):
                 record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants)
+                _progress(f"map_cuda_batch{batch}", record[f"map_cuda_batch{batch}"])
         else:
             batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest
             record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32"])
+            _progress("map_cpu", record["map_cpu"])
 
     from transforms.images import to_tensor
     from transforms.models import build_model
@@ -157,6 +203,11 @@ def main() -> None:
     model = build_model("efficientnet_lite0")
     maps = aug_msroi(model, to_tensor(images), seeds=torch.arange(len(images)), max_batch=40).numpy()
     record["encoder_cpu_one_process"] = encoder_stage(images, maps, 1 if args.quick else 3)
+    _progress("encoder_cpu_one_process", record["encoder_cpu_one_process"])
+    record["cpu_count"] = os.cpu_count()
+    for procs in args.encoder_procs:
+        record[f"encoder_cpu_{procs}_procs"] = encoder_parallel(images, maps, procs, 1 if args.quick else 3)
+        _progress(f"encoder_cpu_{procs}_procs", record[f"encoder_cpu_{procs}_procs"])
     emit(record)
 
 
