@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .jpeg import SUBSAMPLING, Subsampling, decode_rgb, encode_jpeg
+from .jpeg_dct import SAMPLING, source_coefficients
 
 __all__ = [
     "METHODS",
@@ -61,11 +62,6 @@ _LUMA = np.array([
 ], dtype=np.int64).reshape(8, 8)
 _CHROMA = np.full((8, 8), 99, dtype=np.int64)
 _CHROMA[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
-
-#: The file is coded from coefficients quantized at this quality (all steps 1): near-exact DCT
-#: values, so a coarse block is quantized once, not twice (see :func:`encode_semantic_jpeg`).
-_SOURCE_QUALITY = 100
-
 
 # --------------------------------------------------------------------------- validation
 
@@ -237,17 +233,14 @@ def _tmp_path(suffix: str):
             os.remove(path)
 
 
-def _read_dct(data: bytes) -> jpeglib.DCTJPEG:
-    with _tmp_path(".jpg") as path:
-        with open(path, "wb") as f:
-            f.write(data)
-        jpeg = jpeglib.read_dct(path)
-        jpeg.load()
-    return jpeg
-
-
-def _write_dct(jpeg: jpeglib.DCTJPEG) -> bytes:
-    jpeg.markers = []  # libjpeg writes the JFIF header itself; the source's copy would repeat it
+def _write_dct(comps: list[np.ndarray], qt: np.ndarray, samp: np.ndarray, height: int, width: int) -> bytes:
+    """A baseline JPEG of the given Y, Cb, Cr coefficient blocks, luma/chroma tables ``qt`` and
+    (v, h) sampling factors, for an image of ``height`` x ``width`` pixels. A new jpeglib object
+    (no source file): jpeglib would otherwise decode its source again before writing."""
+    jpeg = jpeglib.from_dct(*comps, qt=qt)
+    jpeg.quant_tbl_no = np.array([0, 1, 1])  # luma table, then chroma for Cb and Cr
+    jpeg.samp_factor = samp
+    jpeg.height, jpeg.width = int(height), int(width)  # from_dct infers whole blocks
     with _tmp_path(".jpg") as path:
         # Baseline sequential (no PROGRESSIVE_MODE), optimized Huffman tables.
         jpeg.write_dct(path, flags=["+OPTIMIZE_CODING", "-PROGRESSIVE_MODE"])
@@ -294,12 +287,10 @@ class _Coefficients:
 
     def __init__(self, image: np.ndarray, subsampling: Subsampling):
         self.h, self.w = image.shape[:2]
-        self.jpeg = _read_dct(encode_jpeg(image, _SOURCE_QUALITY, subsampling))
-        self.comps = [self.jpeg.Y.astype(np.float64), self.jpeg.Cb.astype(np.float64),
-                      self.jpeg.Cr.astype(np.float64)]
-        self.tables = [int(t) for t in self.jpeg.quant_tbl_no]  # 0 luma, 1 chroma
-        self.src_q = [self.jpeg.qt[t].astype(np.float64) for t in self.tables]
-        self.samp = np.asarray(self.jpeg.samp_factor)  # (v, h) per component
+        # libjpeg's quality-100 coefficients (every step 1), computed in numpy (jpeg_dct).
+        self.comps = [c.astype(np.float64) for c in source_coefficients(image, subsampling)]
+        self.tables = [0, 1, 1]  # luma table, chroma table
+        self.samp = np.asarray(SAMPLING[subsampling], dtype=np.int32)  # (v, h) per component
 
     def encode(self, qualities: np.ndarray, block: int) -> bytes:
         r = block // 8
@@ -318,15 +309,14 @@ class _Coefficients:
             q_b = stack[np.searchsorted(levels, grid)]  # (bh, bw, 8, 8)
             q_file = steps[q_hi][table]
             # The coarse step's reconstruction, written as the nearest multiple of the file's step.
-            coarse = np.rint(coef * self.src_q[c] / q_b) * q_b
+            coarse = np.rint(coef / q_b) * q_b
             new = np.rint(coarse / q_file)
             # Baseline ranges: AC magnitude category <= 10; DC differences category <= 11.
             new = np.clip(new, -1023, 1023)
             new[..., 0, 0] = np.clip(new[..., 0, 0], -1024, 1023)
             out.append(new.astype(np.int16))
-        self.jpeg.Y, self.jpeg.Cb, self.jpeg.Cr = out
-        self.jpeg.qt = np.stack([steps[q_hi][0], steps[q_hi][1]]).astype(np.uint16)
-        return _write_dct(self.jpeg)
+        qt = np.stack([steps[q_hi][0], steps[q_hi][1]]).astype(np.uint16)
+        return _write_dct(out, qt, self.samp, self.h, self.w)
 
 
 # --------------------------------------------------------------------------- mosaic
@@ -384,7 +374,8 @@ def encode_semantic_jpeg(
     """Encode one baseline JPEG whose quality varies by block (Prakash et al., DCC 2017 / 2018).
 
     ``requantize``: the image is DCT-coded once at quality 100 (all steps 1, so the coefficients
-    are the rounded DCT), then each block's coefficients ``c`` are quantized with its quality's
+    are the rounded DCT; computed in numpy exactly as libjpeg-turbo computes them, see
+    :mod:`transforms.jpeg_dct`), then each block's coefficients ``c`` are quantized with its quality's
     IJG step ``Q_b`` and written in the file's single table ``Q_hi`` (that of the finest quality
     present): ``round(round(c / Q_b) * Q_b / Q_hi)``. Blocks at the finest quality are a standard
     JPEG at that quality (up to the DCT's rounding to integers); coarser ones decode to their coarse
