@@ -242,17 +242,18 @@ def msroi(
 # --------------------------------------------------------------------------- Aug-MSROI
 
 
-def _gaussian(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randn(shape, generator=g, device=device)
+def _gaussian(out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(out.shape, generator=g, out=out)
 
 
-def _uniform(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
+def _uniform(out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     # Unit variance, like the Gaussian: U(-sqrt 3, sqrt 3).
-    return torch.rand(shape, generator=g, device=device).mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0))
+    return torch.rand(out.shape, generator=g, out=out).mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0))
 
 
-#: Noise distributions, all zero-mean with unit variance; a scale is a standard deviation.
-NOISES: dict[str, Callable[[tuple[int, ...], torch.Generator, torch.device], torch.Tensor]] = {
+#: Noise distributions, all zero-mean with unit variance; a scale is a standard deviation. Each
+#: fills the tensor it is given (any dtype and device) from the generator, in place.
+NOISES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "gaussian": _gaussian,
     "uniform": _uniform,
 }
@@ -273,14 +274,20 @@ class _NoisePool:
     layer in forward order) read slices of one chunk of noise at offsets that advance by a prime
     and wrap around; a new chunk is drawn only when a request is larger than the current one
     (about three times for EfficientNet-Lite0). So noise costs one launch per sample and chunk,
-    not per sample and layer, and no copies; which values a layer gets depends only on the
-    sequence of layer sizes.
+    not per sample and layer, and no copies: each sample's rows are drawn in place into the chunk.
+
+    The chunk is float32, or under autocast on the work device its reduced-precision dtype: the
+    activations the noise meets are in that dtype, so no layer converts its slice (on CUDA this
+    halves the noise's memory traffic; the values are another draw than float32's).
     """
 
     def __init__(self, seeds: torch.Tensor, samples: int, device: torch.device, draw: Callable):
         self.samples = samples
         self.device = device
         self.draw = draw
+        self.dtype = torch.float32
+        if torch.is_autocast_enabled(device.type):
+            self.dtype = torch.get_autocast_dtype(device.type)
         self.gens = []
         self.gen_device = device
         for s in seeds.tolist():
@@ -290,16 +297,22 @@ class _NoisePool:
                 g = torch.Generator()
                 self.gen_device = torch.device("cpu")
             self.gens.append(g.manual_seed(int(s)))
-        self.chunk = torch.empty((len(self.gens), samples, 0), device=device)
+        self.chunk = torch.empty((len(self.gens), samples, 0), device=device, dtype=self.dtype)
         self.cursor = 0
 
     def take(self, m: int) -> torch.Tensor:
         size = self.chunk.shape[-1]
         if m > size:
             size = m + m // 4
-            self.chunk = torch.stack(
-                [self.draw((self.samples, size), g, self.gen_device).to(self.device) for g in self.gens]
-            )
+            self.chunk = None  # free the old chunk before the new one is allocated
+            if self.gen_device == self.device:
+                self.chunk = torch.empty((len(self.gens), self.samples, size), device=self.device, dtype=self.dtype)
+                for row, g in zip(self.chunk, self.gens):
+                    self.draw(row, g)
+            else:
+                self.chunk = torch.stack(
+                    [self.draw(torch.empty((self.samples, size), dtype=self.dtype), g) for g in self.gens]
+                ).to(self.device)
             self.cursor = 0
         offset = self.cursor % (size - m + 1)
         self.cursor = offset + _LAYER_STRIDE

@@ -195,8 +195,27 @@ def test_aug_msroi_noise_kinds(tiny_model, batch, noise):
 
 def test_noise_distributions_have_unit_variance():
     for name, draw in NOISES.items():
-        z = draw((200_000,), torch.Generator().manual_seed(0), torch.device("cpu"))
-        assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01, name
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.empty(200_000, dtype=dtype)
+            z = draw(out, torch.Generator().manual_seed(0))
+            assert z.data_ptr() == out.data_ptr() and z.dtype == dtype  # filled in place
+            assert abs(float(z.float().mean())) < 0.01 and abs(float(z.float().std()) - 1) < 0.01, (name, dtype)
+
+
+def test_noise_pool_draws_in_the_autocast_dtype():
+    from transforms.saliency import _NoisePool
+
+    def pool():
+        return _NoisePool(torch.tensor([3, 4]), 2, torch.device("cpu"), NOISES["gaussian"])
+
+    plain = pool().take(1000)
+    assert plain.dtype == torch.float32 and plain.shape == (4, 1000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pool().take(1000)
+    assert low.dtype == torch.bfloat16  # the activations' dtype: no conversion per layer
+    # Rows are per-sample draws: sample 0's rows do not depend on the other samples of the batch.
+    alone = _NoisePool(torch.tensor([3]), 2, torch.device("cpu"), NOISES["gaussian"]).take(1000)
+    assert torch.equal(alone, plain[:2]) and not torch.equal(plain[:2], plain[2:])
 
 
 def test_aug_msroi_leaves_model_and_input_untouched(batch):
