@@ -113,7 +113,12 @@ def test_batch_result_equals_per_sample_result(name, tiny_model, batch):
         for i in range(batch.shape[0]):
             one = _run(name, tiny_model, batch[i : i + 1], labels[i : i + 1],
                        target=None if target is None else target[i : i + 1], seeds=SEEDS[i : i + 1])
-            assert float((one.images[0] - whole.images[i]).abs().max()) <= 1 / 255 + 1e-6, (name, i)
+            # Equal up to float rounding, which a sign step can amplify: convolutions batched by 4
+            # and by 1 round differently on some CPUs, and a gradient component near zero then
+            # flips its sign and that pixel's path (seen: PGD, 59 of 12,288 values 6 levels
+            # apart). Seeds or samples mixed across the batch would move most pixels.
+            far = (one.images[0] - whole.images[i]).abs() > 1 / 255 + 1e-6
+            assert float(far.float().mean()) <= 0.01, (name, i, int(far.sum()))
 
 
 def _margin(model, x, cls):
