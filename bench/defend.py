@@ -40,6 +40,7 @@ from bench._common import dev_files, emit  # noqa: E402
 
 AUTHORS_IMAGES_PER_S = 60  # 300 images x 5 perturbations in ~5 s, Titan X (DCC 2018)
 TARGET_H100_IMAGES_PER_S = 5000
+CUDA_VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last")
 
 
 def dev_images(n: int) -> np.ndarray:
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--cuda-batches", type=int, nargs="*", default=[128, 256],
                     help="further batch sizes timed on CUDA (besides --batch)")
+    ap.add_argument("--cuda-variants", nargs="+", default=list(CUDA_VARIANTS), choices=CUDA_VARIANTS,
+                    help="precisions/layouts timed on CUDA (default: all)")
     ap.add_argument("--images", type=int, default=32, help="distinct dev images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--encoder-procs", type=int, nargs="*", default=[],
@@ -186,7 +189,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             record["cuda_device"] = torch.cuda.get_device_name(device)
-            variants = ["fp32", "channels_last", "bf16", "bf16_channels_last"]
+            variants = args.cuda_variants
             iters = args.iters if args.quick else max(args.iters, 10)
             for batch in [args.batch] + ([] if args.quick else args.cuda_batches):
                 record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants)
