@@ -35,7 +35,8 @@ def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None)
         attacks=parse_attacks(args.attack if attacks is None else attacks),
         defenses=parse_defenses(args.defense if defenses is None else defenses, reference=layout != "defend"),
         seed=args.seed, attack_labels=getattr(args, "attack_labels", "pred"), layout=layout,
-        map_model=map_model_config(args), save_maps=getattr(args, "save_maps", False), **extra,
+        map_model=map_model_config(args), save_maps=getattr(args, "save_maps", False),
+        map_precision=getattr(args, "map_precision", "fp32"), **extra,
     )
 
 

@@ -149,6 +149,16 @@ def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:
     return tuple(specs)
 
 
+#: Precisions of the saliency-map stage: float32, or bfloat16 autocast with channels_last.
+MAP_PRECISIONS = ("fp32", "bf16")
+
+
+def check_map_precision(value) -> str:
+    if value not in MAP_PRECISIONS:
+        raise ValueError(f"map precision must be one of {', '.join(MAP_PRECISIONS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """`semjpeg evaluate` and `semjpeg attack`: attacks x defenses over every input.
@@ -157,7 +167,8 @@ class EvaluateConfig:
     ``layout="defend"`` ``shards/<defense>/`` (the defended set) instead of
     ``shards/<attack>/<defense>/``. ``attack_labels``: attack the clean prediction (``pred``, the
     paper's protocol and the default) or the dataset label where known (``label``). Saliency
-    maps come from ``map_model`` (default: the classifier); ``save_maps`` stores each map as a
+    maps come from ``map_model`` (default: the classifier), in ``map_precision`` (``fp32``, or
+    ``bf16``: bfloat16 autocast with channels_last, for GPUs); ``save_maps`` stores each map as a
     PNG heatmap (``<key>.map.png``) beside the image in the shards.
     """
 
@@ -172,8 +183,10 @@ class EvaluateConfig:
     run_id: str = field(default_factory=new_run_id)
     map_model: ModelConfig | None = None
     save_maps: bool = False
+    map_precision: str = "fp32"
 
     def __post_init__(self):
+        check_map_precision(self.map_precision)
         if not self.output or not str(self.output).strip():
             raise ValueError("no --output given")
         if not self.attacks or self.attacks[0].name != CLEAN:
@@ -224,6 +237,7 @@ class EvaluateConfig:
             "attacks": [s.text for s in self.attacks],
             "defenses": [s.text for s in self.defenses],
             "map_model": self.maps.name,
+            "map_precision": self.map_precision,
             "save_maps": self.save_maps,
             "seed": self.seed,
             "attack_labels": self.attack_labels,

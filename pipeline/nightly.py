@@ -11,6 +11,7 @@ attacks: [fgsm:eps=4/255, "igsm:eps=4/255,steps=10"]  # quote specs with commas 
 defenses: [aug_msroi, jpeg:match=aug_msroi, jpeg:quality=50]
 model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:}
 map_model: null                      # same forms; default: the classifier
+map_precision: fp32                  # or bf16: maps under bfloat16 autocast (GPU workers)
 runner: DataflowRunner               # FnApiRunner (default), DirectRunner, DaskRunner, ...
 runner_options: {project: p, region: us-central1, temp_location: gs://bucket/tmp}
 tolerance: {top1: 0.02, psnr: 1.0}     # merged into the defaults below
@@ -47,7 +48,7 @@ from typing import Any
 import fsspec
 import yaml
 
-from .config import EvaluateConfig, InputConfig, ModelConfig, parse_attacks, parse_defenses
+from .config import EvaluateConfig, InputConfig, ModelConfig, check_map_precision, parse_attacks, parse_defenses
 from .history import (METRICS, check_writable, compare, configured_pairs, history_rows, read_history,
                       write_partition)
 from .io import join, write_bytes
@@ -113,6 +114,7 @@ class NightlyConfig:
     defenses: tuple[str, ...] = ("aug_msroi", "jpeg:match=aug_msroi")
     model: ModelConfig = field(default_factory=ModelConfig)
     map_model: ModelConfig | None = None
+    map_precision: str = "fp32"
     runner: str = "FnApiRunner"
     runner_options: dict = field(default_factory=dict)
     tolerance: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
@@ -133,7 +135,7 @@ class NightlyConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "NightlyConfig":
-        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "runner",
+        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "map_precision", "runner",
                  "runner_options", "tolerance", "seed", "save_maps", "report", "input_options"}
         for k in raw:
             if k not in known:
@@ -171,9 +173,14 @@ class NightlyConfig:
                 if v is not None and v < 0:
                     raise ValueError(f"{source}: tolerance.{m} must be a number >= 0 or null, got {v!r}")
             kw["tolerance"] = {m: v for m, v in tol.items() if v is not None}
-        for k, t in (("seed", int), ("save_maps", bool), ("report", bool)):
+        for k, t in (("seed", int), ("save_maps", bool), ("report", bool), ("map_precision", str)):
             if k in raw:
                 kw[k] = _check(f"{source}: {k}", raw[k], t)
+        if "map_precision" in kw:
+            try:
+                check_map_precision(kw["map_precision"])
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
         if raw.get("input_options") is not None:
             kw["input_options"] = _mapping(f"{source}: input_options", raw["input_options"], INPUT_KEYS)
         cfg = cls(**kw)
@@ -219,7 +226,7 @@ class NightlyConfig:
         return EvaluateConfig(
             input=inp, output=self.run_output(date), model=self.model,
             attacks=parse_attacks(list(self.attacks)), defenses=parse_defenses(list(self.defenses)),
-            seed=self.seed, map_model=self.map_model, save_maps=self.save_maps,
+            seed=self.seed, map_model=self.map_model, save_maps=self.save_maps, map_precision=self.map_precision,
         )
 
 

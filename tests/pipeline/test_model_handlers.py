@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.config import ModelConfig
@@ -61,3 +62,31 @@ def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
     assert attack is classify is load_classifier(config)
     assert maps is not attack and type(maps) is type(attack)
     assert load_classifier(dataclasses.replace(config, batch_size=8)) is not attack  # another configuration
+
+
+def test_map_handler_bf16_runs_the_map_model_under_autocast_in_channels_last(photos):
+    from pipeline.records import Variant
+    from pipeline.saliency import MapHandler, map_requests
+    from transforms.defenses import parse_defense
+
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    requests = map_requests((parse_defense("aug_msroi"),))
+    batch = [Variant(Sample(0, "s.tar", f"k{i}", None, p), parse_attack("clean"), p, 0) for i, p in enumerate(photos)]
+    seen = {}
+    out = {}
+    for precision in ("fp32", "bf16"):
+        handler = MapHandler(config, requests, seed=0, precision=precision)
+        model = handler.load_model()
+
+        def hook(module, args, precision=precision):
+            seen[precision] = (torch.is_autocast_enabled("cpu"), args[0].is_contiguous(memory_format=torch.channels_last))
+
+        model.body.register_forward_pre_hook(hook)
+        out[precision] = handler.run_inference(batch, model)
+        assert all(isinstance(v, Variant) for v in out[precision])  # no error rows
+    assert seen == {"fp32": (False, False), "bf16": (True, True)}
+    for a, b in zip(out["fp32"], out["bf16"]):
+        (ma,), (mb,) = a.maps.values(), b.maps.values()
+        assert ma.dtype == mb.dtype == np.float32 and ma.shape == mb.shape and 0 <= mb.min() and mb.max() <= 1
+    with pytest.raises(ValueError, match="map precision must be one of fp32, bf16"):
+        MapHandler(config, requests, seed=0, precision="fp16")

@@ -43,6 +43,8 @@ def write_config(tmp_path, cfg) -> str:
         ({"atacks": ["fgsm"]}, "unknown key 'atacks'"),
         ({"attacks": "fgsm"}, "attacks must be a list of strings"),
         ({"seed": "zero"}, "seed must be an integer"),
+        ({"map_precision": "fp16"}, "nightly.yaml: map precision must be one of fp32, bf16, got 'fp16'"),
+        ({"map_precision": 16}, "map_precision must be a string"),
         ({"save_maps": 1}, "save_maps must be true or false"),
         ({"tolerance": {"top5": 0.1}}, "unknown key .*tolerance.top5"),
         ({"tolerance": {"top1": "a lot"}}, "tolerance.top1 must be a number"),
@@ -58,6 +60,13 @@ def write_config(tmp_path, cfg) -> str:
 def test_config_errors_are_clear(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         NightlyConfig.from_dict(config(tmp_path, **change), "nightly.yaml")
+
+
+def test_map_precision_reaches_the_run(tmp_path):
+    plain = NightlyConfig.from_dict(config(tmp_path), "nightly.yaml").evaluate_config("2026-01-01")
+    low = NightlyConfig.from_dict(config(tmp_path, map_precision="bf16"), "nightly.yaml").evaluate_config("2026-01-01")
+    assert (plain.map_precision, low.map_precision) == ("fp32", "bf16")
+    assert low.describe()["map_precision"] == "bf16"
 
 
 def test_history_partitions_regressions_and_damage(tmp_path):

@@ -160,6 +160,33 @@ def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     assert len(jpgs) == 3 and all(files[n] == evaluated[n] for n in jpgs)
 
 
+def test_defend_maps_in_bf16(tmp_path, photos):
+    """``--map-precision bf16``: the maps are drawn under bfloat16 autocast (channels_last): close
+    to float32's but not equal, every file still a baseline JPEG, the precision in summary.json."""
+    import json
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:6])
+    common = ["--input", str(tmp_path / "a.tar"), "--model", "tests.tiny:build", "--runner", "FnApiRunner",
+              "--batch-size", "3", "--save-maps"]
+    assert main(["defend", "--output", str(tmp_path / "fp32"), *common]) == 0
+    assert main(["defend", "--output", str(tmp_path / "bf16"), "--map-precision", "bf16", *common]) == 0
+    runs = {p: members(tmp_path / p / "shards" / "aug_msroi" / "shard-00000.tar") for p in ("fp32", "bf16")}
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["config"]["map_precision"] == "bf16"
+    assert json.loads((tmp_path / "fp32" / "summary.json").read_text())["config"]["map_precision"] == "fp32"
+    maps = sorted(n for n in runs["fp32"] if n.endswith(".map.png"))
+    assert len(maps) == 3 and sorted(n for n in runs["bf16"] if n.endswith(".map.png")) == maps
+
+    def heat(run, name):
+        return np.asarray(Image.open(io.BytesIO(runs[run][name])).convert("L"), dtype=np.float64)
+
+    pairs = [(heat("fp32", n), heat("bf16", n)) for n in maps]
+    assert any(not np.array_equal(a, b) for a, b in pairs)  # bf16 was really used
+    assert all(np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9 for a, b in pairs if a.std() > 0)
+    for name, data in runs["bf16"].items():
+        if name.endswith(".jpg"):
+            assert sof_markers(data) == {0xC0}
+
+
 def test_adaptive_bpda_attack_through_the_pipeline(tmp_path, photos, fnapi):
     """A ``bpda=`` attack in ``semjpeg evaluate``: its stored images are the transforms' BPDA attack
     of the stored clean images, and differ from the same attack without it."""
