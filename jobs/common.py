@@ -72,7 +72,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--map-weights", help="state dict for --map-model")
     g.add_argument("--map-precision", choices=["fp32", "bf16"], default="fp32",
                    help="saliency maps in float32 (default) or bfloat16 autocast + channels_last (for GPUs: "
-                        "about 1.4x faster on an H100; maps differ slightly)")
+                        "about 1.7x faster on an H100; maps differ slightly)")
 
 
 def input_config(args):

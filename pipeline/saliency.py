@@ -54,7 +54,7 @@ class MapHandler(_ClassifierHandler):
     map is stretched back over its image.
 
     ``precision="bf16"`` runs the map model under bfloat16 autocast, model and images in
-    channels_last (the maps themselves are float32): on an H100 about 1.4x the float32 speed
+    channels_last (the maps themselves are float32): on an H100 about 1.7x the float32 speed
     (``bench/defend.py``). The maps differ slightly from float32's, as another noise draw would."""
 
     def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int,
