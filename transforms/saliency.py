@@ -266,6 +266,17 @@ def _content_seeds(images: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when it is off."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument; CPU and CUDA have their own functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" and torch.is_autocast_enabled() else None
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
 class _NoisePool:
     """Per-sample noise for one forward pass: ``take(m)`` -> (n * S, m), i.i.d. per row.
 
@@ -285,9 +296,7 @@ class _NoisePool:
         self.samples = samples
         self.device = device
         self.draw = draw
-        self.dtype = torch.float32
-        if torch.is_autocast_enabled(device.type):
-            self.dtype = torch.get_autocast_dtype(device.type)
+        self.dtype = _autocast_dtype(device.type) or torch.float32
         self.gens = []
         self.gen_device = device
         for s in seeds.tolist():
