@@ -148,7 +148,7 @@ def source_coefficients(image: np.ndarray, subsampling: str = "4:2:0") -> list[n
     planes = _rgb_to_ycc(image)
     # jcprepct.c pads the converted rows to a whole row group (vmax rows) by repeating the last.
     h_group = -(-h // vmax) * vmax
-    out = []
+    blocks, dims = [], []
     for plane, (v, s) in zip(planes, samp):
         fy, fx = vmax // v, hmax // s
         bh = -(-h * v // (vmax * 8))  # height_in_blocks
@@ -158,7 +158,12 @@ def source_coefficients(image: np.ndarray, subsampling: str = "4:2:0") -> list[n
         comp = _downsample(full, fy, fx)
         # jcprepct.c then repeats the component's last row down to a whole iMCU row.
         comp = _pad_edge(comp, -(-comp.shape[0] // (8 * v)) * 8 * v, bw * 8)[: bh * 8, : bw * 8]
-        blocks = (comp - 128).reshape(bh, 8, bw, 8).transpose(1, 3, 0, 2).reshape(8, 8, bh * bw)
-        coef = _fdct_islow(np.ascontiguousarray(blocks))
-        out.append(coef.reshape(8, 8, bh, bw).transpose(2, 3, 0, 1).astype(np.int16))
+        blocks.append((comp - 128).reshape(bh, 8, bw, 8).transpose(1, 3, 0, 2).reshape(8, 8, bh * bw))
+        dims.append((bh, bw))
+    coef = _fdct_islow(np.concatenate(blocks, axis=2))  # the three components' blocks in one pass
+    out, start = [], 0
+    for bh, bw in dims:
+        part = coef[:, :, start : start + bh * bw]
+        out.append(part.reshape(8, 8, bh, bw).transpose(2, 3, 0, 1).astype(np.int16))
+        start += bh * bw
     return out

@@ -23,6 +23,7 @@ rate-matched uniform baseline, does too, so rate comparisons are about where the
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import tempfile
@@ -129,6 +130,14 @@ def ijg_tables(quality: int) -> np.ndarray:
     scale = 5000 // q if q < 50 else 200 - 2 * q
     t = (np.stack([_LUMA, _CHROMA]) * scale + 50) // 100
     return np.clip(t, 1, 255).astype(np.uint16)
+
+
+@functools.lru_cache(maxsize=100)
+def _float_tables(quality: int) -> np.ndarray:
+    """:func:`ijg_tables` as float64, computed once per quality (read-only: shared)."""
+    t = ijg_tables(quality).astype(np.float64)
+    t.flags.writeable = False
+    return t
 
 
 def _pool_mean(sal: np.ndarray, block: int) -> np.ndarray:
@@ -275,10 +284,12 @@ def _component_grid(q8: np.ndarray, fy: int, fx: int, shape: tuple[int, int]) ->
     """Quality of each block of a component subsampled by (fy, fx): the finest quality among the
     8x8 luma cells it covers, cropped or edge-padded to the component's block array."""
     ph, pw = -q8.shape[0] % fy, -q8.shape[1] % fx
-    g = np.pad(q8, ((0, ph), (0, pw)))  # zero pad: below every quality, so max ignores it
-    g = g.reshape(g.shape[0] // fy, fy, g.shape[1] // fx, fx).max(axis=(1, 3))
+    g = np.pad(q8, ((0, ph), (0, pw))) if ph or pw else q8  # zero pad: below every quality, max ignores it
+    if (fy, fx) != (1, 1):
+        g = g.reshape(g.shape[0] // fy, fy, g.shape[1] // fx, fx).max(axis=(1, 3))
     bh, bw = shape
-    g = np.pad(g, ((0, max(0, bh - g.shape[0])), (0, max(0, bw - g.shape[1]))), mode="edge")
+    if g.shape[0] < bh or g.shape[1] < bw:
+        g = np.pad(g, ((0, max(0, bh - g.shape[0])), (0, max(0, bw - g.shape[1]))), mode="edge")
     return g[:bh, :bw]
 
 
@@ -297,7 +308,7 @@ class _Coefficients:
         q8 = np.repeat(np.repeat(qualities, r, axis=0), r, axis=1)
         q8 = q8[: -(-self.h // 8), : -(-self.w // 8)]
         levels = np.unique(q8)
-        steps = {int(q): ijg_tables(int(q)).astype(np.float64) for q in levels}
+        steps = {int(q): _float_tables(int(q)) for q in levels}
         q_hi = int(levels[-1])
         vmax, hmax = self.samp[:, 0].max(), self.samp[:, 1].max()
         out = []
