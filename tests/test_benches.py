@@ -1,0 +1,49 @@
+"""Smoke runs of the benchmarks this suite can afford: they run and print the JSON they promise.
+
+Timings are not asserted (speed targets live in the benchmarks themselves), only that each
+figure is there and is a rate; a bench that breaks would otherwise go unnoticed until measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*argv: str) -> dict:
+    env = dict(os.environ, SEMJPEG_SHARED=str(DEV.parents[1]))
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, r.stdout[-2000:]
+    return json.loads(lines[0])
+
+
+def test_defend_bench_quick():
+    if not (DEV / "labels.csv").exists():
+        pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
+    out = _bench("bench/defend.py", "--quick", "--device", "cpu", "--encoder-procs", "2")
+    cpu = out["map_cpu"]["fp32"]
+    assert cpu["aug_msroi_images_per_s"] > 0 and cpu["msroi_images_per_s"] > cpu["aug_msroi_images_per_s"]
+    enc = out["encoder_cpu_one_process"]
+    assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s"))
+    assert 1000 < enc["requantize_mean_bytes"] < 50_000
+    two = out["encoder_cpu_2_procs"]
+    assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(2 * two["per_process_images_per_s"], rel=0.01)
+
+
+def test_map_compile_probe_eager_on_cpu():
+    out = _bench("bench/map_compile_probe.py", "--device", "cpu", "--batch", "2", "--iters", "1", "--no-compile")
+    assert out["device"] == "cpu" and out["batch"] == 2
+    for name in ("eager_plain", "eager_noisy"):
+        assert "error" not in out[name], out[name]
+        assert out[name]["forward_images_per_s"] > 0
+    assert "compiled_plain" not in out
