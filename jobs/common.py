@@ -70,6 +70,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="run seed: the same seed and --run-id give the same bytes, wherever the data is stored")
     g.add_argument("--map-model", help="model for saliency maps (default: --model)")
     g.add_argument("--map-weights", help="state dict for --map-model")
+    # pipeline.config.MAP_PRECISIONS, written out: importing it here would load torch for --help.
     g.add_argument("--map-precision", choices=["fp32", "bf16"], default="fp32",
                    help="saliency maps in float32 (default) or bfloat16 autocast + channels_last (for GPUs: "
                         "about 1.7x faster on an H100; maps differ slightly)")

@@ -12,9 +12,9 @@ import logging
 import os
 import tempfile
 
-log = logging.getLogger(__name__)
-
 from .common import pipeline_options
+
+log = logging.getLogger(__name__)
 
 HELP = "the embedded demo: sample photos, FGSM + IGSM, none + JPEG"
 

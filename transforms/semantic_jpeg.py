@@ -242,12 +242,16 @@ def _tmp_path(suffix: str):
             os.remove(path)
 
 
+#: The quantization table of Y, Cb and Cr: luma, then chroma for both.
+_TABLES = (0, 1, 1)
+
+
 def _write_dct(comps: list[np.ndarray], qt: np.ndarray, samp: np.ndarray, height: int, width: int) -> bytes:
     """A baseline JPEG of the given Y, Cb, Cr coefficient blocks, luma/chroma tables ``qt`` and
     (v, h) sampling factors, for an image of ``height`` x ``width`` pixels. A new jpeglib object
     (no source file): jpeglib would otherwise decode its source again before writing."""
     jpeg = jpeglib.from_dct(*comps, qt=qt)
-    jpeg.quant_tbl_no = np.array([0, 1, 1])  # luma table, then chroma for Cb and Cr
+    jpeg.quant_tbl_no = np.array(_TABLES)
     jpeg.samp_factor = samp
     jpeg.height, jpeg.width = int(height), int(width)  # from_dct infers whole blocks
     with _tmp_path(".jpg") as path:
@@ -300,7 +304,7 @@ class _Coefficients:
         self.h, self.w = image.shape[:2]
         # libjpeg's quality-100 coefficients (every step 1), computed in numpy (jpeg_dct).
         self.comps = [c.astype(np.float64) for c in source_coefficients(image, subsampling)]
-        self.tables = [0, 1, 1]  # luma table, chroma table
+        self.tables = _TABLES
         self.samp = np.asarray(SAMPLING[subsampling], dtype=np.int32)  # (v, h) per component
 
     def encode(self, qualities: np.ndarray, block: int) -> bytes:
