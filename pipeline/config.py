@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from transforms.attacks import ATTACKS, CLEAN, check_values, parse_attack
 from transforms.defenses import DEFENSES, HIDDEN, parse_defense
 from transforms.images import DEFAULT_MAX_PIXELS
-from transforms.models import model_info
+from transforms.models import MEMORY_FORMATS, model_info
 from transforms.specs import Spec, spec_params
 
 from .io import check_run_id
@@ -82,13 +82,16 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier: a registry name, optional weights URL, device, batch size, torch threads."""
+    """The classifier: a registry name, optional weights URL, device, batch size, torch threads,
+    and the weights' memory format (``auto``: channels_last on the CPU; see
+    :func:`transforms.models.memory_format`)."""
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
     device: str = "auto"
     batch_size: int = 16
     torch_threads: int | None = None
+    memory_format: str = "auto"
 
     def __post_init__(self):
         info = model_info(self.name)  # raises listing the valid names
@@ -102,6 +105,8 @@ class ModelConfig:
         _positive("batch size", self.batch_size)
         if self.torch_threads is not None:
             _positive("torch threads", self.torch_threads)
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
 
     @property
     def num_classes(self) -> int:
@@ -234,6 +239,7 @@ class EvaluateConfig:
             "model": self.model.name,
             "weights": self.model.weights,
             "batch_size": self.model.batch_size,
+            "memory_format": self.model.memory_format,
             "attacks": [s.text for s in self.attacks],
             "defenses": [s.text for s in self.defenses],
             "map_model": self.maps.name,

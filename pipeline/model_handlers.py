@@ -96,7 +96,7 @@ def _build_classifier(config: ModelConfig) -> Classifier:
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     try:
-        model = build_model(config.name, state, device=resolve_device(config.device))
+        model = build_model(config.name, state, device=resolve_device(config.device), layout=config.memory_format)
     except Exception as e:
         with_weights = f" with the weights {config.weights}" if config.weights else ""
         raise ValueError(f"cannot build model {config.name!r}{with_weights}: {_first_line(e)}") from e

@@ -9,7 +9,7 @@ output: gs://bucket/nightly          # runs go to output/date=YYYY-MM-DD/
 history: gs://bucket/nightly-history # Parquet dataset partitioned by date
 attacks: [fgsm:eps=4/255, "igsm:eps=4/255,steps=10"]  # quote specs with commas in a flow list
 defenses: [aug_msroi, jpeg:match=aug_msroi, jpeg:quality=50]
-model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:}
+model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:, memory_format:}
 map_model: null                      # same forms; default: the classifier
 map_precision: fp32                  # or bf16: maps under bfloat16 autocast (GPU workers)
 runner: DataflowRunner               # FnApiRunner (default), DirectRunner, DaskRunner, ...
@@ -57,7 +57,8 @@ from .runners import check_runner, pipeline_options
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {"top1": 0.02, "agree_clean": 0.02, "psnr": 0.5, "ssim": 0.01, "n": 0.1}
-MODEL_KEYS = {"name": str, "weights": str, "device": str, "batch_size": int, "torch_threads": int}
+MODEL_KEYS = {"name": str, "weights": str, "device": str, "batch_size": int, "torch_threads": int,
+              "memory_format": str}
 INPUT_KEYS = {"format": str, "image_column": str, "key_column": str, "label_column": str, "labels": str,
               "folder_shard_size": int, "resize": int, "crop": int, "max_pixels": int}
 

@@ -153,6 +153,22 @@ def test_attack_job_rejects_defenses_and_maps(tmp_path, capsys, flags, message):
     assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+
+def test_memory_format_reaches_the_run_and_a_bad_one_is_refused(tmp_path, capsys, photos):
+    import json
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    common = ["--input", str(tmp_path / "a.tar"), "--model", "tests.tiny:build", "--runner", "FnApiRunner"]
+    assert main(["evaluate", *common, "--output", str(tmp_path / "o"), "--memory-format", "contiguous"]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["config"]["memory_format"] == "contiguous"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", *common, "--output", str(tmp_path / "p"), "--memory-format", "nhwc"])
+    assert e.value.code == 2 and "invalid choice: 'nhwc'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def one_error_line(capsys, job: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"semjpeg {job}: error:"), err

@@ -64,6 +64,24 @@ def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
     assert load_classifier(dataclasses.replace(config, batch_size=8)) is not attack  # another configuration
 
 
+
+def test_every_stage_loads_its_model_in_the_configured_memory_format():
+    from pipeline.saliency import MapHandler
+
+    def layouts(model):
+        stem = next(p for p in model.parameters() if p.ndim == 4)  # 3 input channels: the layouts differ
+        return stem.is_contiguous(), stem.is_contiguous(memory_format=torch.channels_last)
+
+    auto = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    plain = dataclasses.replace(auto, memory_format="contiguous")
+    for config, want in ((auto, (False, True)), (plain, (True, False))):
+        assert layouts(AttackHandler(config, (parse_attack("clean"),), seed=0, attack_labels="pred").load_model()) == want
+        assert layouts(ClassifyHandler(config, run_id="r").load_model()) == want
+        assert layouts(MapHandler(config, {}, seed=0).load_model()) == want
+    with pytest.raises(ValueError, match="memory format must be one of auto, contiguous, channels_last, got 'NHWC'"):
+        dataclasses.replace(auto, memory_format="NHWC")
+
+
 def test_map_handler_bf16_runs_the_map_model_under_autocast_in_channels_last(photos):
     from pipeline.records import Variant
     from pipeline.saliency import MapHandler, map_requests

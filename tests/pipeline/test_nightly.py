@@ -49,6 +49,8 @@ def write_config(tmp_path, cfg) -> str:
         ({"tolerance": {"top5": 0.1}}, "unknown key .*tolerance.top5"),
         ({"tolerance": {"top1": "a lot"}}, "tolerance.top1 must be a number"),
         ({"model": {"name": "tests.tiny:build", "layers": 3}}, "unknown key .*model.layers"),
+        ({"model": {"name": "tests.tiny:build", "memory_format": "nhwc"}}, "memory format must be one of auto, "),
+        ({"model": {"name": "tests.tiny:build", "memory_format": 4}}, "model.memory_format must be a string"),
         ({"attacks": ["fgsm:eps=x"]}, "bad value for 'eps'"),
         ({"runner_options": {"no_such_flag": 1}}, "unrecognized arguments: --no_such_flag"),
         ({"history": None}, "'history' is required"),
@@ -67,6 +69,10 @@ def test_map_precision_reaches_the_run(tmp_path):
     low = NightlyConfig.from_dict(config(tmp_path, map_precision="bf16"), "nightly.yaml").evaluate_config("2026-01-01")
     assert (plain.map_precision, low.map_precision) == ("fp32", "bf16")
     assert low.describe()["map_precision"] == "bf16"
+    model = dict(config(tmp_path)["model"], memory_format="contiguous")
+    plain_layout = NightlyConfig.from_dict(config(tmp_path, model=model), "nightly.yaml").evaluate_config("2026-01-01")
+    assert (plain.model.memory_format, plain_layout.model.memory_format) == ("auto", "contiguous")
+    assert plain_layout.describe()["memory_format"] == "contiguous"
 
 
 def test_history_partitions_regressions_and_damage(tmp_path):

@@ -192,9 +192,9 @@ def test_adaptive_bpda_attack_through_the_pipeline(tmp_path, photos, fnapi):
     of the stored clean images, and differ from the same attack without it."""
     import torch
 
-    from tests import tiny
     from transforms.attacks import parse_attack, run_attack
     from transforms.images import to_tensor
+    from transforms.models import build_model
 
     write_tar(tmp_path / "a.tar", good_members(photos))
     adaptive = "fgsm:eps=8/255,bpda=aug_msroi:q_low=10;q_high=50"
@@ -218,7 +218,7 @@ def test_adaptive_bpda_attack_through_the_pipeline(tmp_path, photos, fnapi):
     clean, adv, plain = stored("clean"), stored(folder), stored("fgsm-eps=8_255")
     keys = sorted(clean)
     assert keys and sorted(adv) == keys == sorted(plain)
-    model = tiny.build()
+    model = build_model(cfg.model.name)  # as the pipeline builds it (the layout moves the noise)
     x = to_tensor([clean[k] for k in keys])
     with torch.no_grad():
         logits = model(x)

@@ -69,3 +69,44 @@ def test_real_model_top1_on_dev_subset(real_model):
         pred = real_model(x).argmax(1)
     labels = torch.tensor([int(r["label"]) for r in rows])
     assert (pred == labels).float().mean() >= 0.75  # ~0.89 over all 500
+
+
+def _conv_weights(model):
+    return [p for p in model.parameters() if p.ndim == 4]
+
+
+def test_layout_auto_is_channels_last_on_cpu_and_explicit_layouts_are_kept():
+    from transforms.models import memory_format
+
+    auto, plain = build_model("efficientnet_lite0"), build_model("efficientnet_lite0", layout="contiguous")
+    nhwc = build_model("efficientnet_lite0", layout="channels_last")
+    for m in (auto, nhwc):
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(m))
+        assert not _conv_weights(m)[0].is_contiguous()  # the stem: 3 input channels, 3x3
+    assert all(w.is_contiguous() for w in _conv_weights(plain))
+    assert memory_format("auto", "cpu") == torch.channels_last
+    assert memory_format("auto", "cuda") == torch.contiguous_format  # not measured there: unchanged
+    with pytest.raises(ValueError, match="memory format must be one of auto, contiguous, channels_last, got 'nhwc'"):
+        build_model("efficientnet_lite0", layout="nhwc")
+
+
+def test_layouts_agree_to_rounding_on_real_images(photos):
+    """channels_last changes the arithmetic's order, not the model: logits and input gradients
+    agree to float rounding, and the activations come out in the weights' layout."""
+    from transforms.images import to_tensor
+
+    x = to_tensor(photos)  # 64x64: the real model's weights at a small size, as fast as the test needs
+    plain = build_model("efficientnet_lite0", layout="contiguous")
+    nhwc = build_model("efficientnet_lite0", layout="channels_last")
+    with torch.no_grad():
+        a, b = plain(x), nhwc(x)
+        assert nhwc.features(x).is_contiguous(memory_format=torch.channels_last)
+        assert plain.features(x).is_contiguous()
+    assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    grads = []
+    for m in (plain, nhwc):
+        xg = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
+    cos = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
+    assert float(cos) > 0.999
