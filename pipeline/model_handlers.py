@@ -27,6 +27,7 @@ from transforms.models import Classifier, build_model, model_info, resolve_devic
 from transforms.seeds import sample_seed, seed_tensor
 from transforms.specs import Spec
 
+from .allocator import keep_freed_memory
 from .config import ModelConfig
 from .errors import batch_errors
 from .records import Defended, ErrorRecord, Result, Sample, Variant
@@ -46,6 +47,7 @@ def load_classifier(config: ModelConfig, *, shared: bool = True) -> Classifier:
     model is only read: attacks take input gradients, parameters never change). The saliency
     stage asks for a private one, because Aug-MSROI hooks noise into the model's layers.
     """
+    keep_freed_memory()  # before the first batch: see pipeline.allocator
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     if not shared:
