@@ -1,8 +1,11 @@
 """Throughput of the defense's two stages: the Aug-MSROI map and the semantic JPEG encoder.
 
-Map stage: ``aug_msroi`` with its defaults (S perturbations of every image in one batch of
-N * S) on EfficientNet-Lite0 at 224x224, images/s (input images, not forward passes), on CPU and,
-when available, CUDA; on CUDA also with channels_last and/or bf16 autocast. Plain ``msroi`` (one
+Map stage: ``aug_msroi`` with its defaults (S perturbations of every image, in one batch of
+N * S on CUDA, in passes of ``CPU_PASS`` perturbed images on the CPU) on EfficientNet-Lite0 at
+224x224, images/s (input images, not forward passes), on CPU (contiguous and channels_last) and,
+when available, CUDA; on CUDA also with channels_last and/or bf16 autocast. Memory is managed as
+the pipeline's stages do it (``pipeline.allocator``; ``SEMJPEG_SYSTEM_MALLOC=1`` for glibc's
+defaults). Plain ``msroi`` (one
 pass) is reported alongside, and on CUDA the ceiling without noise (``msroi`` over the N * S
 repeated images, per input image). Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
 (requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
@@ -182,8 +185,11 @@ def main() -> None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
+    from pipeline.allocator import keep_freed_memory
+
     record = {"authors_images_per_s": AUTHORS_IMAGES_PER_S, "target_h100_images_per_s": TARGET_H100_IMAGES_PER_S,
-              "torch": torch.__version__, "threads": args.threads, "quick": args.quick}
+              "torch": torch.__version__, "threads": args.threads, "quick": args.quick,
+              "kept_freed_memory": keep_freed_memory()}  # as the pipeline's stages run
     for d in devices:
         device = torch.device(d)
         if device.type == "cuda":
@@ -196,7 +202,8 @@ def main() -> None:
                 _progress(f"map_cuda_batch{batch}", record[f"map_cuda_batch{batch}"])
         else:
             batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest
-            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32"])
+            # fp32 is the contiguous layout; channels_last is the pipeline's on the CPU (--memory-format auto)
+            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32", "channels_last"])
             _progress("map_cpu", record["map_cpu"])
 
     from transforms.images import to_tensor

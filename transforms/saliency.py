@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_INPUT_NOISE",
     "DEFAULT_ACTIVATION_NOISE",
     "DEFAULT_NOISE",
+    "CPU_PASS",
 ]
 
 Noise = Literal["gaussian", "uniform"]
@@ -50,6 +51,9 @@ DEFAULT_SAMPLES = 5
 DEFAULT_INPUT_NOISE = 0.05
 DEFAULT_ACTIVATION_NOISE = 0.2
 DEFAULT_NOISE: Noise = "gaussian"
+
+#: Perturbed images per forward pass of :func:`aug_msroi` on the CPU (``max_batch="auto"``).
+CPU_PASS = 16
 
 #: The MSROI authors' weight for the last of the top-k classes, relative to 2**-(k-1).
 _LAST_RANK_FACTOR = 1.2
@@ -370,7 +374,7 @@ def aug_msroi(
     top_k: int = 5,
     threshold: float | None = None,
     seeds: torch.Tensor | None = None,
-    max_batch: int | None = None,
+    max_batch: int | None | Literal["auto"] = "auto",
 ) -> torch.Tensor:
     """Aug-MSROI (Prakash et al., DCC 2018): the mean :func:`msroi` map over random perturbations.
 
@@ -427,7 +431,12 @@ def aug_msroi(
             on the same device gives the same bytes (CPU; on CUDA, to cuDNN's determinism). CPU and
             CUDA draw different streams. ``None`` seeds each image from a hash of its pixels.
         max_batch: at most this many perturbed images per forward pass (whole samples, at least
-            one per pass); ``None`` runs all N * S at once.
+            one per pass); ``None`` runs all N * S at once; ``"auto"`` (default) is
+            :data:`CPU_PASS` on the CPU and ``None`` elsewhere. The maps are the same either way
+            (each sample's noise is its own); only time and memory change. On the CPU a pass of
+            32 images x 5 perturbations holds activations of up to 770 MB each, far beyond the
+            caches, and ran at 7.8 to 12 images/s against 14 to 16 in passes of 10 to 80
+            perturbed images (2 threads, ``pipeline.allocator`` on).
 
     Speed: under ``torch.autocast`` the network runs in reduced precision, and the noise is drawn
     in it, the maps in float32 (on an H100, bf16 with channels_last maps 1.7x as many images per
@@ -440,14 +449,17 @@ def aug_msroi(
     device = _check(model, images)
     check_map_params(top_k=top_k, threshold=threshold, samples=samples, input_noise=input_noise,
                      activation_noise=activation_noise, noise=noise)
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1 or None, got {max_batch!r}")
+    if max_batch != "auto" and max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                                          or max_batch < 1):
+        raise ValueError(f"max_batch must be an integer >= 1, None or 'auto', got {max_batch!r}")
     n, _, h, w = images.shape
     seeds = _content_seeds(images) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64)
     if seeds.shape != (n,):
         raise ValueError(f"seeds must have shape ({n},), got {tuple(seeds.shape)}")
     if n == 0:
         return torch.zeros((0, h, w), dtype=torch.float32, device=images.device)
+    if max_batch == "auto":
+        max_batch = CPU_PASS if device.type == "cpu" else None
     per = n if max_batch is None else max(1, max_batch // samples)
     out = []
     for i in range(0, n, per):

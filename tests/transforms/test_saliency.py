@@ -179,7 +179,28 @@ def test_aug_msroi_without_seeds_is_per_sample(tiny_model, batch):
 
 def test_aug_msroi_chunks_match_one_pass(tiny_model, batch):
     torch.testing.assert_close(aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=5),
-                               aug_msroi(tiny_model, batch, seeds=SEEDS), rtol=1e-5, atol=1e-5)
+                               aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=None),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_aug_msroi_runs_in_cache_sized_passes_on_the_cpu_by_default(tiny_model, batch):
+    """``max_batch="auto"``: CPU_PASS perturbed images per forward pass on the CPU (whole
+    samples), the same maps as one pass of all of them."""
+    from transforms.saliency import CPU_PASS
+
+    sizes = []
+    handle = tiny_model.fc.register_forward_hook(lambda m, a, out: sizes.append(out.shape[0]))
+    try:
+        images = batch.repeat(3, 1, 1, 1)  # 12 images, 3 x 5 = 15 perturbed per pass of 16
+        seeds = torch.arange(12)
+        auto = aug_msroi(tiny_model, images, seeds=seeds)
+        assert sizes == [CPU_PASS // 5 * 5] * (12 // (CPU_PASS // 5)) and sum(sizes) == 60
+        sizes.clear()
+        whole = aug_msroi(tiny_model, images, seeds=seeds, max_batch=None)
+        assert sizes == [60]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(auto, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_aug_msroi_without_noise_is_msroi(tiny_model, batch):
@@ -251,7 +272,8 @@ def test_aug_msroi_constant_and_empty(tiny_model):
 def test_aug_msroi_rejects_bad_parameters(tiny_model, batch):
     for kw, match in (({"samples": 0}, "samples"), ({"noise": "laplace"}, "laplace"),
                       ({"input_noise": -0.1}, "input_noise"), ({"activation_noise": float("nan")}, "activation"),
-                      ({"seeds": torch.arange(3)}, "seeds"), ({"max_batch": 0}, "max_batch")):
+                      ({"seeds": torch.arange(3)}, "seeds"), ({"max_batch": 0}, "max_batch"),
+                      ({"max_batch": "all"}, "max_batch must be an integer >= 1, None or 'auto'")):
         with pytest.raises(ValueError, match=match):
             aug_msroi(tiny_model, batch, **kw)
 
