@@ -57,6 +57,9 @@ def run_loop(shards: list[str], out: str) -> None:
     from transforms.jpeg import decode_rgb
     from transforms.models import build_model
 
+    from pipeline.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the pipeline's stages do when they load their model
     model = build_model("efficientnet_lite0")
     attack, defenses = parse_attack(ATTACK), [parse_defense("none"), parse_defense(DEFENSE)]
     samples = []
