@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,10 @@ def test_defend_bench_quick():
     if not (DEV / "labels.csv").exists():
         pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
     out = _bench("bench/defend.py", "--quick", "--device", "cpu", "--encoder-procs", "2")
-    cpu = out["map_cpu"]["fp32"]
-    assert cpu["aug_msroi_images_per_s"] > 0 and cpu["msroi_images_per_s"] > cpu["aug_msroi_images_per_s"]
+    for layout in ("fp32", "channels_last"):
+        cpu = out["map_cpu"][layout]
+        assert cpu["aug_msroi_images_per_s"] > 0 and cpu["msroi_images_per_s"] > cpu["aug_msroi_images_per_s"]
+    assert out["kept_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     enc = out["encoder_cpu_one_process"]
     assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s"))
     assert 1000 < enc["requantize_mean_bytes"] < 50_000
@@ -47,3 +50,23 @@ def test_map_compile_probe_eager_on_cpu():
         assert "error" not in out[name], out[name]
         assert out[name]["forward_images_per_s"] > 0
     assert "compiled_plain" not in out
+
+
+def test_memory_format_bench_quick():
+    out = _bench("bench/memory_format.py", "--quick")
+    stages = out["results"]["1_threads"]
+    assert set(stages) == {"forward", "forward_backward", "msroi", "aug_msroi"}
+    for v in stages.values():
+        assert v["contiguous_img_s"] > 0 and v["channels_last_img_s"] > 0
+        assert v["speedup"] == pytest.approx(v["channels_last_img_s"] / v["contiguous_img_s"], rel=0.01)
+    assert out["max_logit_difference"] < 1e-3 * out["logit_scale"]
+
+
+def test_allocator_bench_quick():
+    out = _bench("bench/allocator.py", "--quick", "--threads", "1")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # elsewhere it changes nothing
+    assert out["glibc_defaults"]["kept_freed_memory"] is False and out["keep_freed_memory"]["kept_freed_memory"] is glibc
+    for setting in ("glibc_defaults", "keep_freed_memory"):
+        for stage in ("forward", "forward_backward", "aug_msroi"):
+            v = out[setting][stage]
+            assert v["img_s"] > 0 and v["user_s"] >= 0 and v["system_s"] >= 0 and v["minor_faults"] >= 0
