@@ -68,7 +68,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads per worker")
     # transforms.models.MEMORY_FORMATS, written out: importing it here would load torch for --help.
     g.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
-                   help="the models' memory layout (default auto: channels_last on the CPU, about 1.3-1.6x "
+                   help="the models' memory layout (default auto: channels_last on the CPU, about 1.2-1.6x "
                         "faster there; contiguous elsewhere); results differ only by rounding")
     g.add_argument("--seed", type=int, default=0,
                    help="run seed: the same seed and --run-id give the same bytes, wherever the data is stored")

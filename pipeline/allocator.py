@@ -6,9 +6,10 @@ gives the top of its heap back to the kernel once more than the trim threshold i
 batch's large activations therefore come back as new pages every time, which the kernel faults
 in and zeroes: EfficientNet-Lite0's first activation for 32 images is 51 MB, and for an
 Aug-MSROI pass of 32 images x 5 perturbations, 257 MB. On this project's 2-core machine half of
-an evaluate run's CPU time went to the kernel this way (``/usr/bin/time``: 147 s user, 171 s
-system), and the model stages ran 1.7 to 2.9x slower than with the memory kept
-(``bench/allocator.py``).
+an evaluate run's CPU time went to the kernel this way (``/usr/bin/time``: 139 s user, 158 s
+system), and at batch 32 a forward pass ran 3.7x and an attack step 2.7x slower than with the
+memory kept (``bench/allocator.py``). Once the heap has grown to a stage's working set (within
+its first batches), its batches fault in no new pages.
 
 :func:`keep_freed_memory` turns that off for the process: no ``mmap`` for single allocations
 (``M_MMAP_MAX`` 0, so large blocks come from the heap and are reused) and a trim threshold of

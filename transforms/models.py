@@ -332,7 +332,7 @@ def memory_format(name: str, device: str | torch.device | None) -> torch.memory_
     """The layout a model's weights (and so its activations) take on ``device``.
 
     ``channels_last`` or ``contiguous``; ``auto`` is channels_last on the CPU, where oneDNN's
-    NHWC convolutions run EfficientNet-Lite0 1.3 to 1.6x as fast as NCHW with one or two threads
+    NHWC convolutions run EfficientNet-Lite0 1.2 to 1.6x as fast as NCHW with one or two threads
     (``bench/memory_format.py``), and contiguous elsewhere (on CUDA, ``--map-precision bf16``
     uses channels_last for the maps; float32 channels_last is not measured there).
     """
