@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +56,26 @@ def attacked_dev_sets(model, n: int, attacks: dict[str, str], batch: int) -> Att
                           clean_logits=logits[i : i + batch])[0].images for i in range(0, n, batch)]
         sets[name] = to_uint8(torch.cat(adv))
     return AttackedDevSets([p.stem for p, _ in files], np.array([lab for _, lab in files]), logits, preds, sets)
+
+
+def model_stages(model, x, seeds) -> dict[str, Callable[[], Any]]:
+    """The model work of the pipeline's stages on the batch ``x``, as calls to time: a
+    classification pass, one attack step (the gradient to the input), MSROI, and Aug-MSROI at its
+    defaults (seeded by ``seeds``)."""
+    import torch
+
+    from transforms.saliency import aug_msroi, msroi
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    def attack_step():
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
+
+    return {"forward": forward, "forward_backward": attack_step, "msroi": lambda: msroi(model, x),
+            "aug_msroi": lambda: aug_msroi(model, x, seeds=seeds)}
 
 
 def emit(record: dict) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import emit  # noqa: E402
+from bench._common import emit, model_stages  # noqa: E402
 
 
 def child(batch: int, threads: int, rounds: int) -> dict:
@@ -34,25 +34,15 @@ def child(batch: int, threads: int, rounds: int) -> dict:
 
     from pipeline.allocator import keep_freed_memory
     from transforms.models import build_model
-    from transforms.saliency import aug_msroi
 
     applied = keep_freed_memory()
     torch.set_num_threads(threads)
     model = build_model("efficientnet_lite0")
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    seeds = torch.arange(batch)
-
-    def forward():
-        with torch.inference_mode():
-            model(x)
-
-    def attack_step():
-        xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
-
+    stages = model_stages(model, x, torch.arange(batch))
     out = {"kept_freed_memory": applied}
-    for name, fn in (("forward", forward), ("forward_backward", attack_step),
-                     ("aug_msroi", lambda: aug_msroi(model, x, seeds=seeds))):
+    for name in ("forward", "forward_backward", "aug_msroi"):
+        fn = stages[name]
         fn()
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         for _ in range(rounds):

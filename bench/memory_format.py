@@ -18,7 +18,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import emit  # noqa: E402
+from bench._common import emit, model_stages  # noqa: E402
 
 
 def _timed(fn, n: int) -> float:
@@ -38,24 +38,15 @@ def main() -> None:
     import torch
 
     from transforms.models import build_model
-    from transforms.saliency import aug_msroi, msroi
 
     batch, repeat, threads = (4, 1, args.threads[:1]) if args.quick else (args.batch, args.repeat, args.threads)
     models = {name: build_model("efficientnet_lite0", layout=name) for name in ("contiguous", "channels_last")}
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     seeds = torch.arange(batch)
+    calls = {"forward": 2, "forward_backward": 1, "msroi": 2, "aug_msroi": 1}  # per timing
 
     def stages(model):
-        def forward():
-            with torch.inference_mode():
-                model(x)
-
-        def attack_step():
-            xg = x.clone().requires_grad_(True)
-            torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
-
-        return {"forward": (forward, 2), "forward_backward": (attack_step, 1),
-                "msroi": (lambda: msroi(model, x), 2), "aug_msroi": (lambda: aug_msroi(model, x, seeds=seeds), 1)}
+        return {name: (fn, calls[name]) for name, fn in model_stages(model, x, seeds).items()}
 
     doc = {"bench": "memory_format", "model": "efficientnet_lite0", "size": 224, "batch": batch, "results": {}}
     for t in threads:

@@ -449,8 +449,9 @@ def aug_msroi(
     device = _check(model, images)
     check_map_params(top_k=top_k, threshold=threshold, samples=samples, input_noise=input_noise,
                      activation_noise=activation_noise, noise=noise)
-    if max_batch != "auto" and max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                                          or max_batch < 1):
+    if max_batch == "auto":
+        max_batch = CPU_PASS if device.type == "cpu" else None
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be an integer >= 1, None or 'auto', got {max_batch!r}")
     n, _, h, w = images.shape
     seeds = _content_seeds(images) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64)
@@ -458,8 +459,6 @@ def aug_msroi(
         raise ValueError(f"seeds must have shape ({n},), got {tuple(seeds.shape)}")
     if n == 0:
         return torch.zeros((0, h, w), dtype=torch.float32, device=images.device)
-    if max_batch == "auto":
-        max_batch = CPU_PASS if device.type == "cpu" else None
     per = n if max_batch is None else max(1, max_batch // samples)
     out = []
     for i in range(0, n, per):
