@@ -62,6 +62,17 @@ def test_memory_format_bench_quick():
     assert out["max_logit_difference"] < 1e-3 * out["logit_scale"]
 
 
+def test_inference_graph_bench_quick():
+    out = _bench("bench/inference_graph.py", "--quick")
+    stages = out["results"]["1_threads"]
+    assert set(stages) == {"forward", "forward_backward", "msroi", "aug_msroi"}
+    for v in stages.values():
+        assert all(v[f"{k}_img_s"] > 0 for k in ("as_loaded", "folded", "pointwise", "built"))
+        assert v["built_speedup"] == pytest.approx(v["built_img_s"] / v["as_loaded_img_s"], rel=0.01)
+    assert out["built_is_build_model"] is True
+    assert all(d < 1e-3 * out["logit_scale"] for d in out["max_logit_difference"].values())
+
+
 def test_allocator_bench_quick():
     out = _bench("bench/allocator.py", "--quick", "--threads", "1")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # elsewhere it changes nothing

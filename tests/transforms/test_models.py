@@ -110,3 +110,125 @@ def test_layouts_agree_to_rounding_on_real_images(photos):
         grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
     cos = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
     assert float(cos) > 0.999
+
+
+def _unfolded_lite0():
+    """EfficientNet-Lite0 as the package's weights describe it: batch normalizations kept, every
+    convolution PyTorch's own (what build_model returned before it folded them)."""
+    from transforms.models import MODELS
+
+    m = MODELS["efficientnet_lite0"][0](None).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.to(memory_format=torch.channels_last)
+
+
+def test_built_models_fold_their_batch_norms_to_the_same_function(photos):
+    """Folding removes all 49 normalizations of EfficientNet-Lite0; logits, feature maps and input
+    gradients agree with the unfolded network to float rounding, and nothing is folded twice."""
+    from torch import nn
+
+    from transforms.images import to_tensor
+    from transforms.models import fold_batch_norm
+
+    folded, ref = build_model("efficientnet_lite0"), _unfolded_lite0()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules()) == 49
+    assert fold_batch_norm(folded) == 0
+    x = to_tensor(photos)
+    with torch.no_grad():
+        a, b = folded(x), ref(x)
+        fa, fb = folded.features(x), ref.features(x)
+    assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
+    assert torch.allclose(fa, fb, rtol=0, atol=1e-4 * float(fb.abs().max()))
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    grads = []
+    for m in (folded, ref):
+        xg = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
+    assert float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)) > 0.999
+
+
+def test_fold_batch_norm_takes_only_a_convolutions_own_normalization():
+    from torch import nn
+
+    from transforms.models import fold_batch_norm
+
+    torch.manual_seed(0)
+
+    def bn(c, **kw):
+        layer = nn.BatchNorm2d(c, **kw)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        if layer.affine:
+            nn.init.uniform_(layer.weight, 0.5, 1.5)
+            nn.init.uniform_(layer.bias, -1, 1)
+        return layer
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), bn(8), nn.ReLU(),  # folded: conv with bias
+                        nn.Conv2d(8, 8, 3, groups=8, bias=False), bn(8, affine=False),  # folded: no affine
+                        nn.ReLU(), bn(8),  # kept: its input is no convolution's
+                        nn.Conv2d(8, 4, 1), bn(4)).eval()  # kept: in training mode (below)
+    net[8].train()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expect = net(x)
+        assert fold_batch_norm(net) == 2
+        assert [type(m).__name__ for m in net] == ["Conv2d", "Identity", "ReLU", "Conv2d", "Identity", "ReLU",
+                                                   "BatchNorm2d", "Conv2d", "BatchNorm2d"]
+        assert torch.allclose(net(x), expect, atol=1e-5)
+
+
+def _conv_ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if "conv" in e.name}
+
+
+def test_pointwise_convolutions_run_on_onednn_forward_and_backward_in_one_thread():
+    """One thread, batch 2: PyTorch runs a plain 1x1 convolution and its backward on its slow path
+    (the control), the built model runs none of its convolutions there."""
+    from torch import nn
+
+    from transforms.models import PointwiseConv2d
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = nn.Conv2d(16, 24, 1)
+        x = torch.rand(2, 16, 14, 14, requires_grad=True)
+        assert "aten::_slow_conv2d_forward" in _conv_ops(lambda: plain(x).sum().backward())
+        model = build_model("efficientnet_lite0")
+        assert sum(isinstance(m, PointwiseConv2d) for m in model.modules()) == 32  # expand, project and head
+        xi = torch.rand(2, 3, 64, 64, requires_grad=True)
+        ops = _conv_ops(lambda: model(xi).sum().backward())
+    finally:
+        torch.set_num_threads(threads)
+    assert "aten::mkldnn_convolution" in ops
+    assert not {op for op in ops if "slow_conv" in op or "thnn" in op}, ops
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_pointwise_convolution_gradients_match_pytorchs(fmt):
+    from torch import nn
+
+    from transforms.models import PointwiseConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1).to(memory_format=fmt)
+    x = torch.randn(3, 24, 9, 9).contiguous(memory_format=fmt).requires_grad_(True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    expect = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    conv.__class__ = PointwiseConv2d
+    y2 = conv(x)
+    got = torch.autograd.grad(y2, (x, conv.weight, conv.bias), g)
+    assert torch.allclose(y2, y, atol=1e-5) and y2.is_contiguous(memory_format=fmt)
+    for a, b in zip(got, expect):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    assert got[0].is_contiguous(memory_format=fmt)
+    # Elsewhere it is nn.Conv2d: float64, and CPU autocast (whose convolutions compute in bfloat16).
+    x64 = x.detach().double()
+    assert torch.allclose(PointwiseConv2d.forward(conv.double(), x64), nn.functional.conv2d(x64, conv.weight, conv.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.float()(x.detach()).dtype == torch.bfloat16
