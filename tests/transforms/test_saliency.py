@@ -203,6 +203,35 @@ def test_aug_msroi_runs_in_cache_sized_passes_on_the_cpu_by_default(tiny_model, 
     torch.testing.assert_close(auto, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_aug_msroi_draws_cpu_noise_in_threads_to_the_same_values(tiny_model, batch, monkeypatch):
+    """With more than one torch thread, the CPU noise pool draws its samples' noise side by side
+    in threads of its own; each sample keeps its generator, so the maps are the serial ones."""
+    import threading
+
+    import transforms.saliency as sal
+
+    names = []
+    gaussian = sal.NOISES["gaussian"]
+
+    def draw(out, g):
+        names.append(threading.current_thread().name)
+        return gaussian(out, g)
+
+    monkeypatch.setitem(sal.NOISES, "gaussian", draw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=None)
+        assert names and all(n == threading.current_thread().name for n in names)
+        names.clear()
+        monkeypatch.setattr(sal.torch, "get_num_threads", lambda: 2)  # the draws' choice only
+        spread = aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(names) % 4 == 0 and sum(n.startswith("semjpeg-noise") for n in names) == len(names)
+    assert torch.equal(serial, spread)
+
+
 def test_aug_msroi_without_noise_is_msroi(tiny_model, batch):
     out = aug_msroi(tiny_model, batch, input_noise=0.0, activation_noise=0.0, samples=3)
     torch.testing.assert_close(out, msroi(tiny_model, batch), rtol=1e-5, atol=1e-5)
