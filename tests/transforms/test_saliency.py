@@ -203,35 +203,6 @@ def test_aug_msroi_runs_in_cache_sized_passes_on_the_cpu_by_default(tiny_model, 
     torch.testing.assert_close(auto, whole, rtol=1e-5, atol=1e-5)
 
 
-def test_aug_msroi_draws_cpu_noise_in_threads_to_the_same_values(tiny_model, batch, monkeypatch):
-    """With more than one torch thread, the CPU noise pool draws its samples' noise side by side
-    in threads of its own; each sample keeps its generator, so the maps are the serial ones."""
-    import threading
-
-    import transforms.saliency as sal
-
-    names = []
-    gaussian = sal.NOISES["gaussian"]
-
-    def draw(out, g):
-        names.append(threading.current_thread().name)
-        return gaussian(out, g)
-
-    monkeypatch.setitem(sal.NOISES, "gaussian", draw)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        serial = aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=None)
-        assert names and all(n == threading.current_thread().name for n in names)
-        names.clear()
-        monkeypatch.setattr(sal.torch, "get_num_threads", lambda: 2)  # the draws' choice only
-        spread = aug_msroi(tiny_model, batch, seeds=SEEDS, max_batch=None)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(names) % 4 == 0 and sum(n.startswith("semjpeg-noise") for n in names) == len(names)
-    assert torch.equal(serial, spread)
-
-
 def test_aug_msroi_without_noise_is_msroi(tiny_model, batch):
     out = aug_msroi(tiny_model, batch, input_noise=0.0, activation_noise=0.0, samples=3)
     torch.testing.assert_close(out, msroi(tiny_model, batch), rtol=1e-5, atol=1e-5)
@@ -266,6 +237,25 @@ def test_noise_pool_draws_in_the_autocast_dtype():
     # Rows are per-sample draws: sample 0's rows do not depend on the other samples of the batch.
     alone = _NoisePool(torch.tensor([3]), 2, torch.device("cpu"), NOISES["gaussian"]).take(1000)
     assert torch.equal(alone, plain[:2]) and not torch.equal(plain[:2], plain[2:])
+
+
+def test_cpu_noise_pool_takes_windows_of_one_table_at_per_sample_offsets():
+    """On the CPU a take gives each row a window of the fixed table, at an offset drawn from its
+    sample's generator: rows are the table's i.i.d. values, and each sample's rows depend on its
+    seed alone."""
+    from transforms.saliency import _TABLE_SIZE, _NoisePool, _noise_table
+
+    pool = _NoisePool(torch.tensor([3, 4]), 2, torch.device("cpu"), NOISES["gaussian"])
+    rows = [pool.take(1000), pool.take(5000)]
+    table = _noise_table(NOISES["gaussian"], torch.float32, _TABLE_SIZE)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    for m, got in zip((1000, 5000), rows):
+        offsets = torch.cat([torch.randint(0, _TABLE_SIZE - m + 1, (2,), generator=g) for g in gens])
+        assert torch.equal(got, torch.stack([table[o : o + m] for o in offsets.tolist()]))
+    assert abs(float(table.mean())) < 1e-3 and abs(float(table.std()) - 1) < 1e-3
+    # A window longer than half the table comes from a longer one.
+    big = _NoisePool(torch.tensor([5]), 1, torch.device("cpu"), NOISES["uniform"]).take(_TABLE_SIZE // 2 + 1)
+    assert big.shape == (1, _TABLE_SIZE // 2 + 1) and float(big.abs().max()) <= 3 ** 0.5
 
 
 def test_aug_msroi_leaves_model_and_input_untouched(batch):
