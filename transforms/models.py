@@ -391,13 +391,14 @@ class PointwiseConv2d(nn.Conv2d):
     (``bench/memory_format.py`` measures the whole model). This runs oneDNN's convolution, which is
     what PyTorch runs in every other case; results differ from PyTorch's own path only by
     floating-point rounding. Anywhere else (another device or dtype, CPU autocast, a build without
-    oneDNN or with it switched off) it is a plain ``nn.Conv2d``.
+    oneDNN or with it switched off, and under ``torch.compile``, which cannot trace the oneDNN
+    call and generates its own code) it is a plain ``nn.Conv2d``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.ndim == 4 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and not torch.is_autocast_enabled("cpu")):
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.ndim == 4 and torch.backends.mkldnn.is_available()
+                and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")):
             return _OneDNNPointwise.apply(x, self.weight, self.bias)
         return super().forward(x)
 

@@ -232,3 +232,21 @@ def test_pointwise_convolution_gradients_match_pytorchs(fmt):
     assert torch.allclose(PointwiseConv2d.forward(conv.double(), x64), nn.functional.conv2d(x64, conv.weight, conv.bias))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv.float()(x.detach()).dtype == torch.bfloat16
+
+
+def test_pointwise_convolution_compiles_as_a_plain_convolution():
+    """torch.compile cannot trace oneDNN's own call (no fake-tensor kernel): under compilation the
+    layer is nn.Conv2d, forward and backward."""
+    from torch import nn
+
+    from transforms.models import pointwise_on_onednn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    assert pointwise_on_onednn(net) == 1
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    y, ref = compiled(x), net(x)
+    assert torch.allclose(y, ref, atol=1e-5)
+    g, gref = (torch.autograd.grad(out.sum(), x)[0] for out in (y, ref))
+    assert torch.allclose(g, gref, atol=1e-5)
