@@ -387,10 +387,11 @@ class PointwiseConv2d(nn.Conv2d):
     For such a convolution in float32 on the CPU, PyTorch picks oneDNN only with more than one
     thread or a batch of 16 or more, and otherwise its own matrix-multiply path: in a
     single-threaded process (a Dask worker, ``--torch-threads 1``) at batch 8, EfficientNet-Lite0's
-    pointwise convolutions ran 1.4 to 2.4x slower per image than at batch 16
-    (``bench/memory_format.py`` measures the whole model). This runs oneDNN's convolution, which is
-    what PyTorch runs in every other case; results differ from PyTorch's own path only by
-    floating-point rounding. Anywhere else (another device or dtype, CPU autocast, a build without
+    pointwise convolutions ran 1.4 to 2.4x slower per image than at batch 16, and the whole
+    model's forward and backward pass 1.4x slower than with this class
+    (``bench/inference_graph.py``). This runs oneDNN's convolution, which is what PyTorch runs in
+    every other case; results differ from PyTorch's own path only by floating-point rounding.
+    Anywhere else (another device or dtype, CPU autocast, a build without
     oneDNN or with it switched off, and under ``torch.compile``, which cannot trace the oneDNN
     call and generates its own code) it is a plain ``nn.Conv2d``.
     """
