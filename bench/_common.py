@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -76,6 +77,31 @@ def model_stages(model, x, seeds) -> dict[str, Callable[[], Any]]:
 
     return {"forward": forward, "forward_backward": attack_step, "msroi": lambda: msroi(model, x),
             "aug_msroi": lambda: aug_msroi(model, x, seeds=seeds)}
+
+
+#: Calls of each stage per timing (the fast stages twice).
+STAGE_CALLS = {"forward": 2, "forward_backward": 1, "msroi": 2, "aug_msroi": 1}
+
+
+def best_stage_rates(models: dict[str, Any], x, seeds, repeat: int) -> dict[str, dict[str, float]]:
+    """{stage: {model name: images/s}}, the fastest of ``repeat`` timings of each of
+    :func:`model_stages` on ``x``, the models taking turns (after one warm-up call of each:
+    oneDNN primitives, the allocator)."""
+    stages = {name: model_stages(model, x, seeds) for name, model in models.items()}
+    for calls in stages.values():
+        for fn in calls.values():
+            fn()
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(repeat):
+        for name, calls in stages.items():
+            for stage, fn in calls.items():
+                n = STAGE_CALLS[stage]
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                ips = n * x.shape[0] / (time.perf_counter() - t)
+                best.setdefault(stage, {})[name] = max(best.get(stage, {}).get(name, 0.0), ips)
+    return best
 
 
 def emit(record: dict) -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import emit, model_stages  # noqa: E402
+from bench._common import best_stage_rates, emit  # noqa: E402
 
 VARIANTS = ("as_loaded", "folded", "pointwise", "built")
 
@@ -42,13 +41,6 @@ def _variant(name: str):
     if name in ("pointwise", "built"):
         pointwise_on_onednn(model)
     return model.to(memory_format=torch.channels_last)
-
-
-def _timed(fn, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -69,24 +61,12 @@ def main() -> None:
     built = build_model("efficientnet_lite0")
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     seeds = torch.arange(batch)
-    calls = {"forward": 2, "forward_backward": 1, "msroi": 2, "aug_msroi": 1}  # per timing
-
-    def stages(model):
-        return {name: (fn, calls[name]) for name, fn in model_stages(model, x, seeds).items()}
 
     doc = {"bench": "inference_graph", "model": "efficientnet_lite0", "size": 224, "layout": "channels_last",
            "batch": batch, "results": {}}
     for t in threads:
         torch.set_num_threads(t)
-        best: dict[str, dict[str, float]] = {}
-        for model in models.values():  # warm-up: oneDNN primitives, allocator
-            for fn, _ in stages(model).values():
-                fn()
-        for _ in range(repeat):
-            for name, model in models.items():
-                for stage, (fn, n) in stages(model).items():
-                    ips = n * batch / _timed(fn, n)
-                    best.setdefault(stage, {})[name] = max(best.get(stage, {}).get(name, 0.0), ips)
+        best = best_stage_rates(models, x, seeds, repeat)
         doc["results"][f"{t}_threads"] = {
             stage: {**{f"{k}_img_s": round(v[k], 2) for k in VARIANTS},
                     **{f"{k}_speedup": round(v[k] / v["as_loaded"], 3) for k in VARIANTS[1:]}}

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import emit, model_stages  # noqa: E402
-
-
-def _timed(fn, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return time.perf_counter() - t
+from bench._common import best_stage_rates, emit  # noqa: E402
 
 
 def main() -> None:
@@ -43,23 +35,11 @@ def main() -> None:
     models = {name: build_model("efficientnet_lite0", layout=name) for name in ("contiguous", "channels_last")}
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     seeds = torch.arange(batch)
-    calls = {"forward": 2, "forward_backward": 1, "msroi": 2, "aug_msroi": 1}  # per timing
-
-    def stages(model):
-        return {name: (fn, calls[name]) for name, fn in model_stages(model, x, seeds).items()}
 
     doc = {"bench": "memory_format", "model": "efficientnet_lite0", "size": 224, "batch": batch, "results": {}}
     for t in threads:
         torch.set_num_threads(t)
-        best: dict[str, dict[str, float]] = {}
-        for name, model in models.items():  # warm-up: oneDNN primitives, allocator
-            for fn, _ in stages(model).values():
-                fn()
-        for _ in range(repeat):
-            for name, model in models.items():
-                for stage, (fn, n) in stages(model).items():
-                    ips = n * batch / _timed(fn, n)
-                    best.setdefault(stage, {})[name] = max(best.get(stage, {}).get(name, 0.0), ips)
+        best = best_stage_rates(models, x, seeds, repeat)
         doc["results"][f"{t}_threads"] = {
             stage: {"contiguous_img_s": round(v["contiguous"], 2), "channels_last_img_s": round(v["channels_last"], 2),
                     "speedup": round(v["channels_last"] / v["contiguous"], 3)}

@@ -75,6 +75,15 @@ def _conv_weights(model):
     return [p for p in model.parameters() if p.ndim == 4]
 
 
+def _input_gradient_cosine(a, b, x) -> float:
+    """Cosine similarity of two models' input gradients of the logits' log-sum-exp at ``x``."""
+    grads = []
+    for m in (a, b):
+        xg = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
+    return float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0))
+
+
 def test_layout_auto_is_channels_last_on_cpu_and_explicit_layouts_are_kept():
     from transforms.models import memory_format
 
@@ -104,12 +113,7 @@ def test_layouts_agree_to_rounding_on_real_images(photos):
         assert plain.features(x).is_contiguous()
     assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))
     assert torch.equal(a.argmax(1), b.argmax(1))
-    grads = []
-    for m in (plain, nhwc):
-        xg = x.clone().requires_grad_(True)
-        grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
-    cos = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
-    assert float(cos) > 0.999
+    assert _input_gradient_cosine(plain, nhwc, x) > 0.999
 
 
 def _unfolded_lite0():
@@ -142,11 +146,7 @@ def test_built_models_fold_their_batch_norms_to_the_same_function(photos):
     assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
     assert torch.allclose(fa, fb, rtol=0, atol=1e-4 * float(fb.abs().max()))
     assert torch.equal(a.argmax(1), b.argmax(1))
-    grads = []
-    for m in (folded, ref):
-        xg = x.clone().requires_grad_(True)
-        grads.append(torch.autograd.grad(m(xg).logsumexp(1).sum(), xg)[0])
-    assert float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)) > 0.999
+    assert _input_gradient_cosine(folded, ref, x) > 0.999
 
 
 def test_fold_batch_norm_takes_only_a_convolutions_own_normalization():
