@@ -9,7 +9,8 @@ defaults). Plain ``msroi`` (one
 pass) is reported alongside, and on CUDA the ceiling without noise (``msroi`` over the N * S
 repeated images, per input image). Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
 (requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
-reference.
+reference, and the work of ``aug_msroi_gated`` (its map and stability: one unperturbed pass
+more; its flagged images: total-variation denoising before the encoder).
 
 For scale: the authors report 300 images x 5 perturbations in about 5 s on a Titan X (~60
 images/s); the target for the map stage on an H100 is >= 5,000 images/s.
@@ -74,7 +75,7 @@ def time_maps(model, x: torch.Tensor, fn, iters: int, *, bf16: bool) -> float:
 def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str]) -> dict:
     from transforms.images import to_tensor
     from transforms.models import build_model
-    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, msroi
+    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, aug_msroi_stability, msroi
 
     model = build_model("efficientnet_lite0", device=device)
     reps = -(-batch // len(images))
@@ -83,6 +84,9 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
 
     def aug(m, x):
         return aug_msroi(m, x, seeds=seeds)
+
+    def gated(m, x):  # the map and stability of aug_msroi_gated: S passes and one unperturbed
+        return aug_msroi_stability(m, x, seeds=seeds)[0]
 
     out = {"batch": batch, "samples": DEFAULT_SAMPLES, "forward_batch": batch * DEFAULT_SAMPLES}
     for v in variants:
@@ -93,6 +97,7 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
             out[v] = {
                 "aug_msroi_images_per_s": round(time_maps(m, x, aug, iters, bf16=bf16), 1),
                 "msroi_images_per_s": round(time_maps(m, x, msroi, iters, bf16=bf16), 1),
+                "aug_msroi_gated_images_per_s": round(time_maps(m, x, gated, iters, bf16=bf16), 1),
             }
             if device.type == "cuda":
                 # The ceiling without noise: S plain passes per image, in one batch of N * S.
@@ -108,6 +113,7 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
 
 
 def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
+    from transforms.defenses import denoise_tv
     from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg
 
     out = {}
@@ -123,6 +129,10 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     out["requantize_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m)))
     out["mosaic_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m), method="mosaic"))
     out["uniform_q50_images_per_s"] = rate(lambda i, m: _pillow_jpeg(i, 50, "4:2:0", optimize=True))
+    # aug_msroi_gated's flagged images: total-variation denoising, then semantic JPEG at 50..90
+    # (its stable images cost one uniform JPEG, as above).
+    out["gated_flagged_images_per_s"] = rate(
+        lambda i, m: encode_semantic_jpeg(denoise_tv(i, 0.03), block_qualities(m, q_low=50, q_high=90)))
     sizes = [len(encode_semantic_jpeg(i, block_qualities(m))) for i, m in zip(images, maps)]
     msizes = [len(encode_semantic_jpeg(i, block_qualities(m), method="mosaic")) for i, m in zip(images, maps)]
     out["requantize_mean_bytes"] = round(float(np.mean(sizes)), 1)

@@ -90,7 +90,8 @@ class _EncodeFn(beam.DoFn):
                     if ref not in sizes:
                         raise ValueError(f"the matched defense {ref} failed on this image")
                     matched = sizes[ref]
-                enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched)
+                enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched,
+                                    stability=v.map_stability.get(req[0]) if req else None)
                 # PNG is lossless: the stored pixels are the input pixels.
                 decoded = v.image if enc.ext == "png" else decode_rgb(enc.data)
             except Exception as e:

@@ -96,6 +96,7 @@ class MapHandler(_ClassifierHandler):
         digests = [pixel_digest(v.image) for v in batch]
         maps: list[dict] = [{} for _ in batch]
         seconds: list[dict] = [{} for _ in batch]
+        stable: list[dict] = [{} for _ in batch]
         errors = []
         for text, (name, kwargs, users) in self.requests.items():
             try:
@@ -104,7 +105,9 @@ class MapHandler(_ClassifierHandler):
                 seeds = seed_tensor([sample_seed(self.seed, digests[i], text) for i in range(len(batch))])
                 t0 = time.perf_counter()
                 with torch.no_grad(), self.precision_context(device):
-                    m = compute_maps(name, model, x, kwargs, seeds).float().cpu().numpy()
+                    m, st = compute_maps(name, model, x, kwargs, seeds)
+                    m = m.float().cpu().numpy()
+                    st = None if st is None else st.float().cpu().numpy()
                 dt = (time.perf_counter() - t0) / max(1, len(batch))
             except Exception as e:  # only the defenses that need this map fail
                 log.exception("saliency map %s failed on a batch of %d", text, len(batch))
@@ -113,7 +116,10 @@ class MapHandler(_ClassifierHandler):
             for i, v in enumerate(batch):
                 maps[i][text] = stretch_map(m[i], v.image.shape[:2]) if self.native else m[i]
                 seconds[i][text] = dt
-        return [dataclasses.replace(v, maps=mp, map_seconds=sc) for v, mp, sc in zip(batch, maps, seconds)] + errors
+                if st is not None:
+                    stable[i][text] = float(st[i])
+        return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb)
+                for v, mp, sc, sb in zip(batch, maps, seconds, stable)] + errors
 
 
 class SaliencyMaps(beam.PTransform):

@@ -40,6 +40,8 @@ METADATA_SCHEMA = pa.schema(
         ("target_bytes", pa.int64()),
         ("map_model", pa.string()),
         ("map_seconds", pa.float32()),
+        ("stability", pa.float32()),
+        ("flagged", pa.bool_()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("model", pa.string()),

@@ -10,13 +10,13 @@ _SUMS = ("bytes", "bpp", "linf", "rmse")
 
 class SummaryFn(beam.CombineFn):
     """Rows of one (attack, defense) -> n, top1, agree_clean, mean bytes/bpp/psnr/ssim/linf/rmse,
-    attack success rate. ``top1`` is over labeled rows only (None without labels); PSNR averages
+    attack success rate, the share of images a gated defense flagged (None for the others). ``top1`` is over labeled rows only (None without labels); PSNR averages
     the finite values (identical images have infinite PSNR and are counted apart); SSIM the rows
     that have one (an image smaller than its 11x11 window, at its own size, has none)."""
 
     def create_accumulator(self):
         return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0, "ssim": 0.0, "ssim_n": 0,
-                "success_n": 0, "success": 0, **{k: 0.0 for k in _SUMS}}
+                "success_n": 0, "success": 0, "flagged_n": 0, "flagged": 0, **{k: 0.0 for k in _SUMS}}
 
     def add_input(self, acc, row):
         acc["n"] += 1
@@ -29,6 +29,9 @@ class SummaryFn(beam.CombineFn):
         if row.get("success") is not None:
             acc["success_n"] += 1
             acc["success"] += bool(row["success"])
+        if row.get("flagged") is not None:
+            acc["flagged_n"] += 1
+            acc["flagged"] += bool(row["flagged"])
         p = row.get("psnr")
         if p is not None and math.isfinite(p):
             acc["psnr"] += p
@@ -58,6 +61,7 @@ class SummaryFn(beam.CombineFn):
             "top1": ratio(acc["correct"], acc["labeled"]),
             "agree_clean": ratio(acc["agree"], acc["agree_n"]),
             "success": ratio(acc["success"], acc["success_n"]),
+            "flagged": ratio(acc["flagged"], acc["flagged_n"]),
             "bytes": ratio(acc["bytes"], n),
             "bpp": ratio(acc["bpp"], n),
             "psnr": ratio(acc["psnr"], acc["psnr_n"]),

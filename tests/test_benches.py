@@ -35,9 +35,11 @@ def test_defend_bench_quick():
     for layout in ("fp32", "channels_last"):
         cpu = out["map_cpu"][layout]
         assert cpu["aug_msroi_images_per_s"] > 0 and cpu["msroi_images_per_s"] > cpu["aug_msroi_images_per_s"]
+        assert 0 < cpu["aug_msroi_gated_images_per_s"] < cpu["msroi_images_per_s"]
     assert out["kept_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     enc = out["encoder_cpu_one_process"]
-    assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s"))
+    assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s",
+                                    "gated_flagged_images_per_s"))
     assert 1000 < enc["requantize_mean_bytes"] < 50_000
     two = out["encoder_cpu_2_procs"]
     assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(2 * two["per_process_images_per_s"], rel=0.01)

@@ -59,3 +59,24 @@ build_without_cam.model_info = ModelInfo("tests.tiny:build_without_cam", input_s
 def takes_no_weights() -> Classifier:
     """A model factory with the wrong signature (factories take the state dict)."""
     return build()
+
+
+def near_boundary(model, x, steps=30, past=1.0):
+    """Images just past the model's decision boundary: each image pushed along the sign of the
+    gradient of its runner-up's margin, bisected to the first step that changes its class."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    top2 = logits.topk(2, dim=1).indices
+    margin = (logits.gather(1, top2[:, 1:]) - logits.gather(1, top2[:, :1])).sum()
+    d = torch.autograd.grad(margin, x)[0].sign()
+    x = x.detach()
+    with torch.no_grad():
+        first = model(x).argmax(1)
+        lo, hi = torch.zeros(len(x)), torch.ones(len(x))
+        moved = lambda t: model((x + t[:, None, None, None] * d).clamp(0, 1)).argmax(1) != first
+        assert moved(hi).all()
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            m = moved(mid)
+            hi, lo = torch.where(m, mid, hi), torch.where(m, lo, mid)
+        return (x + past * hi[:, None, None, None] * d).clamp(0, 1)

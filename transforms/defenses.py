@@ -2,8 +2,9 @@
 
 Each defense is ``defense(image, *, params...) -> Encoded``; ``--defense name:k=v`` specs are
 checked against :data:`DEFENSES`. Parameters named in :data:`HIDDEN` are filled by the runner, not
-by specs: the saliency map of the semantic defenses, computed batched on the model beforehand
-(:func:`map_request` says which map a spec needs), and the size of the file a ``jpeg:match=...``
+by specs: the saliency map of the semantic defenses (and, for ``aug_msroi_gated``, the image's
+prediction stability), computed batched on the model beforehand (:func:`map_request` says which
+map a spec needs), and the size of the file a ``jpeg:match=...``
 defense must not exceed.
 
 * ``none``: the image stored losslessly (PNG).
@@ -14,9 +15,13 @@ defense must not exceed.
   Aug-MSROI saliency map sets each 16x16 block's quality among ``levels`` qualities from
   ``q_low`` to ``q_high``; salient blocks are quantized finely, the rest coarsely; one standard
   baseline JPEG. ``bytes=N`` shifts the quality window down until the file fits.
+* ``aug_msroi_gated``: our extension: images whose prediction is unstable under the map's input
+  noise (likely adversarial) are denoised and get semantic JPEG at finer qualities; stable ones
+  a uniform JPEG. The runner fills its ``stability`` with the map.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -39,11 +44,11 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
-    "none", "jpeg", "msroi", "aug_msroi", "matched_defense", "defend_images", "encode_batch",
+    "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "matched_defense", "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
-HIDDEN = ("saliency", "matched_bytes")
+HIDDEN = ("saliency", "stability", "matched_bytes")
 
 
 class Encoded(NamedTuple):
@@ -155,17 +160,82 @@ def aug_msroi(
                      method=method, subsampling=subsampling, bytes=bytes)
 
 
+def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
+    """Total-variation denoising (Chambolle's algorithm, scikit-image) of uint8 HWC RGB, the
+    channels denoised jointly, ``weight`` in the units of pixels in [0, 1]; uint8 back. Weight 0
+    returns the image unchanged."""
+    if weight == 0:
+        return image
+    from skimage.restoration import denoise_tv_chambolle  # heavy import, only where used
+
+    out = denoise_tv_chambolle(image.astype(np.float32) / 255.0, weight=float(weight), channel_axis=-1)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def aug_msroi_gated(
+    image: np.ndarray,
+    *,
+    gate: float = 0.7,
+    samples: int = _saliency.DEFAULT_SAMPLES,
+    input_noise: float = _saliency.DEFAULT_INPUT_NOISE,
+    activation_noise: float = 0.0,
+    noise: _saliency.Noise = _saliency.DEFAULT_NOISE,
+    top_k: int = 5,
+    threshold: float | None = None,
+    stable_quality: int = 50,
+    denoise: float = 0.03,
+    levels: int = 5,
+    q_low: int = 50,
+    q_high: int = 90,
+    binning: Binning = "value",
+    method: Method = "requantize",
+    subsampling: Subsampling = "4:2:0",
+    saliency: np.ndarray | None = None,
+    stability: float | None = None,
+) -> Encoded:
+    """Aug-MSROI behind a stability gate: our extension, not the DCC 2018 method.
+
+    The perturbed passes that draw the Aug-MSROI map also say how stable the image's prediction
+    is (:func:`transforms.saliency.aug_msroi_stability`: the fraction of ``samples`` passes with
+    input noise ``input_noise`` that keep the unperturbed top-1). An image whose stability is at
+    least ``gate`` is stored as uniform JPEG at ``stable_quality``; one below it (likely
+    adversarial: attacks leave images near a decision boundary) is total-variation denoised
+    (``denoise``, 0 for none; :func:`denoise_tv`), then semantic JPEG with its map at ``levels``
+    qualities ``q_low``..``q_high``, finer than the stable images' quality to pay for the detail
+    the denoising removed. ``gate=0`` treats every image as stable, ``gate`` above 1 flags all.
+
+    Why: at Aug-MSROI's default activation noise (0.2) the perturbed passes' classes leave the
+    image's own class on every image, so its map is drawn from noise-chosen classes and does not
+    follow the object (README, "Does the map matter?"); a rate-matched uniform JPEG gets most of
+    its gain. The gate spends the bits and the denoising only where an attack is likely. An
+    adaptive attacker who knows the gate can aim at it (keep the prediction stable under noise):
+    see the README. The metadata row carries ``stability`` and ``flagged``."""
+    if saliency is None or stability is None:
+        raise ValueError("aug_msroi_gated needs its saliency map and stability")
+    flagged = bool(stability < gate)
+    info: dict[str, Any] = {"stability": float(stability), "flagged": flagged}
+    if not flagged:
+        data = encode_jpeg(image, stable_quality, subsampling, optimize=True)
+        return Encoded(data, "jpg", {"quality": int(stable_quality), **info})
+    enc = _semantic(denoise_tv(image, denoise), saliency, levels=levels, q_low=q_low, q_high=q_high,
+                    binning=binning, method=method, subsampling=subsampling, bytes=None)
+    return Encoded(enc.data, enc.ext, {**enc.info, **info})
+
+
 DEFENSES = {
     "none": none,
     "jpeg": jpeg,
     "msroi": msroi,
     "aug_msroi": aug_msroi,
+    "aug_msroi_gated": aug_msroi_gated,
 }
 
 #: The map function of each semantic defense and which of its parameters the map depends on.
 _MAPS = {
     "msroi": (_saliency.msroi, ("top_k", "threshold")),
     "aug_msroi": (_saliency.aug_msroi, ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold")),
+    "aug_msroi_gated": (_saliency.aug_msroi_stability,
+                        ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold")),
 }
 
 
@@ -182,10 +252,13 @@ def map_request(spec: Spec) -> tuple[str, dict[str, Any]] | None:
 
 def compute_maps(name: str, model, images, kwargs: Mapping[str, Any], seeds=None):
     """Run the map function of semantic defense ``name`` on a batch (float32 NCHW in [0, 1]):
-    (N, H, W) float32 maps in [0, 1]. ``seeds`` (N,) int64 make Aug-MSROI per-sample reproducible."""
+    (maps, stability): (N, H, W) float32 maps in [0, 1], and for ``aug_msroi_gated`` the (N,)
+    float32 prediction stability, else None. ``seeds`` (N,) int64 make the noise per-sample
+    reproducible."""
     fn = _MAPS[name][0]
-    extra = {"seeds": seeds} if name == "aug_msroi" else {}
-    return fn(model, images, **kwargs, **extra)
+    extra = {"seeds": seeds} if name != "msroi" else {}
+    out = fn(model, images, **kwargs, **extra)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def match_target(spec: Spec) -> str | None:
@@ -215,6 +288,13 @@ def parse_defense(text: str) -> Spec:
             _saliency.check_map_params(**map_request(spec)[1])
         except ValueError as e:
             raise ValueError(f"bad value in defense spec {text!r}: {e}") from None
+    if spec.name == "aug_msroi_gated":
+        if not (math.isfinite(float(p.get("gate", 0))) and p.get("gate", 0) >= 0):
+            bad("gate", "must be a finite number >= 0 (0: no image is flagged; above 1: all are)")
+        if not (math.isfinite(float(p.get("denoise", 0))) and p.get("denoise", 0) >= 0):
+            bad("denoise", "must be a finite number >= 0 (0: no denoising)")
+        if not 1 <= p.get("stable_quality", 50) <= 100:
+            bad("stable_quality", "must be in 1..100")
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
         bad("bytes", "must be >= 1")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]
@@ -267,18 +347,21 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
     defense's maps are computed batched on ``model`` (noise seeded from the pixels); ``matched``
     gives a ``jpeg:match`` defense its per-image byte budgets."""
-    maps = None
+    maps = stability = None
     req = map_request(spec)
     if req is not None:
         if model is None:
             raise ValueError(f"defense {spec.text} needs a model for its saliency maps")
         x = to_tensor(pixels, next(model.parameters()).device)
         with torch.no_grad():
-            maps = compute_maps(spec.name, model, x, req[1]).float().cpu().numpy()
+            maps, stability = compute_maps(spec.name, model, x, req[1])
+        maps = maps.float().cpu().numpy()
+        stability = None if stability is None else stability.float().cpu().numpy()
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     return [
         apply_defense(spec, pixels[i], saliency=None if maps is None else maps[i],
+                      stability=None if stability is None else float(stability[i]),
                       matched_bytes=None if matched is None else matched[i])
         for i in range(len(pixels))
     ]

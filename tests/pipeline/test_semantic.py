@@ -17,7 +17,8 @@ from pipeline.evaluate import run_evaluate
 from tests.pipeline.conftest import tiny_config
 from tests.shards import encode, good_members, write_tar
 
-DEFENSES = ("aug_msroi", "msroi:q_low=20", "jpeg:match=aug_msroi", "jpeg:quality=50")
+DEFENSES = ("aug_msroi", "msroi:q_low=20", "jpeg:match=aug_msroi", "jpeg:quality=50", "aug_msroi_gated:gate=0.9",
+            "jpeg:match=aug_msroi_gated:gate=0.9")
 
 
 def members(path):
@@ -66,6 +67,19 @@ def test_every_variant_defended_and_rate_matched(semantic_run):
         assert {q["quality"] for q in aug["quality_levels"]} <= {30, 40, 50, 60, 70}
         assert aug["map_model"] == "tests.tiny:build" and aug["map_seconds"] > 0
         assert d["jpeg:quality=50"]["quality"] == 50 and d["none"]["quality_levels"] is None
+        # The gated extension: its stability and decision in the row, a uniform q50 file when
+        # stable, semantic q50..90 when flagged; its rate-matched JPEG fits under it.
+        gated = d["aug_msroi_gated:gate=0.9"]
+        assert 0 <= gated["stability"] <= 1 and gated["flagged"] == (gated["stability"] < 0.9)
+        if gated["flagged"]:
+            assert gated["quality"] is None and {q["quality"] for q in gated["quality_levels"]} <= {50, 60, 70, 80, 90}
+        else:
+            assert gated["quality"] == 50 and gated["bytes"] == d["jpeg:quality=50"]["bytes"]
+        assert d["jpeg:match=aug_msroi_gated:gate=0.9"]["bytes"] <= gated["bytes"]
+        assert all(r["stability"] is None and r["flagged"] is None for k, r in d.items() if not k.startswith("aug_msroi_gated"))
+    for t in summary["table"]:
+        flags = [r["flagged"] for r in rows if (r["attack_spec"], r["defense_spec"]) == (t["attack_spec"], t["defense_spec"])]
+        assert t["flagged"] == (sum(flags) / len(flags) if t["defense_spec"] == "aug_msroi_gated:gate=0.9" else None)
 
 
 def test_semantic_files_are_baseline_and_decode_the_same_everywhere(semantic_run):

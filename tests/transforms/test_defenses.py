@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
-from transforms.defenses import apply_defense, map_request, match_target, parse_defense
+from tests.tiny import near_boundary
+from transforms.images import to_tensor, to_uint8
+from transforms.defenses import apply_defense, denoise_tv, encode_batch, map_request, match_target, parse_defense
 from transforms.jpeg import decode_rgb
 
 
@@ -28,6 +31,13 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi:saliency=1", "unknown parameter 'saliency'"),
         ("jpeg:quality=50,match=aug_msroi", "give one of quality, bytes or match"),
         ("jpeg:bytes=0", "bytes"),
+        ("aug_msroi_gated:gate=-0.1", "gate"),
+        ("aug_msroi_gated:gate=nan", "gate"),
+        ("aug_msroi_gated:denoise=-1", "denoise"),
+        ("aug_msroi_gated:stable_quality=0", "stable_quality"),
+        ("aug_msroi_gated:q_low=95", "must not exceed"),
+        ("aug_msroi_gated:stability=1", "unknown parameter 'stability'"),
+        ("aug_msroi_gated:bytes=1000", "unknown parameter 'bytes'"),
     ],
 )
 def test_invalid_parameters_fail_before_work(text, message):
@@ -58,3 +68,57 @@ def test_rate_controlled_jpeg(photos):
     assert len(fixed.data) <= 900 and fixed.info["target_bytes"] == 900
     sem = apply_defense(parse_defense("aug_msroi:bytes=1200"), img, saliency=np.full((64, 64), 0.5, np.float32))
     assert len(sem.data) <= 1200 and sem.info["target_bytes"] == 1200
+
+
+def test_gated_defense_splits_on_stability(photos):
+    img = photos[0]
+    sal = np.zeros(img.shape[:2], np.float32)
+    sal[:32] = 1.0
+    spec = parse_defense("aug_msroi_gated")
+    stable = apply_defense(spec, img, saliency=sal, stability=0.8)
+    assert stable.data == apply_defense(parse_defense("jpeg:quality=50"), img).data  # plain uniform JPEG
+    assert stable.info == {"quality": 50, "stability": 0.8, "flagged": False}
+    flagged = apply_defense(spec, img, saliency=sal, stability=0.6)
+    assert flagged.info["flagged"] and flagged.info["quality_levels"] == {50: 8, 90: 8}
+    # Flagged: the denoised image, encoded semantically (not the input's semantic file).
+    undenoised = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), img, saliency=sal, stability=0.6)
+    assert flagged.data != undenoised.data
+    same = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), denoise_tv(img, 0.03), saliency=sal, stability=0.6)
+    assert flagged.data == same.data
+
+    def tv(a):
+        a = a.astype(float)
+        return np.abs(np.diff(a, axis=0)).sum() + np.abs(np.diff(a, axis=1)).sum()
+
+    assert tv(decode_rgb(flagged.data)) < tv(decode_rgb(undenoised.data))
+    assert not apply_defense(parse_defense("aug_msroi_gated:gate=0"), img, saliency=sal, stability=0.0).info["flagged"]
+    assert apply_defense(parse_defense("aug_msroi_gated:gate=1.01"), img, saliency=sal, stability=1.0).info["flagged"]
+    with pytest.raises(ValueError, match="stability"):
+        apply_defense(spec, img, saliency=sal)
+
+
+def test_denoise_tv_smooths_noise_and_keeps_shape():
+    rng = np.random.default_rng(0)
+    flat = np.full((40, 48, 3), 120, np.uint8)
+    noisy = np.clip(flat + rng.normal(0, 12, flat.shape), 0, 255).astype(np.uint8)
+    out = denoise_tv(noisy, 0.1)
+    assert out.shape == noisy.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - 120).mean() < 0.5 * np.abs(noisy.astype(int) - 120).mean()
+    assert denoise_tv(noisy, 0) is noisy
+    assert denoise_tv(np.full((1, 1, 3), 7, np.uint8), 0.03).tolist() == [[[7, 7, 7]]]
+
+
+def test_gated_maps_share_nothing_with_aug_msroi_and_fill_stability(photos, tiny_model):
+    gated = parse_defense("aug_msroi_gated")
+    assert map_request(gated) != map_request(parse_defense("aug_msroi"))  # no activation noise
+    assert map_request(gated) == map_request(parse_defense("aug_msroi_gated:gate=0.5,q_high=80"))
+    x = to_tensor(photos)
+    pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))  # stored as uint8, as in the pipeline
+    files = encode_batch(gated, pixels, model=tiny_model)
+    stab = np.array([f.info["stability"] for f in files])
+    assert set(np.round(stab * 5, 6)) <= set(range(6))  # shares of 5 passes
+    assert [f.info["flagged"] for f in files] == list(stab < 0.7)
+    assert not any(f.info["flagged"] for f in files[:4]) and any(f.info["flagged"] for f in files[4:])
+    for f, p in zip(files, pixels):
+        if not f.info["flagged"]:
+            assert f.data == apply_defense(parse_defense("jpeg:quality=50"), p).data

@@ -13,6 +13,7 @@ from transforms.models import Classifier
 from transforms.saliency import (
     NOISES,
     aug_msroi,
+    aug_msroi_stability,
     class_activation_maps,
     msroi,
     msroi_rank_weights,
@@ -286,6 +287,35 @@ def test_aug_msroi_constant_and_empty(tiny_model):
     flat = aug_msroi(tiny_model, torch.full((3, 3, 64, 64), 0.25), seeds=torch.arange(3))
     assert torch.isfinite(flat).all() and flat.min() >= 0 and flat.max() <= 1
     assert aug_msroi(tiny_model, torch.zeros(0, 3, 64, 64)).shape == (0, 64, 64)
+
+
+def test_stability_is_the_share_of_perturbed_passes_keeping_the_clean_class(tiny_model, batch):
+    """The same perturbed passes draw the map (the Aug-MSROI map of the same noise) and vote;
+    checked against the logits the passes themselves produced."""
+    # The photos, and the same photos pushed just past the tiny model's decision boundary (the
+    # place an attack leaves an image): small noise moves the latter's prediction, not the former's.
+    x = torch.cat([batch, tiny.near_boundary(tiny_model, batch, past=1.02)])
+    seeds = torch.arange(8)
+    outs = []
+    handle = tiny_model.fc.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    try:
+        maps, stab = aug_msroi_stability(tiny_model, x, seeds=seeds, samples=4, max_batch=None)
+    finally:
+        handle.remove()
+    assert [o.shape[0] for o in outs] == [32, 8]  # 8 images x 4 perturbations, then the clean pass
+    votes = outs[0].argmax(1).view(8, 4) == outs[1].argmax(1)[:, None]
+    torch.testing.assert_close(stab, votes.float().mean(1))
+    assert torch.equal(stab[:4], torch.ones(4)) and (stab[4:] < 0.7).all()
+    torch.testing.assert_close(maps, aug_msroi(tiny_model, x, seeds=seeds, samples=4, activation_noise=0.0),
+                               rtol=1e-5, atol=1e-5)
+    # Batched equals per sample; without noise every prediction stays.
+    per = [aug_msroi_stability(tiny_model, x[i : i + 1], seeds=seeds[i : i + 1], samples=4)[1] for i in range(8)]
+    torch.testing.assert_close(torch.cat(per), stab)
+    assert torch.equal(aug_msroi_stability(tiny_model, x, input_noise=0.0)[1], torch.ones(8))
+    empty = aug_msroi_stability(tiny_model, torch.zeros(0, 3, 64, 64))
+    assert empty[0].shape == (0, 64, 64) and empty[1].shape == (0,)
+    with pytest.raises(ValueError, match="samples"):
+        aug_msroi_stability(tiny_model, batch, samples=0)
 
 
 def test_aug_msroi_rejects_bad_parameters(tiny_model, batch):
