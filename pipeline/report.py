@@ -90,7 +90,14 @@ def _read_tar(path: str) -> dict[str, bytes]:
 
 
 def _is_semantic(defense: str) -> bool:
-    return defense in ("aug_msroi", "msroi")
+    return defense in _SEMANTIC_MARKERS
+
+
+#: Marker, colour and size of each semantic defense in the rate-accuracy plot.
+_SEMANTIC_MARKERS = {"aug_msroi": ("*", "#c0392b", 14), "msroi": ("D", "#2471a3", 7),
+                     "aug_msroi_gated": ("P", "#1e8449", 10)}
+#: Colours of the rate-matched or rate-controlled JPEGs, one per spec in order of appearance.
+_MATCH_COLOURS = ("#f39c12", "#8e44ad", "#a04000", "#16a085")
 
 
 def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes | None:
@@ -105,6 +112,8 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
     rows = [r for r in table if r["defense"] != "none" and r["bytes"] and r.get(metric) is not None]
     if not rows:
         return None
+    matched = list(dict.fromkeys(r["defense_spec"] for r in rows
+                                 if r["defense"] == "jpeg" and ("match" in r["defense_spec"] or "bytes" in r["defense_spec"])))
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
     for ax, attack in zip(axes[0], attacks):
         mine = [r for r in rows if r["attack_spec"] == attack]
@@ -116,13 +125,13 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
             for r in jpeg:
                 ax.annotate(r["defense_spec"].split("=")[-1], (r["bytes"] / 1000, r[metric]),
                             fontsize=7, xytext=(3, -8), textcoords="offset points", color="#555")
-        markers = {"aug_msroi": ("*", "#c0392b", 14), "msroi": ("D", "#2471a3", 7)}
         for r in mine:
             if _is_semantic(r["defense"]):
-                m, c, s = markers[r["defense"]]
+                m, c, s = _SEMANTIC_MARKERS[r["defense"]]
                 ax.plot(r["bytes"] / 1000, r[metric], m, color=c, markersize=s, label=r["defense_spec"])
             elif "match" in r["defense_spec"] or "bytes" in r["defense_spec"]:
-                ax.plot(r["bytes"] / 1000, r[metric], "s", color="#f39c12", label=r["defense_spec"])
+                c = _MATCH_COLOURS[matched.index(r["defense_spec"]) % len(_MATCH_COLOURS)]
+                ax.plot(r["bytes"] / 1000, r[metric], "s", color=c, label=r["defense_spec"])
         ax.set_title(attack, fontsize=10)
         ax.set_xlabel("mean kB per image")
         ax.grid(alpha=0.3)
@@ -131,8 +140,9 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
+    legend_rows = -(-len(handles) // 4)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
-               fontsize=8, bbox_to_anchor=(0.5, -0.08))
+               fontsize=8, bbox_to_anchor=(0.5, -0.08 - 0.07 * (legend_rows - 1)))
     return _fig_png(fig)
 
 

@@ -207,7 +207,10 @@ def aug_msroi_gated(
     Why: at Aug-MSROI's default activation noise (0.2) the perturbed passes' classes leave the
     image's own class on every image, so its map is drawn from noise-chosen classes and does not
     follow the object (README, "Does the map matter?"); a rate-matched uniform JPEG gets most of
-    its gain. The gate spends the bits and the denoising only where an attack is likely. An
+    its gain. The gate spends the bits and the denoising only where an attack is likely. On the
+    500 dev images it gains 13 (FGSM) and 21 (IGSM) points of top-1 over a rate-matched uniform
+    JPEG at a cost of 1-2 on clean images (README, "The stability gate"); the defaults were
+    chosen on the first 200. An
     adaptive attacker who knows the gate can aim at it (keep the prediction stable under noise):
     see the README. The metadata row carries ``stability`` and ``flagged``."""
     if saliency is None or stability is None:
