@@ -10,9 +10,10 @@ _SUMS = ("bytes", "bpp", "linf", "rmse")
 
 class SummaryFn(beam.CombineFn):
     """Rows of one (attack, defense) -> n, top1, agree_clean, mean bytes/bpp/psnr/ssim/linf/rmse,
-    attack success rate, the share of images a gated defense flagged (None for the others). ``top1`` is over labeled rows only (None without labels); PSNR averages
-    the finite values (identical images have infinite PSNR and are counted apart); SSIM the rows
-    that have one (an image smaller than its 11x11 window, at its own size, has none)."""
+    attack success rate, the share of images a gated defense flagged (None for the others).
+    ``top1`` is over labeled rows only (None without labels); PSNR averages the finite values
+    (identical images have infinite PSNR and are counted apart); SSIM the rows that have one (an
+    image smaller than its 11x11 window, at its own size, has none)."""
 
     def create_accumulator(self):
         return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0, "ssim": 0.0, "ssim_n": 0,

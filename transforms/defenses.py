@@ -4,8 +4,7 @@ Each defense is ``defense(image, *, params...) -> Encoded``; ``--defense name:k=
 checked against :data:`DEFENSES`. Parameters named in :data:`HIDDEN` are filled by the runner, not
 by specs: the saliency map of the semantic defenses (and, for ``aug_msroi_gated``, the image's
 prediction stability), computed batched on the model beforehand (:func:`map_request` says which
-map a spec needs), and the size of the file a ``jpeg:match=...``
-defense must not exceed.
+map a spec needs), and the size of the file a ``jpeg:match=...`` defense must not exceed.
 
 * ``none``: the image stored losslessly (PNG).
 * ``jpeg``: uniform JPEG at one IJG quality, or rate-controlled: ``bytes=N`` (the highest quality
@@ -44,7 +43,8 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
-    "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "matched_defense", "defend_images", "encode_batch",
+    "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "matched_defense", "defend_images",
+    "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
@@ -210,9 +210,10 @@ def aug_msroi_gated(
     its gain. The gate spends the bits and the denoising only where an attack is likely. On the
     500 dev images it gains 13 (FGSM) and 21 (IGSM) points of top-1 over a rate-matched uniform
     JPEG at a cost of 1-2 on clean images (README, "The stability gate"); the defaults were
-    chosen on the first 200. An
-    adaptive attacker who knows the gate can aim at it (keep the prediction stable under noise):
-    see the README. The metadata row carries ``stability`` and ``flagged``."""
+    chosen on the first 200. An adaptive attacker defeats it: IGSM differentiating through the
+    whole defense (``bpda=aug_msroi_gated``) leaves 10% top-1; one who knows the gate can also
+    aim at it (keep the prediction stable under noise). Stability is the map model's. The
+    metadata row carries ``stability`` and ``flagged``."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
     flagged = bool(stability < gate)

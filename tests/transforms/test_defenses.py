@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tests.tiny import near_boundary
-from transforms.images import to_tensor, to_uint8
 from transforms.defenses import apply_defense, denoise_tv, encode_batch, map_request, match_target, parse_defense
+from transforms.images import to_tensor, to_uint8
 from transforms.jpeg import decode_rgb
 
 
