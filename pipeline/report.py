@@ -306,14 +306,18 @@ def _cell(data: bytes | None, mime: str, row: dict | None) -> str:
 def _table(summary: dict, regressions: Iterable = ()) -> str:
     """The accuracy table; cells of metrics that regressed get the ``bad`` class."""
     bad = {(r.attack_spec, r.defense_spec, r.metric) for r in regressions if hasattr(r, "metric")}
+    gated = any(r.get("flagged") is not None for r in summary["table"])  # a gated defense ran
     head = ("<tr><th class='l'>attack</th><th class='l'>defense</th><th>n</th><th>top-1</th><th>agree</th>"
-            "<th>attack success</th><th>bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th></tr>")
+            "<th>attack success</th><th>bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th>"
+            + ("<th>flagged</th>" if gated else "") + "</tr>")
     body = []
     for r in summary["table"]:
         psnr = "∞" if r["psnr"] is None and r.get("identical") == r["n"] else _fmt(r["psnr"], ".2f")
         cells = {"n": str(r["n"]), "top1": _fmt(r["top1"]), "agree_clean": _fmt(r["agree_clean"]),
                  "success": _fmt(r.get("success")), "bytes": _fmt(r["bytes"], ",.0f"), "bpp": _fmt(r["bpp"], ".2f"),
                  "psnr": psnr, "ssim": _fmt(r["ssim"], ".4f")}
+        if gated:
+            cells["flagged"] = _fmt(r.get("flagged"))
         pair = (r["attack_spec"], r["defense_spec"])
         body.append(
             f"<tr><td class='l'>{html.escape(pair[0])}</td><td class='l'>{html.escape(pair[1])}</td>"

@@ -129,3 +129,14 @@ def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["none", "jpeg:quality=50"]}}
     page = gallery(str(run), summary, [], size=4)
     assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
+
+
+def test_accuracy_table_shows_the_flagged_share_only_when_a_gated_defense_ran():
+    from pipeline.report import _table
+
+    row = {"attack_spec": "clean", "defense_spec": "jpeg:quality=50", "n": 4, "top1": 0.5, "agree_clean": 1.0,
+           "success": None, "bytes": 1000.0, "bpp": 1.0, "psnr": 30.0, "identical": 0, "ssim": 0.9, "flagged": None}
+    plain = _table({"table": [row]})
+    assert "flagged" not in plain and plain.count("<td") == 10
+    gated = _table({"table": [row, {**row, "defense_spec": "aug_msroi_gated", "flagged": 0.25}]})
+    assert "<th>flagged</th>" in gated and "<td>0.250</td>" in gated and gated.count("<td") == 22
