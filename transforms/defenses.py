@@ -190,6 +190,7 @@ def aug_msroi_gated(
     binning: Binning = "value",
     method: Method = "requantize",
     subsampling: Subsampling = "4:2:0",
+    bytes: int | None = None,
     saliency: np.ndarray | None = None,
     stability: float | None = None,
 ) -> Encoded:
@@ -203,6 +204,8 @@ def aug_msroi_gated(
     (``denoise``, 0 for none; :func:`denoise_tv`), then semantic JPEG with its map at ``levels``
     qualities ``q_low``..``q_high``, finer than the stable images' quality to pay for the detail
     the denoising removed. ``gate=0`` treats every image as stable, ``gate`` above 1 flags all.
+    ``bytes=N`` fits every file into N bytes: a stable image at the highest uniform quality that
+    fits, a flagged one with its quality window shifted down as :func:`aug_msroi` does.
 
     Why: at Aug-MSROI's default activation noise (0.2) the perturbed passes' classes leave the
     image's own class on every image, so its map is drawn from noise-chosen classes and does not
@@ -219,10 +222,13 @@ def aug_msroi_gated(
     flagged = bool(stability < gate)
     info: dict[str, Any] = {"stability": float(stability), "flagged": flagged}
     if not flagged:
-        data = encode_jpeg(image, stable_quality, subsampling, optimize=True)
-        return Encoded(data, "jpg", {"quality": int(stable_quality), **info})
+        if bytes is None:
+            data = encode_jpeg(image, stable_quality, subsampling, optimize=True)
+            return Encoded(data, "jpg", {"quality": int(stable_quality), **info})
+        enc = jpeg(image, subsampling=subsampling, bytes=bytes)
+        return Encoded(enc.data, enc.ext, {**enc.info, **info})
     enc = _semantic(denoise_tv(image, denoise), saliency, levels=levels, q_low=q_low, q_high=q_high,
-                    binning=binning, method=method, subsampling=subsampling, bytes=None)
+                    binning=binning, method=method, subsampling=subsampling, bytes=bytes)
     return Encoded(enc.data, enc.ext, {**enc.info, **info})
 
 

@@ -37,7 +37,7 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi_gated:stable_quality=0", "stable_quality"),
         ("aug_msroi_gated:q_low=95", "must not exceed"),
         ("aug_msroi_gated:stability=1", "unknown parameter 'stability'"),
-        ("aug_msroi_gated:bytes=1000", "unknown parameter 'bytes'"),
+        ("aug_msroi_gated:bytes=0", "bytes"),
     ],
 )
 def test_invalid_parameters_fail_before_work(text, message):
@@ -95,6 +95,13 @@ def test_gated_defense_splits_on_stability(photos):
     assert apply_defense(parse_defense("aug_msroi_gated:gate=1.01"), img, saliency=sal, stability=1.0).info["flagged"]
     with pytest.raises(ValueError, match="stability"):
         apply_defense(spec, img, saliency=sal)
+    # Rate control: both branches fit the budget (stable: the best uniform quality that fits).
+    fit = parse_defense("aug_msroi_gated:bytes=1100")
+    for st in (0.8, 0.6):
+        enc = apply_defense(fit, img, saliency=sal, stability=st)
+        assert len(enc.data) <= 1100 and enc.info["target_bytes"] == 1100 and enc.info["flagged"] == (st < 0.7)
+    stable_fit = apply_defense(fit, img, saliency=sal, stability=0.8)
+    assert stable_fit.data == apply_defense(parse_defense("jpeg:bytes=1100"), img).data
 
 
 def test_denoise_tv_smooths_noise_and_keeps_shape():
