@@ -222,10 +222,7 @@ def aug_msroi_gated(
     flagged = bool(stability < gate)
     info: dict[str, Any] = {"stability": float(stability), "flagged": flagged}
     if not flagged:
-        if bytes is None:
-            data = encode_jpeg(image, stable_quality, subsampling, optimize=True)
-            return Encoded(data, "jpg", {"quality": int(stable_quality), **info})
-        enc = jpeg(image, subsampling=subsampling, bytes=bytes)
+        enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
     enc = _semantic(denoise_tv(image, denoise), saliency, levels=levels, q_low=q_low, q_high=q_high,
                     binning=binning, method=method, subsampling=subsampling, bytes=bytes)
@@ -284,7 +281,7 @@ def parse_defense(text: str) -> Spec:
     def bad(key, why):
         raise ValueError(f"bad value for {key!r} in defense spec {text!r}: {why}")
 
-    for key in ("quality", "q_low", "q_high"):
+    for key in ("quality", "q_low", "q_high", "stable_quality"):
         if key in p and not 1 <= p[key] <= 100:
             bad(key, "must be in 1..100")
     defaults = {k: v.default for k, v in spec_params(DEFENSES[spec.name]).items()}
@@ -303,8 +300,6 @@ def parse_defense(text: str) -> Spec:
             bad("gate", "must be a finite number >= 0 (0: no image is flagged; above 1: all are)")
         if not (math.isfinite(float(p.get("denoise", 0))) and p.get("denoise", 0) >= 0):
             bad("denoise", "must be a finite number >= 0 (0: no denoising)")
-        if not 1 <= p.get("stable_quality", 50) <= 100:
-            bad("stable_quality", "must be in 1..100")
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
         bad("bytes", "must be >= 1")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]
