@@ -9,8 +9,9 @@ defaults). Plain ``msroi`` (one
 pass) is reported alongside, and on CUDA the ceiling without noise (``msroi`` over the N * S
 repeated images, per input image). Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
 (requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
-reference, and the work of ``aug_msroi_gated`` (its map and stability: one unperturbed pass
-more; its flagged images: total-variation denoising before the encoder).
+reference, and the work of ``aug_msroi_gated`` (its map and stabilities: one unperturbed pass
+more, and the JPEG check: a uniform JPEG encoded and decoded on the CPU and two more passes; its
+flagged images: total-variation denoising before the encoder).
 
 For scale: the authors report 300 images x 5 perturbations in about 5 s on a Titan X (~60
 images/s); the target for the map stage on an H100 is >= 5,000 images/s.
@@ -73,9 +74,10 @@ def time_maps(model, x: torch.Tensor, fn, iters: int, *, bf16: bool) -> float:
 
 
 def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str]) -> dict:
+    from transforms.defenses import gated_maps
     from transforms.images import to_tensor
     from transforms.models import build_model
-    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, aug_msroi_stability, msroi
+    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, msroi
 
     model = build_model("efficientnet_lite0", device=device)
     reps = -(-batch // len(images))
@@ -85,8 +87,8 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
     def aug(m, x):
         return aug_msroi(m, x, seeds=seeds)
 
-    def gated(m, x):  # the map and stability of aug_msroi_gated: S passes and one unperturbed
-        return aug_msroi_stability(m, x, seeds=seeds)[0]
+    def gated(m, x):  # the map stage of aug_msroi_gated: S passes, one unperturbed, the JPEG check
+        return gated_maps(m, x, jpeg_quality=50, seeds=seeds)[0]
 
     out = {"batch": batch, "samples": DEFAULT_SAMPLES, "forward_batch": batch * DEFAULT_SAMPLES}
     for v in variants:

@@ -91,7 +91,7 @@ class _EncodeFn(beam.DoFn):
                         raise ValueError(f"the matched defense {ref} failed on this image")
                     matched = sizes[ref]
                 enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched,
-                                    stability=v.map_stability.get(req[0]) if req else None)
+                                    **(v.map_stability.get(req[0], {}) if req else {}))
                 # PNG is lossless: the stored pixels are the input pixels.
                 decoded = v.image if enc.ext == "png" else decode_rgb(enc.data)
             except Exception as e:

@@ -68,8 +68,9 @@ class Variant:
     rmse: float = 0.0
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # map request -> (H, W) float32 in [0, 1]
     map_seconds: dict[str, float] = field(default_factory=dict)
-    #: map request -> the image's prediction stability, for the requests that measure it.
-    map_stability: dict[str, float] = field(default_factory=dict)
+    #: map request -> the image's prediction stabilities ({"stability": s, "jpeg_stability": j}),
+    #: for the requests that measure them (the hidden defense parameters of the same names).
+    map_stability: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The classifier's softmax (K,) float32 on ``image``, from the attack stage, which classifies
     #: every variant anyway (the clean prediction, an attack's success). The classify stage
     #: reuses it for defenses that store ``image`` losslessly instead of running the model again.

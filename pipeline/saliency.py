@@ -107,7 +107,7 @@ class MapHandler(_ClassifierHandler):
                 with torch.no_grad(), self.precision_context(device):
                     m, st = compute_maps(name, model, x, kwargs, seeds)
                     m = m.float().cpu().numpy()
-                    st = None if st is None else st.float().cpu().numpy()
+                    st = {k: s.float().cpu().numpy() for k, s in (st or {}).items()}
                 dt = (time.perf_counter() - t0) / max(1, len(batch))
             except Exception as e:  # only the defenses that need this map fail
                 log.exception("saliency map %s failed on a batch of %d", text, len(batch))
@@ -116,8 +116,8 @@ class MapHandler(_ClassifierHandler):
             for i, v in enumerate(batch):
                 maps[i][text] = stretch_map(m[i], v.image.shape[:2]) if self.native else m[i]
                 seconds[i][text] = dt
-                if st is not None:
-                    stable[i][text] = float(st[i])
+                if st:
+                    stable[i][text] = {k: float(s[i]) for k, s in st.items()}
         return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb)
                 for v, mp, sc, sb in zip(batch, maps, seconds, stable)] + errors
 

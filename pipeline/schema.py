@@ -41,6 +41,7 @@ METADATA_SCHEMA = pa.schema(
         ("map_model", pa.string()),
         ("map_seconds", pa.float32()),
         ("stability", pa.float32()),
+        ("jpeg_stability", pa.float32()),
         ("flagged", pa.bool_()),
         ("width", pa.int32()),
         ("height", pa.int32()),

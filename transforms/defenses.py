@@ -3,7 +3,7 @@
 Each defense is ``defense(image, *, params...) -> Encoded``; ``--defense name:k=v`` specs are
 checked against :data:`DEFENSES`. Parameters named in :data:`HIDDEN` are filled by the runner, not
 by specs: the saliency map of the semantic defenses (and, for ``aug_msroi_gated``, the image's
-prediction stability), computed batched on the model beforehand (:func:`map_request` says which
+prediction stabilities), computed batched on the model beforehand (:func:`map_request` says which
 map a spec needs), and the size of the file a ``jpeg:match=...`` defense must not exceed.
 
 * ``none``: the image stored losslessly (PNG).
@@ -15,8 +15,9 @@ map a spec needs), and the size of the file a ``jpeg:match=...`` defense must no
   ``q_low`` to ``q_high``; salient blocks are quantized finely, the rest coarsely; one standard
   baseline JPEG. ``bytes=N`` shifts the quality window down until the file fits.
 * ``aug_msroi_gated``: our extension: images whose prediction is unstable under the map's input
-  noise (likely adversarial) are denoised and get semantic JPEG at finer qualities; stable ones
-  a uniform JPEG. The runner fills its ``stability`` with the map.
+  noise or under the stable images' JPEG (likely adversarial) are denoised and get semantic JPEG
+  at finer qualities; stable ones a uniform JPEG. The runner fills its ``stability`` and
+  ``jpeg_stability`` with the map.
 """
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
-    "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "matched_defense", "defend_images",
-    "encode_batch",
+    "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
+    "matched_defense", "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
-HIDDEN = ("saliency", "stability", "matched_bytes")
+HIDDEN = ("saliency", "stability", "jpeg_stability", "matched_bytes")
 
 
 class Encoded(NamedTuple):
@@ -161,8 +162,8 @@ def aug_msroi(
 
 
 def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
-    """Total-variation denoising (Chambolle's algorithm, scikit-image) of uint8 HWC RGB, the
-    channels denoised jointly, ``weight`` in the units of pixels in [0, 1]; uint8 back. Weight 0
+    """Total-variation denoising (Chambolle's algorithm, scikit-image) of uint8 HWC RGB, each
+    channel denoised on its own (scikit-image's ``channel_axis``), ``weight`` in the units of pixels in [0, 1]; uint8 back. Weight 0
     returns the image unchanged."""
     if weight == 0:
         return image
@@ -172,10 +173,63 @@ def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+def jpeg_stability(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    quality: int = 50,
+    subsampling: Subsampling = "4:2:0",
+    max_batch: int | None = _saliency.CPU_PASS,
+) -> torch.Tensor:
+    """How much of each image's predicted class distribution survives uniform JPEG at
+    ``quality``: one minus the total variation distance between the model's softmax on the image
+    and on its JPEG (the file :func:`jpeg` writes, decoded). 1: the JPEG changes nothing; 0: the
+    two predictions share no probability mass.
+
+    A JPEG "squeeze" in the sense of feature squeezing (Xu et al., NDSS 2018): an attack's
+    perturbation is tuned to the image's exact pixels, and a JPEG removes much of it, so the
+    prediction of an adversarial image moves more than a clean one's. ``images``: float32 NCHW in
+    [0, 1], rounded to the uint8 grid for the encoder; two forward passes per image in chunks of
+    ``max_batch`` (None: all at once). Returns (N,) float32 in [0, 1] on the images' device."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    device = next(model.parameters()).device
+    n = len(images)
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.float32, device=images.device)
+    pixels = to_uint8(images.detach().cpu())
+    squeezed = to_tensor([decode_rgb(jpeg(p, quality=quality, subsampling=subsampling).data) for p in pixels])
+    per = n if max_batch is None else max(1, int(max_batch))
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, per):
+            a = to_tensor(pixels[i : i + per], device)
+            b = squeezed[i : i + per].to(device)
+            if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+                a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+            pa, pb = (model(t).float().softmax(dim=1) for t in (a, b))
+            out.append(1.0 - 0.5 * (pa - pb).abs().sum(dim=1))
+    return torch.cat(out).clamp(0.0, 1.0).to(images.device)
+
+
+def gated_maps(model, images, *, jpeg_quality: int | None = None, subsampling: Subsampling = "4:2:0", seeds=None,
+               **aug: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The map stage of :func:`aug_msroi_gated`: the Aug-MSROI map and the prediction stability
+    under its input noise (:func:`transforms.saliency.aug_msroi_stability`, ``aug`` its
+    parameters), and, unless ``jpeg_quality`` is None, :func:`jpeg_stability` at that quality.
+    Returns (maps, {"stability": (N,), "jpeg_stability": (N,)})."""
+    maps, stability = _saliency.aug_msroi_stability(model, images, seeds=seeds, **aug)
+    scores = {"stability": stability}
+    if jpeg_quality is not None:
+        scores["jpeg_stability"] = jpeg_stability(model, images, quality=jpeg_quality, subsampling=subsampling)
+    return maps, scores
+
+
 def aug_msroi_gated(
     image: np.ndarray,
     *,
     gate: float = 0.7,
+    jpeg_gate: float = 0.55,
     samples: int = _saliency.DEFAULT_SAMPLES,
     input_noise: float = _saliency.DEFAULT_INPUT_NOISE,
     activation_noise: float = 0.0,
@@ -193,17 +247,26 @@ def aug_msroi_gated(
     bytes: int | None = None,
     saliency: np.ndarray | None = None,
     stability: float | None = None,
+    jpeg_stability: float | None = None,
 ) -> Encoded:
     """Aug-MSROI behind a stability gate: our extension, not the DCC 2018 method.
 
-    The perturbed passes that draw the Aug-MSROI map also say how stable the image's prediction
-    is (:func:`transforms.saliency.aug_msroi_stability`: the fraction of ``samples`` passes with
-    input noise ``input_noise`` that keep the unperturbed top-1). An image whose stability is at
-    least ``gate`` is stored as uniform JPEG at ``stable_quality``; one below it (likely
-    adversarial: attacks leave images near a decision boundary) is total-variation denoised
+    Two checks, both run in the map stage on the map model, say how stable the image's
+    prediction is:
+
+    * ``stability``: the perturbed passes that draw the Aug-MSROI map
+      (:func:`transforms.saliency.aug_msroi_stability`): the fraction of ``samples`` passes with
+      input noise ``input_noise`` that keep the unperturbed top-1;
+    * ``jpeg_stability`` (:func:`jpeg_stability`): the share of the predicted class distribution
+      that survives the stable images' own file, uniform JPEG at ``stable_quality``.
+
+    An image at least ``gate`` stable under noise and at least ``jpeg_gate`` under JPEG is stored
+    as uniform JPEG at ``stable_quality``; one below either (likely adversarial: attacks leave
+    images near a decision boundary, tuned to their exact pixels) is total-variation denoised
     (``denoise``, 0 for none; :func:`denoise_tv`), then semantic JPEG with its map at ``levels``
     qualities ``q_low``..``q_high``, finer than the stable images' quality to pay for the detail
-    the denoising removed. ``gate=0`` treats every image as stable, ``gate`` above 1 flags all.
+    the denoising removed. ``gate=0`` and ``jpeg_gate=0`` switch a check off (``jpeg_gate=0``
+    also skips its two forward passes); either above 1 flags every image.
     ``bytes=N`` fits every file into N bytes: a stable image at the highest uniform quality that
     fits, a flagged one with its quality window shifted down as :func:`aug_msroi` does.
 
@@ -215,12 +278,16 @@ def aug_msroi_gated(
     JPEG at a cost of 1-2 on clean images (README, "The stability gate"); the defaults were
     chosen on the first 200. An adaptive attacker defeats it: IGSM differentiating through the
     whole defense (``bpda=aug_msroi_gated``) leaves 10% top-1; one who knows the gate can also
-    aim at it (keep the prediction stable under noise). Stability is the map model's. The
-    metadata row carries ``stability`` and ``flagged``."""
+    aim at it (keep the prediction stable under noise and JPEG). Both stabilities are the map
+    model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
-    flagged = bool(stability < gate)
+    if jpeg_gate > 0 and jpeg_stability is None:
+        raise ValueError("aug_msroi_gated with jpeg_gate > 0 needs the image's jpeg_stability")
+    flagged = bool(stability < gate) or (jpeg_gate > 0 and bool(jpeg_stability < jpeg_gate))
     info: dict[str, Any] = {"stability": float(stability), "flagged": flagged}
+    if jpeg_gate > 0:
+        info["jpeg_stability"] = float(jpeg_stability)
     if not flagged:
         enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
@@ -241,8 +308,8 @@ DEFENSES = {
 _MAPS = {
     "msroi": (_saliency.msroi, ("top_k", "threshold")),
     "aug_msroi": (_saliency.aug_msroi, ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold")),
-    "aug_msroi_gated": (_saliency.aug_msroi_stability,
-                        ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold")),
+    "aug_msroi_gated": (gated_maps,
+                        ("samples", "input_noise", "activation_noise", "noise", "top_k", "threshold", "subsampling")),
 }
 
 
@@ -254,14 +321,20 @@ def map_request(spec: Spec) -> tuple[str, dict[str, Any]] | None:
     fn_params = spec_params(DEFENSES[spec.name])
     names = _MAPS[spec.name][1]
     kwargs = {k: spec.params.get(k, fn_params[k].default) for k in names}
+    if spec.name == "aug_msroi_gated":  # the JPEG check encodes at the stable quality, if it is on
+        if spec.params.get("jpeg_gate", fn_params["jpeg_gate"].default) > 0:
+            kwargs["jpeg_quality"] = spec.params.get("stable_quality", fn_params["stable_quality"].default)
+        else:
+            del kwargs["subsampling"]
     return format_spec(spec.name, kwargs), kwargs
 
 
 def compute_maps(name: str, model, images, kwargs: Mapping[str, Any], seeds=None):
     """Run the map function of semantic defense ``name`` on a batch (float32 NCHW in [0, 1]):
-    (maps, stability): (N, H, W) float32 maps in [0, 1], and for ``aug_msroi_gated`` the (N,)
-    float32 prediction stability, else None. ``seeds`` (N,) int64 make the noise per-sample
-    reproducible."""
+    (maps, scores): (N, H, W) float32 maps in [0, 1], and for ``aug_msroi_gated`` its per-image
+    stabilities ({"stability": (N,), "jpeg_stability": (N,)}, the latter only when its JPEG check
+    is on; the hidden parameters of the same names), else None. ``seeds`` (N,) int64 make the
+    noise per-sample reproducible."""
     fn = _MAPS[name][0]
     extra = {"seeds": seeds} if name != "msroi" else {}
     out = fn(model, images, **kwargs, **extra)
@@ -292,12 +365,14 @@ def parse_defense(text: str) -> Spec:
         if p.get("levels", 1) < 1:
             bad("levels", "must be >= 1")
         try:  # the map function's own checks: finite noise scales, top_k and samples >= 1, ...
-            _saliency.check_map_params(**map_request(spec)[1])
+            kwargs = map_request(spec)[1]
+            _saliency.check_map_params(**{k: v for k, v in kwargs.items() if k not in ("jpeg_quality", "subsampling")})
         except ValueError as e:
             raise ValueError(f"bad value in defense spec {text!r}: {e}") from None
     if spec.name == "aug_msroi_gated":
-        if not (math.isfinite(float(p.get("gate", 0))) and p.get("gate", 0) >= 0):
-            bad("gate", "must be a finite number >= 0 (0: no image is flagged; above 1: all are)")
+        for key in ("gate", "jpeg_gate"):
+            if not (math.isfinite(float(p.get(key, 0))) and p.get(key, 0) >= 0):
+                bad(key, "must be a finite number >= 0 (0: this check flags no image; above 1: it flags all)")
         if not (math.isfinite(float(p.get("denoise", 0))) and p.get("denoise", 0) >= 0):
             bad("denoise", "must be a finite number >= 0 (0: no denoising)")
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
@@ -352,21 +427,21 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
     defense's maps are computed batched on ``model`` (noise seeded from the pixels); ``matched``
     gives a ``jpeg:match`` defense its per-image byte budgets."""
-    maps = stability = None
+    maps = scores = None
     req = map_request(spec)
     if req is not None:
         if model is None:
             raise ValueError(f"defense {spec.text} needs a model for its saliency maps")
         x = to_tensor(pixels, next(model.parameters()).device)
         with torch.no_grad():
-            maps, stability = compute_maps(spec.name, model, x, req[1])
+            maps, scores = compute_maps(spec.name, model, x, req[1])
         maps = maps.float().cpu().numpy()
-        stability = None if stability is None else stability.float().cpu().numpy()
+        scores = {k: v.float().cpu().numpy() for k, v in (scores or {}).items()}
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     return [
         apply_defense(spec, pixels[i], saliency=None if maps is None else maps[i],
-                      stability=None if stability is None else float(stability[i]),
+                      **{k: float(v[i]) for k, v in (scores or {}).items()},
                       matched_bytes=None if matched is None else matched[i])
         for i in range(len(pixels))
     ]

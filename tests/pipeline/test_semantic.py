@@ -70,13 +70,15 @@ def test_every_variant_defended_and_rate_matched(semantic_run):
         # The gated extension: its stability and decision in the row, a uniform q50 file when
         # stable, semantic q50..90 when flagged; its rate-matched JPEG fits under it.
         gated = d["aug_msroi_gated:gate=0.9"]
-        assert 0 <= gated["stability"] <= 1 and gated["flagged"] == (gated["stability"] < 0.9)
+        assert 0 <= gated["stability"] <= 1 and 0 <= gated["jpeg_stability"] <= 1
+        assert gated["flagged"] == (gated["stability"] < 0.9 or gated["jpeg_stability"] < 0.55)
         if gated["flagged"]:
             assert gated["quality"] is None and {q["quality"] for q in gated["quality_levels"]} <= {50, 60, 70, 80, 90}
         else:
             assert gated["quality"] == 50 and gated["bytes"] == d["jpeg:quality=50"]["bytes"]
         assert d["jpeg:match=aug_msroi_gated:gate=0.9"]["bytes"] <= gated["bytes"]
-        assert all(r["stability"] is None and r["flagged"] is None for k, r in d.items() if not k.startswith("aug_msroi_gated"))
+        assert all(r["stability"] is None and r["jpeg_stability"] is None and r["flagged"] is None
+                   for k, r in d.items() if not k.startswith("aug_msroi_gated"))
     for t in summary["table"]:
         flags = [r["flagged"] for r in rows if (r["attack_spec"], r["defense_spec"]) == (t["attack_spec"], t["defense_spec"])]
         assert t["flagged"] == (sum(flags) / len(flags) if t["defense_spec"] == "aug_msroi_gated:gate=0.9" else None)

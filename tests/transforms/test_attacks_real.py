@@ -141,9 +141,11 @@ def test_bpda_defeats_jpeg_where_the_plain_attack_is_undone(real_model, dev4):
 
 def test_stability_flags_igsm_images_far_more_often_than_clean_ones(real_model):
     """The gate of ``aug_msroi_gated``: on the first 16 dev images, the stored (uint8) IGSM images'
-    predictions move under the map's input noise far more often than the clean images' (on the 500
-    dev images: 68% of IGSM images flagged against 19% of clean ones)."""
+    predictions move under the map's input noise, and under the stable images' JPEG, far more often
+    than the clean images' (on the 500 dev images: 68% and 86% of IGSM images flagged against 19% and
+    6% of clean ones)."""
     from transforms.images import decode_image, to_tensor, to_uint8
+    from transforms.defenses import jpeg_stability
     from transforms.saliency import aug_msroi_stability
 
     rows = sorted(dev_rows(), key=lambda r: r["file"])[:16]
@@ -156,3 +158,6 @@ def test_stability_flags_igsm_images_far_more_often_than_clean_ones(real_model):
     clean_flags = int((aug_msroi_stability(real_model, x, seeds=seeds)[1] < 0.7).sum())
     adv_flags = int((aug_msroi_stability(real_model, adv, seeds=seeds)[1] < 0.7).sum())
     assert adv_flags >= clean_flags + 5 and clean_flags <= 5, (clean_flags, adv_flags)
+    clean_jpeg = int((jpeg_stability(real_model, x) < 0.55).sum())
+    adv_jpeg = int((jpeg_stability(real_model, adv) < 0.55).sum())
+    assert adv_jpeg >= clean_jpeg + 8 and clean_jpeg <= 3, (clean_jpeg, adv_jpeg)

@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from tests.tiny import near_boundary
-from transforms.defenses import apply_defense, denoise_tv, encode_batch, map_request, match_target, parse_defense
+from transforms.defenses import (
+    apply_defense,
+    denoise_tv,
+    encode_batch,
+    jpeg_stability,
+    map_request,
+    match_target,
+    parse_defense,
+)
 from transforms.images import to_tensor, to_uint8
 from transforms.jpeg import decode_rgb
 
@@ -37,6 +45,9 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi_gated:stable_quality=0", "stable_quality"),
         ("aug_msroi_gated:q_low=95", "must not exceed"),
         ("aug_msroi_gated:stability=1", "unknown parameter 'stability'"),
+        ("aug_msroi_gated:jpeg_stability=1", "unknown parameter 'jpeg_stability'"),
+        ("aug_msroi_gated:jpeg_gate=-1", "jpeg_gate"),
+        ("aug_msroi_gated:jpeg_gate=inf", "jpeg_gate"),
         ("aug_msroi_gated:bytes=0", "bytes"),
     ],
 )
@@ -75,15 +86,20 @@ def test_gated_defense_splits_on_stability(photos):
     sal = np.zeros(img.shape[:2], np.float32)
     sal[:32] = 1.0
     spec = parse_defense("aug_msroi_gated")
-    stable = apply_defense(spec, img, saliency=sal, stability=0.8)
+    stable = apply_defense(spec, img, saliency=sal, stability=0.8, jpeg_stability=0.6)
     assert stable.data == apply_defense(parse_defense("jpeg:quality=50"), img).data  # plain uniform JPEG
-    assert stable.info == {"quality": 50, "stability": 0.8, "flagged": False}
-    flagged = apply_defense(spec, img, saliency=sal, stability=0.6)
+    assert stable.info == {"quality": 50, "stability": 0.8, "jpeg_stability": 0.6, "flagged": False}
+    flagged = apply_defense(spec, img, saliency=sal, stability=0.6, jpeg_stability=0.9)
     assert flagged.info["flagged"] and flagged.info["quality_levels"] == {50: 8, 90: 8}
+    # Either check flags: stable under noise, unstable under JPEG.
+    by_jpeg = apply_defense(spec, img, saliency=sal, stability=1.0, jpeg_stability=0.5)
+    assert by_jpeg.info["flagged"] and by_jpeg.data == flagged.data
     # Flagged: the denoised image, encoded semantically (not the input's semantic file).
-    undenoised = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), img, saliency=sal, stability=0.6)
+    undenoised = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), img, saliency=sal, stability=0.6,
+                               jpeg_stability=0.9)
     assert flagged.data != undenoised.data
-    same = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), denoise_tv(img, 0.03), saliency=sal, stability=0.6)
+    same = apply_defense(parse_defense("aug_msroi_gated:denoise=0"), denoise_tv(img, 0.03), saliency=sal,
+                         stability=0.6, jpeg_stability=0.9)
     assert flagged.data == same.data
 
     def tv(a):
@@ -91,16 +107,24 @@ def test_gated_defense_splits_on_stability(photos):
         return np.abs(np.diff(a, axis=0)).sum() + np.abs(np.diff(a, axis=1)).sum()
 
     assert tv(decode_rgb(flagged.data)) < tv(decode_rgb(undenoised.data))
-    assert not apply_defense(parse_defense("aug_msroi_gated:gate=0"), img, saliency=sal, stability=0.0).info["flagged"]
-    assert apply_defense(parse_defense("aug_msroi_gated:gate=1.01"), img, saliency=sal, stability=1.0).info["flagged"]
+    off = parse_defense("aug_msroi_gated:gate=0,jpeg_gate=0")
+    assert not apply_defense(off, img, saliency=sal, stability=0.0, jpeg_stability=0.0).info["flagged"]
+    noise_only = apply_defense(parse_defense("aug_msroi_gated:jpeg_gate=0"), img, saliency=sal, stability=0.8)
+    assert noise_only.info == {"quality": 50, "stability": 0.8, "flagged": False}  # no JPEG check needed
+    assert apply_defense(parse_defense("aug_msroi_gated:gate=1.01"), img, saliency=sal, stability=1.0,
+                         jpeg_stability=1.0).info["flagged"]
+    assert apply_defense(parse_defense("aug_msroi_gated:gate=0,jpeg_gate=1.01"), img, saliency=sal, stability=1.0,
+                         jpeg_stability=1.0).info["flagged"]
     with pytest.raises(ValueError, match="stability"):
         apply_defense(spec, img, saliency=sal)
+    with pytest.raises(ValueError, match="jpeg_stability"):
+        apply_defense(spec, img, saliency=sal, stability=0.8)
     # Rate control: both branches fit the budget (stable: the best uniform quality that fits).
     fit = parse_defense("aug_msroi_gated:bytes=1100")
     for st in (0.8, 0.6):
-        enc = apply_defense(fit, img, saliency=sal, stability=st)
+        enc = apply_defense(fit, img, saliency=sal, stability=st, jpeg_stability=0.9)
         assert len(enc.data) <= 1100 and enc.info["target_bytes"] == 1100 and enc.info["flagged"] == (st < 0.7)
-    stable_fit = apply_defense(fit, img, saliency=sal, stability=0.8)
+    stable_fit = apply_defense(fit, img, saliency=sal, stability=0.8, jpeg_stability=0.9)
     assert stable_fit.data == apply_defense(parse_defense("jpeg:bytes=1100"), img).data
 
 
@@ -118,14 +142,40 @@ def test_denoise_tv_smooths_noise_and_keeps_shape():
 def test_gated_maps_share_nothing_with_aug_msroi_and_fill_stability(photos, tiny_model):
     gated = parse_defense("aug_msroi_gated")
     assert map_request(gated) != map_request(parse_defense("aug_msroi"))  # no activation noise
-    assert map_request(gated) == map_request(parse_defense("aug_msroi_gated:gate=0.5,q_high=80"))
+    assert map_request(gated) == map_request(parse_defense("aug_msroi_gated:gate=0.5,jpeg_gate=0.3,q_high=80"))
+    # The JPEG check encodes at the stable quality; switched off, it is no part of the map.
+    assert map_request(gated) != map_request(parse_defense("aug_msroi_gated:stable_quality=60"))
+    assert map_request(gated) != map_request(parse_defense("aug_msroi_gated:jpeg_gate=0"))
+    assert (map_request(parse_defense("aug_msroi_gated:jpeg_gate=0"))
+            == map_request(parse_defense("aug_msroi_gated:jpeg_gate=0,stable_quality=60,subsampling=4:4:4")))
     x = to_tensor(photos)
     pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))  # stored as uint8, as in the pipeline
     files = encode_batch(gated, pixels, model=tiny_model)
     stab = np.array([f.info["stability"] for f in files])
+    jstab = np.array([f.info["jpeg_stability"] for f in files])
     assert set(np.round(stab * 5, 6)) <= set(range(6))  # shares of 5 passes
-    assert [f.info["flagged"] for f in files] == list(stab < 0.7)
+    np.testing.assert_allclose(jstab, jpeg_stability(tiny_model, to_tensor(pixels)).numpy(), atol=1e-6)
+    assert [f.info["flagged"] for f in files] == list((stab < 0.7) | (jstab < 0.55))
     assert not any(f.info["flagged"] for f in files[:4]) and any(f.info["flagged"] for f in files[4:])
     for f, p in zip(files, pixels):
         if not f.info["flagged"]:
             assert f.data == apply_defense(parse_defense("jpeg:quality=50"), p).data
+
+
+def test_jpeg_stability_is_the_probability_mass_kept_by_the_stable_file(photos, tiny_model):
+    x = to_tensor(photos)
+    pixels = to_uint8(x)
+    got = jpeg_stability(tiny_model, x, quality=30, max_batch=3)
+    files = [apply_defense(parse_defense("jpeg:quality=30"), p).data for p in pixels]
+    with torch.no_grad():
+        pa = tiny_model(to_tensor(pixels)).softmax(1)
+        pb = tiny_model(to_tensor([decode_rgb(f) for f in files])).softmax(1)
+    want = 1 - 0.5 * (pa - pb).abs().sum(1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert ((got > 0) & (got <= 1)).all() and (got < 1).any()  # JPEG at 30 moves some prediction
+    # A coarser JPEG moves the predictions at least as much on average; batching changes nothing.
+    assert jpeg_stability(tiny_model, x, quality=5).mean() <= jpeg_stability(tiny_model, x, quality=95).mean()
+    torch.testing.assert_close(jpeg_stability(tiny_model, x, quality=30, max_batch=None), got, atol=1e-6, rtol=0)
+    assert jpeg_stability(tiny_model, x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_stability(tiny_model, x, quality=0)
