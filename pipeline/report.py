@@ -98,6 +98,27 @@ _SEMANTIC_MARKERS = {"aug_msroi": ("*", "#c0392b", 14), "msroi": ("D", "#2471a3"
                      "aug_msroi_gated": ("P", "#1e8449", 10)}
 #: Colours of the rate-matched or rate-controlled JPEGs, one per spec in order of appearance.
 _MATCH_COLOURS = ("#f39c12", "#8e44ad", "#a04000", "#16a085")
+#: Colours of a semantic defense's further specs (its first has its own colour, filled; the
+#: others are drawn hollow in these, so ``aug_msroi_gated`` and ``aug_msroi_gated:jpeg_gate=0``
+#: stay apart).
+_VARIANT_COLOURS = ("#17202a", "#d35400", "#7d3c98", "#117a65")
+
+
+def _semantic_styles(specs: list[tuple[str, str]]) -> dict[str, dict]:
+    """Plot style (``ax.plot`` keyword arguments and format) of each semantic (defense, spec),
+    in order of appearance: one marker per defense; its first spec filled in the defense's
+    colour, each further one hollow in a colour of its own."""
+    styles, seen = {}, {}
+    for defense, spec in dict.fromkeys(specs):
+        m, c, size = _SEMANTIC_MARKERS[defense]
+        i = seen[defense] = seen.get(defense, -1) + 1
+        if i == 0:
+            styles[spec] = {"fmt": m, "color": c, "markersize": size}
+        else:
+            colour = _VARIANT_COLOURS[(i - 1) % len(_VARIANT_COLOURS)]
+            styles[spec] = {"fmt": m, "color": colour, "markersize": size, "markerfacecolor": "none",
+                            "markeredgewidth": 1.8}
+    return styles
 
 
 def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes | None:
@@ -114,6 +135,7 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
         return None
     matched = list(dict.fromkeys(r["defense_spec"] for r in rows
                                  if r["defense"] == "jpeg" and ("match" in r["defense_spec"] or "bytes" in r["defense_spec"])))
+    styles = _semantic_styles([(r["defense"], r["defense_spec"]) for r in rows if _is_semantic(r["defense"])])
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
     for ax, attack in zip(axes[0], attacks):
         mine = [r for r in rows if r["attack_spec"] == attack]
@@ -127,8 +149,8 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
                             fontsize=7, xytext=(3, -8), textcoords="offset points", color="#555")
         for r in mine:
             if _is_semantic(r["defense"]):
-                m, c, s = _SEMANTIC_MARKERS[r["defense"]]
-                ax.plot(r["bytes"] / 1000, r[metric], m, color=c, markersize=s, label=r["defense_spec"])
+                style = dict(styles[r["defense_spec"]])
+                ax.plot(r["bytes"] / 1000, r[metric], style.pop("fmt"), **style, label=r["defense_spec"])
             elif "match" in r["defense_spec"] or "bytes" in r["defense_spec"]:
                 c = _MATCH_COLOURS[matched.index(r["defense_spec"]) % len(_MATCH_COLOURS)]
                 ax.plot(r["bytes"] / 1000, r[metric], "s", color=c, label=r["defense_spec"])

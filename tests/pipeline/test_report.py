@@ -140,3 +140,17 @@ def test_accuracy_table_shows_the_flagged_share_only_when_a_gated_defense_ran():
     assert "flagged" not in plain and plain.count("<td") == 10
     gated = _table({"table": [row, {**row, "defense_spec": "aug_msroi_gated", "flagged": 0.25}]})
     assert "<th>flagged</th>" in gated and "<td>0.250</td>" in gated and gated.count("<td") == 22
+
+
+def test_rate_accuracy_plot_tells_variants_of_one_semantic_defense_apart():
+    from pipeline.report import _semantic_styles
+
+    styles = _semantic_styles([("aug_msroi_gated", "aug_msroi_gated"), ("aug_msroi", "aug_msroi"),
+                               ("aug_msroi_gated", "aug_msroi_gated:jpeg_gate=0"),
+                               ("aug_msroi_gated", "aug_msroi_gated"),  # the same spec again, another attack
+                               ("aug_msroi_gated", "aug_msroi_gated:gate=0.5")])
+    assert list(styles) == ["aug_msroi_gated", "aug_msroi", "aug_msroi_gated:jpeg_gate=0", "aug_msroi_gated:gate=0.5"]
+    gated = [styles[s] for s in ("aug_msroi_gated", "aug_msroi_gated:jpeg_gate=0", "aug_msroi_gated:gate=0.5")]
+    assert len({s["fmt"] for s in gated}) == 1  # one marker per defense
+    assert len({(s["color"], s.get("markerfacecolor")) for s in gated}) == 3  # every spec its own look
+    assert "markerfacecolor" not in gated[0] and styles["aug_msroi"]["fmt"] != gated[0]["fmt"]
