@@ -274,10 +274,10 @@ def aug_msroi_gated(
     image's own class on every image, so its map is drawn from noise-chosen classes and does not
     follow the object (README, "Does the map matter?"); a rate-matched uniform JPEG gets most of
     its gain. The gate spends the bits and the denoising only where an attack is likely. On the
-    500 dev images it gains 13 (FGSM) and 21 (IGSM) points of top-1 over a rate-matched uniform
-    JPEG at a cost of 1-2 on clean images (README, "The stability gate"); the defaults were
-    chosen on the first 200. An adaptive attacker defeats it: IGSM differentiating through the
-    whole defense (``bpda=aug_msroi_gated``) leaves 10% top-1; one who knows the gate can also
+    500 dev images it gains 15-16 (FGSM) and 29-30 (IGSM) points of top-1 over a rate-matched
+    uniform JPEG at a cost of 0.6-1.4 on clean images (with the noise check alone: 13-14, 21-22
+    and 1.2-1.8; README, "The stability gate"); the defaults were chosen on the first 200. An adaptive attacker defeats it: IGSM differentiating through the
+    whole defense (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also
     aim at it (keep the prediction stable under noise and JPEG). Both stabilities are the map
     model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``."""
     if saliency is None or stability is None:
