@@ -180,6 +180,7 @@ def jpeg_stability(
     quality: int = 50,
     subsampling: Subsampling = "4:2:0",
     max_batch: int | None = _saliency.CPU_PASS,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """How much of each image's predicted class distribution survives uniform JPEG at
     ``quality``: one minus the total variation distance between the model's softmax on the image
@@ -190,9 +191,12 @@ def jpeg_stability(
     perturbation is tuned to the image's exact pixels, and a JPEG removes much of it, so the
     prediction of an adversarial image moves more than a clean one's. ``images``: float32 NCHW in
     [0, 1], rounded to the uint8 grid for the encoder; two forward passes per image in chunks of
-    ``max_batch`` (None: all at once). Returns (N,) float32 in [0, 1] on the images' device."""
+    ``max_batch`` (None: all at once), or one when the caller passes the ``logits`` (N, classes)
+    of the images as given. Returns (N,) float32 in [0, 1] on the images' device."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+    if logits is not None and tuple(logits.shape[:1]) != (len(images),):
+        raise ValueError(f"logits must have one row per image ({len(images)}), got shape {tuple(logits.shape)}")
     device = next(model.parameters()).device
     n = len(images)
     if n == 0:
@@ -203,11 +207,17 @@ def jpeg_stability(
     out = []
     with torch.no_grad():
         for i in range(0, n, per):
-            a = to_tensor(pixels[i : i + per], device)
             b = squeezed[i : i + per].to(device)
             if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-                a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
-            pa, pb = (model(t).float().softmax(dim=1) for t in (a, b))
+                b = b.contiguous(memory_format=torch.channels_last)
+            if logits is None:
+                a = to_tensor(pixels[i : i + per], device)
+                if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
+                    a = a.contiguous(memory_format=torch.channels_last)
+                pa = model(a).float().softmax(dim=1)
+            else:
+                pa = logits[i : i + per].to(device).float().softmax(dim=1)
+            pb = model(b).float().softmax(dim=1)
             out.append(1.0 - 0.5 * (pa - pb).abs().sum(dim=1))
     return torch.cat(out).clamp(0.0, 1.0).to(images.device)
 
@@ -216,12 +226,15 @@ def gated_maps(model, images, *, jpeg_quality: int | None = None, subsampling: S
                **aug: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The map stage of :func:`aug_msroi_gated`: the Aug-MSROI map and the prediction stability
     under its input noise (:func:`transforms.saliency.aug_msroi_stability`, ``aug`` its
-    parameters), and, unless ``jpeg_quality`` is None, :func:`jpeg_stability` at that quality.
-    Returns (maps, {"stability": (N,), "jpeg_stability": (N,)})."""
-    maps, stability = _saliency.aug_msroi_stability(model, images, seeds=seeds, **aug)
+    parameters), and, unless ``jpeg_quality`` is None, :func:`jpeg_stability` at that quality; one
+    unperturbed forward pass serves both. Returns (maps, {"stability": (N,), "jpeg_stability":
+    (N,)})."""
+    logits = _saliency.unperturbed_logits(model, images)
+    maps, stability = _saliency.aug_msroi_stability(model, images, seeds=seeds, logits=logits, **aug)
     scores = {"stability": stability}
     if jpeg_quality is not None:
-        scores["jpeg_stability"] = jpeg_stability(model, images, quality=jpeg_quality, subsampling=subsampling)
+        scores["jpeg_stability"] = jpeg_stability(model, images, quality=jpeg_quality, subsampling=subsampling,
+                                                  logits=logits)
     return maps, scores
 
 

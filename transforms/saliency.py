@@ -492,10 +492,12 @@ def aug_msroi_stability(
     threshold: float | None = None,
     seeds: torch.Tensor | None = None,
     max_batch: int | None | Literal["auto"] = "auto",
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The :func:`aug_msroi` map and, from the same perturbed passes, each image's prediction
     stability: the fraction of its ``samples`` perturbed passes whose top-1 class is the top-1 of
-    one unperturbed pass (one more forward pass per image).
+    one unperturbed pass (one more forward pass per image, unless the caller passes that pass's
+    ``logits``, (N, classes), of these very images).
 
     Adversarial images sit close to a decision boundary that their attack was tuned to cross with
     one noiseless forward pass, so small input noise sends their prediction back and forth more
@@ -510,16 +512,28 @@ def aug_msroi_stability(
     device = _check(model, images)
     check_map_params(top_k=top_k, threshold=threshold, samples=samples, input_noise=input_noise,
                      activation_noise=activation_noise, noise=noise)
+    if logits is not None and tuple(logits.shape[:1]) != (len(images),):
+        raise ValueError(f"logits must have one row per image ({len(images)}), got shape {tuple(logits.shape)}")
     maps, classes = _aug_maps(model, images, device, samples, input_noise, activation_noise, noise, top_k,
                               threshold, seeds, max_batch)
     if len(images) == 0:
         return maps, torch.zeros((0,), dtype=torch.float32, device=images.device)
-    per = len(images) if device.type != "cpu" else CPU_PASS
-    with torch.no_grad():
-        top1 = torch.cat([_forward(model, images[i : i + per].to(device))[1].argmax(dim=1)
-                          for i in range(0, len(images), per)])
+    if logits is None:
+        logits = unperturbed_logits(model, images)
+    top1 = logits.to(device).argmax(dim=1)
     stability = (classes == top1[:, None]).float().mean(dim=1)
     return maps, stability.to(images.device)
+
+
+def unperturbed_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """float32 logits (N, classes) of one plain forward pass, on the model's device, in chunks of
+    :data:`CPU_PASS` on the CPU and all at once elsewhere."""
+    device = _check(model, images)
+    if len(images) == 0:
+        return torch.zeros((0, model.fc.out_features), dtype=torch.float32, device=device)
+    per = len(images) if device.type != "cpu" else CPU_PASS
+    with torch.no_grad():
+        return torch.cat([_forward(model, images[i : i + per].to(device))[1] for i in range(0, len(images), per)])
 
 
 def _aug_maps(model, images, device, samples, input_noise, activation_noise, noise, top_k, threshold,

@@ -7,6 +7,7 @@ from transforms.defenses import (
     apply_defense,
     denoise_tv,
     encode_batch,
+    gated_maps,
     jpeg_stability,
     map_request,
     match_target,
@@ -179,3 +180,27 @@ def test_jpeg_stability_is_the_probability_mass_kept_by_the_stable_file(photos, 
     assert jpeg_stability(tiny_model, x[:0]).shape == (0,)
     with pytest.raises(ValueError, match="quality"):
         jpeg_stability(tiny_model, x, quality=0)
+
+
+def test_gated_maps_share_one_unperturbed_pass_without_changing_anything(photos, tiny_model):
+    from transforms.saliency import aug_msroi_stability
+
+    x = to_tensor(to_uint8(torch.cat([to_tensor(photos), near_boundary(tiny_model, to_tensor(photos))])))
+    seeds = torch.arange(len(x))
+    calls = []
+    hook = tiny_model.fc.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))  # every pass
+    try:
+        maps, scores = gated_maps(tiny_model, x, jpeg_quality=40, seeds=seeds)
+    finally:
+        hook.remove()
+    alone_maps, alone_stab = aug_msroi_stability(tiny_model, x, seeds=seeds)
+    torch.testing.assert_close(maps, alone_maps, atol=0, rtol=0)
+    torch.testing.assert_close(scores["stability"], alone_stab, atol=0, rtol=0)
+    torch.testing.assert_close(scores["jpeg_stability"], jpeg_stability(tiny_model, x, quality=40), atol=1e-6, rtol=0)
+    assert sum(calls) == (5 + 2) * len(x)  # 5 noisy passes, one unperturbed, one on the JPEGs
+    empty_maps, empty = gated_maps(tiny_model, x[:0], jpeg_quality=40)
+    assert empty_maps.shape[0] == 0 and all(v.shape == (0,) for v in empty.values())
+    with pytest.raises(ValueError, match="one row per image"):
+        jpeg_stability(tiny_model, x, logits=torch.zeros(len(x) - 1, 10))
+    with pytest.raises(ValueError, match="one row per image"):
+        aug_msroi_stability(tiny_model, x, logits=torch.zeros(len(x) + 1, 10))
