@@ -1,11 +1,12 @@
 """Scaling of `semjpeg evaluate` on Beam's DaskRunner: 1 against 2 local Dask workers.
 
-Same dev images, same job (clean + FGSM eps 4/255 x none + jpeg:quality=50, EfficientNet-Lite0),
-one torch thread per worker, each run in a fresh process (cluster start and model loads
-included). Prints one JSON line: images/s on 1 and 2 workers and their ratio (target >= 1.7 on a
+Same dev images, same job (clean + FGSM eps 4/255 x none + jpeg:quality=50, EfficientNet-Lite0,
+batches of 8 unless ``--batch-size``: on this machine 8 ran fastest on one worker and on two, 16
+and 32 slower, with no better ratio), one torch thread per worker, each run in a fresh process
+(cluster start and model loads included). Prints one JSON line: images/s on 1 and 2 workers and their ratio (target >= 1.7 on a
 2-core machine).
 
-    python bench/scale.py [--quick] [--n 256] [--shards 4] [--repeat 2] [--base 32]
+    python bench/scale.py [--quick] [--n 256] [--shards 4] [--repeat 2] [--base 32] [--batch-size 8]
 
 256 images by default: the fixed cost of a run (imports, cluster start, model loads, commit,
 shutdown; 8 to 10 s) would otherwise hide the scaling of the work itself. Single runs on this
@@ -39,10 +40,10 @@ from bench._common import ROOT, emit  # noqa: E402
 from bench.pipeline import make_shards  # noqa: E402
 
 
-def run(shards: list[Path], out: Path, workers: int) -> float:
+def run(shards: list[Path], out: Path, workers: int, batch: int = 8) -> float:
     cmd = [sys.executable, "-m", "jobs", "evaluate", *sum((["--input", str(s)] for s in shards), []),
            "--output", str(out), "--attack", "fgsm:eps=4/255", "--defense", "jpeg:quality=50",
-           "--batch-size", "8", "--torch-threads", "1", "--runner", "DaskRunner", "--dask_workers", str(workers)]
+           "--batch-size", str(batch), "--torch-threads", "1", "--runner", "DaskRunner", "--dask_workers", str(workers)]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per worker count, alternating; the fastest counts")
     ap.add_argument("--base", type=int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip the speed probes around each run")
+    ap.add_argument("--batch-size", type=int, default=8, help="the job's --batch-size")
     args = ap.parse_args()
     n = 32 if args.quick else args.n
     base = 0 if args.quick else args.base
@@ -102,14 +104,15 @@ def main() -> None:
         for r in range(max(1, args.repeat)):
             for w in (1, 2):
                 before = probe() if probe else None
-                times[w].append(run(shards, tmp / f"out{w}-{r}", w))
+                times[w].append(run(shards, tmp / f"out{w}-{r}", w, args.batch_size))
                 if probe:
                     probes[w].append((before + probe()) / 2)
                 if small:
-                    base_times[w].append(run(small, tmp / f"base{w}-{r}", w))
+                    base_times[w].append(run(small, tmp / f"base{w}-{r}", w, args.batch_size))
     seconds = {w: min(t) for w, t in times.items()}
     doc = {
         "bench": "scale", "runner": "DaskRunner", "images": n, "shards": len(shards), "torch_threads_per_worker": 1,
+        "batch_size": args.batch_size,
         "images_per_s_1_worker": round(n / seconds[1], 3), "images_per_s_2_workers": round(n / seconds[2], 3),
         "ratio": round(seconds[1] / seconds[2], 3), "seconds": {str(k): round(v, 1) for k, v in seconds.items()},
         "all_seconds": _per_count(times, 1),
