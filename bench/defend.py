@@ -10,7 +10,7 @@ pass) is reported alongside, and on CUDA the ceiling without noise (``msroi`` ov
 repeated images, per input image). Encoder stage: ``block_qualities`` + ``encode_semantic_jpeg``
 (requantize and mosaic) on 224x224 dev images, one process, images/s; uniform Pillow JPEG as the
 reference, and the work of ``aug_msroi_gated`` (its map and stabilities: one unperturbed pass
-more, and the JPEG check: a uniform JPEG encoded and decoded on the CPU and two more passes; its
+more, and the JPEG check: a uniform JPEG encoded and decoded on the CPU and one more pass; its
 flagged images: total-variation denoising before the encoder).
 
 For scale: the authors report 300 images x 5 perturbations in about 5 s on a Titan X (~60

@@ -3,8 +3,8 @@
 Same dev images, same job (clean + FGSM eps 4/255 x none + jpeg:quality=50, EfficientNet-Lite0,
 batches of 8 unless ``--batch-size``: on this machine 8 ran fastest on one worker and on two, 16
 and 32 slower, with no better ratio), one torch thread per worker, each run in a fresh process
-(cluster start and model loads included). Prints one JSON line: images/s on 1 and 2 workers and their ratio (target >= 1.7 on a
-2-core machine).
+(cluster start and model loads included). Prints one JSON line: images/s on 1 and 2 workers and
+their ratio (target >= 1.7 on a 2-core machine).
 
     python bench/scale.py [--quick] [--n 256] [--shards 4] [--repeat 2] [--base 32] [--batch-size 8]
 

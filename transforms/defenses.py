@@ -163,8 +163,8 @@ def aug_msroi(
 
 def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
     """Total-variation denoising (Chambolle's algorithm, scikit-image) of uint8 HWC RGB, each
-    channel denoised on its own (scikit-image's ``channel_axis``), ``weight`` in the units of pixels in [0, 1]; uint8 back. Weight 0
-    returns the image unchanged."""
+    channel denoised on its own (scikit-image's ``channel_axis``), ``weight`` in the units of
+    pixels in [0, 1]; uint8 back. Weight 0 returns the image unchanged."""
     if weight == 0:
         return image
     from skimage.restoration import denoise_tv_chambolle  # heavy import, only where used
@@ -204,20 +204,20 @@ def jpeg_stability(
     pixels = to_uint8(images.detach().cpu())
     squeezed = to_tensor([decode_rgb(jpeg(p, quality=quality, subsampling=subsampling).data) for p in pixels])
     per = n if max_batch is None else max(1, int(max_batch))
+    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+    def probs(t: torch.Tensor) -> torch.Tensor:  # in the layout the images came in (the model's)
+        t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+        return model(t).float().softmax(dim=1)
+
     out = []
     with torch.no_grad():
         for i in range(0, n, per):
-            b = squeezed[i : i + per].to(device)
-            if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-                b = b.contiguous(memory_format=torch.channels_last)
+            pb = probs(squeezed[i : i + per].to(device))
             if logits is None:
-                a = to_tensor(pixels[i : i + per], device)
-                if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
-                    a = a.contiguous(memory_format=torch.channels_last)
-                pa = model(a).float().softmax(dim=1)
+                pa = probs(to_tensor(pixels[i : i + per], device))
             else:
                 pa = logits[i : i + per].to(device).float().softmax(dim=1)
-            pb = model(b).float().softmax(dim=1)
             out.append(1.0 - 0.5 * (pa - pb).abs().sum(dim=1))
     return torch.cat(out).clamp(0.0, 1.0).to(images.device)
 
@@ -279,7 +279,7 @@ def aug_msroi_gated(
     (``denoise``, 0 for none; :func:`denoise_tv`), then semantic JPEG with its map at ``levels``
     qualities ``q_low``..``q_high``, finer than the stable images' quality to pay for the detail
     the denoising removed. ``gate=0`` and ``jpeg_gate=0`` switch a check off (``jpeg_gate=0``
-    also skips its two forward passes); either above 1 flags every image.
+    also skips its JPEG round trip and its forward pass); either above 1 flags every image.
     ``bytes=N`` fits every file into N bytes: a stable image at the highest uniform quality that
     fits, a flagged one with its quality window shifted down as :func:`aug_msroi` does.
 
@@ -289,9 +289,10 @@ def aug_msroi_gated(
     its gain. The gate spends the bits and the denoising only where an attack is likely. On the
     500 dev images it gains 15-16 (FGSM) and 29-30 (IGSM) points of top-1 over a rate-matched
     uniform JPEG at a cost of 0.6-1.4 on clean images (with the noise check alone: 13-14, 21-22
-    and 1.2-1.8; README, "The stability gate"); the defaults were chosen on the first 200. An adaptive attacker defeats it: IGSM differentiating through the
-    whole defense (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also
-    aim at it (keep the prediction stable under noise and JPEG). Both stabilities are the map
+    and 1.2-1.8; README, "The stability gate"); the defaults were chosen on the first 200. An
+    adaptive attacker defeats it: IGSM differentiating through the whole defense
+    (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also aim at it (keep
+    the prediction stable under noise and JPEG). Both stabilities are the map
     model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
