@@ -503,9 +503,10 @@ def aug_msroi_stability(
     one noiseless forward pass, so small input noise sends their prediction back and forth more
     often than a clean image's: on the 500 dev images (EfficientNet-Lite0, input noise 0.05, no
     activation noise, S = 5), a stability below 0.7 flagged 19% of the clean images, 52% of the
-    FGSM and 68% of the IGSM ones (eps 4/255; README, "The stability gate"). The defaults differ from :func:`aug_msroi`'s on purpose: at its
-    activation noise of 0.2 the perturbed top-1 left the clean class on every image, which makes
-    stability meaningless (see ``defenses.aug_msroi_gated``).
+    FGSM and 68% of the IGSM ones (eps 4/255; README, "The stability gate"). The defaults differ
+    from :func:`aug_msroi`'s on purpose: at its activation noise of 0.2 the perturbed top-1 left
+    the clean class on every image, which makes stability meaningless (see
+    ``defenses.aug_msroi_gated``).
 
     Arguments as :func:`aug_msroi`. Returns (maps (N, H, W) float32 in [0, 1], stability (N,)
     float32 in [0, 1]), both on the images' device."""
