@@ -379,8 +379,8 @@ def parse_defense(text: str) -> Spec:
         if p.get("levels", 1) < 1:
             bad("levels", "must be >= 1")
         try:  # the map function's own checks: finite noise scales, top_k and samples >= 1, ...
-            kwargs = map_request(spec)[1]
-            _saliency.check_map_params(**{k: v for k, v in kwargs.items() if k not in ("jpeg_quality", "subsampling")})
+            checked = spec_params(_saliency.check_map_params)  # the map's own parameters, not the JPEG check's
+            _saliency.check_map_params(**{k: v for k, v in map_request(spec)[1].items() if k in checked})
         except ValueError as e:
             raise ValueError(f"bad value in defense spec {text!r}: {e}") from None
     if spec.name == "aug_msroi_gated":
