@@ -180,6 +180,19 @@ def test_jpeg_stability_is_the_probability_mass_kept_by_the_stable_file(photos, 
     assert jpeg_stability(tiny_model, x[:0]).shape == (0,)
     with pytest.raises(ValueError, match="quality"):
         jpeg_stability(tiny_model, x, quality=0)
+    with pytest.raises(ValueError, match="codec"):
+        jpeg_stability(tiny_model, x, codec="nvjpeg")
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
+def test_jpeg_stability_torch_codec_gives_libjpegs_scores(photos, tiny_model, subsampling):
+    # The device codec (what GPU workers use) computes libjpeg's very pixels, so the scores are
+    # the same numbers, not an approximation.
+    x = to_tensor(photos)
+    lib = jpeg_stability(tiny_model, x, quality=30, subsampling=subsampling, codec="libjpeg")
+    dev = jpeg_stability(tiny_model, x, quality=30, subsampling=subsampling, codec="torch")
+    assert (lib < 1).any()
+    torch.testing.assert_close(dev, lib, atol=0, rtol=0)
 
 
 def test_gated_maps_share_one_unperturbed_pass_without_changing_anything(photos, tiny_model):

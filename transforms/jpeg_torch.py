@@ -1,0 +1,309 @@
+"""A baseline JPEG encoded and decoded in torch, batched, on any device: libjpeg-turbo's pixels.
+
+:func:`jpeg_roundtrip` returns, for a batch of uint8 RGB images, the pixels that Pillow gives
+when it encodes each image as a baseline JPEG at an IJG ``quality`` (libjpeg-turbo's defaults:
+the integer "islow" DCT, the Annex K tables scaled by ``jpeg_quality_scaling``) and decodes the
+file again (the integer "islow" inverse DCT, "fancy" triangle-filter chroma upsampling, the
+fixed-point YCbCr -> RGB tables). Every step is libjpeg's integer arithmetic, so the result is
+the same bytes, not an approximation (``tests/transforms/test_jpeg_torch.py`` checks it against
+Pillow); no entropy coding happens, since the pixels do not depend on it.
+
+Why: the JPEG check of ``aug_msroi_gated`` (``transforms.defenses.jpeg_stability``) classifies
+each image's uniform JPEG. On a GPU worker, encoding and decoding with libjpeg on the CPU (about
+0.5 ms per 224x224 image and core) would bound a map stage that runs thousands of images per
+second; here the whole batch stays on the device, in a few dozen elementwise integer kernels.
+
+The forward path follows :mod:`transforms.jpeg_dct` (``jccolor.c``, ``jcsample.c``,
+``jcprepct.c``, ``jfdctint.c``), then ``jcdctmgr.c``'s quantization by reciprocal
+multiplication (libjpeg-turbo's, which rounds a few values differently from a plain division);
+the inverse path ``jidctint.c``, ``jdsample.c`` (``h2v2_fancy_upsample``, ``h2v1_fancy_upsample``,
+with the context rows ``jdmainct.c`` replicates at the image's edges) and ``jdcolor.c``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .jpeg_dct import SAMPLING
+
+__all__ = ["jpeg_roundtrip", "quant_table"]
+
+#: ITU-T T.81 Annex K tables (natural order), as jcparam.c holds them.
+_LUMA = (
+    16, 11, 10, 16, 24, 40, 51, 61,
+    12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77,
+    24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101,
+    72, 92, 95, 98, 112, 100, 103, 99,
+)  # fmt: skip
+_CHROMA = (
+    17, 18, 24, 47, 99, 99, 99, 99,
+    18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99,
+    47, 66, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99,
+)  # fmt: skip
+
+_SCALEBITS = 16  # jccolor.c / jdcolor.c fixed point
+_ONE_HALF = 1 << (_SCALEBITS - 1)
+_CONST_BITS, _PASS1_BITS = 13, 2  # jfdctint.c / jidctint.c
+
+
+def _fix16(x: float) -> int:
+    return int(x * (1 << _SCALEBITS) + 0.5)
+
+
+def _fix13(x: float) -> int:
+    return int(x * (1 << _CONST_BITS) + 0.5)
+
+
+_F0298, _F0390, _F0541, _F0765 = _fix13(0.298631336), _fix13(0.390180644), _fix13(0.541196100), _fix13(0.765366865)
+_F0899, _F1175, _F1501, _F1847 = _fix13(0.899976223), _fix13(1.175875602), _fix13(1.501321110), _fix13(1.847759065)
+_F1961, _F2053, _F2562, _F3072 = _fix13(1.961570560), _fix13(2.053119869), _fix13(2.562915447), _fix13(3.072711026)
+
+
+def quant_table(quality: int, chroma: bool = False) -> tuple[int, ...]:
+    """jcparam.c ``jpeg_set_quality(quality, force_baseline=TRUE)``: the 64 steps, natural order."""
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    q = int(quality)
+    scale = 5000 // q if q < 50 else 200 - 2 * q
+    return tuple(min(255, max(1, (b * scale + 50) // 100)) for b in (_CHROMA if chroma else _LUMA))
+
+
+def _reciprocal(divisor: int) -> tuple[int, int, int]:
+    """jcdctmgr.c ``compute_reciprocal`` for 16-bit DCTELEM: (reciprocal, correction, shift), so
+    that a magnitude quantizes to ``((m + correction) * reciprocal) >> shift``."""
+    if divisor == 1:
+        return 1, 0, 0
+    b = divisor.bit_length() - 1
+    r = 16 + b
+    fq, fr = divmod(1 << r, divisor)
+    c = divisor // 2
+    if fr == 0:  # a power of two
+        fq >>= 1
+        r -= 1
+    elif fr <= divisor // 2:
+        c += 1
+    else:
+        fq += 1
+    return fq, c, r
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(quality: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per component kind (luma, chroma): the steps (8, 8) and the quantizer's reciprocals,
+    corrections and shifts (8, 8), int64 on ``device``."""
+    out = {}
+    for kind, chroma in (("luma", False), ("chroma", True)):
+        steps = quant_table(quality, chroma)
+        rec = [_reciprocal(s << 3) for s in steps]  # islow's output is scaled by 8
+        for name, values in (("step", steps), ("recip", [r[0] for r in rec]), ("corr", [r[1] for r in rec]),
+                             ("shift", [r[2] for r in rec])):
+            out[f"{kind}_{name}"] = torch.tensor(values, dtype=torch.int64, device=device).view(8, 8)
+    return out
+
+
+# --------------------------------------------------------------------------- forward path
+
+
+def _rgb_to_ycc(x: torch.Tensor) -> list[torch.Tensor]:
+    """jccolor.c ``rgb_ycc_convert`` on int32 (N, 3, H, W): Y, Cb, Cr planes (N, H, W)."""
+    r, g, b = x.unbind(1)
+    y = (_fix16(0.29900) * r + _fix16(0.58700) * g + _fix16(0.11400) * b + _ONE_HALF) >> _SCALEBITS
+    off = (128 << _SCALEBITS) + _ONE_HALF - 1
+    cb = (-_fix16(0.16874) * r - _fix16(0.33126) * g + _fix16(0.5) * b + off) >> _SCALEBITS
+    cr = (_fix16(0.5) * r - _fix16(0.41869) * g - _fix16(0.08131) * b + off) >> _SCALEBITS
+    return [y, cb, cr]
+
+
+def _fit(a: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``a`` (N, h, w) cropped or edge-replicated to exactly (N, rows, cols)."""
+    h, w = a.shape[-2:]
+    if rows != h:
+        a = a.index_select(-2, torch.arange(rows, device=a.device).clamp_(max=h - 1))
+    if cols != w:
+        a = a.index_select(-1, torch.arange(cols, device=a.device).clamp_(max=w - 1))
+    return a
+
+
+def _downsample(plane: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
+    """jcsample.c box average with its alternating rounding bias (see transforms.jpeg_dct)."""
+    if (fy, fx) == (1, 1):
+        return plane
+    bias = torch.arange(plane.shape[-1] // fx, device=plane.device, dtype=plane.dtype) % 2
+    if (fy, fx) == (1, 2):
+        return (plane[..., 0::2] + plane[..., 1::2] + bias) >> 1
+    if (fy, fx) == (2, 2):
+        s = plane[..., 0::2, 0::2] + plane[..., 0::2, 1::2] + plane[..., 1::2, 0::2] + plane[..., 1::2, 1::2]
+        return (s + 1 + bias) >> 2
+    raise ValueError(f"unsupported downsampling {fy}x{fx}")
+
+
+def _descale(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x + (1 << (n - 1))) >> n
+
+
+def _fdct_pass(d: torch.Tensor, dim: int, last: bool) -> torch.Tensor:
+    """One 1-D pass of jfdctint.c along ``dim`` (size 8) of int32 data."""
+    d0, d1, d2, d3, d4, d5, d6, d7 = d.unbind(dim)
+    tmp0, tmp7 = d0 + d7, d0 - d7
+    tmp1, tmp6 = d1 + d6, d1 - d6
+    tmp2, tmp5 = d2 + d5, d2 - d5
+    tmp3, tmp4 = d3 + d4, d3 - d4
+    tmp10, tmp13 = tmp0 + tmp3, tmp0 - tmp3
+    tmp11, tmp12 = tmp1 + tmp2, tmp1 - tmp2
+    shift = _CONST_BITS + _PASS1_BITS if last else _CONST_BITS - _PASS1_BITS
+    if last:
+        o0, o4 = _descale(tmp10 + tmp11, _PASS1_BITS), _descale(tmp10 - tmp11, _PASS1_BITS)
+    else:
+        o0, o4 = (tmp10 + tmp11) << _PASS1_BITS, (tmp10 - tmp11) << _PASS1_BITS
+    z1 = (tmp12 + tmp13) * _F0541
+    o2 = _descale(z1 + tmp13 * _F0765, shift)
+    o6 = _descale(z1 - tmp12 * _F1847, shift)
+    z1, z2, z3, z4 = tmp4 + tmp7, tmp5 + tmp6, tmp4 + tmp6, tmp5 + tmp7
+    z5 = (z3 + z4) * _F1175
+    tmp4, tmp5, tmp6, tmp7 = tmp4 * _F0298, tmp5 * _F2053, tmp6 * _F3072, tmp7 * _F1501
+    z1, z2 = z1 * -_F0899, z2 * -_F2562
+    z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
+    o7 = _descale(tmp4 + z1 + z3, shift)
+    o5 = _descale(tmp5 + z2 + z4, shift)
+    o3 = _descale(tmp6 + z2 + z3, shift)
+    o1 = _descale(tmp7 + z1 + z4, shift)
+    return torch.stack([o0, o1, o2, o3, o4, o5, o6, o7], dim=dim)
+
+
+def _quantize(x: torch.Tensor, recip: torch.Tensor, corr: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """jcdctmgr.c ``quantize``: sign * (((|x| + corr) * recip) >> shift) on (..., 8, 8)."""
+    m = x.abs().to(torch.int64)
+    q = ((m + corr) * recip) >> shift
+    return torch.where(x < 0, -q, q)
+
+
+# --------------------------------------------------------------------------- inverse path
+
+
+def _idct_pass(d: torch.Tensor, dim: int, last: bool) -> torch.Tensor:
+    """One 1-D pass of jidctint.c along ``dim`` (size 8) of int64 data: pass 1 (columns,
+    dequantized input) or, with ``last``, pass 2 (rows), whose output is level-shifted back and
+    range-limited to 0..255."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = d.unbind(dim)
+    z1 = (w2 + w6) * _F0541
+    tmp2 = z1 + w6 * -_F1847
+    tmp3 = z1 + w2 * _F0765
+    tmp0 = (w0 + w4) << _CONST_BITS
+    tmp1 = (w0 - w4) << _CONST_BITS
+    tmp10, tmp13 = tmp0 + tmp3, tmp0 - tmp3
+    tmp11, tmp12 = tmp1 + tmp2, tmp1 - tmp2
+    t0, t1, t2, t3 = w7, w5, w3, w1
+    z1, z2, z3, z4 = t0 + t3, t1 + t2, t0 + t2, t1 + t3
+    z5 = (z3 + z4) * _F1175
+    t0, t1, t2, t3 = t0 * _F0298, t1 * _F2053, t2 * _F3072, t3 * _F1501
+    z1, z2 = z1 * -_F0899, z2 * -_F2562
+    z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
+    t0 = t0 + z1 + z3
+    t1 = t1 + z2 + z4
+    t2 = t2 + z2 + z3
+    t3 = t3 + z1 + z4
+    outs = [tmp10 + t3, tmp11 + t2, tmp12 + t1, tmp13 + t0, tmp13 - t0, tmp12 - t1, tmp11 - t2, tmp10 - t3]
+    if last:
+        outs = [(_descale(o, _CONST_BITS + _PASS1_BITS + 3) + 128).clamp_(0, 255) for o in outs]
+    else:
+        outs = [_descale(o, _CONST_BITS - _PASS1_BITS) for o in outs]
+    return torch.stack(outs, dim=dim)
+
+
+def _fancy_upsample(c: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
+    """jdsample.c: int (N, h, w) chroma at its downsampled size -> (N, h * fy, w * fx).
+
+    h2v2 and h2v1 use the triangle filter (3/4 nearer + 1/4 further sample, with libjpeg's
+    alternating rounding bias); the rows above the first and below the last, and the columns
+    beside the edges, are the edge samples themselves (jdmainct.c's context rows; the edge
+    columns' special cases in jdsample.c come to the same). libjpeg uses the plain box filter
+    when a row has two samples or fewer."""
+    n, h, w = c.shape
+    if (fy, fx) == (1, 1):
+        return c
+    if w <= 2:  # h2v1_upsample / h2v2_upsample: replicate
+        return c.repeat_interleave(fx, dim=-1).repeat_interleave(fy, dim=-2)
+    if (fy, fx) == (2, 2):
+        rows = torch.arange(h, device=c.device)
+        above = c.index_select(1, (rows - 1).clamp_(min=0))
+        below = c.index_select(1, (rows + 1).clamp_(max=h - 1))
+        # Output row 2i uses row i-1 as its further row, row 2i+1 uses row i+1.
+        colsum = torch.stack([3 * c + above, 3 * c + below], dim=2).view(n, 2 * h, w)
+        this = colsum
+        cols = torch.arange(w, device=c.device)
+        last = colsum.index_select(2, (cols - 1).clamp_(min=0))
+        nxt = colsum.index_select(2, (cols + 1).clamp_(max=w - 1))
+        return torch.stack([(3 * this + last + 8) >> 4, (3 * this + nxt + 7) >> 4], dim=3).view(n, 2 * h, 2 * w)
+    if (fy, fx) == (1, 2):
+        cols = torch.arange(w, device=c.device)
+        last = c.index_select(2, (cols - 1).clamp_(min=0))
+        nxt = c.index_select(2, (cols + 1).clamp_(max=w - 1))
+        return torch.stack([(3 * c + last + 1) >> 2, (3 * c + nxt + 2) >> 2], dim=3).view(n, h, 2 * w)
+    raise ValueError(f"unsupported upsampling {fy}x{fx}")
+
+
+def _ycc_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """jdcolor.c ``ycc_rgb_convert`` (its tables as arithmetic): uint8 (N, 3, H, W)."""
+    cb, cr = cb - 128, cr - 128
+    r = y + ((_fix16(1.40200) * cr + _ONE_HALF) >> _SCALEBITS)
+    g = y + ((-_fix16(0.34414) * cb + _ONE_HALF - _fix16(0.71414) * cr) >> _SCALEBITS)
+    b = y + ((_fix16(1.77200) * cb + _ONE_HALF) >> _SCALEBITS)
+    return torch.stack([r, g, b], dim=1).clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def jpeg_roundtrip(pixels: torch.Tensor, quality: int = 75, subsampling: str = "4:2:0") -> torch.Tensor:
+    """The decoded pixels of each image's baseline JPEG at ``quality``, as Pillow
+    (libjpeg-turbo) encodes and decodes it (see the module's docstring).
+
+    Args:
+        pixels: uint8 (N, 3, H, W) RGB, any device and memory layout.
+        quality: IJG quality 1..100.
+        subsampling: "4:4:4", "4:2:2" or "4:2:0".
+
+    Returns:
+        uint8 (N, 3, H, W), contiguous, on the pixels' device.
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"expected uint8 (N, 3, H, W) RGB, got {pixels.dtype} {tuple(pixels.shape)}")
+    if subsampling not in SAMPLING:
+        raise ValueError(f"subsampling must be one of {', '.join(SAMPLING)}, got {subsampling!r}")
+    quant_table(quality)  # checks the quality
+    tables = _tables(int(quality), pixels.device)
+    n, _, h, w = pixels.shape
+    if n == 0 or h == 0 or w == 0:
+        return pixels.contiguous()
+    samp = SAMPLING[subsampling]
+    vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
+    h_group = -(-h // vmax) * vmax
+    planes = _rgb_to_ycc(pixels.to(torch.int32))
+    out = []
+    for ci, (plane, (v, s)) in enumerate(zip(planes, samp)):
+        kind = "luma" if ci == 0 else "chroma"
+        fy, fx = vmax // v, hmax // s
+        bh, bw = -(-h * v // (vmax * 8)), -(-w * s // (hmax * 8))
+        comp = _downsample(_fit(plane, h_group, bw * 8 * fx), fy, fx)
+        comp = _fit(comp, bh * 8, bw * 8)
+        blocks = (comp - 128).view(n, bh, 8, bw, 8).permute(0, 1, 3, 2, 4)  # (n, bh, bw, row, col)
+        coef = _fdct_pass(_fdct_pass(blocks, -1, last=False), -2, last=True)
+        q = _quantize(coef, tables[f"{kind}_recip"], tables[f"{kind}_corr"], tables[f"{kind}_shift"])
+        deq = q * tables[f"{kind}_step"]
+        pix = _idct_pass(_idct_pass(deq, -2, last=False), -1, last=True)  # columns, then rows
+        comp = pix.permute(0, 1, 3, 2, 4).reshape(n, bh * 8, bw * 8)
+        # The component's own size (jdmaster.c: downsampled_width/height), then back to full size.
+        ch, cw = -(-h * v // vmax), -(-w * s // hmax)
+        comp = _fancy_upsample(comp[:, :ch, :cw], fy, fx)[:, :h, :w]
+        out.append(comp)
+    return _ycc_to_rgb(*out)
