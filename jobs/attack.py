@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     for action in parser._actions:  # the attack job stores undefended images only
         if action.dest == "defense":
             action.help = "not accepted: adversarial sets are stored losslessly"
-        elif action.dest in ("save_maps", "map_precision"):
+        elif action.dest in ("save_maps", "map_precision", "map_compile"):
             action.help = "not accepted: no defense, so no saliency maps"
 
 
@@ -30,6 +30,8 @@ def run(args, beam_argv) -> int:
         raise ValueError("semjpeg attack makes no saliency maps (no defense); use evaluate or defend for --save-maps")
     if args.map_precision != "fp32":
         raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-precision is for evaluate and defend")
+    if args.map_compile:
+        raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-compile is for evaluate and defend")
     if not args.attack:
         raise ValueError("give at least one --attack")
     config = evaluate.build_config(args, layout="attack", defenses=[])

@@ -36,7 +36,8 @@ def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None)
         defenses=parse_defenses(args.defense if defenses is None else defenses, reference=layout != "defend"),
         seed=args.seed, attack_labels=getattr(args, "attack_labels", "pred"), layout=layout,
         map_model=map_model_config(args), save_maps=getattr(args, "save_maps", False),
-        map_precision=getattr(args, "map_precision", "fp32"), **extra,
+        map_precision=getattr(args, "map_precision", "fp32"), map_compile=getattr(args, "map_compile", False),
+        **extra,
     )
 
 

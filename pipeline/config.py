@@ -173,7 +173,8 @@ class EvaluateConfig:
     ``shards/<attack>/<defense>/``. ``attack_labels``: attack the clean prediction (``pred``, the
     paper's protocol and the default) or the dataset label where known (``label``). Saliency
     maps come from ``map_model`` (default: the classifier), in ``map_precision`` (``fp32``, or
-    ``bf16``: bfloat16 autocast with channels_last, for GPUs); ``save_maps`` stores each map as a
+    ``bf16``: bfloat16 autocast with channels_last, for GPUs), compiled where ``map_compile``
+    (``transforms.saliency.compile_plain_passes``); ``save_maps`` stores each map as a
     PNG heatmap (``<key>.map.png``) beside the image in the shards.
     """
 
@@ -189,9 +190,12 @@ class EvaluateConfig:
     map_model: ModelConfig | None = None
     save_maps: bool = False
     map_precision: str = "fp32"
+    map_compile: bool = False
 
     def __post_init__(self):
         check_map_precision(self.map_precision)
+        if not isinstance(self.map_compile, bool):
+            raise ValueError(f"map_compile must be true or false, got {self.map_compile!r}")
         if not self.output or not str(self.output).strip():
             raise ValueError("no --output given")
         if not self.attacks or self.attacks[0].name != CLEAN:
@@ -244,6 +248,7 @@ class EvaluateConfig:
             "defenses": [s.text for s in self.defenses],
             "map_model": self.maps.name,
             "map_precision": self.map_precision,
+            "map_compile": self.map_compile,
             "save_maps": self.save_maps,
             "seed": self.seed,
             "attack_labels": self.attack_labels,

@@ -85,7 +85,8 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     )
     variants = _count(variants, "CountAttacked", progress, "attacked")
     mapped, map_errors = variants | "SaliencyMaps" >> SaliencyMaps(
-        config.maps, config.defenses, seed=config.seed, native=config.native, precision=config.map_precision
+        config.maps, config.defenses, seed=config.seed, native=config.native, precision=config.map_precision,
+        compile=config.map_compile,
     )
     defended, encode_errors = mapped | "EncodeSemanticJpeg" >> EncodeDefenses(
         config.defenses, map_model=config.maps.name, save_maps=config.save_maps

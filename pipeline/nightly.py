@@ -12,6 +12,7 @@ defenses: [aug_msroi, jpeg:match=aug_msroi, jpeg:quality=50]
 model: efficientnet_lite0            # or {name:, weights:, device:, batch_size:, torch_threads:, memory_format:}
 map_model: null                      # same forms; default: the classifier
 map_precision: fp32                  # or bf16: maps under bfloat16 autocast (GPU workers)
+map_compile: false                   # true: torch.compile the maps' plain passes (see --map-compile)
 runner: DataflowRunner               # FnApiRunner (default), DirectRunner, DaskRunner, ...
 runner_options: {project: p, region: us-central1, temp_location: gs://bucket/tmp}
 tolerance: {top1: 0.02, psnr: 1.0}     # merged into the defaults below
@@ -116,6 +117,7 @@ class NightlyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     map_model: ModelConfig | None = None
     map_precision: str = "fp32"
+    map_compile: bool = False
     runner: str = "FnApiRunner"
     runner_options: dict = field(default_factory=dict)
     tolerance: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
@@ -136,7 +138,7 @@ class NightlyConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "NightlyConfig":
-        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "map_precision", "runner",
+        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "map_precision", "map_compile", "runner",
                  "runner_options", "tolerance", "seed", "save_maps", "report", "input_options"}
         for k in raw:
             if k not in known:
@@ -174,7 +176,8 @@ class NightlyConfig:
                 if v is not None and v < 0:
                     raise ValueError(f"{source}: tolerance.{m} must be a number >= 0 or null, got {v!r}")
             kw["tolerance"] = {m: v for m, v in tol.items() if v is not None}
-        for k, t in (("seed", int), ("save_maps", bool), ("report", bool), ("map_precision", str)):
+        for k, t in (("seed", int), ("save_maps", bool), ("report", bool), ("map_precision", str),
+                     ("map_compile", bool)):
             if k in raw:
                 kw[k] = _check(f"{source}: {k}", raw[k], t)
         if "map_precision" in kw:
@@ -228,6 +231,7 @@ class NightlyConfig:
             input=inp, output=self.run_output(date), model=self.model,
             attacks=parse_attacks(list(self.attacks)), defenses=parse_defenses(list(self.defenses)),
             seed=self.seed, map_model=self.map_model, save_maps=self.save_maps, map_precision=self.map_precision,
+            map_compile=self.map_compile,
         )
 
 

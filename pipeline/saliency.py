@@ -19,7 +19,7 @@ from apache_beam.ml.inference.base import RunInference
 from transforms.defenses import compute_maps, map_request
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
-from transforms.saliency import stretch_map
+from transforms.saliency import compile_plain_passes, stretch_map
 from transforms.seeds import pixel_digest, sample_seed, seed_tensor
 from transforms.specs import Spec
 
@@ -55,15 +55,19 @@ class MapHandler(_ClassifierHandler):
 
     ``precision="bf16"`` runs the map model under bfloat16 autocast, model and images in
     channels_last (the maps themselves are float32): on an H100 about 1.7x the float32 speed
-    (``bench/defend.py``). The maps differ slightly from float32's, as another noise draw would."""
+    (``bench/defend.py``). The maps differ slightly from float32's, as another noise draw would.
+
+    ``compile=True`` compiles the map model's passes without activation noise
+    (:func:`transforms.saliency.compile_plain_passes`) when a worker loads it."""
 
     def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int,
-                 native: bool = False, precision: str = "fp32"):
+                 native: bool = False, precision: str = "fp32", compile: bool = False):
         super().__init__(model, native=native)
         check_map_precision(precision)
         self.requests = requests
         self.seed = seed
         self.precision = precision
+        self.compile = compile
 
     def inputs(self, images, device):
         if not self.native:
@@ -84,6 +88,8 @@ class MapHandler(_ClassifierHandler):
             raise ValueError(f"map model {self.model_config.name!r} does not end in global average pooling + linear")
         if self.precision == "bf16":
             model = model.to(memory_format=torch.channels_last)  # its own copy (shared=False)
+        if self.compile:
+            compile_plain_passes(model)
         return model
 
     def run_inference(self, batch: Sequence[Variant], model: Classifier, inference_args=None):
@@ -126,10 +132,11 @@ class SaliencyMaps(beam.PTransform):
     """Variant -> (Variant with maps, ErrorRecord); the identity when no defense needs a map."""
 
     def __init__(self, model: ModelConfig, defenses: tuple[Spec, ...], *, seed: int, native: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile: bool = False):
         super().__init__()
         self.requests = map_requests(defenses)
-        self.handler = (MapHandler(model, self.requests, seed=seed, native=native, precision=precision)
+        self.handler = (MapHandler(model, self.requests, seed=seed, native=native, precision=precision,
+                                   compile=compile)
                         if self.requests else None)
 
     def expand(self, variants):

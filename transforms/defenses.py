@@ -221,7 +221,7 @@ def jpeg_stability(
 
     def probs(t: torch.Tensor) -> torch.Tensor:  # in the layout the images came in (the model's)
         t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
-        return model(t).float().softmax(dim=1)
+        return _saliency.plain_logits(model, t).softmax(dim=1)
 
     out = []
     with torch.no_grad():

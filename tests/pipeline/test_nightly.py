@@ -45,6 +45,7 @@ def write_config(tmp_path, cfg) -> str:
         ({"seed": "zero"}, "seed must be an integer"),
         ({"map_precision": "fp16"}, "nightly.yaml: map precision must be one of fp32, bf16, got 'fp16'"),
         ({"map_precision": 16}, "map_precision must be a string"),
+        ({"map_compile": "yes"}, "map_compile must be true or false"),
         ({"save_maps": 1}, "save_maps must be true or false"),
         ({"tolerance": {"top5": 0.1}}, "unknown key .*tolerance.top5"),
         ({"tolerance": {"top1": "a lot"}}, "tolerance.top1 must be a number"),
@@ -69,6 +70,8 @@ def test_map_precision_reaches_the_run(tmp_path):
     low = NightlyConfig.from_dict(config(tmp_path, map_precision="bf16"), "nightly.yaml").evaluate_config("2026-01-01")
     assert (plain.map_precision, low.map_precision) == ("fp32", "bf16")
     assert low.describe()["map_precision"] == "bf16"
+    fused = NightlyConfig.from_dict(config(tmp_path, map_compile=True), "nightly.yaml").evaluate_config("2026-01-01")
+    assert (plain.map_compile, fused.map_compile, fused.describe()["map_compile"]) == (False, True, True)
     model = dict(config(tmp_path)["model"], memory_format="contiguous")
     plain_layout = NightlyConfig.from_dict(config(tmp_path, model=model), "nightly.yaml").evaluate_config("2026-01-01")
     assert (plain.model.memory_format, plain_layout.model.memory_format) == ("auto", "contiguous")

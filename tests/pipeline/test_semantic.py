@@ -176,6 +176,36 @@ def test_defend_job_on_an_adversarial_set(tmp_path, photos):
     assert len(jpgs) == 3 and all(files[n] == evaluated[n] for n in jpgs)
 
 
+def test_defend_with_compiled_maps(tmp_path, photos):
+    """``--map-compile``: the gated defense's map stage runs through torch.compile (inductor, on
+    the CPU here) and gives the eager run's stabilities and, up to rounding, its maps."""
+    import json
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:6])
+    common = ["--input", str(tmp_path / "a.tar"), "--model", "tests.tiny:build", "--runner", "FnApiRunner",
+              "--batch-size", "3", "--save-maps", "--defense", "aug_msroi_gated"]
+    assert main(["defend", "--output", str(tmp_path / "eager"), *common]) == 0
+    assert main(["defend", "--output", str(tmp_path / "compiled"), "--map-compile", *common]) == 0
+    assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["config"]["map_compile"] is True
+    assert json.loads((tmp_path / "eager" / "summary.json").read_text())["config"]["map_compile"] is False
+
+    def rows(run):
+        table = pq.read_table(sorted((tmp_path / run / "metadata").glob("*.parquet"))).to_pylist()
+        return {r["key"]: r for r in table}
+
+    eager, compiled = rows("eager"), rows("compiled")
+    assert len(eager) == 3 and eager.keys() == compiled.keys()
+    for k in eager:
+        for col in ("stability", "jpeg_stability"):
+            assert compiled[k][col] == pytest.approx(eager[k][col], abs=1e-5), (k, col)
+    runs = {p: members(tmp_path / p / "shards" / "aug_msroi_gated" / "shard-00000.tar") for p in ("eager", "compiled")}
+    maps = sorted(n for n in runs["eager"] if n.endswith(".map.png"))
+    assert len(maps) == 3
+    for n in maps:
+        a, b = (np.asarray(Image.open(io.BytesIO(runs[r][n])).convert("L"), dtype=np.int16) for r in runs)
+        assert np.abs(a - b).max() <= 1, n
+
+
 def test_defend_maps_in_bf16(tmp_path, photos):
     """``--map-precision bf16``: the maps are drawn under bfloat16 autocast (channels_last): close
     to float32's but not equal, every file still a baseline JPEG, the precision in summary.json."""

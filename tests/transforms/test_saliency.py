@@ -15,6 +15,7 @@ from transforms.saliency import (
     aug_msroi,
     aug_msroi_stability,
     class_activation_maps,
+    compile_plain_passes,
     msroi,
     msroi_rank_weights,
 )
@@ -399,3 +400,63 @@ def test_real_model_maps(real_model, photos):
     assert _hooks(real_model) == 0
     cams = class_activation_maps(real_model, x, torch.tensor([[1], [2]]))
     assert cams.shape == (2, 1, 7, 7)
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs the captured graph eagerly and counts its calls."""
+
+    def __init__(self):
+        self.compiles = self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def test_compiled_plain_passes_serve_the_passes_without_activation_noise(batch):
+    from transforms.defenses import gated_maps
+
+    model, eager = tiny.build(), tiny.build()
+    backend = _CountingBackend()
+    assert compile_plain_passes(model, backend=backend) is model
+    seeds = torch.arange(len(batch))
+    torch.testing.assert_close(msroi(model, batch), msroi(eager, batch))
+    assert backend.calls == 1
+    # The gated defense's map stage: the unperturbed pass, S passes with input noise and the JPEG
+    # check's pass all go through the compiled graph; same maps and scores.
+    calls = backend.calls
+    got = gated_maps(model, batch, jpeg_quality=50, seeds=seeds, activation_noise=0.0, max_batch=None)
+    want = gated_maps(eager, batch, jpeg_quality=50, seeds=seeds, activation_noise=0.0, max_batch=None)
+    assert backend.calls - calls == 3
+    torch.testing.assert_close(got[0], want[0])
+    for k in ("stability", "jpeg_stability"):
+        torch.testing.assert_close(got[1][k], want[1][k])
+    # Passes with activation noise stay eager (their noise comes from hooks) and are unchanged.
+    calls = backend.calls
+    torch.testing.assert_close(aug_msroi(model, batch, seeds=seeds), aug_msroi(eager, batch, seeds=seeds),
+                               atol=0, rtol=0)
+    assert backend.calls == calls and _hooks(model) == 0
+    # A deep copy runs eagerly: with its classifier zeroed, its maps are flat (all zero), which
+    # the original's graph would not give.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.fc.weight.zero_()
+    assert msroi(twin, batch).abs().max() == 0 and backend.calls == calls
+    with pytest.raises(ValueError, match="class activation maps"):
+        compile_plain_passes(tiny.build_without_cam())
+
+
+def test_inductor_compiled_maps_match_eager(batch):
+    # The real compiler (the C++ backend on the CPU): rounding-level differences at most.
+    model, eager = compile_plain_passes(tiny.build()), tiny.build()
+    seeds = torch.arange(len(batch))
+    with torch.no_grad():
+        got = aug_msroi_stability(model, batch, seeds=seeds, max_batch=None)
+        want = aug_msroi_stability(eager, batch, seeds=seeds, max_batch=None)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], want[1])
