@@ -73,11 +73,14 @@ def time_maps(model, x: torch.Tensor, fn, iters: int, *, bf16: bool) -> float:
     return x.shape[0] * iters / (time.perf_counter() - t)
 
 
-def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str]) -> dict:
-    from transforms.defenses import gated_maps
+def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str],
+              compiled: tuple[str, ...] = ()) -> dict:
+    import copy
+
+    from transforms.defenses import gated_maps, jpeg_stability
     from transforms.images import to_tensor
     from transforms.models import build_model
-    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, msroi
+    from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, compile_plain_passes, msroi
 
     model = build_model("efficientnet_lite0", device=device)
     reps = -(-batch // len(images))
@@ -89,6 +92,12 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
 
     def gated(m, x):  # the map stage of aug_msroi_gated: S passes, one unperturbed, the JPEG check
         return gated_maps(m, x, jpeg_quality=50, seeds=seeds)[0]
+
+    def check_libjpeg(m, x):  # the JPEG check alone with libjpeg on the CPU (the default there)
+        return jpeg_stability(m, x, quality=50, codec="libjpeg")
+
+    def check_torch(m, x):  # the same check with the JPEG computed on the model's device
+        return jpeg_stability(m, x, quality=50, codec="torch")
 
     out = {"batch": batch, "samples": DEFAULT_SAMPLES, "forward_batch": batch * DEFAULT_SAMPLES}
     for v in variants:
@@ -107,6 +116,31 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
                 xs = xs.contiguous(memory_format=torch.channels_last) if cl else xs
                 out[v]["s_passes_no_noise_images_per_s"] = round(
                     time_maps(m, xs, msroi, iters, bf16=bf16) / DEFAULT_SAMPLES, 1)
+            if v in compiled:
+                # --map-compile: the plain passes through torch.compile (the first, untimed call
+                # of time_maps compiles: one graph per pass shape); noisy passes stay eager.
+                mc = compile_plain_passes(copy.deepcopy(m))
+                t0 = time.perf_counter()
+                out[v]["compiled"] = {
+                    "msroi_images_per_s": round(time_maps(mc, x, msroi, iters, bf16=bf16), 1),
+                    "aug_msroi_gated_images_per_s": round(time_maps(mc, x, gated, iters, bf16=bf16), 1),
+                    "aug_msroi_images_per_s": round(time_maps(mc, x, aug, iters, bf16=bf16), 1),
+                }
+                out[v]["compiled"]["seconds_incl_compile"] = round(time.perf_counter() - t0, 1)
+                out[v]["compiled"]["jpeg_check_torch_images_per_s"] = round(
+                    time_maps(mc, x, check_torch, iters, bf16=bf16), 1)
+                out[v]["compiled"]["jpeg_check_libjpeg_images_per_s"] = round(
+                    time_maps(mc, x, check_libjpeg, max(1, iters // 5), bf16=bf16), 1)
+                # Agreement: compiled against eager, and the two JPEG codecs (the same pixels).
+                ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+                with ctx, torch.no_grad():
+                    ge, se = gated_maps(m, x, jpeg_quality=50, seeds=seeds)
+                    gc, sc = gated_maps(mc, x, jpeg_quality=50, seeds=seeds)
+                    lib, dev = check_libjpeg(m, x), check_torch(m, x)
+                out[v]["compiled"]["max_abs_diff_vs_eager"] = {
+                    "map": float((ge - gc).abs().max()),
+                    **{k: float((se[k] - sc[k]).abs().max()) for k in se}}
+                out[v]["jpeg_check_max_abs_diff_torch_vs_libjpeg"] = float((lib - dev).abs().max())
         except RuntimeError as e:  # e.g. out of memory, bf16 unsupported
             out[v] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if device.type == "cuda":
@@ -187,6 +221,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--encoder-procs", type=int, nargs="*", default=[],
                     help="also time the encoder in this many processes at once (e.g. 2 16)")
+    ap.add_argument("--compile", nargs="*", default=None, metavar="VARIANT",
+                    help="also time the map stage with --map-compile (torch.compile of the plain passes) in "
+                         "these variants (default with no value: channels_last on the CPU, bf16_channels_last "
+                         "on CUDA); each compile takes seconds to a minute")
+    ap.add_argument("--no-encoder", action="store_true", help="skip the encoder stage")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -208,16 +247,23 @@ def main() -> None:
             torch.backends.cudnn.benchmark = True
             record["cuda_device"] = torch.cuda.get_device_name(device)
             variants = args.cuda_variants
+            max_batch = max([args.batch] + ([] if args.quick else args.cuda_batches))
             iters = args.iters if args.quick else max(args.iters, 10)
+            compiled = () if args.compile is None else tuple(args.compile or ["bf16_channels_last"])
             for batch in [args.batch] + ([] if args.quick else args.cuda_batches):
-                record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants)
+                record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants,
+                                                             compiled if batch == max_batch else ())
                 _progress(f"map_cuda_batch{batch}", record[f"map_cuda_batch{batch}"])
         else:
             batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest
             # fp32 is the contiguous layout; channels_last is the pipeline's on the CPU (--memory-format auto)
-            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32", "channels_last"])
+            compiled = () if args.compile is None else tuple(args.compile or ["channels_last"])
+            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32", "channels_last"], compiled)
             _progress("map_cpu", record["map_cpu"])
 
+    if args.no_encoder:
+        emit(record)
+        return
     from transforms.images import to_tensor
     from transforms.models import build_model
     from transforms.saliency import aug_msroi

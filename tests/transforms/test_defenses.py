@@ -217,3 +217,16 @@ def test_gated_maps_share_one_unperturbed_pass_without_changing_anything(photos,
         jpeg_stability(tiny_model, x, logits=torch.zeros(len(x) - 1, 10))
     with pytest.raises(ValueError, match="one row per image"):
         aug_msroi_stability(tiny_model, x, logits=torch.zeros(len(x) + 1, 10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_jpeg_stability_on_cuda_matches_libjpeg_on_the_cpu(photos):
+    # On CUDA the default codec is the device one; the scores match the CPU's libjpeg ones up to
+    # the network's rounding on the two devices.
+    from tests import tiny
+
+    x = to_tensor(photos)
+    cpu = jpeg_stability(tiny.build(), x, quality=30)
+    gpu = jpeg_stability(tiny.build().cuda(), x.cuda(), quality=30)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
