@@ -23,6 +23,7 @@ import functools
 import hashlib
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Literal
@@ -235,7 +236,8 @@ def compile_plain_passes(model: nn.Module, *, mode: str | None = None, backend: 
     (``bench/map_compile_probe.py``). Results differ from eager ones by floating-point rounding
     only. Call it once per model, e.g. when a worker loads its map model; ``mode`` and
     ``backend`` go to ``torch.compile``. A copy of the model (``copy.deepcopy``) runs eagerly
-    until it is compiled itself.
+    until it is compiled itself. If a compiled pass fails (a worker without a C compiler, say),
+    a ``RuntimeWarning`` says why and the model runs eagerly from then on: no batch is lost.
     """
     _check(model, torch.zeros(0, 3, 1, 1))
     compiled = torch.compile(functools.partial(_eager_forward, model), mode=mode, backend=backend)
@@ -248,17 +250,38 @@ def _forward(model: nn.Module, x: torch.Tensor, *, plain: bool = True) -> tuple[
     """Feature maps and logits of one forward pass (through ``model.fc``, so its hooks fire);
     compiled when the pass is ``plain`` (no hooks) and the model was given to
     :func:`compile_plain_passes`."""
-    entry = model.__dict__.get(_COMPILED) if plain else None
-    if entry is not None and entry[0]() is model:
-        return entry[1](x)
+    compiled = _compiled(model) if plain else None
+    if compiled is not None:
+        try:
+            return compiled(x)
+        except Exception as e:  # noqa: BLE001 - compiling is an optimization, never a lost batch
+            _drop_compiled(model, e)
     return _eager_forward(model, x)
+
+
+def _compiled(model: nn.Module) -> Callable | None:
+    entry = model.__dict__.get(_COMPILED)
+    return entry[1] if entry is not None and entry[0]() is model else None
+
+
+def _drop_compiled(model: nn.Module, error: Exception) -> None:
+    """A compiled pass failed (no C compiler on a worker, an unsupported operator, ...): warn
+    once and run this model eagerly from now on; an error that is not the compiler's repeats in
+    the eager pass and is raised there."""
+    why = " ".join(str(error).split())[:300]  # one line
+    warnings.warn(f"compiled map pass failed ({type(error).__name__}: {why}); "
+                  "running the model eagerly from now on", RuntimeWarning, stacklevel=3)
+    model.__dict__.pop(_COMPILED, None)
 
 
 def plain_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` as float32 logits, through the compiled pass when the model has one."""
-    entry = model.__dict__.get(_COMPILED)
-    if entry is not None and entry[0]() is model:
-        return entry[1](x)[1]
+    compiled = _compiled(model)
+    if compiled is not None:
+        try:
+            return compiled(x)[1]
+        except Exception as e:  # noqa: BLE001 - as in _forward
+            _drop_compiled(model, e)
     return model(x).float()
 
 

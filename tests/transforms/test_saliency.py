@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -460,3 +461,16 @@ def test_inductor_compiled_maps_match_eager(batch):
         want = aug_msroi_stability(eager, batch, seeds=seeds, max_batch=None)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_a_failing_compiler_falls_back_to_eager(batch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    model, eager = compile_plain_passes(tiny.build(), backend=broken), tiny.build()
+    with pytest.warns(RuntimeWarning, match="compiled map pass failed.*no C compiler here"):
+        got = msroi(model, batch)
+    torch.testing.assert_close(got, msroi(eager, batch), atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the model now runs eagerly without warning again
+        torch.testing.assert_close(msroi(model, batch), got, atol=0, rtol=0)
