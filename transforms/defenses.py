@@ -200,8 +200,10 @@ def jpeg_stability(
     ``codec``: ``"libjpeg"`` encodes and decodes with libjpeg-turbo through Pillow, on the CPU;
     ``"torch"`` computes the same pixels with :func:`transforms.jpeg_torch.jpeg_roundtrip` on the
     model's device (libjpeg's integer arithmetic in torch, bit-exact: no copy to the host and no
-    codec call per image); ``"auto"`` (default): libjpeg on the CPU, where it is faster (about
-    1,200 against 300 images/s at 224x224 on this machine's two cores), torch elsewhere."""
+    codec call per image); ``"auto"`` (default): libjpeg on the CPU, where it is faster than the
+    eager torch code (about 1,200 against 300 images/s at 224x224 on this machine's two cores),
+    torch elsewhere, and torch compiled wherever the model's passes are compiled
+    (:func:`transforms.saliency.compile_plain_passes`; 3,176 images/s on the same CPU)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if logits is not None and tuple(logits.shape[:1]) != (len(images),):
@@ -209,8 +211,9 @@ def jpeg_stability(
     if codec not in ("auto", "libjpeg", "torch"):
         raise ValueError(f"codec must be auto, libjpeg or torch, got {codec!r}")
     device = next(model.parameters()).device
+    compiled = _saliency.has_compiled_passes(model)
     if codec == "auto":
-        codec = "libjpeg" if device.type == "cpu" else "torch"
+        codec = "libjpeg" if device.type == "cpu" and not compiled else "torch"
     n = len(images)
     if n == 0:
         return torch.zeros((0,), dtype=torch.float32, device=images.device)
@@ -233,7 +236,7 @@ def jpeg_stability(
                 squeezed = to_tensor([decode_rgb(jpeg(p, quality=quality, subsampling=subsampling).data) for p in hwc],
                                      device)
             else:
-                squeezed = jpeg_roundtrip(chunk, quality, subsampling).float().div_(255.0)
+                squeezed = jpeg_roundtrip(chunk, quality, subsampling, compiled=compiled).float().div_(255.0)
             pb = probs(squeezed)
             if logits is None:
                 pa = probs(chunk.float().div_(255.0))

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_NOISE",
     "CPU_PASS",
     "compile_plain_passes",
+    "has_compiled_passes",
     "plain_logits",
 ]
 
@@ -227,8 +228,9 @@ def compile_plain_passes(model: nn.Module, *, mode: str | None = None, backend: 
     The plain passes are those without Aug-MSROI's activation noise: :func:`msroi`, the
     unperturbed logits, the passes of :func:`aug_msroi_stability` when ``activation_noise`` is 0
     (input noise is added before the network), and :func:`plain_logits` (the JPEG check of
-    ``aug_msroi_gated``). Passes with activation noise stay eager: their noise comes from forward
-    pre-hooks registered per call, which a compiled graph would not see.
+    ``aug_msroi_gated``, whose JPEG round trip is then compiled too, on any device). Passes with
+    activation noise stay eager: their noise comes from forward pre-hooks registered per call,
+    which a compiled graph would not see.
 
     Compiling costs time at the first call of each input shape (seconds on the CPU for a small
     network; a second shape recompiles once with a dynamic batch size) and buys a fused graph:
@@ -262,6 +264,11 @@ def _forward(model: nn.Module, x: torch.Tensor, *, plain: bool = True) -> tuple[
 def _compiled(model: nn.Module) -> Callable | None:
     entry = model.__dict__.get(_COMPILED)
     return entry[1] if entry is not None and entry[0]() is model else None
+
+
+def has_compiled_passes(model: nn.Module) -> bool:
+    """Whether :func:`compile_plain_passes` compiled this model (and compiling has not failed)."""
+    return _compiled(model) is not None
 
 
 def _drop_compiled(model: nn.Module, error: Exception) -> None:

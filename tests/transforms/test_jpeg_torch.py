@@ -110,3 +110,28 @@ def test_cuda_matches_cpu(photos):
     for subsampling in SUBSAMPLINGS:
         torch.testing.assert_close(jpeg_roundtrip(x.cuda(), 50, subsampling).cpu(), jpeg_roundtrip(x, 50, subsampling),
                                    rtol=0, atol=0)
+
+
+def test_compiled_round_trip_gives_the_same_pixels(photos):
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
+    for subsampling in ("4:2:0", "4:4:4"):
+        torch.testing.assert_close(jpeg_roundtrip(x, 50, subsampling, compiled=True), jpeg_roundtrip(x, 50, subsampling),
+                                   rtol=0, atol=0)
+
+
+def test_a_failing_compiler_falls_back_to_eager(photos, monkeypatch):
+    import transforms.jpeg_torch as jt
+
+    def broken():
+        def run(*args):
+            raise RuntimeError("no C compiler here")
+
+        return run
+
+    monkeypatch.setattr(jt, "_compiled_roundtrip", broken)
+    monkeypatch.setitem(jt._COMPILE, "ok", True)
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
+    with pytest.warns(RuntimeWarning, match="compiled JPEG round trip failed .*no C compiler here"):
+        got = jpeg_roundtrip(x, 50, compiled=True)
+    torch.testing.assert_close(got, jpeg_roundtrip(x, 50), rtol=0, atol=0)
+    assert jt._COMPILE["ok"] is False  # not tried again
