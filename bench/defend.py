@@ -79,6 +79,7 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
 
     from transforms.defenses import gated_maps, jpeg_stability
     from transforms.images import to_tensor
+    from transforms.jpeg_torch import jpeg_roundtrip
     from transforms.models import build_model
     from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, compile_plain_passes, msroi
 
@@ -131,6 +132,14 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
                     time_maps(mc, x, check_torch, iters, bf16=bf16), 1)
                 out[v]["compiled"]["jpeg_check_libjpeg_images_per_s"] = round(
                     time_maps(mc, x, check_libjpeg, max(1, iters // 5), bf16=bf16), 1)
+                # The check's JPEG round trip alone, eager and compiled (not part of --map-compile).
+                px = torch.round(x.clamp(0, 1) * 255.0).to(torch.uint8)
+                for name, flag in (("eager", False), ("compiled", True)):
+                    t0 = time.perf_counter()
+                    out[v]["compiled"][f"jpeg_roundtrip_{name}_images_per_s"] = round(
+                        time_maps(m, x, lambda _m, _x: jpeg_roundtrip(px, 50, compiled=flag), iters, bf16=False), 1)
+                    out[v]["compiled"][f"jpeg_roundtrip_{name}_seconds_incl_compile"] = round(
+                        time.perf_counter() - t0, 1)
                 # Agreement: compiled against eager, and the two JPEG codecs (the same pixels).
                 ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
                 with ctx, torch.no_grad():

@@ -138,8 +138,9 @@ class NightlyConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "NightlyConfig":
-        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "map_precision", "map_compile", "runner",
-                 "runner_options", "tolerance", "seed", "save_maps", "report", "input_options"}
+        known = {"input", "output", "history", "attacks", "defenses", "model", "map_model", "map_precision",
+                 "map_compile", "runner", "runner_options", "tolerance", "seed", "save_maps", "report",
+                 "input_options"}
         for k in raw:
             if k not in known:
                 raise ValueError(f"{source}: unknown key {k!r}; valid: {', '.join(sorted(known))}")

@@ -31,11 +31,18 @@ def _bench(*argv: str) -> dict:
 def test_defend_bench_quick():
     if not (DEV / "labels.csv").exists():
         pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
-    out = _bench("bench/defend.py", "--quick", "--device", "cpu", "--encoder-procs", "2")
+    out = _bench("bench/defend.py", "--quick", "--device", "cpu", "--encoder-procs", "2", "--compile")
     for layout in ("fp32", "channels_last"):
         cpu = out["map_cpu"][layout]
         assert cpu["aug_msroi_images_per_s"] > 0 and cpu["msroi_images_per_s"] > cpu["aug_msroi_images_per_s"]
         assert 0 < cpu["aug_msroi_gated_images_per_s"] < cpu["msroi_images_per_s"]
+    # --compile: channels_last only (the CPU default); the device JPEG gives libjpeg's very scores.
+    assert "compiled" not in out["map_cpu"]["fp32"]
+    fused = out["map_cpu"]["channels_last"]["compiled"]
+    assert all(fused[k] > 0 for k in ("msroi_images_per_s", "aug_msroi_gated_images_per_s",
+                                      "jpeg_roundtrip_eager_images_per_s", "jpeg_roundtrip_compiled_images_per_s"))
+    assert out["map_cpu"]["channels_last"]["jpeg_check_max_abs_diff_torch_vs_libjpeg"] == 0.0
+    assert fused["max_abs_diff_vs_eager"]["stability"] <= 0.2
     assert out["kept_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     enc = out["encoder_cpu_one_process"]
     assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s",

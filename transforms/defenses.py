@@ -202,8 +202,9 @@ def jpeg_stability(
     model's device (libjpeg's integer arithmetic in torch, bit-exact: no copy to the host and no
     codec call per image); ``"auto"`` (default): libjpeg on the CPU, where it is faster than the
     eager torch code (about 1,200 against 300 images/s at 224x224 on this machine's two cores),
-    torch elsewhere, and torch compiled wherever the model's passes are compiled
-    (:func:`transforms.saliency.compile_plain_passes`; 3,176 images/s on the same CPU)."""
+    torch elsewhere. The torch code is eager: compiled, the round trip alone ran 3,176 images/s
+    on the same CPU, but compiling it cost about 15 s per process and shape, more than it saves
+    in a map stage whose passes take 30 ms per image there; on a GPU it is not measured."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if logits is not None and tuple(logits.shape[:1]) != (len(images),):
@@ -211,9 +212,8 @@ def jpeg_stability(
     if codec not in ("auto", "libjpeg", "torch"):
         raise ValueError(f"codec must be auto, libjpeg or torch, got {codec!r}")
     device = next(model.parameters()).device
-    compiled = _saliency.has_compiled_passes(model)
     if codec == "auto":
-        codec = "libjpeg" if device.type == "cpu" and not compiled else "torch"
+        codec = "libjpeg" if device.type == "cpu" else "torch"
     n = len(images)
     if n == 0:
         return torch.zeros((0,), dtype=torch.float32, device=images.device)
@@ -236,7 +236,7 @@ def jpeg_stability(
                 squeezed = to_tensor([decode_rgb(jpeg(p, quality=quality, subsampling=subsampling).data) for p in hwc],
                                      device)
             else:
-                squeezed = jpeg_roundtrip(chunk, quality, subsampling, compiled=compiled).float().div_(255.0)
+                squeezed = jpeg_roundtrip(chunk, quality, subsampling).float().div_(255.0)
             pb = probs(squeezed)
             if logits is None:
                 pa = probs(chunk.float().div_(255.0))

@@ -115,8 +115,8 @@ def test_cuda_matches_cpu(photos):
 def test_compiled_round_trip_gives_the_same_pixels(photos):
     x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
     for subsampling in ("4:2:0", "4:4:4"):
-        torch.testing.assert_close(jpeg_roundtrip(x, 50, subsampling, compiled=True), jpeg_roundtrip(x, 50, subsampling),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(jpeg_roundtrip(x, 50, subsampling, compiled=True),
+                                   jpeg_roundtrip(x, 50, subsampling), rtol=0, atol=0)
 
 
 def test_a_failing_compiler_falls_back_to_eager(photos, monkeypatch):
