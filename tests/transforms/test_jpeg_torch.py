@@ -135,3 +135,14 @@ def test_a_failing_compiler_falls_back_to_eager(photos, monkeypatch):
         got = jpeg_roundtrip(x, 50, compiled=True)
     torch.testing.assert_close(got, jpeg_roundtrip(x, 50), rtol=0, atol=0)
     assert jt._COMPILE["ok"] is False  # not tried again
+
+
+def test_reciprocal_quantization_is_rounding_division():
+    # jcdctmgr.c's reciprocals, for every divisor a baseline table gives (8 x 1..255) and every
+    # magnitude islow's output reaches (below 2**14): the same as rounding division.
+    from transforms.jpeg_torch import _reciprocal
+
+    m = np.arange(1 << 14, dtype=np.int64)
+    for d in range(8, 8 * 256, 8):
+        recip, corr, shift = _reciprocal(d)
+        assert np.array_equal(((m + corr) * recip) >> shift, (m + d // 2) // d), d
