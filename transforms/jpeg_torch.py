@@ -27,57 +27,40 @@ import warnings
 
 import torch
 
-from .jpeg_dct import SAMPLING
+from .jpeg_dct import (
+    _CONST_BITS,
+    _F0298,
+    _F0390,
+    _F0541,
+    _F0765,
+    _F0899,
+    _F1175,
+    _F1501,
+    _F1847,
+    _F1961,
+    _F2053,
+    _F2562,
+    _F3072,
+    _PASS1_BITS,
+    SAMPLING,
+    _descale,
+)
+from .semantic_jpeg import ijg_tables
 
 __all__ = ["jpeg_roundtrip", "quant_table"]
 
-#: ITU-T T.81 Annex K tables (natural order), as jcparam.c holds them.
-_LUMA = (
-    16, 11, 10, 16, 24, 40, 51, 61,
-    12, 12, 14, 19, 26, 58, 60, 55,
-    14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62,
-    18, 22, 37, 56, 68, 109, 103, 77,
-    24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101,
-    72, 92, 95, 98, 112, 100, 103, 99,
-)  # fmt: skip
-_CHROMA = (
-    17, 18, 24, 47, 99, 99, 99, 99,
-    18, 21, 26, 66, 99, 99, 99, 99,
-    24, 26, 56, 99, 99, 99, 99, 99,
-    47, 66, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99,
-)  # fmt: skip
-
 _SCALEBITS = 16  # jccolor.c / jdcolor.c fixed point
 _ONE_HALF = 1 << (_SCALEBITS - 1)
-_CONST_BITS, _PASS1_BITS = 13, 2  # jfdctint.c / jidctint.c
 
 
 def _fix16(x: float) -> int:
     return int(x * (1 << _SCALEBITS) + 0.5)
 
 
-def _fix13(x: float) -> int:
-    return int(x * (1 << _CONST_BITS) + 0.5)
-
-
-_F0298, _F0390, _F0541, _F0765 = _fix13(0.298631336), _fix13(0.390180644), _fix13(0.541196100), _fix13(0.765366865)
-_F0899, _F1175, _F1501, _F1847 = _fix13(0.899976223), _fix13(1.175875602), _fix13(1.501321110), _fix13(1.847759065)
-_F1961, _F2053, _F2562, _F3072 = _fix13(1.961570560), _fix13(2.053119869), _fix13(2.562915447), _fix13(3.072711026)
-
-
 def quant_table(quality: int, chroma: bool = False) -> tuple[int, ...]:
-    """jcparam.c ``jpeg_set_quality(quality, force_baseline=TRUE)``: the 64 steps, natural order."""
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
-    q = int(quality)
-    scale = 5000 // q if q < 50 else 200 - 2 * q
-    return tuple(min(255, max(1, (b * scale + 50) // 100)) for b in (_CHROMA if chroma else _LUMA))
+    """jcparam.c ``jpeg_set_quality(quality, force_baseline=TRUE)``: the 64 steps, natural order
+    (:func:`transforms.semantic_jpeg.ijg_tables`)."""
+    return tuple(int(v) for v in ijg_tables(quality)[1 if chroma else 0].ravel())
 
 
 def _reciprocal(divisor: int) -> tuple[int, int, int]:
@@ -147,10 +130,6 @@ def _downsample(plane: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
         s = plane[..., 0::2, 0::2] + plane[..., 0::2, 1::2] + plane[..., 1::2, 0::2] + plane[..., 1::2, 1::2]
         return (s + 1 + bias) >> 2
     raise ValueError(f"unsupported downsampling {fy}x{fx}")
-
-
-def _descale(x: torch.Tensor, n: int) -> torch.Tensor:
-    return (x + (1 << (n - 1))) >> n
 
 
 def _fdct_pass(d: torch.Tensor, dim: int, last: bool) -> torch.Tensor:
