@@ -41,21 +41,16 @@ from .jpeg_dct import (
     _F2053,
     _F2562,
     _F3072,
+    _ONE_HALF,
     _PASS1_BITS,
+    _SCALEBITS,
     SAMPLING,
     _descale,
+    _fix16,
 )
 from .semantic_jpeg import ijg_tables
 
 __all__ = ["jpeg_roundtrip", "quant_table"]
-
-_SCALEBITS = 16  # jccolor.c / jdcolor.c fixed point
-_ONE_HALF = 1 << (_SCALEBITS - 1)
-
-
-def _fix16(x: float) -> int:
-    return int(x * (1 << _SCALEBITS) + 0.5)
-
 
 def quant_table(quality: int, chroma: bool = False) -> tuple[int, ...]:
     """jcparam.c ``jpeg_set_quality(quality, force_baseline=TRUE)``: the 64 steps, natural order
