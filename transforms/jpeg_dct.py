@@ -52,7 +52,11 @@ _F1961, _F2053, _F2562, _F3072 = _fix13(1.961570560), _fix13(2.053119869), _fix1
 
 def _rgb_to_ycc(image: np.ndarray) -> list[np.ndarray]:
     """jccolor.c ``rgb_ycc_convert``: int32 (H, W) planes Y, Cb, Cr in 0..255."""
-    r, g, b = (image[..., i].astype(np.int32) for i in range(3))
+    return _ycc(*(image[..., i].astype(np.int32) for i in range(3)))
+
+
+def _ycc(r, g, b) -> list:
+    """jccolor.c's arithmetic on int32 R, G, B planes (numpy arrays or torch tensors)."""
     y = (_fix16(0.29900) * r + _fix16(0.58700) * g + _fix16(0.11400) * b + _ONE_HALF) >> _SCALEBITS
     # Cb and Cr round with 0.5 - epsilon, so that 255 cannot round up to 256.
     cb = (-_fix16(0.16874) * r - _fix16(0.33126) * g + _fix16(0.5) * b + _CBCR_OFFSET + _ONE_HALF - 1) >> _SCALEBITS
@@ -88,9 +92,9 @@ def _descale(x: np.ndarray, n: int) -> np.ndarray:
     return (x + (1 << (n - 1))) >> n
 
 
-def _fdct_islow_pass(d: np.ndarray, last: bool) -> np.ndarray:
+def _fdct_islow_pass(d: np.ndarray, last: bool, stack=np.stack) -> np.ndarray:
     """One 1-D pass of jfdctint.c along the first axis of int32 (8, ...) data (int32, as in C:
-    libjpeg's ranges keep every product inside it)."""
+    libjpeg's ranges keep every product inside it); torch tensors too, with ``torch.stack``."""
     d0, d1, d2, d3, d4, d5, d6, d7 = d
     tmp0, tmp7 = d0 + d7, d0 - d7
     tmp1, tmp6 = d1 + d6, d1 - d6
@@ -98,27 +102,24 @@ def _fdct_islow_pass(d: np.ndarray, last: bool) -> np.ndarray:
     tmp3, tmp4 = d3 + d4, d3 - d4
     tmp10, tmp13 = tmp0 + tmp3, tmp0 - tmp3
     tmp11, tmp12 = tmp1 + tmp2, tmp1 - tmp2
-    out = np.empty_like(d)
     shift = _CONST_BITS + _PASS1_BITS if last else _CONST_BITS - _PASS1_BITS
     if last:
-        out[0] = _descale(tmp10 + tmp11, _PASS1_BITS)
-        out[4] = _descale(tmp10 - tmp11, _PASS1_BITS)
+        o0, o4 = _descale(tmp10 + tmp11, _PASS1_BITS), _descale(tmp10 - tmp11, _PASS1_BITS)
     else:
-        out[0] = (tmp10 + tmp11) << _PASS1_BITS
-        out[4] = (tmp10 - tmp11) << _PASS1_BITS
+        o0, o4 = (tmp10 + tmp11) << _PASS1_BITS, (tmp10 - tmp11) << _PASS1_BITS
     z1 = (tmp12 + tmp13) * _F0541
-    out[2] = _descale(z1 + tmp13 * _F0765, shift)
-    out[6] = _descale(z1 - tmp12 * _F1847, shift)
+    o2 = _descale(z1 + tmp13 * _F0765, shift)
+    o6 = _descale(z1 - tmp12 * _F1847, shift)
     z1, z2, z3, z4 = tmp4 + tmp7, tmp5 + tmp6, tmp4 + tmp6, tmp5 + tmp7
     z5 = (z3 + z4) * _F1175
     tmp4, tmp5, tmp6, tmp7 = tmp4 * _F0298, tmp5 * _F2053, tmp6 * _F3072, tmp7 * _F1501
     z1, z2 = z1 * -_F0899, z2 * -_F2562
     z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
-    out[7] = _descale(tmp4 + z1 + z3, shift)
-    out[5] = _descale(tmp5 + z2 + z4, shift)
-    out[3] = _descale(tmp6 + z2 + z3, shift)
-    out[1] = _descale(tmp7 + z1 + z4, shift)
-    return out
+    o7 = _descale(tmp4 + z1 + z3, shift)
+    o5 = _descale(tmp5 + z2 + z4, shift)
+    o3 = _descale(tmp6 + z2 + z3, shift)
+    o1 = _descale(tmp7 + z1 + z4, shift)
+    return stack([o0, o1, o2, o3, o4, o5, o6, o7])
 
 
 def _fdct_islow(blocks: np.ndarray) -> np.ndarray:

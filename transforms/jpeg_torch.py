@@ -46,7 +46,9 @@ from .jpeg_dct import (
     _SCALEBITS,
     SAMPLING,
     _descale,
+    _fdct_islow_pass,
     _fix16,
+    _ycc,
 )
 from .semantic_jpeg import ijg_tables
 
@@ -96,12 +98,7 @@ def _tables(quality: int, device: torch.device) -> dict[str, torch.Tensor]:
 
 def _rgb_to_ycc(x: torch.Tensor) -> list[torch.Tensor]:
     """jccolor.c ``rgb_ycc_convert`` on int32 (N, 3, H, W): Y, Cb, Cr planes (N, H, W)."""
-    r, g, b = x.unbind(1)
-    y = (_fix16(0.29900) * r + _fix16(0.58700) * g + _fix16(0.11400) * b + _ONE_HALF) >> _SCALEBITS
-    off = (128 << _SCALEBITS) + _ONE_HALF - 1
-    cb = (-_fix16(0.16874) * r - _fix16(0.33126) * g + _fix16(0.5) * b + off) >> _SCALEBITS
-    cr = (_fix16(0.5) * r - _fix16(0.41869) * g - _fix16(0.08131) * b + off) >> _SCALEBITS
-    return [y, cb, cr]
+    return _ycc(*x.unbind(1))
 
 
 def _fit(a: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -128,32 +125,8 @@ def _downsample(plane: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
 
 
 def _fdct_pass(d: torch.Tensor, dim: int, last: bool) -> torch.Tensor:
-    """One 1-D pass of jfdctint.c along ``dim`` (size 8) of int32 data."""
-    d0, d1, d2, d3, d4, d5, d6, d7 = d.unbind(dim)
-    tmp0, tmp7 = d0 + d7, d0 - d7
-    tmp1, tmp6 = d1 + d6, d1 - d6
-    tmp2, tmp5 = d2 + d5, d2 - d5
-    tmp3, tmp4 = d3 + d4, d3 - d4
-    tmp10, tmp13 = tmp0 + tmp3, tmp0 - tmp3
-    tmp11, tmp12 = tmp1 + tmp2, tmp1 - tmp2
-    shift = _CONST_BITS + _PASS1_BITS if last else _CONST_BITS - _PASS1_BITS
-    if last:
-        o0, o4 = _descale(tmp10 + tmp11, _PASS1_BITS), _descale(tmp10 - tmp11, _PASS1_BITS)
-    else:
-        o0, o4 = (tmp10 + tmp11) << _PASS1_BITS, (tmp10 - tmp11) << _PASS1_BITS
-    z1 = (tmp12 + tmp13) * _F0541
-    o2 = _descale(z1 + tmp13 * _F0765, shift)
-    o6 = _descale(z1 - tmp12 * _F1847, shift)
-    z1, z2, z3, z4 = tmp4 + tmp7, tmp5 + tmp6, tmp4 + tmp6, tmp5 + tmp7
-    z5 = (z3 + z4) * _F1175
-    tmp4, tmp5, tmp6, tmp7 = tmp4 * _F0298, tmp5 * _F2053, tmp6 * _F3072, tmp7 * _F1501
-    z1, z2 = z1 * -_F0899, z2 * -_F2562
-    z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
-    o7 = _descale(tmp4 + z1 + z3, shift)
-    o5 = _descale(tmp5 + z2 + z4, shift)
-    o3 = _descale(tmp6 + z2 + z3, shift)
-    o1 = _descale(tmp7 + z1 + z4, shift)
-    return torch.stack([o0, o1, o2, o3, o4, o5, o6, o7], dim=dim)
+    """One 1-D pass of jfdctint.c along ``dim`` (size 8) of int32 data: jpeg_dct's, in torch."""
+    return _fdct_islow_pass(d.movedim(dim, 0), last, stack=torch.stack).movedim(0, dim)
 
 
 def _quantize(x: torch.Tensor, recip: torch.Tensor, corr: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -283,12 +283,8 @@ def _drop_compiled(model: nn.Module, error: Exception) -> None:
 
 def plain_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` as float32 logits, through the compiled pass when the model has one."""
-    compiled = _compiled(model)
-    if compiled is not None:
-        try:
-            return compiled(x)[1]
-        except Exception as e:  # noqa: BLE001 - as in _forward
-            _drop_compiled(model, e)
+    if has_compiled_passes(model):  # only models with class activation maps are compiled
+        return _forward(model, x)[1]
     return model(x).float()
 
 
