@@ -4,6 +4,7 @@ Defenses that match another's size (``jpeg:match=aug_msroi``) are encoded after 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -11,7 +12,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from transforms.defenses import apply_defense, map_request, match_target, parse_defense
+from transforms.defenses import apply_defense, denoise_weight, map_request, match_target, parse_defense
 from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 from transforms.visual import heatmap
@@ -78,6 +79,9 @@ class _EncodeFn(beam.DoFn):
     def process(self, v: Variant):
         s = v.sample
         sizes: dict[str, int] = {}
+        denoised = v.denoised
+        if denoised:  # only this stage needs them: later stages carry the variant without
+            v = dataclasses.replace(v, denoised={})
         for spec in self.order:
             req = map_request(spec)
             if req and req[0] not in v.maps:
@@ -91,6 +95,7 @@ class _EncodeFn(beam.DoFn):
                         raise ValueError(f"the matched defense {ref} failed on this image")
                     matched = sizes[ref]
                 enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched,
+                                    denoised=denoised.get(denoise_weight(spec)),
                                     **(v.map_stability.get(req[0], {}) if req else {}))
                 # PNG is lossless: the stored pixels are the input pixels.
                 decoded = v.image if enc.ext == "png" else decode_rgb(enc.data)

@@ -71,6 +71,9 @@ class Variant:
     #: map request -> the image's prediction stabilities ({"stability": s, "jpeg_stability": j}),
     #: for the requests that measure them (the hidden defense parameters of the same names).
     map_stability: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: TV weight -> the image denoised at that weight (uint8 HWC), for the images an
+    #: ``aug_msroi_gated`` defense flags: denoised in the map stage, on the map model's device.
+    denoised: dict[float, np.ndarray] = field(default_factory=dict)
     #: The classifier's softmax (K,) float32 on ``image``, from the attack stage, which classifies
     #: every variant anyway (the clean prediction, an attack's success). The classify stage
     #: reuses it for defenses that store ``image`` losslessly instead of running the model again.

@@ -16,7 +16,7 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.defenses import compute_maps, map_request
+from transforms.defenses import compute_maps, denoise_flagged, map_request
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
 from transforms.saliency import compile_plain_passes, stretch_map
@@ -31,15 +31,15 @@ from .records import Variant
 log = logging.getLogger(__name__)
 
 
-def map_requests(defenses: tuple[Spec, ...]) -> dict[str, tuple[str, dict, tuple[str, ...]]]:
+def map_requests(defenses: tuple[Spec, ...]) -> dict[str, tuple[str, dict, tuple[Spec, ...]]]:
     """Distinct map requests of the defenses: canonical text -> (defense name, map kwargs, the
-    texts of the defenses that need this map)."""
-    out: dict[str, tuple[str, dict, tuple[str, ...]]] = {}
+    defenses that need this map)."""
+    out: dict[str, tuple[str, dict, tuple[Spec, ...]]] = {}
     for d in defenses:
         req = map_request(d)
         if req is not None:
             name, kwargs, users = out.get(req[0], (d.name, req[1], ()))
-            out[req[0]] = (name, kwargs, users + (d.text,))
+            out[req[0]] = (name, kwargs, users + (d,))
     return out
 
 
@@ -60,7 +60,7 @@ class MapHandler(_ClassifierHandler):
     ``compile=True`` compiles the map model's passes without activation noise
     (:func:`transforms.saliency.compile_plain_passes`) when a worker loads it."""
 
-    def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict]], *, seed: int,
+    def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict, tuple[Spec, ...]]], *, seed: int,
                  native: bool = False, precision: str = "fp32", compile: bool = False):
         super().__init__(model, native=native)
         check_map_precision(precision)
@@ -103,6 +103,7 @@ class MapHandler(_ClassifierHandler):
         maps: list[dict] = [{} for _ in batch]
         seconds: list[dict] = [{} for _ in batch]
         stable: list[dict] = [{} for _ in batch]
+        denoised: list[dict] = [{} for _ in batch]
         errors = []
         for text, (name, kwargs, users) in self.requests.items():
             try:
@@ -117,15 +118,29 @@ class MapHandler(_ClassifierHandler):
                 dt = (time.perf_counter() - t0) / max(1, len(batch))
             except Exception as e:  # only the defenses that need this map fail
                 log.exception("saliency map %s failed on a batch of %d", text, len(batch))
-                errors += [dataclasses.replace(r, defense=d) for d in users for r in batch_errors(batch, "saliency", e)]
+                errors += [dataclasses.replace(r, defense=d.text) for d in users
+                           for r in batch_errors(batch, "saliency", e)]
                 continue
             for i, v in enumerate(batch):
                 maps[i][text] = stretch_map(m[i], v.image.shape[:2]) if self.native else m[i]
                 seconds[i][text] = dt
                 if st:
                     stable[i][text] = {k: float(s[i]) for k, s in st.items()}
-        return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb)
-                for v, mp, sc, sb in zip(batch, maps, seconds, stable)] + errors
+            if st:
+                self._denoise(batch, st, users, device, denoised)
+        return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb, denoised=dn)
+                for v, mp, sc, sb, dn in zip(batch, maps, seconds, stable, denoised)] + errors
+
+    @staticmethod
+    def _denoise(batch, scores, specs, device, denoised: list[dict]) -> None:
+        """Denoise the images the gated specs flag, on the map model's device, into ``denoised``.
+        On failure (out of memory, say) the encode stage denoises them on the CPU instead."""
+        try:
+            for i, d in enumerate(denoise_flagged(specs, [v.image for v in batch], scores, device)):
+                denoised[i].update(d)
+        except Exception as e:
+            log.warning("denoising on %s failed on a batch of %d (the encoder will denoise on the CPU): %s",
+                        device, len(batch), e)
 
 
 class SaliencyMaps(beam.PTransform):

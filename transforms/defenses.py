@@ -17,7 +17,8 @@ map a spec needs), and the size of the file a ``jpeg:match=...`` defense must no
 * ``aug_msroi_gated``: our extension: images whose prediction is unstable under the map's input
   noise or under the stable images' JPEG (likely adversarial) are denoised and get semantic JPEG
   at finer qualities; stable ones a uniform JPEG. The runner fills its ``stability`` and
-  ``jpeg_stability`` with the map.
+  ``jpeg_stability`` with the map, and, for a flagged image, its ``denoised`` pixels, denoised
+  on the map model's device (:func:`denoise_flagged`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from . import saliency as _saliency
 from .images import to_tensor, to_uint8
 from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
+from .denoise import denoise_tv_uint8
 from .jpeg_torch import jpeg_roundtrip
 from .semantic_jpeg import (
     Binning,
@@ -46,11 +48,11 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
-    "matched_defense", "defend_images", "encode_batch",
+    "gate_flagged", "denoise_weight", "denoise_flagged", "matched_defense", "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
-HIDDEN = ("saliency", "stability", "jpeg_stability", "matched_bytes")
+HIDDEN = ("saliency", "stability", "jpeg_stability", "denoised", "matched_bytes")
 
 
 class Encoded(NamedTuple):
@@ -163,15 +165,16 @@ def aug_msroi(
 
 
 def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
-    """Total-variation denoising (Chambolle's algorithm, scikit-image) of uint8 HWC RGB, each
-    channel denoised on its own (scikit-image's ``channel_axis``), ``weight`` in the units of
-    pixels in [0, 1]; uint8 back. Weight 0 returns the image unchanged."""
+    """Total-variation denoising of uint8 HWC RGB, each channel on its own, ``weight`` in the
+    units of pixels in [0, 1]; uint8 back. scikit-image's Chambolle algorithm
+    (``denoise_tv_chambolle(image / 255, weight, channel_axis=-1)``, rounded), computed by
+    :func:`transforms.denoise.denoise_tv_uint8` on the CPU. Weight 0 returns the image unchanged."""
     if weight == 0:
         return image
-    from skimage.restoration import denoise_tv_chambolle  # heavy import, only where used
-
-    out = denoise_tv_chambolle(image.astype(np.float32) / 255.0, weight=float(weight), channel_axis=-1)
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"image must be uint8 HWC, got {image.dtype} {image.shape}")
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return denoise_tv_uint8(chw, float(weight)).permute(1, 2, 0).contiguous().numpy()
 
 
 def jpeg_stability(
@@ -285,6 +288,7 @@ def aug_msroi_gated(
     saliency: np.ndarray | None = None,
     stability: float | None = None,
     jpeg_stability: float | None = None,
+    denoised: np.ndarray | None = None,
 ) -> Encoded:
     """Aug-MSROI behind a stability gate: our extension, not the DCC 2018 method.
 
@@ -317,21 +321,82 @@ def aug_msroi_gated(
     adaptive attacker defeats it: IGSM differentiating through the whole defense
     (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also aim at it (keep
     the prediction stable under noise and JPEG). Both stabilities are the map
-    model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``."""
+    model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``.
+
+    ``denoised``: the image already denoised at ``denoise`` (the pipeline does it on the map
+    model's device, :func:`denoise_flagged`); without it a flagged image is denoised here, on the
+    CPU, to the same pixels but for float rounding (a pixel in a million, by one level)."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
     if jpeg_gate > 0 and jpeg_stability is None:
         raise ValueError("aug_msroi_gated with jpeg_gate > 0 needs the image's jpeg_stability")
-    flagged = bool(stability < gate) or (jpeg_gate > 0 and bool(jpeg_stability < jpeg_gate))
+    if denoised is not None and (denoised.shape != image.shape or denoised.dtype != np.uint8):
+        raise ValueError(f"denoised pixels {denoised.dtype} {denoised.shape} do not match the image's "
+                         f"{image.dtype} {image.shape}")
+    flagged = gate_flagged(stability, jpeg_stability, gate=gate, jpeg_gate=jpeg_gate)
     info: dict[str, Any] = {"stability": float(stability), "flagged": flagged}
     if jpeg_gate > 0:
         info["jpeg_stability"] = float(jpeg_stability)
     if not flagged:
         enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
-    enc = _semantic(denoise_tv(image, denoise), saliency, levels=levels, q_low=q_low, q_high=q_high,
+    if denoise == 0:
+        denoised = image
+    elif denoised is None:
+        denoised = denoise_tv(image, denoise)
+    enc = _semantic(denoised, saliency, levels=levels, q_low=q_low, q_high=q_high,
                     binning=binning, method=method, subsampling=subsampling, bytes=bytes)
     return Encoded(enc.data, enc.ext, {**enc.info, **info})
+
+
+def gate_flagged(stability: float, jpeg_stability: float | None, *, gate: float, jpeg_gate: float) -> bool:
+    """Whether :func:`aug_msroi_gated` flags an image: its noise stability below ``gate``, or its
+    JPEG stability below ``jpeg_gate`` (when that check is on, ``jpeg_gate > 0``)."""
+    return bool(stability < gate) or (jpeg_gate > 0 and jpeg_stability is not None and bool(jpeg_stability < jpeg_gate))
+
+
+def _gated_params(spec: Spec) -> dict[str, Any]:
+    defaults = spec_params(aug_msroi_gated)
+    return {k: spec.params.get(k, defaults[k].default) for k in ("gate", "jpeg_gate", "denoise")}
+
+
+def denoise_weight(spec: Spec) -> float:
+    """The total-variation weight an ``aug_msroi_gated`` spec denoises its flagged images with
+    (0: none, and for every other defense)."""
+    return float(_gated_params(spec)["denoise"]) if spec.name == "aug_msroi_gated" else 0.0
+
+
+def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> list[dict[float, np.ndarray]]:
+    """Denoise, batched on ``device``, the images some ``aug_msroi_gated`` spec of ``specs`` flags.
+
+    ``images``: uint8 HWC arrays (any sizes); ``scores``: the map stage's (N,) stabilities
+    (``stability``, ``jpeg_stability``) of those images, for the specs' shared map request.
+    Returns, per image, {weight: denoised uint8 HWC} for each ``denoise`` weight a spec that flags
+    it uses (empty when none does): the ``denoised`` parameter :func:`aug_msroi_gated` takes.
+    Images of one size are denoised together (:func:`transforms.denoise.denoise_tv_uint8`)."""
+    out: list[dict[float, np.ndarray]] = [{} for _ in images]
+    wanted: dict[float, set[int]] = {}
+    for spec in specs:
+        if spec.name != "aug_msroi_gated":
+            continue
+        p = _gated_params(spec)
+        if p["denoise"] == 0:
+            continue
+        jpeg_scores = scores.get("jpeg_stability")
+        for i in range(len(images)):
+            js = None if jpeg_scores is None else float(jpeg_scores[i])
+            if gate_flagged(float(scores["stability"][i]), js, gate=p["gate"], jpeg_gate=p["jpeg_gate"]):
+                wanted.setdefault(float(p["denoise"]), set()).add(i)
+    for weight, rows in wanted.items():
+        by_shape: dict[tuple, list[int]] = {}
+        for i in sorted(rows):
+            by_shape.setdefault(images[i].shape, []).append(i)
+        for group in by_shape.values():
+            x = torch.from_numpy(np.stack([images[i] for i in group])).to(device).permute(0, 3, 1, 2)
+            y = denoise_tv_uint8(x, weight).permute(0, 2, 3, 1).cpu().numpy()
+            for i, im in zip(group, y):
+                out[i][weight] = im
+    return out
 
 
 DEFENSES = {
@@ -463,7 +528,8 @@ def defend_images(spec: Spec, images, *, model=None):
 
 def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[int] | None = None) -> list[Encoded]:
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
-    defense's maps are computed batched on ``model`` (noise seeded from the pixels); ``matched``
+    defense's maps are computed batched on ``model`` (noise seeded from the pixels), and
+    ``aug_msroi_gated``'s flagged images denoised there too; ``matched``
     gives a ``jpeg:match`` defense its per-image byte budgets."""
     maps = scores = None
     req = map_request(spec)
@@ -477,9 +543,13 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
         scores = {k: v.float().cpu().numpy() for k, v in (scores or {}).items()}
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
+    denoised = (denoise_flagged([spec], pixels, scores, next(model.parameters()).device) if scores
+                else [{} for _ in pixels])
+    weight = denoise_weight(spec)
     return [
         apply_defense(spec, pixels[i], saliency=None if maps is None else maps[i],
                       **{k: float(v[i]) for k, v in (scores or {}).items()},
+                      denoised=denoised[i].get(weight),
                       matched_bytes=None if matched is None else matched[i])
         for i in range(len(pixels))
     ]

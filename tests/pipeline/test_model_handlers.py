@@ -108,3 +108,51 @@ def test_map_handler_bf16_runs_the_map_model_under_autocast_in_channels_last(pho
         assert ma.dtype == mb.dtype == np.float32 and ma.shape == mb.shape and 0 <= mb.min() and mb.max() <= 1
     with pytest.raises(ValueError, match="map precision must be one of fp32, bf16"):
         MapHandler(config, requests, seed=0, precision="fp16")
+
+
+def test_map_stage_denoises_the_flagged_images_for_the_encoder(tiny_model, photos, monkeypatch):
+    """`aug_msroi_gated`'s flagged images are denoised in the map stage, on the map model's
+    device, once per weight; the encoder writes the same files as when it denoises them itself,
+    and drops the denoised pixels from what it passes on. A failed denoising loses nothing."""
+    import pipeline.saliency as saliency_stage
+    from pipeline.encode import _EncodeFn
+    from pipeline.records import Variant
+    from pipeline.saliency import MapHandler, map_requests
+    from tests.tiny import near_boundary
+    from transforms.defenses import denoise_tv
+    from transforms.images import to_uint8
+
+    config = ModelConfig(name="tests.tiny:build", batch_size=8, device="cpu")
+    specs = (parse_defense("aug_msroi_gated"), parse_defense("aug_msroi_gated:denoise=0.08"),
+             parse_defense("jpeg:match=aug_msroi_gated"))
+    x = to_tensor(photos)
+    pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))
+    batch = [Variant(Sample(0, "s.tar", f"k{i}", None, p), parse_attack("clean"), p, 0) for i, p in enumerate(pixels)]
+    handler = MapHandler(config, {t: r for t, r in map_requests(specs).items()}, seed=0)
+    model = handler.load_model()
+    out = handler.run_inference(batch, model)
+    assert len(map_requests(specs)) == 1 and all(isinstance(v, Variant) for v in out)
+    (text,) = map_requests(specs)
+    flagged = [v.map_stability[text]["stability"] < 0.7 or v.map_stability[text]["jpeg_stability"] < 0.55 for v in out]
+    assert any(flagged) and not all(flagged)
+    for v, f in zip(out, flagged):
+        assert sorted(v.denoised) == ([0.03, 0.08] if f else [])
+        for w, im in v.denoised.items():
+            np.testing.assert_array_equal(im, denoise_tv(v.image, w))
+
+    def encode(variants):
+        fn = _EncodeFn(specs, "tests.tiny:build", save_maps=False)
+        return [d for v in variants for d in fn.process(v)]
+
+    done = encode(out)
+    assert len(done) == 3 * len(out) and all(d.variant.denoised == {} for d in done)
+    bare = encode([dataclasses.replace(v, denoised={}) for v in out])  # the encoder denoises itself
+    assert [d.data for d in done] == [d.data for d in bare]
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(saliency_stage, "denoise_flagged", broken)
+    again = handler.run_inference(batch, model)
+    assert all(isinstance(v, Variant) and v.denoised == {} for v in again)  # no error rows
+    assert [d.data for d in encode(again)] == [d.data for d in done]

@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+from skimage.restoration import denoise_tv_chambolle
+
+from tests.conftest import dev_rows
+from tests.tiny import near_boundary
+from transforms.defenses import (
+    apply_defense,
+    denoise_flagged,
+    denoise_tv,
+    denoise_weight,
+    encode_batch,
+    gate_flagged,
+    parse_defense,
+)
+from transforms.denoise import denoise_tv_uint8, tv_chambolle
+from transforms.images import decode_image, resize_and_crop, to_tensor, to_uint8
+
+
+def _skimage_uint8(image: np.ndarray, weight: float) -> np.ndarray:
+    out = denoise_tv_chambolle(image.astype(np.float32) / 255.0, weight=weight, channel_axis=-1)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _chw(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("weight", [0.01, 0.03, 0.1])
+def test_planes_match_scikit_image_to_float_rounding(photos, weight):
+    x = _chw(photos).float() / 255.0
+    want = np.stack([denoise_tv_chambolle(p.astype(np.float32) / 255.0, weight=weight, channel_axis=-1)
+                     for p in photos]).transpose(0, 3, 1, 2)
+    got = tv_chambolle(x, weight)
+    assert np.abs(got.numpy() - want).max() < 1e-6
+    assert np.abs(got.numpy() - x.numpy()).max() > 0.01  # it did denoise
+    # The iteration cap and its per-plane stopping rule are scikit-image's.
+    for cap in (1, 2, 7):
+        capped = np.stack([denoise_tv_chambolle(p.astype(np.float32) / 255.0, weight=weight, channel_axis=-1,
+                                                max_num_iter=cap) for p in photos]).transpose(0, 3, 1, 2)
+        assert np.abs(tv_chambolle(x, weight, max_iter=cap).numpy() - capped).max() < 1e-6
+    torch.testing.assert_close(tv_chambolle(x, weight, max_iter=1), x, atol=0, rtol=0)
+
+
+def test_dev_images_match_scikit_image_in_uint8():
+    from tests.conftest import DEV
+
+    images = [resize_and_crop(decode_image((DEV / r["file"]).read_bytes()), resize=256, crop=224) for r in dev_rows()[:24]]
+    got = denoise_tv_uint8(_chw(images), 0.03).permute(0, 2, 3, 1).numpy()
+    want = np.stack([_skimage_uint8(im, 0.03) for im in images])
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-5  # float rounding at a half, a pixel in a million
+
+
+def test_batching_and_chunking_change_nothing(photos):
+    x = _chw(photos).float() / 255.0
+    whole = tv_chambolle(x, 0.05, chunk=len(photos) * 3)
+    for chunk in (None, 1, 2, 5):
+        torch.testing.assert_close(tv_chambolle(x, 0.05, chunk=chunk), whole, atol=0, rtol=0)
+    for i in range(len(photos)):
+        torch.testing.assert_close(tv_chambolle(x[i], 0.05), whole[i], atol=0, rtol=0)
+
+
+def test_edge_shapes_constant_planes_and_contract():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (17, 31)]:
+        r = rng.random(shape).astype(np.float32)
+        got = tv_chambolle(torch.from_numpy(r), 0.1).numpy()
+        assert np.abs(got - denoise_tv_chambolle(r, weight=0.1)).max() < 1e-6, shape
+    flat = torch.full((2, 3, 12, 10), 0.4)
+    noisy = torch.from_numpy(rng.random((2, 3, 12, 10)).astype(np.float32))
+    both = torch.cat([flat, noisy])
+    out = tv_chambolle(both, 0.1)
+    torch.testing.assert_close(out[:2], flat, atol=0, rtol=0)  # constant planes stay as they are
+    torch.testing.assert_close(out[2:], tv_chambolle(noisy, 0.1), atol=0, rtol=0)
+    before = both.clone()
+    assert out.shape == both.shape and out.dtype == both.dtype
+    torch.testing.assert_close(both, before, atol=0, rtol=0)  # input untouched
+    assert tv_chambolle(torch.zeros(0, 3, 8, 8), 0.1).shape == (0, 3, 8, 8)
+    u8 = (noisy * 255).round().to(torch.uint8)
+    assert denoise_tv_uint8(u8, 0).equal(u8)
+    for bad, match in [(dict(weight=0), "weight"), (dict(weight=float("nan")), "weight"),
+                       (dict(weight=0.1, max_iter=0), "max_iter")]:
+        with pytest.raises(ValueError, match=match):
+            tv_chambolle(noisy, **bad)
+    with pytest.raises(ValueError, match="floating"):
+        tv_chambolle(u8, 0.1)
+    with pytest.raises(ValueError, match="uint8"):
+        denoise_tv_uint8(noisy, 0.1)
+
+
+def test_denoise_tv_is_the_torch_code_on_one_image(photos):
+    for p in photos:
+        got = denoise_tv(p, 0.03)
+        assert got.dtype == np.uint8 and got.shape == p.shape
+        np.testing.assert_array_equal(got, denoise_tv_uint8(_chw([p]), 0.03)[0].permute(1, 2, 0).numpy())
+        assert np.abs(got.astype(int) - _skimage_uint8(p, 0.03).astype(int)).max() <= 1
+
+
+def test_denoise_flagged_denoises_what_each_gated_spec_flags(photos):
+    images = list(photos) + [photos[0][:40, :24]]  # another size: denoised in its own group
+    scores = {"stability": np.array([1.0, 0.6, 0.8, 1.0, 0.2]), "jpeg_stability": np.array([0.9, 0.9, 0.5, 0.9, 0.9])}
+    specs = [parse_defense("aug_msroi_gated"), parse_defense("aug_msroi_gated:gate=0.9,denoise=0.05"),
+             parse_defense("aug_msroi_gated:gate=0.1,jpeg_gate=0,denoise=0"), parse_defense("jpeg:quality=50")]
+    out = denoise_flagged(specs, images, scores)
+    # defaults (gate 0.7, jpeg_gate 0.55, denoise 0.03) flag 1, 2, 4; gate 0.9 flags 1, 2, 4 too
+    # (0.8 < 0.9 adds 2 by noise, it was already in by JPEG); the third denoises nothing.
+    assert [sorted(d) for d in out] == [[], [0.03, 0.05], [0.03, 0.05], [], [0.03, 0.05]]
+    for i, d in enumerate(out):
+        for w, im in d.items():
+            np.testing.assert_array_equal(im, denoise_tv(images[i], w))
+    assert [denoise_weight(s) for s in specs] == [0.03, 0.05, 0.0, 0.0]
+    assert gate_flagged(0.6, None, gate=0.7, jpeg_gate=0.55) and not gate_flagged(0.8, 0.1, gate=0.7, jpeg_gate=0)
+
+
+def test_gated_defense_uses_given_denoised_pixels(photos, tiny_model, monkeypatch):
+    from transforms import defenses
+
+    spec = parse_defense("aug_msroi_gated")
+    img = photos[1]
+    sal = np.linspace(0, 1, img.shape[0] * img.shape[1], dtype=np.float32).reshape(img.shape[:2])
+    here = apply_defense(spec, img, saliency=sal, stability=0.2, jpeg_stability=0.9)
+    given = apply_defense(spec, img, saliency=sal, stability=0.2, jpeg_stability=0.9, denoised=denoise_tv(img, 0.03))
+    assert given.data == here.data
+    other = apply_defense(spec, img, saliency=sal, stability=0.2, jpeg_stability=0.9, denoised=photos[2])
+    assert other.data != here.data  # the given pixels are the ones encoded
+    with pytest.raises(ValueError, match="do not match"):
+        apply_defense(spec, img, saliency=sal, stability=0.2, jpeg_stability=0.9, denoised=img[:8])
+    # encode_batch denoises the flagged images batched on the model's device: the same files as
+    # denoising each one in the encoder.
+    x = to_tensor(photos)
+    pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))
+    files = encode_batch(spec, pixels, model=tiny_model)
+    assert any(f.info["flagged"] for f in files)
+    monkeypatch.setattr(defenses, "denoise_flagged", lambda specs, images, *a: [{} for _ in images])
+    assert [f.data for f in encode_batch(spec, pixels, model=tiny_model)] == [f.data for f in files]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_the_cpu(photos):
+    x = _chw(photos)
+    cpu = denoise_tv_uint8(x, 0.03)
+    gpu = denoise_tv_uint8(x.cuda(), 0.03)
+    assert gpu.device.type == "cuda"
+    diff = (gpu.cpu().int() - cpu.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4

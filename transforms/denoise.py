@@ -1,0 +1,116 @@
+"""Total-variation denoising in torch, batched, on any device: scikit-image's Chambolle.
+
+:func:`tv_chambolle` is scikit-image's ``denoise_tv_chambolle`` (the projection algorithm of
+A. Chambolle, "An algorithm for total variation minimization and applications", JMIV 2004, in
+scikit-image's form of Rudin-Osher-Fatemi) applied to every 2-D plane of a tensor on its own, as
+``channel_axis`` does there: the same iteration, step ``tau = 1/4``, and the same stopping rule per
+plane (stop when the energy changes by less than ``eps`` times its first value, or after
+``max_iter`` iterations), in float32. Its output matches scikit-image's to float32 rounding: on
+uint8 images, after rounding back to uint8, a pixel in a million differs, by one level
+(``tests/transforms/test_denoise.py``).
+
+Why: ``aug_msroi_gated`` denoises every image it flags, and on a GPU worker that denoising (about
+8 ms per 224x224 image on one CPU core) was most of the encoder's CPU time; here a batch's flagged
+images are denoised on the map model's device in the map stage, all planes at once. On a CPU
+it runs an image at a time, where its working set stays in cache, at about scikit-image's speed
+(``bench/defend.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: scikit-image's defaults for ``denoise_tv_chambolle``.
+DEFAULT_EPS = 2.0e-4
+DEFAULT_MAX_ITER = 200
+#: Pixels per chunk of planes on a CPU: an image of 224x224x3 at a time (larger chunks ran
+#: slower there, their arrays falling out of cache); on other devices all planes at once.
+_CPU_CHUNK_PIXELS = 160_000
+
+
+def tv_chambolle(planes: torch.Tensor, weight: float, *, eps: float = DEFAULT_EPS,
+                 max_iter: int = DEFAULT_MAX_ITER, chunk: int | None = None) -> torch.Tensor:
+    """Denoise each 2-D plane of ``planes`` (float32 ``(..., H, W)``, values in the units of
+    ``weight``, e.g. [0, 1]) by total variation; same shape, dtype and device, input untouched.
+
+    ``weight``: the denoising strength (scikit-image's ``weight``; > 0). ``chunk``: planes per
+    pass (default: about 160,000 pixels' worth on a CPU, all of them elsewhere); the result does
+    not depend on it."""
+    if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
+        raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if planes.dim() < 2 or not planes.is_floating_point():
+        raise ValueError(f"planes must be a floating-point tensor (..., H, W), got {planes.dtype} {tuple(planes.shape)}")
+    shape = planes.shape
+    flat = planes.detach().reshape(-1, shape[-2], shape[-1]).float()
+    if flat.numel() == 0:
+        return planes.detach().clone()
+    if chunk is None:
+        chunk = max(1, _CPU_CHUNK_PIXELS // (shape[-2] * shape[-1])) if flat.device.type == "cpu" else len(flat)
+    out = torch.cat([_chambolle(flat[i:i + chunk], float(weight), eps, max_iter)
+                     for i in range(0, len(flat), chunk)])
+    return out.reshape(shape).to(planes.dtype)
+
+
+def _chambolle(img: torch.Tensor, weight: float, eps: float, max_iter: int) -> torch.Tensor:
+    """(P, H, W) float32 -> denoised, each plane stopping on its own, as scikit-image's
+    ``_denoise_tv_chambolle_nd`` does for one plane."""
+    P, H, W = img.shape
+    result = img.clone()  # planes that never change (constant ones) are their input
+    idx = torch.arange(P, device=img.device)
+    p0, p1 = torch.zeros_like(img), torch.zeros_like(img)  # the dual field, one per axis
+    g0, g1 = torch.zeros_like(img), torch.zeros_like(img)  # forward differences; last row/column stay 0
+    d = torch.zeros_like(img)  # the negative divergence of p
+    out = img.clone()
+    active = torch.ones(P, dtype=torch.bool, device=img.device)
+    tau = 0.25  # 1 / (2 * ndim)
+    e_init = e_prev = None
+    for i in range(max_iter):
+        if i > 0:
+            torch.add(p0, p1, out=d).neg_()
+            d[:, 1:] += p0[:, :-1]
+            d[:, :, 1:] += p1[:, :, :-1]
+            torch.add(img, d, out=out)
+            energy = d.square().sum((1, 2), dtype=torch.float64)
+        else:
+            energy = torch.zeros(len(img), dtype=torch.float64, device=img.device)
+        torch.sub(out[:, 1:], out[:, :-1], out=g0[:, :-1])
+        torch.sub(out[:, :, 1:], out[:, :, :-1], out=g1[:, :, :-1])
+        norm = torch.sqrt(g0.square() + g1.square())
+        energy = (energy + weight * norm.sum((1, 2), dtype=torch.float64)) / (H * W)
+        norm.mul_(tau / weight).add_(1.0)
+        p0.sub_(g0, alpha=tau).div_(norm)
+        p1.sub_(g1, alpha=tau).div_(norm)
+        if i == 0:
+            # A constant plane has no gradient: it never changes, and scikit-image would run
+            # every iteration to return it as it is (its energy stays 0, never below eps * 0).
+            e_init = e_prev = energy
+            active &= energy > 0
+        else:
+            done = active & ((e_prev - energy).abs() < eps * e_init)
+            if bool(done.any()):
+                result[idx[done]] = out[done]
+                active &= ~done
+            e_prev = energy
+        n_active = int(active.sum())
+        if n_active == 0:
+            return result
+        if n_active <= 3 * len(active) // 4:  # drop finished planes once they are a quarter
+            idx, img, p0, p1, g0, g1, d, out, e_init, e_prev, active = (
+                t[active] for t in (idx, img, p0, p1, g0, g1, d, out, e_init, e_prev, active))
+    result[idx[active]] = out[active]
+    return result
+
+
+def denoise_tv_uint8(pixels: torch.Tensor, weight: float, *, chunk: int | None = None) -> torch.Tensor:
+    """uint8 images ``(..., C, H, W)`` -> uint8, each channel denoised by :func:`tv_chambolle` with
+    ``weight`` in the units of pixels in [0, 1], rounded half to even; same device. Weight 0
+    returns a copy. What scikit-image's ``denoise_tv_chambolle(x / 255, weight, channel_axis=...)``
+    gives, rounded back to uint8 (``transforms.defenses.denoise_tv``)."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
+    if weight == 0:
+        return pixels.clone()
+    out = tv_chambolle(pixels.float() / 255.0, weight, chunk=chunk)
+    return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
