@@ -312,3 +312,28 @@ def test_encode_semantic_jpeg_bytes(photo, blob, method):
         encode_semantic_jpeg_bytes(photo, blob[:100], max_bytes=target)
     with pytest.raises(ValueError, match="levels"):
         encode_semantic_jpeg_bytes(photo, blob, max_bytes=target, levels=0)
+
+
+def test_turbo_writer_writes_libjpeg_6bs_bytes(photo, monkeypatch):
+    """The files are written with libjpeg-turbo (faster); jpeglib's default libjpeg 6b writes the
+    same bytes, on every subsampling, at odd sizes and on flat images."""
+    from transforms import semantic_jpeg
+
+    rng = np.random.default_rng(7)
+    cases = [(photo, rng.random((224, 224)))] + [
+        (rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.random(size))
+        for size in [(1, 1), (9, 300), (37, 53), (100, 61)]] + [(np.full((40, 40, 3), 9, np.uint8), np.zeros((40, 40)))]
+
+    def files():
+        return [encode_semantic_jpeg(img, block_qualities(sal, q_low=20, q_high=90), subsampling=s)
+                for img, sal in cases for s in ("4:2:0", "4:2:2", "4:4:4")]
+
+    turbo = files()
+    assert jpeglib.version.get() == semantic_jpeg._WRITER_LIBJPEG
+    monkeypatch.setattr(semantic_jpeg, "_WRITER_LIBJPEG", "6b")
+    old = files()
+    assert jpeglib.version.get() == "6b"
+    assert old == turbo
+    monkeypatch.undo()
+    encode_semantic_jpeg(photo, block_qualities(cases[0][1]))
+    assert jpeglib.version.get() == semantic_jpeg._WRITER_LIBJPEG
