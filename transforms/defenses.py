@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from . import saliency as _saliency
+from .denoise import denoise_tv_uint8
 from .images import to_tensor, to_uint8
 from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
-from .denoise import denoise_tv_uint8
 from .jpeg_torch import jpeg_roundtrip
 from .semantic_jpeg import (
     Binning,
