@@ -11,7 +11,7 @@ uint8 images, after rounding back to uint8, a pixel in a million differs, by one
 
 Why: ``aug_msroi_gated`` denoises every image it flags, and on a GPU worker that denoising (about
 8 ms per 224x224 image on one CPU core) was most of the encoder's CPU time; here a batch's flagged
-images are denoised on the map model's device in the map stage, all planes at once. On a CPU
+images are denoised on the map model's device in the map stage, hundreds of planes at once. On a CPU
 it runs an image at a time, where its working set stays in cache, at about scikit-image's speed
 (``bench/defend.py``).
 """
@@ -24,8 +24,11 @@ import torch
 DEFAULT_EPS = 2.0e-4
 DEFAULT_MAX_ITER = 200
 #: Pixels per chunk of planes on a CPU: an image of 224x224x3 at a time (larger chunks ran
-#: slower there, their arrays falling out of cache); on other devices all planes at once.
+#: slower there, their arrays falling out of cache).
 _CPU_CHUNK_PIXELS = 160_000
+#: On other devices: 2**26 pixels, about 2.5 GiB of float32 working arrays (ten of them); 445
+#: images of 224x224x3 at once, or one 12-megapixel photo.
+_DEVICE_CHUNK_PIXELS = 2**26
 
 
 def tv_chambolle(planes: torch.Tensor, weight: float, *, eps: float = DEFAULT_EPS,
@@ -34,8 +37,8 @@ def tv_chambolle(planes: torch.Tensor, weight: float, *, eps: float = DEFAULT_EP
     ``weight``, e.g. [0, 1]) by total variation; same shape, dtype and device, input untouched.
 
     ``weight``: the denoising strength (scikit-image's ``weight``; > 0). ``chunk``: planes per
-    pass (default: about 160,000 pixels' worth on a CPU, all of them elsewhere); the result does
-    not depend on it."""
+    pass (default: about 160,000 pixels' worth on a CPU, 2**26 elsewhere); the result does not
+    depend on it."""
     if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -47,7 +50,8 @@ def tv_chambolle(planes: torch.Tensor, weight: float, *, eps: float = DEFAULT_EP
     if flat.numel() == 0:
         return planes.detach().clone()
     if chunk is None:
-        chunk = max(1, _CPU_CHUNK_PIXELS // (shape[-2] * shape[-1])) if flat.device.type == "cpu" else len(flat)
+        budget = _CPU_CHUNK_PIXELS if flat.device.type == "cpu" else _DEVICE_CHUNK_PIXELS
+        chunk = max(1, budget // (shape[-2] * shape[-1]))
     out = torch.cat([_chambolle(flat[i:i + chunk], float(weight), eps, max_iter)
                      for i in range(0, len(flat), chunk)])
     return out.reshape(shape).to(planes.dtype)
