@@ -173,7 +173,8 @@ def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
         return image
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"image must be uint8 HWC, got {image.dtype} {image.shape}")
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    # A stored image is often read-only; torch warns about wrapping one (nothing here writes to it).
+    chw = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
     return denoise_tv_uint8(chw, float(weight)).permute(1, 2, 0).contiguous().numpy()
 
 

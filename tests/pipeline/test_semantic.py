@@ -349,3 +349,34 @@ def test_defend_at_native_size(tmp_path, capsys):
                  "--attack", "fgsm", *common]) == 2
     assert "--crop 0 (images at their own size) works without attacks only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_path, monkeypatch):
+    """`defend --crop 0 --defense aug_msroi_gated:gate=2` (every image flagged): the map stage
+    denoises images of five sizes (one below an MCU) in groups of one size; the files are the ones
+    the encoder writes when it denoises each image itself."""
+    import skimage.data
+
+    import pipeline.saliency as saliency_stage
+
+    astronaut = skimage.data.astronaut()
+    images = {"odd": astronaut[37:37 + 123, 11:11 + 201], "odd2": astronaut[100:100 + 123, 50:50 + 201],
+              "thin": astronaut[:40, :333], "gray": np.dstack([skimage.data.camera()[:150, :170]] * 3),
+              "speck": astronaut[200:204, 200:206]}
+    write_tar(tmp_path / "a.tar", [(f"{k}.png", encode(v)) for k, v in images.items()])
+    args = ["--crop", "0", "--defense", "aug_msroi_gated:gate=2", "--model", "tests.tiny:build",
+            "--runner", "FnApiRunner", "--batch-size", "5"]
+    calls = []
+    real = saliency_stage.denoise_flagged
+    monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda *a: calls.append(len(a[1])) or real(*a))
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "dev"), *args]) == 0
+    monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda specs, ims, *a: [{} for _ in ims])
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "enc"), *args]) == 0
+    assert calls == [5]  # one batch, every image denoised in the map stage
+    rows = pq.read_table(sorted((tmp_path / "dev" / "metadata").glob("*.parquet"))).to_pylist()
+    assert len(rows) == 5 and all(r["flagged"] for r in rows)
+    dev = members(tmp_path / "dev" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
+    enc = members(tmp_path / "enc" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
+    for key, image in images.items():
+        assert dev[f"{key}.jpg"] == enc[f"{key}.jpg"]
+        assert np.asarray(Image.open(io.BytesIO(dev[f"{key}.jpg"])).convert("RGB")).shape == image.shape
