@@ -24,6 +24,7 @@ On CUDA the map stage is timed at ``--batch`` and at each ``--cuda-batches`` siz
 channels_last, bf16 autocast and both; cuDNN autotuning is on (its first call is the warm-up).
 ``--encoder-procs`` also times the encoder in that many worker processes at once (one thread
 each), as a worker's SDK processes would run it beside the GPU: does it keep up with the maps?
+(requantize, and ``aug_msroi_gated``'s encoder at the shares of clean and IGSM images it flags.)
 
 Prints one JSON line (and each stage's figures to stderr as they come).
 """
@@ -222,30 +223,47 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
 
 
 def _encode_chunk(args: tuple) -> int:
-    """Worker: requantize-encode ``repeats`` times over the images; returns images encoded."""
-    images, maps, repeats = args
+    """Worker: encode ``repeats`` times over the images; returns images encoded. ``share`` None:
+    requantize every image; a number: ``aug_msroi_gated``'s encoder work with that share of the
+    images flagged (their ``denoised`` pixels, as the map stage hands them over: semantic JPEG at
+    50..90) and the others stable (uniform JPEG at 50); image i is flagged when frac(i * share) <
+    share, which spreads them evenly."""
+    images, denoised, maps, repeats, share = args
     torch.set_num_threads(1)
-    from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg
+    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg
 
+    flagged = [share is not None and (i * share) % 1.0 < share for i in range(len(images))]
     for _ in range(repeats):
-        for img, m in zip(images, maps):
-            encode_semantic_jpeg(img, block_qualities(m))
+        for i, m in enumerate(maps):
+            if share is None:
+                encode_semantic_jpeg(images[i], block_qualities(m))
+            elif flagged[i]:
+                encode_semantic_jpeg(denoised[i], block_qualities(m, q_low=50, q_high=90))
+            else:
+                _pillow_jpeg(images[i], 50, "4:2:0", optimize=True)
     return len(images) * repeats
 
 
 def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: int) -> dict:
-    """Requantize encoder images/s with ``procs`` processes encoding at once (each its own copy
-    of the images), timed from the first start to the last finish, pool start-up excluded."""
+    """Encoder images/s with ``procs`` processes encoding at once (each its own copy of the
+    images), timed from the first start to the last finish, pool start-up excluded: requantize,
+    and ``aug_msroi_gated``'s encoder at the shares of clean and IGSM images it flags (21%, 88%;
+    its flagged images denoised beforehand, as in the pipeline)."""
     import multiprocessing as mp
 
+    from transforms.defenses import denoise_tv
+
+    denoised = np.stack([denoise_tv(i, 0.03) for i in images])
     ctx = mp.get_context("spawn")  # no forked torch state
+    out = {"procs": procs}
     with ctx.Pool(procs) as pool:
-        pool.map(_encode_chunk, [(images[:2], maps[:2], 1)] * procs)  # warm-up: imports, libjpeg
-        t = time.perf_counter()
-        done = sum(pool.map(_encode_chunk, [(images, maps, repeats)] * procs))
-        dt = time.perf_counter() - t
-    return {"procs": procs, "requantize_images_per_s": round(done / dt, 1),
-            "per_process_images_per_s": round(done / dt / procs, 1)}
+        pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None)] * procs)  # warm-up: imports, libjpeg
+        for name, share in (("requantize", None), ("gated_clean_share", 0.21), ("gated_igsm_share", 0.88)):
+            t = time.perf_counter()
+            done = sum(pool.map(_encode_chunk, [(images, denoised, maps, repeats, share)] * procs))
+            out[f"{name}_images_per_s"] = round(done / (time.perf_counter() - t), 1)
+    out["per_process_requantize_images_per_s"] = round(out["requantize_images_per_s"] / procs, 1)
+    return out
 
 
 def _progress(key: str, value) -> None:

@@ -46,10 +46,15 @@ def test_defend_bench_quick():
     assert out["kept_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     enc = out["encoder_cpu_one_process"]
     assert all(enc[k] > 0 for k in ("requantize_images_per_s", "mosaic_images_per_s", "uniform_q50_images_per_s",
-                                    "gated_flagged_images_per_s"))
+                                    "gated_flagged_images_per_s", "gated_flagged_with_denoising_images_per_s"))
+    assert sorted(enc["gated_encoder_images_per_s_by_flagged_share"]) == ["0.21", "0.68", "0.88"]
     assert 1000 < enc["requantize_mean_bytes"] < 50_000
+    denoise = out["map_cpu"]["denoise"]
+    assert denoise["torch_images_per_s"] > 0 and denoise["skimage_images_per_s"] > 0
     two = out["encoder_cpu_2_procs"]
-    assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(2 * two["per_process_images_per_s"], rel=0.01)
+    assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(
+        2 * two["per_process_requantize_images_per_s"], rel=0.01)
+    assert two["gated_clean_share_images_per_s"] > 0 and two["gated_igsm_share_images_per_s"] > 0
 
 
 def test_map_compile_probe_eager_on_cpu():
