@@ -174,6 +174,19 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
         denoise_tv_uint8(x, 0.03)
     _sync(device)
     out = {"torch_images_per_s": round(len(images) * iters / (time.perf_counter() - t), 1)}
+    # The semantic JPEGs' coefficients as the map stage computes them on a GPU (prepare_requantized:
+    # quality-100 DCT and requantization, batched; K = 5 random levels 30..70 per 16x16 cell).
+    from transforms.jpeg_torch import requantized_coefficients
+
+    grids = torch.randint(0, 5, (len(images), -(-images.shape[1] // 16), -(-images.shape[2] // 16)),
+                          generator=torch.Generator().manual_seed(0)).mul_(10).add_(30).to(device)
+    requantized_coefficients(x[:2], grids[:2])  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        requantized_coefficients(x, grids)
+    _sync(device)
+    out["requantized_coefficients_images_per_s"] = round(len(images) * iters / (time.perf_counter() - t), 1)
     if device.type == "cpu":
         from skimage.restoration import denoise_tv_chambolle
 
@@ -186,7 +199,7 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
 
 def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     from transforms.defenses import denoise_tv
-    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg
+    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg, write_coefficients
 
     out = {}
 
@@ -206,9 +219,21 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     # stage, on the map model's device, so its encoder does only the second part.
     out["gated_flagged_with_denoising_images_per_s"] = rate(
         lambda i, m: encode_semantic_jpeg(denoise_tv(i, 0.03), block_qualities(m, q_low=50, q_high=90)))
+    denoised = [denoise_tv(i, 0.03) for i in images]
     out["gated_flagged_images_per_s"] = rate(
-        lambda i, m: encode_semantic_jpeg(i, block_qualities(m, q_low=50, q_high=90)),
-        [denoise_tv(i, 0.03) for i in images])
+        lambda i, m: encode_semantic_jpeg(i, block_qualities(m, q_low=50, q_high=90)), denoised)
+    # On a GPU worker the map stage also computes the coefficients (prepare_requantized): the
+    # encoder then only writes the file.
+    from transforms.defenses import parse_defense, prepare_requantized
+
+    spec = parse_defense("aug_msroi_gated")
+    flag_all = {"stability": np.zeros(len(images)), "jpeg_stability": np.zeros(len(images))}
+    prepared = prepare_requantized([spec], list(images), list(maps), flag_all, [{0.03: d} for d in denoised])
+    files = [p["aug_msroi_gated"] for p in prepared]
+    out["quality_grid_images_per_s"] = rate(lambda i, m: block_qualities(m, q_low=50, q_high=90))
+    out["gated_flagged_prepared_images_per_s"] = rate(
+        lambda f, m: write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=images.shape[1],
+                                        width=images.shape[2]), files)
     # The gated encoder's rate at the shares of images it flags on the dev images (README, "The
     # stability gate": 21% of clean, 68% of FGSM, 88% of IGSM images), from the two rates above.
     out["gated_encoder_images_per_s_by_flagged_share"] = {
@@ -227,20 +252,26 @@ def _encode_chunk(args: tuple) -> int:
     requantize every image; a number: ``aug_msroi_gated``'s encoder work with that share of the
     images flagged (their ``denoised`` pixels, as the map stage hands them over: semantic JPEG at
     50..90) and the others stable (uniform JPEG at 50); image i is flagged when frac(i * share) <
-    share, which spreads them evenly."""
-    images, denoised, maps, repeats, share = args
+    share, which spreads them evenly. With ``prepared`` (a GPU worker's map stage computed the
+    coefficients) a flagged image costs the CPU its quality grid and the writing."""
+    images, denoised, maps, repeats, share, prepared = args
     torch.set_num_threads(1)
-    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg
+    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg, write_coefficients
 
+    h, w = images.shape[1:3]
     flagged = [share is not None and (i * share) % 1.0 < share for i in range(len(images))]
     for _ in range(repeats):
         for i, m in enumerate(maps):
             if share is None:
                 encode_semantic_jpeg(images[i], block_qualities(m))
-            elif flagged[i]:
+            elif not flagged[i]:
+                _pillow_jpeg(images[i], 50, "4:2:0", optimize=True)
+            elif prepared is None:
                 encode_semantic_jpeg(denoised[i], block_qualities(m, q_low=50, q_high=90))
             else:
-                _pillow_jpeg(images[i], 50, "4:2:0", optimize=True)
+                block_qualities(m, q_low=50, q_high=90)  # computed in the map stage, on the CPU
+                f = prepared[i]
+                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
     return len(images) * repeats
 
 
@@ -248,19 +279,25 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     """Encoder images/s with ``procs`` processes encoding at once (each its own copy of the
     images), timed from the first start to the last finish, pool start-up excluded: requantize,
     and ``aug_msroi_gated``'s encoder at the shares of clean and IGSM images it flags (21%, 88%;
-    its flagged images denoised beforehand, as in the pipeline)."""
+    its flagged images denoised beforehand, as in the pipeline), with and without the
+    coefficients computed beforehand (``_prepared``: as on a GPU worker)."""
     import multiprocessing as mp
 
-    from transforms.defenses import denoise_tv
+    from transforms.defenses import denoise_tv, parse_defense, prepare_requantized
 
     denoised = np.stack([denoise_tv(i, 0.03) for i in images])
+    flag_all = {"stability": np.zeros(len(images)), "jpeg_stability": np.zeros(len(images))}
+    prepared = [p["aug_msroi_gated"] for p in prepare_requantized(
+        [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised])]
     ctx = mp.get_context("spawn")  # no forked torch state
     out = {"procs": procs}
     with ctx.Pool(procs) as pool:
-        pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None)] * procs)  # warm-up: imports, libjpeg
-        for name, share in (("requantize", None), ("gated_clean_share", 0.21), ("gated_igsm_share", 0.88)):
+        pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None, None)] * procs)  # warm-up: imports, libjpeg
+        for name, share, prep in (("requantize", None, None), ("gated_clean_share", 0.21, None),
+                                  ("gated_igsm_share", 0.88, None), ("gated_clean_share_prepared", 0.21, prepared),
+                                  ("gated_igsm_share_prepared", 0.88, prepared)):
             t = time.perf_counter()
-            done = sum(pool.map(_encode_chunk, [(images, denoised, maps, repeats, share)] * procs))
+            done = sum(pool.map(_encode_chunk, [(images, denoised, maps, repeats, share, prep)] * procs))
             out[f"{name}_images_per_s"] = round(done / (time.perf_counter() - t), 1)
     out["per_process_requantize_images_per_s"] = round(out["requantize_images_per_s"] / procs, 1)
     return out

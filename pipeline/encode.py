@@ -79,9 +79,9 @@ class _EncodeFn(beam.DoFn):
     def process(self, v: Variant):
         s = v.sample
         sizes: dict[str, int] = {}
-        denoised = v.denoised
-        if denoised:  # only this stage needs them: later stages carry the variant without
-            v = dataclasses.replace(v, denoised={})
+        denoised, prepared = v.denoised, v.prepared
+        if denoised or prepared:  # only this stage needs them: later stages carry the variant without
+            v = dataclasses.replace(v, denoised={}, prepared={})
         for spec in self.order:
             req = map_request(spec)
             if req and req[0] not in v.maps:
@@ -95,7 +95,7 @@ class _EncodeFn(beam.DoFn):
                         raise ValueError(f"the matched defense {ref} failed on this image")
                     matched = sizes[ref]
                 enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched,
-                                    denoised=denoised.get(denoise_weight(spec)),
+                                    denoised=denoised.get(denoise_weight(spec)), prepared=prepared.get(spec.text),
                                     **(v.map_stability.get(req[0], {}) if req else {}))
                 # PNG is lossless: the stored pixels are the input pixels.
                 decoded = v.image if enc.ext == "png" else decode_rgb(enc.data)

@@ -74,6 +74,9 @@ class Variant:
     #: TV weight -> the image denoised at that weight (uint8 HWC), for the images an
     #: ``aug_msroi_gated`` defense flags: denoised in the map stage, on the map model's device.
     denoised: dict[float, np.ndarray] = field(default_factory=dict)
+    #: defense spec text -> its semantic JPEG's quality grid, coefficients and tables
+    #: (``transforms.defenses.Prepared``), computed in the map stage on a GPU: the encoder writes them.
+    prepared: dict[str, Any] = field(default_factory=dict)
     #: The classifier's softmax (K,) float32 on ``image``, from the attack stage, which classifies
     #: every variant anyway (the clean prediction, an attack's success). The classify stage
     #: reuses it for defenses that store ``image`` losslessly instead of running the model again.

@@ -16,7 +16,7 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.defenses import compute_maps, denoise_flagged, map_request
+from transforms.defenses import compute_maps, denoise_flagged, map_request, prepare_requantized
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
 from transforms.saliency import compile_plain_passes, stretch_map
@@ -58,16 +58,24 @@ class MapHandler(_ClassifierHandler):
     (``bench/defend.py``). The maps differ slightly from float32's, as another noise draw would.
 
     ``compile=True`` compiles the map model's passes without activation noise
-    (:func:`transforms.saliency.compile_plain_passes`) when a worker loads it."""
+    (:func:`transforms.saliency.compile_plain_passes`) when a worker loads it.
+
+    ``aug_msroi_gated``'s flagged images are denoised here, on the map model's device. On a GPU
+    (``prepare=None``; True or False to force it) the semantic JPEGs' coefficients are computed
+    here too (:func:`transforms.defenses.prepare_requantized`), so that the encode stage only
+    writes the files: the same bytes, less of the worker's CPU. On the CPU that work stays in the
+    encoder, whose numpy code is faster there."""
 
     def __init__(self, model: ModelConfig, requests: dict[str, tuple[str, dict, tuple[Spec, ...]]], *, seed: int,
-                 native: bool = False, precision: str = "fp32", compile: bool = False):
+                 native: bool = False, precision: str = "fp32", compile: bool = False,
+                 prepare: bool | None = None):
         super().__init__(model, native=native)
         check_map_precision(precision)
         self.requests = requests
         self.seed = seed
         self.precision = precision
         self.compile = compile
+        self.prepare = prepare
 
     def inputs(self, images, device):
         if not self.native:
@@ -104,6 +112,7 @@ class MapHandler(_ClassifierHandler):
         seconds: list[dict] = [{} for _ in batch]
         stable: list[dict] = [{} for _ in batch]
         denoised: list[dict] = [{} for _ in batch]
+        prepared: list[dict] = [{} for _ in batch]
         errors = []
         for text, (name, kwargs, users) in self.requests.items():
             try:
@@ -128,8 +137,22 @@ class MapHandler(_ClassifierHandler):
                     stable[i][text] = {k: float(s[i]) for k, s in st.items()}
             if st:
                 self._denoise(batch, st, users, device, denoised)
-        return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb, denoised=dn)
-                for v, mp, sc, sb, dn in zip(batch, maps, seconds, stable, denoised)] + errors
+            if self.prepare or (self.prepare is None and device.type != "cpu"):
+                self._prepare(batch, [mp[text] for mp in maps], st, users, device, denoised, prepared)
+        return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb, denoised=dn, prepared=pr)
+                for v, mp, sc, sb, dn, pr in zip(batch, maps, seconds, stable, denoised, prepared)] + errors
+
+    @staticmethod
+    def _prepare(batch, maps, scores, specs, device, denoised: list[dict], prepared: list[dict]) -> None:
+        """The semantic JPEGs' coefficients on the device, into ``prepared``. On failure the
+        encode stage computes them on the CPU instead."""
+        try:
+            for i, d in enumerate(prepare_requantized(specs, [v.image for v in batch], maps, scores, denoised,
+                                                      device)):
+                prepared[i].update(d)
+        except Exception as e:
+            log.warning("semantic JPEG coefficients on %s failed on a batch of %d (the encoder will compute "
+                        "them on the CPU): %s", device, len(batch), e)
 
     @staticmethod
     def _denoise(batch, scores, specs, device, denoised: list[dict]) -> None:

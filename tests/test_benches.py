@@ -54,7 +54,10 @@ def test_defend_bench_quick():
     two = out["encoder_cpu_2_procs"]
     assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(
         2 * two["per_process_requantize_images_per_s"], rel=0.01)
-    assert two["gated_clean_share_images_per_s"] > 0 and two["gated_igsm_share_images_per_s"] > 0
+    assert all(two[f"gated_{k}_images_per_s"] > 0 for k in ("clean_share", "igsm_share", "clean_share_prepared",
+                                                             "igsm_share_prepared"))
+    assert enc["gated_flagged_prepared_images_per_s"] > 0 and enc["quality_grid_images_per_s"] > 0
+    assert out["map_cpu"]["denoise"]["requantized_coefficients_images_per_s"] > 0
 
 
 def test_map_compile_probe_eager_on_cpu():

@@ -38,21 +38,24 @@ from .jpeg_torch import jpeg_roundtrip
 from .semantic_jpeg import (
     Binning,
     Method,
+    _check_grid,
     block_qualities,
     encode_jpeg_max_bytes,
     encode_semantic_jpeg,
     encode_semantic_jpeg_bytes,
+    write_coefficients,
 )
 from .specs import Spec, format_spec, parse_spec, spec_params
 
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
-    "gate_flagged", "denoise_weight", "denoise_flagged", "matched_defense", "defend_images", "encode_batch",
+    "gate_flagged", "denoise_weight", "denoise_flagged", "Prepared", "prepare_requantized", "matched_defense",
+    "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
-HIDDEN = ("saliency", "stability", "jpeg_stability", "denoised", "matched_bytes")
+HIDDEN = ("saliency", "stability", "jpeg_stability", "denoised", "prepared", "matched_bytes")
 
 
 class Encoded(NamedTuple):
@@ -97,9 +100,27 @@ def jpeg(
     return Encoded(data, "jpg", {"quality": int(q), "target_bytes": int(target)})
 
 
-def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsampling, bytes) -> Encoded:
+class Prepared(NamedTuple):
+    """A semantic JPEG's content computed beforehand (:func:`prepare_requantized`, on the map
+    model's device): the quality grid and the requantized coefficients and tables; what is left
+    is the writing (:func:`transforms.semantic_jpeg.write_coefficients`)."""
+
+    qualities: np.ndarray  # int (grid rows, grid columns)
+    coefficients: list  # [Y, Cb, Cr] int16 (bh, bw, 8, 8)
+    tables: np.ndarray  # int (2, 8, 8)
+
+
+def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsampling, bytes,
+              prepared: Prepared | None = None) -> Encoded:
     if saliency is None:
         raise ValueError("semantic JPEG needs a saliency map")
+    if prepared is not None:
+        if method != "requantize" or bytes is not None:
+            raise ValueError("prepared coefficients are for method=requantize without a bytes= target")
+        data = write_coefficients(prepared.coefficients, prepared.tables, subsampling=subsampling,
+                                  height=image.shape[0], width=image.shape[1])
+        levels_used = Counter(int(q) for q in np.asarray(prepared.qualities).ravel())
+        return Encoded(data, "jpg", {"quality_levels": dict(sorted(levels_used.items()))})
     info: dict[str, Any] = {}
     if bytes is not None:
         res = encode_semantic_jpeg_bytes(image, saliency, max_bytes=int(bytes), levels=levels,
@@ -127,6 +148,7 @@ def msroi(
     subsampling: Subsampling = "4:2:0",
     bytes: int | None = None,
     saliency: np.ndarray | None = None,
+    prepared: Prepared | None = None,
 ) -> Encoded:
     """Semantic JPEG driven by the plain MSROI map (DCC 2017): one forward pass per image.
 
@@ -136,7 +158,7 @@ def msroi(
     (the authors' re-encoding); ``bytes=N`` fits the file into N bytes.
     """
     return _semantic(image, saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning,
-                     method=method, subsampling=subsampling, bytes=bytes)
+                     method=method, subsampling=subsampling, bytes=bytes, prepared=prepared)
 
 
 def aug_msroi(
@@ -156,12 +178,13 @@ def aug_msroi(
     subsampling: Subsampling = "4:2:0",
     bytes: int | None = None,
     saliency: np.ndarray | None = None,
+    prepared: Prepared | None = None,
 ) -> Encoded:
     """Semantic JPEG driven by the Aug-MSROI map (DCC 2018): the mean MSROI map over ``samples``
     random perturbations of the input (``input_noise``) and of every layer's input
     (``activation_noise``, relative), ``noise`` gaussian or uniform. Encoding as :func:`msroi`."""
     return _semantic(image, saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning,
-                     method=method, subsampling=subsampling, bytes=bytes)
+                     method=method, subsampling=subsampling, bytes=bytes, prepared=prepared)
 
 
 def denoise_tv(image: np.ndarray, weight: float) -> np.ndarray:
@@ -290,6 +313,7 @@ def aug_msroi_gated(
     stability: float | None = None,
     jpeg_stability: float | None = None,
     denoised: np.ndarray | None = None,
+    prepared: Prepared | None = None,
 ) -> Encoded:
     """Aug-MSROI behind a stability gate: our extension, not the DCC 2018 method.
 
@@ -346,7 +370,7 @@ def aug_msroi_gated(
     elif denoised is None:
         denoised = denoise_tv(image, denoise)
     enc = _semantic(denoised, saliency, levels=levels, q_low=q_low, q_high=q_high,
-                    binning=binning, method=method, subsampling=subsampling, bytes=bytes)
+                    binning=binning, method=method, subsampling=subsampling, bytes=bytes, prepared=prepared)
     return Encoded(enc.data, enc.ext, {**enc.info, **info})
 
 
@@ -397,6 +421,60 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
             y = denoise_tv_uint8(x, weight).permute(0, 2, 3, 1).cpu().numpy()
             for i, im in zip(group, y):
                 out[i][weight] = im
+    return out
+
+
+def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, denoised,
+                        device=None) -> list[dict[str, Prepared]]:
+    """The semantic JPEGs' content, batched on ``device``, for the specs of ``specs`` that write by
+    requantization without a ``bytes=`` target: the images they encode semantically (all of
+    them for ``msroi`` and ``aug_msroi``; for ``aug_msroi_gated`` the ones it flags, from their
+    denoised pixels), each with its quality grid (:func:`transforms.semantic_jpeg.block_qualities`,
+    on the CPU) and the coefficients and tables of its file
+    (:func:`transforms.jpeg_torch.requantized_coefficients`). The encoder then only writes them:
+    the same bytes as encoding from scratch.
+
+    ``images``: uint8 HWC arrays (any sizes); ``maps``: each image's (H, W) map at its size;
+    ``scores``: the stabilities of ``aug_msroi_gated``'s map request, (N,) each, or None;
+    ``denoised``: per image {weight: pixels} (:func:`denoise_flagged`); a flagged image without
+    its denoised pixels is left to the encoder. Returns, per image, {spec text: :class:`Prepared`}."""
+    from .jpeg_torch import requantized_coefficients
+
+    out: list[dict[str, Prepared]] = [{} for _ in images]
+    for spec in specs:
+        if spec.name not in _MAPS:
+            continue
+        p = {**{k: v.default for k, v in spec_params(DEFENSES[spec.name]).items()}, **spec.params}
+        if p["method"] != "requantize" or p["bytes"] is not None:
+            continue
+        pixels = dict(enumerate(images))
+        if spec.name == "aug_msroi_gated":
+            if not scores:
+                continue
+            js = scores.get("jpeg_stability")
+            rows = [i for i in range(len(images))
+                    if gate_flagged(float(scores["stability"][i]), None if js is None else float(js[i]),
+                                    gate=p["gate"], jpeg_gate=p["jpeg_gate"])]
+            if p["denoise"] > 0:
+                rows = [i for i in rows if float(p["denoise"]) in denoised[i]]
+                pixels = {i: denoised[i][float(p["denoise"])] for i in rows}
+        else:
+            rows = list(range(len(images)))
+        groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        for i in rows:
+            grid = block_qualities(maps[i], levels=p["levels"], q_low=p["q_low"], q_high=p["q_high"],
+                                   binning=p["binning"])
+            block = _check_grid(grid, *pixels[i].shape[:2], None)[1]  # as encode_semantic_jpeg infers it
+            groups.setdefault((pixels[i].shape, block), []).append((i, grid))
+        for (_, block), members in groups.items():
+            x = torch.from_numpy(np.stack([pixels[i] for i, _ in members])).to(device).permute(0, 3, 1, 2)
+            grids = np.stack([g for _, g in members])
+            comps, tables = requantized_coefficients(x.contiguous(), torch.from_numpy(grids), block=block,
+                                                     subsampling=p["subsampling"])
+            comps = [c.cpu().numpy() for c in comps]
+            tables = tables.cpu().numpy()
+            for k, (i, grid) in enumerate(members):
+                out[i][spec.text] = Prepared(grid, [c[k] for c in comps], tables[k])
     return out
 
 

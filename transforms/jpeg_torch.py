@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import numpy as np
 import torch
 
 from .jpeg_dct import (
@@ -52,7 +53,7 @@ from .jpeg_dct import (
 )
 from .semantic_jpeg import ijg_tables
 
-__all__ = ["jpeg_roundtrip", "quant_table"]
+__all__ = ["jpeg_roundtrip", "quant_table", "source_coefficients", "requantized_coefficients"]
 
 def quant_table(quality: int, chroma: bool = False) -> tuple[int, ...]:
     """jcparam.c ``jpeg_set_quality(quality, force_baseline=TRUE)``: the 64 steps, natural order
@@ -261,21 +262,33 @@ def _compiled_roundtrip():
     return torch.compile(_roundtrip)
 
 
-def _roundtrip(pixels: torch.Tensor, tables: dict[str, torch.Tensor], subsampling: str) -> torch.Tensor:
+def _dct_blocks(pixels: torch.Tensor, subsampling: str) -> list[torch.Tensor]:
+    """The forward path up to the DCT: per component (Y, Cb, Cr), jfdctint.c's output (scaled by
+    8) of its level-shifted blocks, int32 (N, height_in_blocks, width_in_blocks, 8, 8) [v, u]."""
     n, _, h, w = pixels.shape
     samp = SAMPLING[subsampling]
     vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
     h_group = -(-h // vmax) * vmax
-    planes = _rgb_to_ycc(pixels.to(torch.int32))
     out = []
-    for ci, (plane, (v, s)) in enumerate(zip(planes, samp)):
-        kind = "luma" if ci == 0 else "chroma"
+    for plane, (v, s) in zip(_rgb_to_ycc(pixels.to(torch.int32)), samp):
         fy, fx = vmax // v, hmax // s
         bh, bw = -(-h * v // (vmax * 8)), -(-w * s // (hmax * 8))
         comp = _downsample(_fit(plane, h_group, bw * 8 * fx), fy, fx)
         comp = _fit(comp, bh * 8, bw * 8)
         blocks = (comp - 128).view(n, bh, 8, bw, 8).permute(0, 1, 3, 2, 4)  # (n, bh, bw, row, col)
-        coef = _fdct_pass(_fdct_pass(blocks, -1, last=False), -2, last=True)
+        out.append(_fdct_pass(_fdct_pass(blocks, -1, last=False), -2, last=True))
+    return out
+
+
+def _roundtrip(pixels: torch.Tensor, tables: dict[str, torch.Tensor], subsampling: str) -> torch.Tensor:
+    n, _, h, w = pixels.shape
+    samp = SAMPLING[subsampling]
+    vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
+    out = []
+    for ci, (coef, (v, s)) in enumerate(zip(_dct_blocks(pixels, subsampling), samp)):
+        kind = "luma" if ci == 0 else "chroma"
+        fy, fx = vmax // v, hmax // s
+        bh, bw = coef.shape[1:3]
         q = _quantize(coef, tables[f"{kind}_recip"], tables[f"{kind}_corr"], tables[f"{kind}_shift"])
         deq = q * tables[f"{kind}_step"]
         pix = _idct_pass(_idct_pass(deq, -2, last=False), -1, last=True)  # columns, then rows
@@ -285,3 +298,101 @@ def _roundtrip(pixels: torch.Tensor, tables: dict[str, torch.Tensor], subsamplin
         comp = _fancy_upsample(comp[:, :ch, :cw], fy, fx)[:, :h, :w]
         out.append(comp)
     return _ycc_to_rgb(*out)
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+def _check_pixels(pixels: torch.Tensor, subsampling: str) -> None:
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3 or 0 in pixels.shape[2:]:
+        raise ValueError(f"expected uint8 (N, 3, H, W) RGB with H, W >= 1, got {pixels.dtype} {tuple(pixels.shape)}")
+    if subsampling not in SAMPLING:
+        raise ValueError(f"subsampling must be one of {', '.join(SAMPLING)}, got {subsampling!r}")
+
+
+def source_coefficients(pixels: torch.Tensor, subsampling: str = "4:2:0") -> list[torch.Tensor]:
+    """libjpeg-turbo's DCT coefficients of a quality-100 baseline JPEG of each image (every step
+    1): :func:`transforms.jpeg_dct.source_coefficients`, batched, on the pixels' device.
+
+    Args:
+        pixels: uint8 (N, 3, H, W) RGB.
+        subsampling: "4:4:4", "4:2:2" or "4:2:0".
+
+    Returns:
+        [Y, Cb, Cr], each int32 (N, height_in_blocks, width_in_blocks, 8, 8) of [v, u]
+        coefficients, as jpeglib reads them from the file libjpeg would write.
+    """
+    _check_pixels(pixels, subsampling)
+    # jcdctmgr.c's quantization by a step of 1 divides the DCT's output (scaled by 8) by 8,
+    # rounding half away from zero.
+    return [torch.where(c < 0, -((-c + 4) >> 3), (c + 4) >> 3) for c in _dct_blocks(pixels, subsampling)]
+
+
+@functools.lru_cache(maxsize=8)
+def _all_steps(device: torch.device) -> torch.Tensor:
+    """The IJG tables of every quality, float64 (101, 2, 8, 8) on ``device``, indexed by quality
+    (row 0 unused): ``semantic_jpeg._float_tables``."""
+    return torch.tensor(np.stack([ijg_tables(max(q, 1)) for q in range(101)]), dtype=torch.float64, device=device)
+
+
+def requantized_coefficients(pixels: torch.Tensor, qualities: torch.Tensor, *, block: int = 16,
+                             subsampling: str = "4:2:0") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The coefficients and tables of each image's semantic JPEG (``method="requantize"``),
+    batched, on the pixels' device: what :func:`transforms.semantic_jpeg.encode_semantic_jpeg`
+    writes, to the bit, for the same pixels and quality grid, before its entropy coding.
+
+    Each block's quality-100 coefficients ``c`` are quantized with its quality's IJG step ``Q_b``
+    and written in the file's single table ``Q_hi``, that of the finest quality of the image:
+    ``round(round(c / Q_b) * Q_b / Q_hi)``, in float64 as numpy does it there. A chroma block takes
+    the finest quality of the luma cells it covers.
+
+    Args:
+        pixels: uint8 (N, 3, H, W) RGB.
+        qualities: integer (N, ceil(H / block), ceil(W / block)) qualities in 1..100
+            (:func:`transforms.semantic_jpeg.block_qualities` of each image's map).
+        block: the grid's cell size, a multiple of 8.
+        subsampling: "4:4:4", "4:2:2" or "4:2:0".
+
+    Returns:
+        ([Y, Cb, Cr] int16 (N, bh, bw, 8, 8), tables uint8-valued int32 (N, 2, 8, 8): luma and
+        chroma steps of each file), on the pixels' device.
+    """
+    _check_pixels(pixels, subsampling)
+    n, _, h, w = pixels.shape
+    if block < 8 or block % 8:
+        raise ValueError(f"block must be a positive multiple of 8, got {block}")
+    grid = torch.as_tensor(qualities, device=pixels.device).long()
+    want = (n, -(-h // block), -(-w // block))
+    if tuple(grid.shape) != want:
+        raise ValueError(f"qualities must have shape {want} for {n} images of {h}x{w} and block {block}, "
+                         f"got {tuple(grid.shape)}")
+    if grid.numel() and (int(grid.min()) < 1 or int(grid.max()) > 100):
+        raise ValueError("qualities must be JPEG qualities in 1..100")
+    r = block // 8
+    q8 = grid.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)[:, : -(-h // 8), : -(-w // 8)]
+    q_hi = q8.flatten(1).amax(dim=1)  # (N,)
+    steps = _all_steps(pixels.device)
+    samp = SAMPLING[subsampling]
+    vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
+    out = []
+    for c, (coef, (v, s)) in enumerate(zip(source_coefficients(pixels, subsampling), samp)):
+        table = 0 if c == 0 else 1
+        cgrid = _component_grid(q8, vmax // v, hmax // s, coef.shape[1:3])
+        q_b = steps[cgrid, table]  # (N, bh, bw, 8, 8)
+        q_file = steps[q_hi, table][:, None, None]  # (N, 1, 1, 8, 8)
+        coarse = torch.round(coef.double() / q_b) * q_b
+        # Baseline ranges: AC magnitude category <= 10 (and the DC clipped alike, as numpy does).
+        out.append(torch.round(coarse / q_file).clamp_(-1023, 1023).to(torch.int16))
+    return out, steps[q_hi].to(torch.int32)
+
+
+def _component_grid(q8: torch.Tensor, fy: int, fx: int, shape) -> torch.Tensor:
+    """``semantic_jpeg._component_grid`` batched: (N, rows, cols) luma-cell qualities -> each
+    block's of a component subsampled by (fy, fx), the finest of the cells it covers, cropped or
+    edge-replicated to the component's (bh, bw) blocks."""
+    ph, pw = -q8.shape[1] % fy, -q8.shape[2] % fx
+    g = torch.nn.functional.pad(q8, (0, pw, 0, ph)) if ph or pw else q8  # zeros: below every quality
+    if (fy, fx) != (1, 1):
+        n, rows, cols = g.shape
+        g = g.view(n, rows // fy, fy, cols // fx, fx).amax(dim=(2, 4))
+    return _fit(g, int(shape[0]), int(shape[1]))

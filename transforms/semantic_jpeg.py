@@ -48,6 +48,7 @@ __all__ = [
     "encode_semantic_jpeg",
     "encode_semantic_jpeg_bytes",
     "encode_jpeg_max_bytes",
+    "write_coefficients",
     "ijg_tables",
 ]
 
@@ -284,6 +285,41 @@ def _write_dct(comps: list[np.ndarray], qt: np.ndarray, samp: np.ndarray, height
         jpeg.write_dct(path, flags=["+OPTIMIZE_CODING", "-PROGRESSIVE_MODE"])
         with open(path, "rb") as f:
             return _jfif_component_ids(f.read())
+
+
+def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsampling, height: int,
+                       width: int) -> bytes:
+    """A baseline JPEG (SOF0, optimized Huffman tables) of an ``height`` x ``width`` image from its
+    quantized coefficients: what :func:`encode_semantic_jpeg` writes after its requantization,
+    given the coefficients :func:`transforms.jpeg_torch.requantized_coefficients` computes (on a
+    device, for a batch).
+
+    Args:
+        coefficients: [Y, Cb, Cr], integer (height_in_blocks, width_in_blocks, 8, 8) each, the
+            component's block counts for the image's size and ``subsampling``; values in -1023..1023.
+        tables: integer (2, 8, 8), the luma and chroma steps in 1..255.
+    """
+    _check_subsampling(subsampling)
+    samp = SAMPLING[subsampling]
+    vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"height and width must be >= 1, got {height}x{width}")
+    if len(coefficients) != 3:
+        raise ValueError(f"expected 3 components (Y, Cb, Cr), got {len(coefficients)}")
+    comps = []
+    for c, (v, hs) in zip(coefficients, samp):
+        c = np.asarray(c)
+        want = (-(-int(height) * v // (vmax * 8)), -(-int(width) * hs // (hmax * 8)), 8, 8)
+        if c.shape != want or not np.issubdtype(c.dtype, np.integer):
+            raise ValueError(f"component coefficients must be integer {want} for a {height}x{width} image under "
+                             f"{subsampling}, got {c.dtype} {c.shape}")
+        if c.size and (int(c.min()) < -1024 or int(c.max()) > 1023):
+            raise ValueError("coefficients outside baseline JPEG's range")
+        comps.append(c.astype(np.int16, copy=False))
+    qt = np.asarray(tables)
+    if qt.shape != (2, 8, 8) or not np.issubdtype(qt.dtype, np.integer) or qt.min() < 1 or qt.max() > 255:
+        raise ValueError(f"tables must be integer (2, 8, 8) steps in 1..255, got {qt.dtype} {qt.shape}")
+    return _write_dct(comps, qt.astype(np.uint16), np.asarray(samp, dtype=np.int32), int(height), int(width))
 
 
 def _jfif_component_ids(data: bytes) -> bytes:

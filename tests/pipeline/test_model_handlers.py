@@ -156,3 +156,56 @@ def test_map_stage_denoises_the_flagged_images_for_the_encoder(tiny_model, photo
     again = handler.run_inference(batch, model)
     assert all(isinstance(v, Variant) and v.denoised == {} for v in again)  # no error rows
     assert [d.data for d in encode(again)] == [d.data for d in done]
+
+
+def test_map_stage_prepares_semantic_files_the_encoder_only_writes(tiny_model, photos, monkeypatch):
+    """With ``prepare`` (the default on a GPU), the map stage computes each requantized semantic
+    JPEG's coefficients (all images for msroi / aug_msroi, the flagged ones of a gated defense,
+    from their denoised pixels); the encoder writes them: the same files, rows and metadata as
+    encoding from scratch. Rate-controlled and mosaic specs are left to the encoder."""
+    import pipeline.saliency as saliency_stage
+    from pipeline.encode import _EncodeFn
+    from pipeline.records import Variant
+    from pipeline.saliency import MapHandler, map_requests
+    from tests.tiny import near_boundary
+    from transforms.images import to_uint8
+
+    config = ModelConfig(name="tests.tiny:build", batch_size=8, device="cpu")
+    specs = tuple(parse_defense(t) for t in (
+        "aug_msroi", "aug_msroi:levels=3,binning=percentile,subsampling=4:4:4", "msroi", "aug_msroi_gated",
+        "aug_msroi_gated:denoise=0", "aug_msroi:bytes=900", "msroi:method=mosaic", "jpeg:match=aug_msroi"))
+    x = to_tensor(photos)
+    pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))
+    batch = [Variant(Sample(0, "s.tar", f"k{i}", None, p), parse_attack("clean"), p, 0) for i, p in enumerate(pixels)]
+    requests = map_requests(specs)
+    model = MapHandler(config, requests, seed=0).load_model()
+    out = MapHandler(config, requests, seed=0, prepare=True).run_inference(batch, model)
+    plain = MapHandler(config, requests, seed=0).run_inference(batch, model)  # on the CPU: prepare=None is off
+    assert all(v.prepared == {} for v in plain)
+    gated = next(t for t, r in requests.items() if r[0] == "aug_msroi_gated")
+    for v in out:
+        st = v.map_stability[gated]
+        flagged = st["stability"] < 0.7 or st["jpeg_stability"] < 0.55
+        want = {"aug_msroi", "aug_msroi:levels=3,binning=percentile,subsampling=4:4:4", "msroi"}
+        want |= {"aug_msroi_gated", "aug_msroi_gated:denoise=0"} if flagged else set()
+        assert set(v.prepared) == want
+    assert any(len(v.prepared) == 5 for v in out) and any(len(v.prepared) == 3 for v in out)
+
+    def encode(variants):
+        fn = _EncodeFn(specs, "tests.tiny:build", save_maps=False)
+        return [d for v in variants for d in fn.process(v)]
+
+    done, bare = encode(out), encode(plain)
+    assert len(done) == len(specs) * len(out) and all(d.variant.prepared == {} for d in done)
+    def rows(ds):  # the map's timing is the run's own
+        return [(d.defense.text, d.data, {k: x for k, x in d.extra.items() if k != "map_seconds"}) for d in ds]
+
+    assert rows(done) == rows(bare)
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(saliency_stage, "prepare_requantized", broken)
+    again = MapHandler(config, requests, seed=0, prepare=True).run_inference(batch, model)
+    assert all(isinstance(v, Variant) and v.prepared == {} for v in again)  # no error rows
+    assert [d.data for d in encode(again)] == [d.data for d in done]

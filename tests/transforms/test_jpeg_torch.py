@@ -146,3 +146,85 @@ def test_reciprocal_quantization_is_rounding_division():
     for d in range(8, 8 * 256, 8):
         recip, corr, shift = _reciprocal(d)
         assert np.array_equal(((m + corr) * recip) >> shift, (m + d // 2) // d), d
+
+
+# --------------------------------------------------------------------------- semantic JPEG coefficients
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:2:2", "4:4:4"])
+def test_source_coefficients_are_jpeg_dcts(subsampling):
+    from transforms.jpeg_dct import source_coefficients as numpy_coefficients
+    from transforms.jpeg_torch import source_coefficients
+
+    rng = np.random.default_rng(3)
+    for h, w in [(224, 224), (17, 33), (1, 1), (40, 9)]:
+        images = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+        got = source_coefficients(torch.from_numpy(images).permute(0, 3, 1, 2), subsampling)
+        for i, image in enumerate(images):
+            for c, want in enumerate(numpy_coefficients(image, subsampling)):
+                np.testing.assert_array_equal(got[c][i].numpy(), want)
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:2:2", "4:4:4"])
+def test_requantized_coefficients_write_the_encoders_very_files(subsampling):
+    """The device path's coefficients and tables, written, are byte for byte the numpy encoder's
+    semantic JPEG of the same pixels and grid: photos and noise, odd sizes, blocks of 8, 16, 32."""
+    import skimage.data
+
+    from transforms.images import resize_and_crop
+    from transforms.jpeg_torch import requantized_coefficients
+    from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg, write_coefficients
+
+    rng = np.random.default_rng(5)
+    photos = [resize_and_crop(skimage.data.astronaut(), resize=256, crop=224),
+              resize_and_crop(skimage.data.chelsea(), resize=256, crop=224)]
+    cases = [(np.stack(photos), 16), (rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8), 8),
+             (rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8), 32), (rng.integers(0, 256, (1, 5, 7, 3), dtype=np.uint8), 8)]
+    for images, block in cases:
+        n, h, w = images.shape[:3]
+        grids = np.stack([block_qualities(rng.random((h, w)), block=block, q_low=5, q_high=95) for _ in range(n)])
+        comps, tables = requantized_coefficients(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(grids),
+                                                 block=block, subsampling=subsampling)
+        assert comps[0].dtype == torch.int16 and tuple(tables.shape) == (n, 2, 8, 8)
+        for i in range(n):
+            got = write_coefficients([c[i].numpy() for c in comps], tables[i].numpy(), subsampling=subsampling,
+                                     height=h, width=w)
+            assert got == encode_semantic_jpeg(images[i], grids[i], subsampling=subsampling, block=block)
+
+
+def test_requantized_coefficients_and_writer_reject_bad_input():
+    from transforms.jpeg_torch import requantized_coefficients
+    from transforms.semantic_jpeg import write_coefficients
+
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    good = torch.full((2, 2, 2), 50)
+    for kw, match in [(dict(qualities=torch.full((2, 1, 2), 50)), "shape"), (dict(qualities=good * 0), "1..100"),
+                      (dict(qualities=good, block=12), "multiple of 8"), (dict(qualities=good, subsampling="4:1:1"), "subsampling")]:
+        with pytest.raises(ValueError, match=match):
+            requantized_coefficients(x, **kw)
+    with pytest.raises(ValueError, match="uint8"):
+        requantized_coefficients(x.float(), good)
+    comps, tables = requantized_coefficients(x, good)
+    args = dict(subsampling="4:2:0", height=32, width=32)
+    write_coefficients([c[0].numpy() for c in comps], tables[0].numpy(), **args)  # fine
+    with pytest.raises(ValueError, match="component coefficients"):
+        write_coefficients([c[0].numpy() for c in comps], tables[0].numpy(), **{**args, "height": 40})
+    with pytest.raises(ValueError, match="3 components"):
+        write_coefficients([comps[0][0].numpy()], tables[0].numpy(), **args)
+    with pytest.raises(ValueError, match="tables"):
+        write_coefficients([c[0].numpy() for c in comps], tables[0].numpy() * 0, **args)
+    with pytest.raises(ValueError, match="range"):
+        write_coefficients([comps[0][0].numpy().astype(np.int32) + 5000, *[c[0].numpy() for c in comps[1:]]],
+                           tables[0].numpy(), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_requantized_coefficients_on_cuda_match_the_cpu():
+    from transforms.jpeg_torch import requantized_coefficients
+
+    rng = np.random.default_rng(9)
+    x = torch.from_numpy(rng.integers(0, 256, (4, 3, 64, 48), dtype=np.uint8))
+    grids = torch.from_numpy(rng.integers(10, 96, (4, 4, 3)))
+    cpu = requantized_coefficients(x, grids)
+    gpu = requantized_coefficients(x.cuda(), grids.cuda())
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu[0], gpu[0])) and torch.equal(cpu[1], gpu[1].cpu())
