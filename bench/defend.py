@@ -249,7 +249,7 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
 
 def _encode_chunk(args: tuple) -> int:
     """Worker: encode ``repeats`` times over the images; returns images encoded. ``share`` None:
-    requantize every image; a number: ``aug_msroi_gated``'s encoder work with that share of the
+    requantize every image (with ``prepared``, write it from its coefficients); a number: ``aug_msroi_gated``'s encoder work with that share of the
     images flagged (their ``denoised`` pixels, as the map stage hands them over: semantic JPEG at
     50..90) and the others stable (uniform JPEG at 50); image i is flagged when frac(i * share) <
     share, which spreads them evenly. With ``prepared`` (a GPU worker's map stage computed the
@@ -262,8 +262,12 @@ def _encode_chunk(args: tuple) -> int:
     flagged = [share is not None and (i * share) % 1.0 < share for i in range(len(images))]
     for _ in range(repeats):
         for i, m in enumerate(maps):
-            if share is None:
+            if share is None and prepared is None:
                 encode_semantic_jpeg(images[i], block_qualities(m))
+            elif share is None:
+                block_qualities(m)  # computed in the map stage, on the CPU
+                f = prepared[i]
+                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
             elif not flagged[i]:
                 _pillow_jpeg(images[i], 50, "4:2:0", optimize=True)
             elif prepared is None:
@@ -279,7 +283,7 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     """Encoder images/s with ``procs`` processes encoding at once (each its own copy of the
     images), timed from the first start to the last finish, pool start-up excluded: requantize,
     and ``aug_msroi_gated``'s encoder at the shares of clean and IGSM images it flags (21%, 88%;
-    its flagged images denoised beforehand, as in the pipeline), with and without the
+    its flagged images denoised beforehand, as in the pipeline), each with and without the
     coefficients computed beforehand (``_prepared``: as on a GPU worker)."""
     import multiprocessing as mp
 
@@ -289,11 +293,14 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     flag_all = {"stability": np.zeros(len(images)), "jpeg_stability": np.zeros(len(images))}
     prepared = [p["aug_msroi_gated"] for p in prepare_requantized(
         [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised])]
+    semantic = [p["aug_msroi"] for p in prepare_requantized(
+        [parse_defense("aug_msroi")], list(images), list(maps), None, [{} for _ in images])]
     ctx = mp.get_context("spawn")  # no forked torch state
     out = {"procs": procs}
     with ctx.Pool(procs) as pool:
         pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None, None)] * procs)  # warm-up: imports, libjpeg
-        for name, share, prep in (("requantize", None, None), ("gated_clean_share", 0.21, None),
+        for name, share, prep in (("requantize", None, None), ("requantize_prepared", None, semantic),
+                                  ("gated_clean_share", 0.21, None),
                                   ("gated_igsm_share", 0.88, None), ("gated_clean_share_prepared", 0.21, prepared),
                                   ("gated_igsm_share_prepared", 0.88, prepared)):
             t = time.perf_counter()

@@ -56,6 +56,7 @@ def test_defend_bench_quick():
         2 * two["per_process_requantize_images_per_s"], rel=0.01)
     assert all(two[f"gated_{k}_images_per_s"] > 0 for k in ("clean_share", "igsm_share", "clean_share_prepared",
                                                              "igsm_share_prepared"))
+    assert two["requantize_prepared_images_per_s"] > 0
     assert enc["gated_flagged_prepared_images_per_s"] > 0 and enc["quality_grid_images_per_s"] > 0
     assert out["map_cpu"]["denoise"]["requantized_coefficients_images_per_s"] > 0
 
