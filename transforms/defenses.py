@@ -605,30 +605,36 @@ def defend_images(spec: Spec, images, *, model=None):
     return to_tensor([decode_rgb(e.data) for e in files], images.device)
 
 
-def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[int] | None = None) -> list[Encoded]:
+def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[int] | None = None,
+                 prepare: bool | None = None) -> list[Encoded]:
     """Encode uint8 NHWC ``pixels`` with ``spec``, one :class:`Encoded` per image. A semantic
     defense's maps are computed batched on ``model`` (noise seeded from the pixels), and
-    ``aug_msroi_gated``'s flagged images denoised there too; ``matched``
-    gives a ``jpeg:match`` defense its per-image byte budgets."""
+    ``aug_msroi_gated``'s flagged images denoised there too; on a GPU (``prepare=None``; True or
+    False to force it) the semantic JPEGs' coefficients as well (:func:`prepare_requantized`: the
+    same files). ``matched`` gives a ``jpeg:match`` defense its per-image byte budgets."""
     maps = scores = None
+    device = None if model is None else next(model.parameters()).device
     req = map_request(spec)
     if req is not None:
         if model is None:
             raise ValueError(f"defense {spec.text} needs a model for its saliency maps")
-        x = to_tensor(pixels, next(model.parameters()).device)
+        x = to_tensor(pixels, device)
         with torch.no_grad():
             maps, scores = compute_maps(spec.name, model, x, req[1])
         maps = maps.float().cpu().numpy()
         scores = {k: v.float().cpu().numpy() for k, v in (scores or {}).items()}
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
-    denoised = (denoise_flagged([spec], pixels, scores, next(model.parameters()).device) if scores
-                else [{} for _ in pixels])
+    denoised = denoise_flagged([spec], pixels, scores, device) if scores else [{} for _ in pixels]
+    if maps is not None and (prepare or (prepare is None and device.type != "cpu")):
+        prepared = prepare_requantized([spec], list(pixels), list(maps), scores, denoised, device)
+    else:
+        prepared = [{} for _ in pixels]
     weight = denoise_weight(spec)
     return [
         apply_defense(spec, pixels[i], saliency=None if maps is None else maps[i],
                       **{k: float(v[i]) for k, v in (scores or {}).items()},
-                      denoised=denoised[i].get(weight),
+                      denoised=denoised[i].get(weight), prepared=prepared[i].get(spec.text),
                       matched_bytes=None if matched is None else matched[i])
         for i in range(len(pixels))
     ]

@@ -145,3 +145,22 @@ def test_cuda_matches_the_cpu(photos):
     assert gpu.device.type == "cuda"
     diff = (gpu.cpu().int() - cpu.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4
+
+
+def test_encode_batch_with_prepared_coefficients_writes_the_same_files(photos, tiny_model, monkeypatch):
+    # What encode_batch does on a GPU (BPDA's forward pass through the defense): the maps'
+    # coefficients computed batched, the files the same as encoding each image from scratch.
+    from transforms import defenses
+
+    x = to_tensor(photos)
+    pixels = to_uint8(torch.cat([x, near_boundary(tiny_model, x)]))
+    made = []
+    real = defenses.prepare_requantized
+    monkeypatch.setattr(defenses, "prepare_requantized", lambda *a: made.append(real(*a)) or made[-1])
+    for text, n_prepared in (("aug_msroi_gated", None), ("msroi:levels=3", 8), ("aug_msroi:bytes=1000", 0)):
+        spec = parse_defense(text)
+        files = encode_batch(spec, pixels, model=tiny_model, prepare=True)
+        flagged = sum(f.info.get("flagged", False) for f in files)
+        assert sum(map(len, made[-1])) == (flagged if n_prepared is None else n_prepared) and len(made[-1]) == 8
+        assert [f.data for f in files] == [f.data for f in encode_batch(spec, pixels, model=tiny_model, prepare=False)]
+        assert [f.info for f in files] == [f.info for f in encode_batch(spec, pixels, model=tiny_model)]
