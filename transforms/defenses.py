@@ -23,6 +23,7 @@ map a spec needs), and the size of the file a ``jpeg:match=...`` defense must no
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -626,10 +627,13 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     denoised = denoise_flagged([spec], pixels, scores, device) if scores else [{} for _ in pixels]
+    prepared = [{} for _ in pixels]
     if maps is not None and (prepare or (prepare is None and device.type != "cpu")):
-        prepared = prepare_requantized([spec], list(pixels), list(maps), scores, denoised, device)
-    else:
-        prepared = [{} for _ in pixels]
+        try:
+            prepared = prepare_requantized([spec], list(pixels), list(maps), scores, denoised, device)
+        except RuntimeError as e:  # out of device memory, say: the encoder computes them instead
+            warnings.warn(f"semantic JPEG coefficients on {device} failed ({e}); computing them on the CPU",
+                          RuntimeWarning, stacklevel=2)
     weight = denoise_weight(spec)
     return [
         apply_defense(spec, pixels[i], saliency=None if maps is None else maps[i],
