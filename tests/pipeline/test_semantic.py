@@ -353,8 +353,9 @@ def test_defend_at_native_size(tmp_path, capsys):
 
 def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_path, monkeypatch):
     """`defend --crop 0 --defense aug_msroi_gated:gate=2` (every image flagged): the map stage
-    denoises images of five sizes (one below an MCU) in groups of one size; the files are the ones
-    the encoder writes when it denoises each image itself."""
+    denoises images of five sizes (one below an MCU) in groups of one size, and, as on a GPU,
+    computes their files' coefficients; the files are the ones the encoder writes when it does
+    all of it itself."""
     import skimage.data
 
     import pipeline.saliency as saliency_stage
@@ -370,13 +371,23 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     real = saliency_stage.denoise_flagged
     monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda *a: calls.append(len(a[1])) or real(*a))
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "dev"), *args]) == 0
+    # As on a GPU: the map stage computes the files' coefficients too, for each size.
+    init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
+    prepared = []
+    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
+    monkeypatch.setattr(saliency_stage, "prepare_requantized",
+                        lambda *a: prepared.append(prepare(*a)) or prepared[-1])
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "gpu"), *args]) == 0
+    assert [sum(map(len, p)) for p in prepared] == [5]
+    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", init)
     monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda specs, ims, *a: [{} for _ in ims])
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "enc"), *args]) == 0
-    assert calls == [5]  # one batch, every image denoised in the map stage
+    assert calls == [5, 5]  # one batch a run, every image denoised in the map stage
     rows = pq.read_table(sorted((tmp_path / "dev" / "metadata").glob("*.parquet"))).to_pylist()
     assert len(rows) == 5 and all(r["flagged"] for r in rows)
     dev = members(tmp_path / "dev" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
     enc = members(tmp_path / "enc" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
+    gpu = members(tmp_path / "gpu" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
     for key, image in images.items():
-        assert dev[f"{key}.jpg"] == enc[f"{key}.jpg"]
+        assert dev[f"{key}.jpg"] == enc[f"{key}.jpg"] == gpu[f"{key}.jpg"]
         assert np.asarray(Image.open(io.BytesIO(dev[f"{key}.jpg"])).convert("RGB")).shape == image.shape
