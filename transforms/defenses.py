@@ -386,6 +386,13 @@ def _gated_params(spec: Spec) -> dict[str, Any]:
     return {k: spec.params.get(k, defaults[k].default) for k in ("gate", "jpeg_gate", "denoise")}
 
 
+def _flagged_rows(params: Mapping[str, Any], scores: Mapping[str, Any], n: int) -> list[int]:
+    """The images (of ``n``) a gated spec with ``params`` flags, from the map stage's scores."""
+    js = scores.get("jpeg_stability")
+    return [i for i in range(n) if gate_flagged(float(scores["stability"][i]), None if js is None else float(js[i]),
+                                                gate=params["gate"], jpeg_gate=params["jpeg_gate"])]
+
+
 def denoise_weight(spec: Spec) -> float:
     """The total-variation weight an ``aug_msroi_gated`` spec denoises its flagged images with
     (0: none, and for every other defense)."""
@@ -406,13 +413,8 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
         if spec.name != "aug_msroi_gated":
             continue
         p = _gated_params(spec)
-        if p["denoise"] == 0:
-            continue
-        jpeg_scores = scores.get("jpeg_stability")
-        for i in range(len(images)):
-            js = None if jpeg_scores is None else float(jpeg_scores[i])
-            if gate_flagged(float(scores["stability"][i]), js, gate=p["gate"], jpeg_gate=p["jpeg_gate"]):
-                wanted.setdefault(float(p["denoise"]), set()).add(i)
+        if p["denoise"] > 0:
+            wanted.setdefault(float(p["denoise"]), set()).update(_flagged_rows(p, scores, len(images)))
     for weight, rows in wanted.items():
         by_shape: dict[tuple, list[int]] = {}
         for i in sorted(rows):
@@ -452,10 +454,7 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
         if spec.name == "aug_msroi_gated":
             if not scores:
                 continue
-            js = scores.get("jpeg_stability")
-            rows = [i for i in range(len(images))
-                    if gate_flagged(float(scores["stability"][i]), None if js is None else float(js[i]),
-                                    gate=p["gate"], jpeg_gate=p["jpeg_gate"])]
+            rows = _flagged_rows(p, scores, len(images))
             if p["denoise"] > 0:
                 rows = [i for i in rows if float(p["denoise"]) in denoised[i]]
                 pixels = {i: denoised[i][float(p["denoise"])] for i in rows}
