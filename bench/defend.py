@@ -163,30 +163,21 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
 def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
     """``aug_msroi_gated``'s total-variation denoising (weight 0.03) of every image, as the map
     stage runs it for the flagged ones (``denoise_flagged``: one batch on the device, an image at
-    a time on the CPU), images/s; on the CPU also scikit-image's, one image at a time."""
+    a time on the CPU), images/s; on the CPU also scikit-image's, one image at a time; and the
+    semantic JPEGs' coefficients computed on the device (``requantized_coefficients``)."""
     from transforms.denoise import denoise_tv_uint8
 
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    denoise_tv_uint8(x[:2], 0.03)  # warm-up
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        denoise_tv_uint8(x, 0.03)
-    _sync(device)
-    out = {"torch_images_per_s": round(len(images) * iters / (time.perf_counter() - t), 1)}
-    # The semantic JPEGs' coefficients as the map stage computes them on a GPU (prepare_requantized:
-    # quality-100 DCT and requantization, batched; K = 5 random levels 30..70 per 16x16 cell).
     from transforms.jpeg_torch import requantized_coefficients
 
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    # The semantic JPEGs' coefficients as the map stage computes them on a GPU (prepare_requantized:
+    # quality-100 DCT and requantization, batched; K = 5 random levels 30..70 per 16x16 cell).
     grids = torch.randint(0, 5, (len(images), -(-images.shape[1] // 16), -(-images.shape[2] // 16)),
                           generator=torch.Generator().manual_seed(0)).mul_(10).add_(30).to(device)
-    requantized_coefficients(x[:2], grids[:2])  # warm-up
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        requantized_coefficients(x, grids)
-    _sync(device)
-    out["requantized_coefficients_images_per_s"] = round(len(images) * iters / (time.perf_counter() - t), 1)
+    out = {"torch_images_per_s": round(time_maps(None, x, lambda _, t: denoise_tv_uint8(t, 0.03), iters,
+                                                 bf16=False), 1),
+           "requantized_coefficients_images_per_s": round(time_maps(
+               None, x, lambda _, t: requantized_coefficients(t, grids), iters, bf16=False), 1)}
     if device.type == "cpu":
         from skimage.restoration import denoise_tv_chambolle
 

@@ -16,7 +16,7 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.defenses import compute_maps, denoise_flagged, map_request, prepare_requantized
+from transforms.defenses import compute_maps, denoise_flagged, map_request, prepare_requantized, prepares_on
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
 from transforms.saliency import compile_plain_passes, stretch_map
@@ -135,35 +135,26 @@ class MapHandler(_ClassifierHandler):
                 seconds[i][text] = dt
                 if st:
                     stable[i][text] = {k: float(s[i]) for k, s in st.items()}
+            images = [v.image for v in batch]
             if st:
-                self._denoise(batch, st, users, device, denoised)
-            if self.prepare or (self.prepare is None and device.type != "cpu"):
-                self._prepare(batch, [mp[text] for mp in maps], st, users, device, denoised, prepared)
+                _on_device(denoised, "denoising", device, len(batch),
+                           lambda: denoise_flagged(users, images, st, device))
+            if prepares_on(device, self.prepare):
+                _on_device(prepared, "semantic JPEG coefficients", device, len(batch),
+                           lambda: prepare_requantized(users, images, [mp[text] for mp in maps], st, denoised, device))
         return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb, denoised=dn, prepared=pr)
                 for v, mp, sc, sb, dn, pr in zip(batch, maps, seconds, stable, denoised, prepared)] + errors
 
-    @staticmethod
-    def _prepare(batch, maps, scores, specs, device, denoised: list[dict], prepared: list[dict]) -> None:
-        """The semantic JPEGs' coefficients on the device, into ``prepared``. On failure the
-        encode stage computes them on the CPU instead."""
-        try:
-            for i, d in enumerate(prepare_requantized(specs, [v.image for v in batch], maps, scores, denoised,
-                                                      device)):
-                prepared[i].update(d)
-        except Exception as e:
-            log.warning("semantic JPEG coefficients on %s failed on a batch of %d (the encoder will compute "
-                        "them on the CPU): %s", device, len(batch), e)
 
-    @staticmethod
-    def _denoise(batch, scores, specs, device, denoised: list[dict]) -> None:
-        """Denoise the images the gated specs flag, on the map model's device, into ``denoised``.
-        On failure (out of memory, say) the encode stage denoises them on the CPU instead."""
-        try:
-            for i, d in enumerate(denoise_flagged(specs, [v.image for v in batch], scores, device)):
-                denoised[i].update(d)
-        except Exception as e:
-            log.warning("denoising on %s failed on a batch of %d (the encoder will denoise on the CPU): %s",
-                        device, len(batch), e)
+def _on_device(into: list[dict], what: str, device, n: int, work) -> None:
+    """Merge ``work()``'s per-image dicts (encoder work done on the map model's device) into
+    ``into``. On failure (out of memory, say) nothing is merged and the encode stage does that
+    work on the CPU instead: no image is lost."""
+    try:
+        for acc, d in zip(into, work()):
+            acc.update(d)
+    except Exception as e:
+        log.warning("%s on %s failed on a batch of %d (the encoder does it on the CPU): %s", what, device, n, e)
 
 
 class SaliencyMaps(beam.PTransform):

@@ -51,7 +51,8 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
-    "gate_flagged", "denoise_weight", "denoise_flagged", "Prepared", "prepare_requantized", "matched_defense",
+    "gate_flagged", "denoise_weight", "denoise_flagged", "Prepared", "prepares_on", "prepare_requantized",
+    "matched_defense",
     "defend_images", "encode_batch",
 ]
 
@@ -115,23 +116,23 @@ def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsam
               prepared: Prepared | None = None) -> Encoded:
     if saliency is None:
         raise ValueError("semantic JPEG needs a saliency map")
+    info: dict[str, Any] = {}
     if prepared is not None:
         if method != "requantize" or bytes is not None:
             raise ValueError("prepared coefficients are for method=requantize without a bytes= target")
         data = write_coefficients(prepared.coefficients, prepared.tables, subsampling=subsampling,
                                   height=image.shape[0], width=image.shape[1])
-        levels_used = Counter(int(q) for q in np.asarray(prepared.qualities).ravel())
-        return Encoded(data, "jpg", {"quality_levels": dict(sorted(levels_used.items()))})
-    info: dict[str, Any] = {}
-    if bytes is not None:
-        res = encode_semantic_jpeg_bytes(image, saliency, max_bytes=int(bytes), levels=levels,
-                                         spread=q_high - q_low, binning=binning, method=method,
-                                         subsampling=subsampling)
-        data, q_low, q_high = res.data, res.q_low, res.q_high
-        info["target_bytes"] = int(bytes)
-    grid = block_qualities(saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning)
-    if bytes is None:
-        data = encode_semantic_jpeg(image, grid, method=method, subsampling=subsampling)
+        grid = np.asarray(prepared.qualities)
+    else:
+        if bytes is not None:
+            res = encode_semantic_jpeg_bytes(image, saliency, max_bytes=int(bytes), levels=levels,
+                                             spread=q_high - q_low, binning=binning, method=method,
+                                             subsampling=subsampling)
+            data, q_low, q_high = res.data, res.q_low, res.q_high
+            info["target_bytes"] = int(bytes)
+        grid = block_qualities(saliency, levels=levels, q_low=q_low, q_high=q_high, binning=binning)
+        if bytes is None:
+            data = encode_semantic_jpeg(image, grid, method=method, subsampling=subsampling)
     info["quality_levels"] = dict(sorted(Counter(int(q) for q in grid.ravel()).items()))
     return Encoded(data, "jpg", info)
 
@@ -381,9 +382,9 @@ def gate_flagged(stability: float, jpeg_stability: float | None, *, gate: float,
     return bool(stability < gate) or (jpeg_gate > 0 and jpeg_stability is not None and bool(jpeg_stability < jpeg_gate))
 
 
-def _gated_params(spec: Spec) -> dict[str, Any]:
-    defaults = spec_params(aug_msroi_gated)
-    return {k: spec.params.get(k, defaults[k].default) for k in ("gate", "jpeg_gate", "denoise")}
+def _with_defaults(spec: Spec) -> dict[str, Any]:
+    """The parameters of a parsed defense spec, its function's defaults filled in."""
+    return {**{k: v.default for k, v in spec_params(DEFENSES[spec.name]).items()}, **spec.params}
 
 
 def _flagged_rows(params: Mapping[str, Any], scores: Mapping[str, Any], n: int) -> list[int]:
@@ -396,7 +397,7 @@ def _flagged_rows(params: Mapping[str, Any], scores: Mapping[str, Any], n: int) 
 def denoise_weight(spec: Spec) -> float:
     """The total-variation weight an ``aug_msroi_gated`` spec denoises its flagged images with
     (0: none, and for every other defense)."""
-    return float(_gated_params(spec)["denoise"]) if spec.name == "aug_msroi_gated" else 0.0
+    return float(_with_defaults(spec)["denoise"]) if spec.name == "aug_msroi_gated" else 0.0
 
 
 def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> list[dict[float, np.ndarray]]:
@@ -412,7 +413,7 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
     for spec in specs:
         if spec.name != "aug_msroi_gated":
             continue
-        p = _gated_params(spec)
+        p = _with_defaults(spec)
         if p["denoise"] > 0:
             wanted.setdefault(float(p["denoise"]), set()).update(_flagged_rows(p, scores, len(images)))
     for weight, rows in wanted.items():
@@ -425,6 +426,13 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
             for i, im in zip(group, y):
                 out[i][weight] = im
     return out
+
+
+def prepares_on(device, prepare: bool | None) -> bool:
+    """Whether the semantic JPEGs' coefficients are computed on ``device`` beforehand
+    (:func:`prepare_requantized`): ``prepare`` if given, else on any device but the CPU, where
+    the encoder's numpy code is faster."""
+    return bool(prepare) if prepare is not None else torch.device(device).type != "cpu"
 
 
 def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, denoised,
@@ -447,7 +455,7 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     for spec in specs:
         if spec.name not in _MAPS:
             continue
-        p = {**{k: v.default for k, v in spec_params(DEFENSES[spec.name]).items()}, **spec.params}
+        p = _with_defaults(spec)
         if p["method"] != "requantize" or p["bytes"] is not None:
             continue
         pixels = dict(enumerate(images))
@@ -500,12 +508,11 @@ def map_request(spec: Spec) -> tuple[str, dict[str, Any]] | None:
     defaults filled in, so defenses that differ only in encoding share one map; None if none."""
     if spec.name not in _MAPS:
         return None
-    fn_params = spec_params(DEFENSES[spec.name])
-    names = _MAPS[spec.name][1]
-    kwargs = {k: spec.params.get(k, fn_params[k].default) for k in names}
+    p = _with_defaults(spec)
+    kwargs = {k: p[k] for k in _MAPS[spec.name][1]}
     if spec.name == "aug_msroi_gated":  # the JPEG check encodes at the stable quality, if it is on
-        if spec.params.get("jpeg_gate", fn_params["jpeg_gate"].default) > 0:
-            kwargs["jpeg_quality"] = spec.params.get("stable_quality", fn_params["stable_quality"].default)
+        if p["jpeg_gate"] > 0:
+            kwargs["jpeg_quality"] = p["stable_quality"]
         else:
             del kwargs["subsampling"]
     return format_spec(spec.name, kwargs), kwargs
@@ -627,7 +634,7 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     denoised = denoise_flagged([spec], pixels, scores, device) if scores else [{} for _ in pixels]
     prepared = [{} for _ in pixels]
-    if maps is not None and (prepare or (prepare is None and device.type != "cpu")):
+    if maps is not None and prepares_on(device, prepare):
         try:
             prepared = prepare_requantized([spec], list(pixels), list(maps), scores, denoised, device)
         except RuntimeError as e:  # out of device memory, say: the encoder computes them instead
