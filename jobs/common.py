@@ -22,6 +22,8 @@ def nothing_processed(summary: dict, output: str) -> str | None:
     if summary.get("samples", 0) > 0:
         return None
     errors = sum(summary.get("errors", {}).values())
+    if not errors:
+        return "no input was processed: the inputs hold no images (no samples, no errors)"
     return f"no input was processed: {errors} errors (see {output.rstrip('/')}/errors)"
 
 

@@ -179,11 +179,16 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
         with monitor or contextlib.nullcontext():
             result = p.run()
             result.wait_until_finish()
-    except BaseException:
+    except BaseException as e:
         out.abandon()
-        raise
+        if not out.committed():
+            raise
+        # The last stage had committed the output when this came (an interrupt, say): the run
+        # is complete, and saying otherwise would be wrong.
+        log.warning("%s after the output was committed: the run is complete", type(e).__name__)
+        result = None
     del checked  # held until the run ended, for its stages to share
-    counters = summarize_counters(result)
+    counters = summarize_counters(result) if result is not None else None
     if counters:
         log.info("counters: %s", counters)
     return json.loads(read_bytes(join(config.output, "summary.json")))

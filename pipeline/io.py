@@ -102,10 +102,17 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
             if f == "folder" and not is_dir:
                 raise ValueError(f"--input-format folder needs a folder, got the file {m!r}")
             path = _unstrip(fs, m, raw)
-            if path in seen:
-                log.warning("input %s: %s was already given by %s; reading it once", raw, path, seen[path])
+            if isinstance(fs, LocalFileSystem):
+                # "a//b", "a/./b" and a symbolic link name the same file; object stores' keys are
+                # literal ("gs://b/a//b" is not "gs://b/a/b").
+                path = os.path.normpath(path)
+                same = os.path.realpath(path)
+            else:
+                same = path
+            if same in seen:
+                log.warning("input %s: %s was already given by %s; reading it once", raw, path, seen[same])
                 continue
-            seen[path] = raw
+            seen[same] = raw
             found.append((path, f))
     shards: list[SourceShard] = []
     for path, f in found:
@@ -257,6 +264,14 @@ def check_output_file(path: str) -> None:
 #: What a finished semjpeg output holds at its top level (nightly runs add nightly.json and report.html).
 OUTPUT_ENTRIES = frozenset({SUCCESS, "summary.json", "shards", "metadata", "errors", "stats", "nightly.json",
                             "report.html"})
+_TEMPORARY = re.compile(r"^(.+)\.tmp-[0-9a-f]{8}$")  # write_bytes' name while it writes
+
+
+def _ours(name: str) -> bool:
+    """Whether an output folder's entry is one semjpeg writes, or what a killed write_bytes of
+    one left behind."""
+    m = _TEMPORARY.match(name)
+    return name in OUTPUT_ENTRIES or (m is not None and m.group(1) in OUTPUT_ENTRIES)
 
 
 def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
@@ -275,7 +290,7 @@ def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
     if not ours:
         raise ValueError(f"output {final} exists, is not empty and is not a finished semjpeg output "
                          "(no _SUCCESS naming a run beside a summary.json); refusing to replace it")
-    others = sorted(n for n in (posixpath.basename(e.rstrip("/")) for e in entries) if n not in OUTPUT_ENTRIES)
+    others = sorted(n for n in (posixpath.basename(e.rstrip("/")) for e in entries) if not _ours(n))
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ValueError(f"output {final} holds files semjpeg did not write ({shown}); refusing to replace "
@@ -308,6 +323,7 @@ class OutputDir:
         #: The output and staging folders as this filesystem names them (paths or full URLs).
         self.target = path if local else fs.unstrip_protocol(path)
         self.staging = staging if local else fs.unstrip_protocol(staging)
+        self._created: list[str] = []
 
     def check(self, reads: tuple[str, ...] | list[str] = ()) -> None:
         """Fail early if the output cannot be replaced or written, or if replacing it would
@@ -336,8 +352,16 @@ class OutputDir:
             entries = fs.ls(p, detail=False)
             if entries:
                 _check_replaceable(fs, p, self.final, entries)
+        for stale in self._stale_copies(fs, p):
+            log.warning("%s is a copy of an earlier output of %s, left by a commit that was killed; this "
+                        "run's commit removes it", stale, self.final)
         try:
             sfs, sp = url_to_fs(self.staging)
+            above, folder = [], posixpath.dirname(sp)
+            while folder and folder != posixpath.dirname(folder) and not sfs.exists(folder):
+                above.append(folder)
+                folder = posixpath.dirname(folder)
+            self._created = above  # deepest first: what abandon() may remove again
             sfs.makedirs(sp, exist_ok=True)
             probe = join(sp, ".probe")
             with sfs.open(probe, "wb") as f:
@@ -351,25 +375,82 @@ class OutputDir:
         return join(self.staging, *parts)
 
     def commit(self) -> None:
-        """Replace the final folder with the staging folder, then write ``_SUCCESS``."""
+        """Replace the final folder with the staging folder, then write ``_SUCCESS``.
+
+        The previous output is moved aside (``<output>.old-<run id>``) and removed once the new
+        one is in place. If the swap fails or is interrupted, the previous output is put back
+        (here, or by :meth:`abandon`); copies left aside by a killed earlier commit of this output
+        are removed once this one has succeeded."""
         fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
         old = None
         if fs.exists(final):
             old = f"{final}.old-{self.run_id}"
             fs.mv(final, old, recursive=True)
-        fs.mv(staging, final, recursive=True)
-        with fs.open(join(final, SUCCESS), "wb") as f:
-            f.write(self.run_id.encode() + b"\n")
+        try:
+            fs.mv(staging, final, recursive=True)
+            with fs.open(join(final, SUCCESS), "wb") as f:
+                f.write(self.run_id.encode() + b"\n")
+        except BaseException:
+            self._restore(fs, final)
+            raise
         if old is not None:
             fs.rm(old, recursive=True)
+        for stale in self._stale_copies(fs, final):
+            log.warning("removing %s, left by an interrupted earlier commit of this output", stale)
+            fs.rm(stale, recursive=True)
         log.info("committed %s", self.final)
 
+    def committed(self) -> bool:
+        """Whether the output is this run's, committed in full (its ``_SUCCESS`` names the run)."""
+        fs, final = url_to_fs(self.target)
+        try:
+            with fs.open(join(final, SUCCESS), "rb") as f:
+                return f.read(200).decode("utf-8", "replace").strip() == self.run_id
+        except (FileNotFoundError, OSError):
+            return False
+
+    @staticmethod
+    def _stale_copies(fs, final: str) -> list[str]:
+        """Previous outputs that killed commits of ``final`` left aside (``<final>.old-<run id>``)."""
+        parent, name = posixpath.split(final.rstrip("/"))
+        try:
+            entries = fs.ls(parent, detail=False)
+        except (FileNotFoundError, OSError):
+            return []
+        prefix = f"{name}.old-"
+        return sorted(e.rstrip("/") for e in entries
+                      if posixpath.basename(e.rstrip("/")).startswith(prefix)
+                      and _RUN_ID.match(posixpath.basename(e.rstrip("/"))[len(prefix):]))
+
+    def _restore(self, fs, final: str) -> bool:
+        """Put back the previous output this run's commit moved aside, if it did: the run's
+        own output, if (partly) in place, is removed first. Whether there was one to restore."""
+        old = f"{final}.old-{self.run_id}"
+        if not fs.exists(old):
+            return False
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+        fs.mv(old, final, recursive=True)
+        log.warning("restored the previous output %s", self.final)
+        return True
+
     def abandon(self) -> None:
-        """Remove the staging folder after a failed run."""
+        """After a failed or interrupted run: remove the staging folder, put back the previous
+        output if the run's commit had moved it aside, and remove the folders above the output
+        that :meth:`check` created for it and that are still empty."""
         fs, staging = url_to_fs(self.staging)
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+        _, final = url_to_fs(self.target)
+        if self._restore(fs, final) or self.committed():
+            return
+        for folder in self._created:
+            try:
+                if fs.isdir(folder) and not fs.ls(folder, detail=False):
+                    fs.rmdir(folder)
+            except OSError:
+                break
 
 
 def open_binary(path: str):

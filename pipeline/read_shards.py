@@ -7,12 +7,15 @@ rest of the shard is still read.
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import logging
 import math
 import posixpath
 import re
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Iterator
 
@@ -58,6 +61,56 @@ def image_type_reason(t) -> str | None:
     return f"is {t}, not binary, string or struct<bytes, path>"
 
 
+def _recording_tarinfo(stopped: list) -> type[tarfile.TarInfo]:
+    """A TarInfo class that appends to ``stopped`` why a header after the first could not be
+    read, where that means damage. A tar ends with zero blocks; Python's ``tarfile`` also ends
+    its iteration, silently, at a header cut short, one failing its checksum, or the end of the
+    data, which would lose the rest of a shard without a word."""
+
+    class RecordingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf):
+            try:
+                return super().fromtarfile(tf)
+            except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError, tarfile.EmptyHeaderError) as e:
+                stopped.append(e)
+                raise
+
+    return RecordingTarInfo
+
+
+def _tar_source(f, stack: contextlib.ExitStack):
+    """The file to read a tar from, and what is wrong with its gzip layer: None (nothing, or
+    not gzip), ("corrupt", why) when the data fails a check (no sample of it can be trusted), or
+    ("cut", why) when it ends early (the samples before the cut can). ``tarfile``'s streaming
+    gzip reader never checks the gzip CRC, so a corrupt .tar.gz would be read as if intact:
+    gzip shards are inflated into a temporary file first, which checks them."""
+    try:
+        magic = f.read(2)
+        f.seek(0)
+    except (OSError, ValueError):  # not seekable: tarfile's own reader
+        return f, None
+    if magic != b"\x1f\x8b":
+        return f, None
+    out = stack.enter_context(tempfile.TemporaryFile(prefix="semjpeg-shard-"))
+    problem = None
+    try:
+        gz = gzip.GzipFile(fileobj=f, mode="rb")
+        # read1: one inflate step at a time, so the data before a failed check is kept
+        while chunk := gz.read1(1 << 20):
+            out.write(chunk)
+    except EOFError as e:
+        problem = ("cut", str(e))
+    except (gzip.BadGzipFile, zlib.error) as e:
+        problem = ("corrupt", str(e))
+    out.seek(0)
+    return out, problem
+
+
+def _duplicate_error(err, key: str, names: list[str]):
+    return err(key, ",".join(names), "duplicate key in shard (members of one sample must be adjacent)")
+
+
 class _ReadShardFn(beam.DoFn):
     def __init__(self, config: InputConfig):
         self.config = config
@@ -89,11 +142,14 @@ class _ReadShardFn(beam.DoFn):
         seen: set[str] = set()
         key: str | None = None
         members: dict[str, tuple[str, bytes]] = {}
-        current = None
+        current = last = None
+        distrust: str | None = None  # why no sample of this shard can be trusted
 
         def flush() -> list:
             if key is None:
                 return []
+            if distrust:
+                return [err(key, ",".join(m for m, _ in members.values()), f"{distrust}; sample not read")]
             images = [e for e in IMAGE_EXTS if e in members]
             if not images:
                 return [err(key, ",".join(m for m, _ in members.values()),
@@ -110,15 +166,22 @@ class _ReadShardFn(beam.DoFn):
                 label_text = repr(label[:20])
             return [RawSample(shard.index, shard.path, key, member, data, label_text, meta), *extra]
 
-        with open_binary(shard.path) as f:
+        with open_binary(shard.path) as f, contextlib.ExitStack() as stack:
+            source, gzip_problem = _tar_source(f, stack)
+            if gzip_problem and gzip_problem[0] == "corrupt":
+                # It fails its check somewhere, and nothing says where: every sample is reported.
+                distrust = f"the shard's gzip data is corrupt ({gzip_problem[1]})"
+            stopped: list[Exception] = []  # why tarfile stopped reading headers (_recording_tarinfo)
             try:
-                tf = tarfile.open(fileobj=f, mode="r|*")
+                tf = tarfile.open(fileobj=source, mode="r|*", tarinfo=_recording_tarinfo(stopped))
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                yield err(None, None, f"not a readable tar file: {e}")
+                why = distrust or (f"the gzip data ends early ({gzip_problem[1]})" if gzip_problem else e)
+                yield err(None, None, f"not a readable tar file: {why}")
                 return
+            duplicate: tuple[str, list[str]] | None = None  # a sample whose key came before
             try:
                 for m in tf:
-                    current = name = member_name(m.name)
+                    current = last = name = member_name(m.name)
                     if m.isdir():
                         continue
                     reason = unsafe_name_reason(name)
@@ -133,11 +196,17 @@ class _ReadShardFn(beam.DoFn):
                         yield err(None, name, "member name has no extension")
                         continue
                     k, ext = parts
+                    if duplicate is not None and k == duplicate[0]:
+                        duplicate[1].append(name)  # one error for the whole sample
+                        continue
                     if k != key:
                         yield from flush()
                         key, members = None, {}
+                        if duplicate is not None:
+                            yield _duplicate_error(err, *duplicate)
+                            duplicate = None
                         if k in seen:
-                            yield err(k, name, "duplicate key in shard (members of one sample must be adjacent)")
+                            duplicate = (k, [name])
                             continue
                         seen.add(k)
                         key = k
@@ -148,9 +217,22 @@ class _ReadShardFn(beam.DoFn):
                     members[ext] = (name, data)
                     current = None
                 yield from flush()
+                if duplicate is not None:
+                    yield _duplicate_error(err, *duplicate)
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 where = f" inside member {current}" if current else ""
-                yield err(key, current, f"tar cut short{where}: {e}; samples before it were read")
+                why = f"the gzip data ends early ({gzip_problem[1]})" if gzip_problem else str(e)
+                yield err(key, current, f"tar cut short{where}: {why}; samples before it were read")
+                return
+            after = f" after member {last}" if last else ""
+            if gzip_problem and gzip_problem[0] == "cut":
+                yield err(None, None, f"tar cut short{after}: the gzip data ends early ({gzip_problem[1]}); "
+                                      "samples before it were read")
+            elif stopped:
+                e = stopped[0]
+                what = ("ends without its end-of-archive blocks" if isinstance(e, tarfile.EmptyHeaderError)
+                        else f"has an unreadable header at byte {tf.offset} ({e})")
+                yield err(None, None, f"tar cut short or corrupt: it {what}{after}; samples before it were read")
 
     # ----------------------------------------------------------------------- Parquet
 
@@ -187,16 +269,24 @@ class _ReadShardFn(beam.DoFn):
             cols = [c for c in (cfg.image_column, key_col, label_col) if c in names]
             row = 0
             seen: set[str] = set()
-            try:
-                for batch in pf.iter_batches(batch_size=256, columns=cols):
-                    d = batch.to_pydict()
-                    n = batch.num_rows
-                    images, keys, labels = d[cfg.image_column], d.get(key_col, [None] * n), d.get(label_col, [None] * n)
-                    for i in range(n):
-                        yield self._parquet_row(shard, stem, row + i, images[i], keys[i], labels[i], seen)
-                    row += n
-            except Exception as e:  # a batch that cannot be read: the rest of the file is lost
-                yield err(None, f"row {row}", f"Parquet file unreadable from row {row}: {e}")
+            # Row group by row group: a damaged one loses its own rows (reported), not the file's.
+            for group in range(pf.num_row_groups):
+                end = row + pf.metadata.row_group(group).num_rows
+                try:
+                    for batch in pf.iter_batches(batch_size=256, row_groups=[group], columns=cols):
+                        d = batch.to_pydict()
+                        n = batch.num_rows
+                        images, keys, labels = (d[cfg.image_column], d.get(key_col, [None] * n),
+                                                d.get(label_col, [None] * n))
+                        for i in range(n):
+                            yield self._parquet_row(shard, stem, row + i, images[i], keys[i], labels[i], seen)
+                        row += n
+                except Exception as e:
+                    why = " ".join(str(e).split()) or type(e).__name__  # pyarrow's messages span lines
+                    rows = f"row {row}" if end - row == 1 else f"rows {row} to {end - 1}"
+                    lost = f"{rows} not read" if end > row else "its rows were read"
+                    yield err(None, rows if end > row else None, f"Parquet row group {group} unreadable ({lost}): {why}")
+                row = end
 
     @staticmethod
     def _parquet_row(shard: SourceShard, stem: str, row: int, img, given_key, label,

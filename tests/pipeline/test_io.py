@@ -88,3 +88,94 @@ def test_single_output_files_fail_early_with_one_line(tmp_path):
         check_output_file(str(tmp_path))
     check_output_file(str(tmp_path / "new/r.html"))
     assert (tmp_path / "new").is_dir()
+
+
+def _finished(folder, run_id, text="old"):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(text)
+    (folder / "_SUCCESS").write_text(run_id + "\n")
+
+
+def test_an_interrupted_commit_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """A signal between moving the previous output aside and moving the new one in, or a
+    failure there, must not lose the previous output: commit and abandon both restore it."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    final = tmp_path / "out"
+    _finished(final, "r0")
+    real_mv = LocalFileSystem.mv
+    for who in ("commit", "abandon"):
+        out = OutputDir(str(final), f"r1{who}")
+        out.check()
+        (tmp_path / f".out.staging-r1{who}" / "summary.json").write_text("new")
+        calls = []
+
+        def mv(self, a, b, **kw):
+            calls.append(b)
+            if len(calls) == 2:  # the new output's move
+                if who == "abandon":  # the caller's handler runs; the commit's own guard does not see it
+                    monkeypatch.setattr(LocalFileSystem, "mv", real_mv)
+                    out.abandon()
+                    raise SystemExit
+                raise KeyboardInterrupt
+            return real_mv(self, a, b, **kw)
+
+        monkeypatch.setattr(LocalFileSystem, "mv", mv)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            out.commit()
+        monkeypatch.setattr(LocalFileSystem, "mv", real_mv)
+        out.abandon()
+        assert (final / "summary.json").read_text() == "old" and (final / "_SUCCESS").read_text() == "r0\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not out.committed()
+
+
+def test_a_commit_clears_what_killed_runs_left(tmp_path):
+    final = tmp_path / "out"
+    _finished(final, "r0")
+    (final / "nightly.json.tmp-0a1b2c3d").write_text("{")  # write_bytes killed mid-write
+    _finished(tmp_path / "out.old-r9", "r8")  # a commit killed before it removed the copy
+    (tmp_path / "out.older").mkdir()  # not one of ours
+    out = OutputDir(str(final), "r1")
+    out.check()
+    (tmp_path / ".out.staging-r1" / "summary.json").write_text("new")
+    out.commit()
+    assert out.committed() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.older"]
+    (final / "notes.tmp-0a1b2c3d").write_text("x")  # a temporary name of a file semjpeg does not write
+    with pytest.raises(ValueError, match=r"did not write \(notes.tmp-0a1b2c3d\)"):
+        OutputDir(str(final), "r2").check()
+
+
+def test_abandon_removes_the_folders_check_created(tmp_path):
+    out = OutputDir(str(tmp_path / "a" / "b" / "out"), "r1")
+    out.check()
+    assert (tmp_path / "a" / "b" / ".out.staging-r1").is_dir()
+    out.abandon()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep").write_text("x")
+    out = OutputDir(str(tmp_path / "a" / "b" / "out"), "r2")
+    out.check()
+    out.abandon()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep"]
+
+
+def test_an_interrupt_after_the_commit_is_not_a_failure(tmp_path, photos, fnapi, monkeypatch):
+    """The run is complete once its output is committed: a Ctrl-C landing after that (before
+    the runner returns) leaves the output in place and the job reports it as done."""
+    import apache_beam as beam
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    real_run = beam.Pipeline.run
+
+    class Late:
+        def __init__(self, result):
+            self.result = result
+
+        def wait_until_finish(self):
+            self.result.wait_until_finish()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self, *a, **kw: Late(real_run(self, *a, **kw)))
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", attacks=(), defenses=())
+    summary = run_evaluate(config, fnapi)
+    assert summary["samples"] == 1 and (tmp_path / "out" / "_SUCCESS").read_text().strip() == config.run_id

@@ -141,3 +141,94 @@ def test_labels_csv_checks(tmp_path):
     with pytest.raises(ValueError, match=r"--labels applies to folder inputs only; .*x.tar is a WebDataset tar"):
         input_shards(InputConfig(paths=(str(tmp_path / "f"), str(tmp_path / "x.tar")),
                                  labels_csv=str(tmp_path / "bom.csv")))
+
+
+def _five_samples(tmp_path):
+    members = [(f"k{i}.png", PNG) for i in range(5)]
+    return write_tar(tmp_path / "x.tar", members), members
+
+
+def _keys(out):
+    return [o.key for o in out if isinstance(o, RawSample)], [o for o in out if isinstance(o, ErrorRecord)]
+
+
+@pytest.mark.parametrize("cut", ["header", "boundary", "checksum"])
+def test_a_tar_damaged_between_members_says_so(tmp_path, cut):
+    """tarfile ends its iteration silently at a header cut short, at the end of the data without
+    the end-of-archive blocks, or at a header failing its checksum: the rest of the shard would be
+    lost without a word."""
+    path, members = _five_samples(tmp_path)
+    data = path.read_bytes()
+    third = 2 * (512 + (len(PNG) + 511) // 512 * 512)  # where k2's header starts
+    if cut == "header":
+        data = data[: third + 100]
+    elif cut == "boundary":
+        data = data[:third]
+    else:
+        data = data[:third] + b"\x01" * 512 + data[third + 512:]
+    path.write_bytes(data)
+    keys, errors = _keys(read(path, "webdataset"))
+    assert keys == ["k0", "k1"]
+    (e,) = errors
+    assert e.reason.startswith("tar cut short or corrupt: it ") and "after member k1.png" in e.reason
+    assert e.reason.endswith("samples before it were read")
+    assert ("end-of-archive" in e.reason) == (cut == "boundary")
+
+
+def test_gzip_shards_are_checked(tmp_path):
+    import gzip
+
+    path, _ = _five_samples(tmp_path)
+    raw = path.read_bytes()
+    good = tmp_path / "good.tar.gz"
+    good.write_bytes(gzip.compress(raw, compresslevel=0))  # stored blocks: a flipped byte stays valid deflate
+    assert _keys(read(good, "webdataset")) == (["k0", "k1", "k2", "k3", "k4"], [])
+    packed = bytearray(good.read_bytes())
+    at = packed.index(PNG[20:40])  # inside k0's image
+    packed[at] ^= 0xFF
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(bytes(packed))
+    keys, errors = _keys(read(corrupt, "webdataset"))
+    # Nothing says which sample the damage is in: every one is reported, none read.
+    assert keys == [] and [e.key for e in errors] == ["k0", "k1", "k2", "k3", "k4"]
+    assert all("gzip data is corrupt (CRC check failed" in e.reason for e in errors)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: 10 + 5 + 2 * 1024 + 100])  # gzip and block headers, k0, k1, part of k2's
+    keys, errors = _keys(read(cut, "webdataset"))
+    assert keys == ["k0", "k1"] and len(errors) == 1
+    assert errors[0].reason.startswith("tar cut short after member k1.png: the gzip data ends early")
+    cut.write_bytes(good.read_bytes()[:100])
+    (e,) = read(cut, "webdataset")
+    assert e.reason.startswith("not a readable tar file: the gzip data ends early")
+
+
+def test_a_duplicate_sample_is_one_error(tmp_path):
+    path = write_tar(tmp_path / "x.tar", [("a.png", PNG), ("b.png", PNG), ("a.jpg", PNG), ("a.cls", b"1"),
+                                          ("c.png", PNG)])
+    keys, errors = _keys(read(path, "webdataset"))
+    assert keys == ["a", "b", "c"]
+    (e,) = errors
+    assert (e.key, e.member) == ("a", "a.jpg,a.cls") and e.reason.startswith("duplicate key in shard")
+
+
+def test_a_damaged_parquet_row_group_loses_only_its_rows(tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"image": [PNG] * 9, "key": [f"r{i}" for i in range(9)]}), path, row_group_size=3)
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = meta.dictionary_page_offset or meta.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = b"\xff" * 16  # the second row group's first page header
+    path.write_bytes(bytes(data))
+    keys, errors = _keys(read(path, "parquet"))
+    assert keys == ["r0", "r1", "r2", "r6", "r7", "r8"]
+    (e,) = errors
+    assert e.member == "rows 3 to 5" and e.reason.startswith("Parquet row group 1 unreadable (rows 3 to 5 not read): ")
+    assert "\n" not in e.reason
+
+
+def test_one_file_named_two_ways_is_read_once(tmp_path):
+    write_tar(tmp_path / "x.tar", [("k.png", PNG)])
+    (tmp_path / "link.tar").symlink_to(tmp_path / "x.tar")
+    shards = expand_inputs((str(tmp_path / "x.tar"), f"{tmp_path}//x.tar", f"{tmp_path}/./x.tar",
+                            str(tmp_path / "link.tar")))
+    assert [s.path for s in shards] == [str(tmp_path / "x.tar")]
