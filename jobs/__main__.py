@@ -111,7 +111,10 @@ def cli() -> int:
         what = _interruption(e)
         if what is None:
             raise
-        print(f"semjpeg: {what}; the previous output is untouched", file=sys.stderr, flush=True)
+        # A job may say what it had already written when it was stopped (nightly's bookkeeping).
+        done = next((getattr(c, "semjpeg_written") for c in _chain(e) if hasattr(c, "semjpeg_written")),
+                    "the previous output is untouched")
+        print(f"semjpeg: {what}; {done}", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
     gc.freeze()
     return code

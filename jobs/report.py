@@ -13,9 +13,8 @@ def add_arguments(parser) -> None:
 def run(args, beam_argv) -> int:
     if beam_argv:
         raise ValueError(f"unrecognized arguments: {' '.join(beam_argv)}")
-    from pipeline.io import check_output_file
-    from pipeline.report import write_report
+    from pipeline.report import check_report_paths, write_report
 
-    check_output_file(args.output)
+    check_report_paths(args.run, args.output, args.history)
     print(f"wrote {write_report(args.run, args.output, history=args.history)}")
     return 0

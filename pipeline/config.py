@@ -5,6 +5,8 @@ Errors name the bad value; the jobs turn them into one line on stderr and a non-
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -131,13 +133,40 @@ def parse_defenses(texts: tuple[str, ...] | list[str], *, reference: bool = True
     return specs
 
 
-def spec_identity(spec: Spec, kind: str) -> tuple:
-    """The spec as it runs: its name and every parameter's value, the defaults filled in, so
-    ``jpeg`` and ``jpeg:quality=75`` are one spec."""
+def spec_identity(spec: Spec, kind: str, value=lambda key, v: repr(v)) -> tuple:
+    """The spec as it runs: its name and every parameter's ``value(key, v)`` (by default its
+    repr), the defaults filled in, so ``jpeg`` and ``jpeg:quality=75`` are one spec."""
     fn = (ATTACKS if kind == "attack" else DEFENSES).get(spec.name)
     defaults = {} if fn is None else {k: p.default for k, p in spec_params(fn).items() if k not in HIDDEN}
     values = {**defaults, **spec.params}
-    return spec.name, tuple(sorted((k, repr(v)) for k, v in values.items()))
+    return spec.name, tuple(sorted((k, value(k, v)) for k, v in values.items()))
+
+
+#: Parameters whose value is itself a defense spec (``;`` separating its own parameters).
+_NESTED_DEFENSES = ("bpda", "match")
+
+
+def _canonical_value(key: str, value):
+    if isinstance(value, float):
+        return float(f"{value:.12g}") if math.isfinite(value) else repr(value)
+    if key in _NESTED_DEFENSES and isinstance(value, str):
+        return spec_key(value.replace(";", ","), "defense")
+    return value if isinstance(value, (bool, int, str, type(None))) else repr(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_key(text: str, kind: str) -> tuple:
+    """A spec text's identity, however it is spelled: its name and every parameter's value, the
+    defaults filled in, numbers as numbers and floats rounded to 12 significant digits, so
+    ``fgsm:eps=4/255`` and ``fgsm:eps=0.01568627450980392`` are one key, as are ``jpeg``,
+    ``jpeg:quality=75`` and ``jpeg:quality=075``. Nightly history is matched between nights by it.
+    A text that no longer parses (a spec of an earlier version) is its own key."""
+    parse = parse_attack if kind == "attack" else parse_defense
+    try:
+        spec = parse(text)
+    except ValueError:
+        return ("text", text.strip())
+    return spec_identity(spec, kind, _canonical_value)
 
 
 def _unique(specs: list[Spec], kind: str) -> tuple[Spec, ...]:

@@ -8,11 +8,13 @@ readers. A partition is written to a hidden temporary name and renamed into plac
 never leaves a half-written file, and writing one date never touches another. A folder holding
 only such temporary leftovers (a write that was interrupted) is not a partition: it is skipped
 with a warning and cleaned when that date is written again. A partition folder without its file,
-or a file that is not readable Parquet with the history columns, is an error that names it.
+a file that is not readable Parquet with the history columns (or with null attack or defense
+specs), and a ``date=`` folder naming no real date (``date=2026-02-30``) are errors that name it.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import io
 import logging
 import posixpath
@@ -40,6 +42,9 @@ HISTORY_SCHEMA = pa.schema([
     ("bytes", pa.float64()), ("bpp", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()),
     ("linf", pa.float64()), ("rmse", pa.float64()),
 ])
+
+#: The columns an (attack, defense) pair is found by: never null.
+KEY_COLUMNS = ("attack_spec", "defense_spec")
 
 #: Metrics a regression can be found in, and whether higher is better. The tolerance of ``n``
 #: (images evaluated per pair) is a fraction of the previous night's n; the others are absolute.
@@ -80,6 +85,8 @@ def _check_schema(table: pa.Table, date: str) -> None:
             problems.append(f"no column {f.name}")
         elif table.schema.field(f.name).type not in (f.type, pa.null()):
             problems.append(f"column {f.name} is {table.schema.field(f.name).type}, expected {f.type}")
+        elif f.name in KEY_COLUMNS and table.column(f.name).null_count:
+            problems.append(f"column {f.name} has {table.column(f.name).null_count} null value(s)")
     if "date" in table.schema.names:  # files written by earlier versions
         dates = set(table.column("date").to_pylist())
         if dates - {date}:
@@ -105,6 +112,11 @@ def read_history(history: str) -> dict[str, list[dict]]:
         m = _DATE_DIR.match(name)
         if not m or not fs.isdir(entry):
             continue
+        try:
+            _dt.date.fromisoformat(m.group(1))
+        except ValueError:
+            raise ValueError(f"history partition {name} in {history} is corrupt: {m.group(1)} is not a date "
+                             "(rename or remove the folder)") from None
         path = join(entry, FILE)
         if not fs.exists(path):
             leftovers = _leftovers_only(fs, entry)
@@ -142,6 +154,16 @@ def check_writable(history: str) -> None:
     if not existed:
         with contextlib.suppress(OSError):
             fs.rmdir(root)
+
+
+def check_night(history: str, date: str) -> None:
+    """Fail before any work if the night's partition cannot be written: something that is not a
+    folder (a stray file) stands at ``HIST/date=YYYY-MM-DD``."""
+    fs, root = url_to_fs(history)
+    part = join(root, f"date={date}")
+    if fs.exists(part) and not fs.isdir(part):
+        raise ValueError(f"history partition date={date} in {history} cannot be written: {part} exists and is "
+                         "not a folder (move or remove it)")
 
 
 def write_partition(history: str, date: str, rows: list[dict]) -> str:
@@ -231,26 +253,39 @@ def compare(history: dict[str, list[dict]], date: str, rows: list[dict], toleran
     return prev, (find_regressions(history[prev], rows, tolerance, prev, configured) if prev else [])
 
 
+def pair_key(attack_spec: str, defense_spec: str) -> tuple:
+    """An (attack, defense) pair's identity, however its specs are spelled (config.spec_key)."""
+    from .config import spec_key
+
+    return spec_key(attack_spec, "attack"), spec_key(defense_spec, "defense")
+
+
 def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[str, float],
                      previous_date: str, configured: set[tuple[str, str]] | None = None) -> list[Regression]:
     """Pairs with results the previous night and none now (MISSING), and metrics of pairs present
     both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value).
 
     ``configured``: the pairs tonight's run was asked for; a pair the configuration dropped is not
-    missing (None: every pair of the previous night is expected)."""
-    now = {(r["attack_spec"], r["defense_spec"]): r for r in current if _evaluated(r)}
+    missing (None: every pair of the previous night is expected).
+
+    Pairs are matched by their specs' identity (pair_key), not their text: a spec spelled
+    differently from one night to the next is the same pair. An alarm names tonight's text, or
+    the previous night's for a missing pair."""
+    now = {pair_key(r["attack_spec"], r["defense_spec"]): r for r in current if _evaluated(r)}
+    asked = None if configured is None else {pair_key(*pair) for pair in configured}
     out = []
     for p in previous:
-        pair = (p["attack_spec"], p["defense_spec"])
-        if configured is not None and pair not in configured:
+        key = pair_key(p["attack_spec"], p["defense_spec"])
+        if asked is not None and key not in asked:
             continue
-        if _evaluated(p) and pair not in now:
-            out.append(Regression(*pair, MISSING, p["n"], None, 0.0, previous_date))
-    before = {(r["attack_spec"], r["defense_spec"]): r for r in previous}
-    for pair, r in now.items():
-        p = before.get(pair)
+        if _evaluated(p) and key not in now:
+            out.append(Regression(p["attack_spec"], p["defense_spec"], MISSING, p["n"], None, 0.0, previous_date))
+    before = {pair_key(r["attack_spec"], r["defense_spec"]): r for r in previous}
+    for key, r in now.items():
+        p = before.get(key)
         if p is None:
             continue
+        pair = (r["attack_spec"], r["defense_spec"])
         for metric, tol in tolerance.items():
             a, b = p.get(metric), r.get(metric)
             if a is None or b is None:

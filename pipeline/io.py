@@ -229,20 +229,19 @@ def check_run_id(run_id: str) -> None:
         )
 
 
-def _location(path: str) -> tuple[bool, str]:
-    """(local?, a comparable form of ``path``): symlinks resolved locally, the protocol kept otherwise."""
-    fs, p = url_to_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        return True, os.path.realpath(p)
-    return False, fs.unstrip_protocol(p).rstrip("/")
+def _location(path: str) -> tuple[str, str]:
+    """(protocol, a comparable form of ``path``): local paths absolute with symbolic links
+    resolved, URLs as given. Needs no fsspec backend (a ``gs://`` path is compared without gcsfs)."""
+    protocol, rest = split_protocol(path)
+    if protocol in (None, "file", "local"):
+        return "file", os.path.realpath(rest)
+    return protocol, rest.rstrip("/")
 
 
-def _protocol(path: str) -> str:
-    return split_protocol(path)[0] or "file"
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (paths of one protocol only)."""
+    (p_protocol, p), (f_protocol, f) = _location(path), _location(folder)
+    return p_protocol == f_protocol and (p == f or p.startswith(f.rstrip("/") + "/"))
 
 
 def check_output_file(path: str) -> None:
@@ -328,19 +327,13 @@ class OutputDir:
     def check(self, reads: tuple[str, ...] | list[str] = ()) -> None:
         """Fail early if the output cannot be replaced or written, or if replacing it would
         remove the working folder or something the run reads (``reads``: input paths)."""
-        local, target = _location(self.target)
-        if local:
-            cwd = os.path.realpath(os.getcwd())
-            if _within(cwd, target):
-                raise ValueError(
-                    f"output {self.final} is the current folder or one of its parents; "
-                    "refusing to replace it (give a new folder)"
-                )
-        protocol = _protocol(self.target)
+        if is_within(os.getcwd(), self.target):
+            raise ValueError(
+                f"output {self.final} is the current folder or one of its parents; "
+                "refusing to replace it (give a new folder)"
+            )
         for read in reads:
-            if _protocol(read) != protocol:
-                continue  # another filesystem (and perhaps one not installed here)
-            if _within(_location(read)[1], target):
+            if is_within(read, self.target):  # never across filesystems
                 raise ValueError(
                     f"output {self.final} holds the input {read}; the run would remove what it reads "
                     "(give another --output)"

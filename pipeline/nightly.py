@@ -36,13 +36,20 @@ tolerance. The previous night is the latest earlier
 night *with results*: a night without any is kept in the history but is never the baseline, so
 the night after it is compared with the last good night.
 
-The history location is checked writable before any work, like the output.
+Pairs are matched between nights by their specs' identity (``config.spec_key``), not their text:
+``jpeg:quality=050`` tonight is last night's ``jpeg:quality=50``.
+
+The history location is checked writable before any work, like the output; it must not be the
+output or lie inside it (nor the other way round). Once the night's output is committed, a
+first Ctrl-C or SIGTERM waits until the history, ``nightly.json`` and the report are written
+(``signals.defer_interrupts``).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +57,11 @@ import fsspec
 import yaml
 
 from .config import EvaluateConfig, InputConfig, ModelConfig, check_map_precision, parse_attacks, parse_defenses
-from .history import (METRICS, check_writable, compare, configured_pairs, history_rows, read_history,
+from .history import (METRICS, check_night, check_writable, compare, configured_pairs, history_rows, read_history,
                       write_partition)
-from .io import join, write_bytes
+from .io import is_within, join, write_bytes
 from .runners import check_runner, pipeline_options
+from .signals import defer_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,44 @@ def _mapping(where: str, value: Any, keys: dict[str, type]) -> dict:
     return out
 
 
+def _location(where: str, value: Any) -> str:
+    value = _check(where, value, str)
+    if not value.strip():
+        raise ValueError(f"{where} must not be empty, got {value!r}")
+    return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # an unhashable key: the base class names that problem
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans lines and quotes the text)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    what = "; ".join(" ".join(t.split()) for t in (e.context, e.problem) if t)
+    mark = e.problem_mark or e.context_mark
+    return what + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+
+
 def _model(where: str, value: Any) -> ModelConfig | None:
     if value is None:
         return None
@@ -129,9 +175,9 @@ class NightlyConfig:
     @classmethod
     def from_yaml(cls, text: str, source: str = "config") -> "NightlyConfig":
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
-            raise ValueError(f"{source} is not valid YAML: {e}") from None
+            raise ValueError(f"{source} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{source} must be a YAML mapping, got {type(raw).__name__}")
         return cls.from_dict(raw, source)
@@ -149,9 +195,13 @@ class NightlyConfig:
                 raise ValueError(f"{source}: {k!r} is required")
         kw: dict[str, Any] = {
             "input": _strings(f"{source}: input", raw["input"], single_ok=True),
-            "output": _check(f"{source}: output", raw["output"], str),
-            "history": _check(f"{source}: history", raw["history"], str),
+            "output": _location(f"{source}: output", raw["output"]),
+            "history": _location(f"{source}: history", raw["history"]),
         }
+        out, hist = kw["output"], kw["history"]
+        if is_within(hist, out) or is_within(out, hist):
+            raise ValueError(f"{source}: history ({hist}) and output ({out}) must be apart: "
+                             "neither the same folder nor one inside the other")
         if "attacks" in raw:
             kw["attacks"] = _strings(f"{source}: attacks", raw["attacks"] or [], single_ok=False)
         if "defenses" in raw:
@@ -174,8 +224,8 @@ class NightlyConfig:
         if raw.get("tolerance") is not None:
             tol = {**DEFAULT_TOLERANCE, **_mapping(f"{source}: tolerance", raw["tolerance"], {m: float for m in METRICS})}
             for m, v in tol.items():
-                if v is not None and v < 0:
-                    raise ValueError(f"{source}: tolerance.{m} must be a number >= 0 or null, got {v!r}")
+                if v is not None and not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"{source}: tolerance.{m} must be a finite number >= 0 or null, got {v!r}")
             kw["tolerance"] = {m: v for m, v in tol.items() if v is not None}
         for k, t in (("seed", int), ("save_maps", bool), ("report", bool), ("map_precision", str),
                      ("map_compile", bool)):
@@ -280,22 +330,36 @@ def run_nightly(cfg: NightlyConfig, date: str, extra_beam_argv: list[str] | tupl
 
     options = pipeline_options(cfg.beam_argv() + list(extra_beam_argv))  # bad options: before anything
     check_writable(cfg.history)
+    check_night(cfg.history, date)
     history = read_history(cfg.history)
     evaluate = cfg.evaluate_config(date)
     summary = run_evaluate(evaluate, options)
+    # The output is committed: an interrupt now would leave a night without its history and
+    # report (and its alarms unsaid), so the bookkeeping finishes first.
+    try:
+        with defer_interrupts("the night's output is written; finishing the night's history and report first"):
+            return _bookkeeping(cfg, date, evaluate.output, summary, history)
+    except BaseException as e:  # a second interrupt: the output stays, the rest may be missing
+        e.semjpeg_written = (f"{evaluate.output} was written, but its history, nightly.json or report may be "
+                             "missing (run that date again)")
+        raise
+
+
+def _bookkeeping(cfg: NightlyConfig, date: str, output: str, summary: dict, history: dict) -> NightlyResult:
+    """After the night's run committed: compare, append the history, write nightly.json and the report."""
     rows = history_rows(summary, date)
     prev, alarms = compare(history, date, rows, cfg.tolerance, summary.get("errors"),
                           configured_pairs(summary))
     regressions = tuple(alarms)
     write_partition(cfg.history, date, rows)
-    write_bytes(join(evaluate.output, NIGHTLY_FILE), json.dumps({
+    write_bytes(join(output, NIGHTLY_FILE), json.dumps({
         "date": date, "history": cfg.history, "tolerance": cfg.tolerance, "previous_date": prev,
         "alarms": [a.describe() for a in regressions]}, indent=1).encode())
     report = None
     if cfg.report:
         from .report import write_report
 
-        report = join(evaluate.output, "report.html")
+        report = join(output, "report.html")
         # The history as written: the nights read before the run and tonight's (not read again).
-        write_report(evaluate.output, report, history={**history, date: rows}, regressions=regressions)
-    return NightlyResult(date, evaluate.output, summary, prev, regressions, report)
+        write_report(output, report, history={**history, date: rows}, regressions=regressions)
+    return NightlyResult(date, output, summary, prev, regressions, report)

@@ -24,8 +24,8 @@ from PIL import Image
 
 from transforms.specs import safe_name
 
-from .history import read_parquet
-from .io import join, read_bytes, shard_name, write_bytes
+from .history import pair_key, read_parquet
+from .io import is_within, join, read_bytes, shard_name, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +210,19 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
     if not history:
         return None
     dates = sorted(history)
-    series: dict[tuple[str, str], list] = {}
+    # One line per pair however its specs were spelled (history.pair_key), named by its latest text.
+    series: dict[tuple, list] = {}
+    names: dict[tuple, str] = {}
     for i, d in enumerate(dates):
         for r in history[d]:
             if (r["attack_spec"], r["defense_spec"]) != ("clean", "none"):
-                series.setdefault((r["attack_spec"], r["defense_spec"]), [None] * len(dates))[i] = r["agree_clean"]
+                key = pair_key(r["attack_spec"], r["defense_spec"])
+                series.setdefault(key, [None] * len(dates))[i] = r["agree_clean"]
+                names[key] = f"{r['attack_spec']} × {r['defense_spec']}"
     days = [_dt.date.fromisoformat(d) for d in dates]  # a date axis: nights missing leave gaps
     fig, ax = plt.subplots(figsize=(11, 3.8))
-    for (a, d), ys in sorted(series.items()):
-        ax.plot(days, [np.nan if y is None else y for y in ys], "o-", label=f"{a} × {d}", markersize=4)
+    for name, ys in sorted((names[k], ys) for k, ys in series.items()):
+        ax.plot(days, [np.nan if y is None else y for y in ys], "o-", label=name, markersize=4)
     ax.set_ylabel("agreement with clean prediction")
     locator = mdates.AutoDateLocator(maxticks=12)
     ax.xaxis.set_major_locator(locator)
@@ -426,6 +430,25 @@ def recompute_regressions(summary: dict, history: dict[str, list[dict]], night: 
     tol = ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
     against = f"compared with {prev}" if prev else "no earlier night with results to compare with"
     return alarms, f"Regressions recomputed from the history: {against}, with {which} ({tol})."
+
+
+def check_report_paths(run: str, output: str, history: str | None = None) -> None:
+    """Fail before any work when the report would overwrite something (a file of the run or of
+    the history, an existing file that is no HTML), cannot be written (io.check_output_file, which
+    makes its folder), or when ``run`` is no semjpeg run."""
+    from .io import check_output_file
+
+    for what, folder in (("the run", run), ("the history", history)):
+        # The one file of a run a report may replace is its own report (a nightly run's).
+        if folder and is_within(output, folder) and not (what == "the run" and is_within(output, join(run, "report.html"))):
+            raise ValueError(f"output {output} is inside {what} {folder}; write the report elsewhere")
+    ofs, path = url_to_fs(output)
+    if ofs.isfile(path) and not path.lower().endswith((".html", ".htm")):
+        raise ValueError(f"output {output} exists and is not an HTML file; refusing to replace it")
+    check_output_file(output)
+    fs, summary = url_to_fs(join(run, "summary.json"))
+    if not fs.isfile(summary):
+        raise ValueError(f"{run} is not a semjpeg run (no summary.json)")
 
 
 def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] | None = None,

@@ -272,6 +272,17 @@ def test_a_run_that_processed_nothing_exits_4_with_its_outputs(tmp_path, capsys,
     assert (out / "_SUCCESS").exists() and list((out / "errors").glob("*.parquet"))
 
 
+def test_a_run_over_inputs_without_images_says_so(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
+    code = main(["defend", "--input", str(tmp_path / "empty.parquet"), "--output", str(tmp_path / "out"),
+                 "--defense", "jpeg:quality=50", "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+    err = one_error_line(capsys, "defend")
+    assert code == 4 and err.endswith("no input was processed: the inputs hold no images (no samples, no errors)")
+
+
 def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     r = run_cli("evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),

@@ -58,11 +58,56 @@ def write_config(tmp_path, cfg) -> str:
         ({"runner": "NoSuchRunner"}, "nightly.yaml: unknown runner 'NoSuchRunner'; valid: .*DaskRunner"),
         ({"runner": "no_such_module.Runner"}, "nightly.yaml: runner 'no_such_module.Runner' cannot be loaded"),
         ({"runner": "pipeline.nightly.NightlyConfig"}, "is not a PipelineRunner subclass"),
+        ({"output": ""}, "nightly.yaml: output must not be empty, got ''"),
+        ({"history": "  "}, "nightly.yaml: history must not be empty, got '  '"),
+        ({"tolerance": {"top1": float("nan")}}, r"tolerance.top1 must be a finite number >= 0 or null, got nan"),
+        ({"tolerance": {"psnr": float("inf")}}, r"tolerance.psnr must be a finite number >= 0 or null, got inf"),
+        ({"history": "OUT"}, "history .* and output .* must be apart"),
+        ({"history": "OUT/history"}, "history .* and output .* must be apart"),
+        ({"history": "OUT/../nightly/"}, "history .* and output .* must be apart"),
+        ({"output": "memory://b/n", "history": "memory://b/n/h"}, "history .* and output .* must be apart"),
     ],
 )
 def test_config_errors_are_clear(tmp_path, change, message):
+    change = {k: v.replace("OUT", str(tmp_path / "nightly")) if isinstance(v, str) else v for k, v in change.items()}
     with pytest.raises(ValueError, match=message):
         NightlyConfig.from_dict(config(tmp_path, **change), "nightly.yaml")
+
+
+def test_output_inside_history_is_refused_and_locations_apart_are_fine(tmp_path):
+    with pytest.raises(ValueError, match="must be apart"):
+        NightlyConfig.from_dict(config(tmp_path, output=str(tmp_path / "history" / "runs")))
+    for output, history in ((str(tmp_path / "nightly"), str(tmp_path / "nightly-history")),  # a prefix, not a folder
+                            ("memory://b/n", str(tmp_path / "memory:" / "b" / "n" / "h")),  # another protocol
+                            ("memory://b/n", "memory://b/nh")):
+        cfg = NightlyConfig.from_dict(config(tmp_path, output=output, history=history))
+        assert (cfg.output, cfg.history) == (output, history)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("input: a.tar\noutput: o\nhistory: [h\n",
+         r"nightly.yaml is not valid YAML: while parsing a flow sequence; expected ',' or ']', but got '<stream end>' "
+         r"\(line 4, column 1\)"),
+        ("input: a.tar\noutput: o\nhistory: h\nseed: 1\nseed: 2\n",
+         r"nightly.yaml is not valid YAML: duplicate key 'seed' \(line 5, column 1\)"),
+        ("input: a.tar\noutput: o\nhistory: h\nmodel: {name: tests.tiny:build, batch_size: 2, batch_size: 4}\n",
+         r"nightly.yaml is not valid YAML: duplicate key 'batch_size' \(line 4, column 48\)"),
+        ("input: a.tar\noutput: o\nhistory: h\ntolerance:\n  top1: 0.1\n  top1: 0.2\n",
+         r"nightly.yaml is not valid YAML: duplicate key 'top1' \(line 6, column 3\)"),
+    ],
+)
+def test_yaml_errors_are_one_line_and_duplicate_keys_are_errors(text, message):
+    with pytest.raises(ValueError, match=message) as e:
+        NightlyConfig.from_yaml(text, "nightly.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    text = (f"input: a.tar\noutput: {tmp_path / 'o'}\nhistory: {tmp_path / 'h'}\n"
+            "model: {<<: {name: tests.tiny:build, batch_size: 2}, batch_size: 4}\n")
+    assert NightlyConfig.from_yaml(text).model.batch_size == 4
 
 
 def test_map_precision_reaches_the_run(tmp_path):
@@ -335,3 +380,185 @@ def test_history_and_report_reads_start_no_pyarrow_threads(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["date=2026-02-30", "date=2026-13-45"])
+def test_a_partition_named_by_no_real_date_is_corrupt_before_any_work(tmp_path, photos, capsys, name):
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    cfg = config(tmp_path)
+    write_partition(cfg["history"], "2026-01-01", [HISTORY_ROW])
+    (tmp_path / "history" / name).mkdir()
+    shutil.copy(tmp_path / "history" / "date=2026-01-01" / "summary.parquet", tmp_path / "history" / name)
+    (tmp_path / "history" / "date=garbage").mkdir()  # no date at all: not a partition, ignored
+    assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-03-01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"semjpeg nightly: error: history partition {name} in {cfg['history']} is corrupt: "
+                   f"{name[5:]} is not a date (rename or remove the folder)"]
+    assert not (tmp_path / "nightly").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")  # read after the history
+    assert main(["report", "--run", str(tmp_path / "run"), "--history", cfg["history"], "--output",
+                 str(tmp_path / "r.html")]) == 2
+    assert f"history partition {name} in {cfg['history']} is corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("column", ["attack_spec", "defense_spec"])
+def test_a_partition_with_null_specs_is_corrupt(tmp_path, column):
+    import pyarrow as pa
+
+    hist = tmp_path / "h"
+    part = hist / "date=2026-01-02"
+    part.mkdir(parents=True)
+    rows = [dict(HISTORY_ROW, **{column: None}), dict(HISTORY_ROW, **{column: None})]
+    pq.write_table(pa.Table.from_pylist(rows), part / "summary.parquet")  # the column's type: null
+    assert pa.Table.from_pylist(rows).schema.field(column).type == pa.null()
+    with pytest.raises(ValueError, match=f"partition date=2026-01-02 .* is corrupt: column {column} has 2 null value"):
+        read_history(str(hist))
+    write_partition(str(hist), "2026-01-02", [HISTORY_ROW, dict(HISTORY_ROW, **{column: None})])  # typed, one null
+    with pytest.raises(ValueError, match=f"is corrupt: column {column} has 1 null value"):
+        read_history(str(hist))
+    write_partition(str(hist), "2026-01-02", [dict(HISTORY_ROW, run_id=None, model=None)])  # other columns may be null
+    assert read_history(str(hist))["2026-01-02"][0]["run_id"] is None
+
+
+def test_a_file_where_the_nights_partition_goes_stops_before_any_work(tmp_path, photos, capsys):
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    cfg = config(tmp_path)
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "date=2026-01-20").write_text("junk")
+    assert main(["nightly", "--config", write_config(tmp_path, cfg), "--date", "2026-01-20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "history partition date=2026-01-20 in" in err[0]
+    assert "exists and is not a folder (move or remove it)" in err[0]
+    assert not (tmp_path / "nightly").exists()
+    assert (tmp_path / "history" / "date=2026-01-20").read_text() == "junk"
+
+
+def test_specs_are_compared_by_identity_not_text():
+    """A spec written another way (4/255 or its decimals, 050 or 50, a default spelled out) is the
+    same pair: its regressions are found, and it is not missing."""
+    before = [{"attack_spec": a, "defense_spec": d, "n": 100, "top1": 0.5}
+              for a in ("clean", "fgsm:eps=4/255") for d in ("none", "jpeg:quality=50", "jpeg")]
+    respell = {"fgsm:eps=4/255": "fgsm:eps=0.01568627450980392", "jpeg:quality=50": "jpeg:quality=050",
+               "jpeg": "jpeg:quality=75"}
+    now = [dict(r, attack_spec=respell.get(r["attack_spec"], r["attack_spec"]),
+                defense_spec=respell.get(r["defense_spec"], r["defense_spec"]), top1=0.1) for r in before]
+    asked = {(r["attack_spec"], r["defense_spec"]) for r in now}
+    regs = find_regressions(before, now, {"top1": 0.02}, "2026-01-01", asked)
+    assert sorted((r.attack_spec, r.defense_spec, r.metric) for r in regs) == sorted(
+        (r["attack_spec"], r["defense_spec"], "top1") for r in now)  # named as spelled tonight
+    gone = find_regressions(before, now[:-1], {"top1": 1.0}, "2026-01-01", asked)
+    assert [(r.attack_spec, r.defense_spec, r.metric) for r in gone] == [("fgsm:eps=4/255", "jpeg", MISSING)]
+    other = [dict(now[-1], attack_spec="fgsm:eps=8/255")]  # another budget is another pair
+    assert find_regressions(before[-1:], other, {"top1": 0.02}, "2026-01-01") == [
+        type(gone[0])("fgsm:eps=4/255", "jpeg", MISSING, 100, None, 0.0, "2026-01-01")]
+
+
+def test_deferred_interrupts_hold_the_first_signal_and_restore_the_handlers(caplog):
+    import signal
+
+    from pipeline.signals import defer_interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    with caplog.at_level(logging.WARNING, logger="pipeline.signals"):
+        try:
+            with defer_interrupts("finishing the night's history and report first") as deferred:
+                os.kill(os.getpid(), signal.SIGINT)
+                finished = True  # no KeyboardInterrupt: the block runs to its end
+        except KeyboardInterrupt:
+            pytest.fail("the first signal was not deferred")
+    assert finished and deferred.received == [signal.SIGINT]
+    assert ("SIGINT received: finishing the night's history and report first; interrupt again to stop now"
+            in caplog.text)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):  # a second one stops at once
+        with defer_interrupts("x"):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second signal did not stop the block")
+    assert signal.getsignal(signal.SIGINT) is before
+
+    class Stop(Exception):
+        pass
+
+    def terminate(signum, frame):
+        raise Stop()
+
+    old = signal.signal(signal.SIGTERM, terminate)  # as the semjpeg command installs one
+    try:
+        with pytest.raises(Stop):
+            with defer_interrupts("x") as deferred:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert deferred.received == [signal.SIGTERM]
+                os.kill(os.getpid(), signal.SIGTERM)
+                pytest.fail("the second signal did not stop the block")
+        assert signal.getsignal(signal.SIGTERM) is terminate
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_an_interrupt_after_the_commit_finishes_the_nights_history_and_report(tmp_path, photos, capsys, caplog,
+                                                                              monkeypatch):
+    import signal
+
+    import pipeline.nightly as nightly
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    cfg = config(tmp_path)
+    path = write_config(tmp_path, cfg)
+    rows = [{"attack_spec": a, "defense_spec": d, "n": 2, "top1": 2.0}  # an alarm tonight
+            for a in ("clean", "fgsm:eps=4/255") for d in ("none", "jpeg:quality=50")]
+    write_partition(cfg["history"], "2026-01-01", rows)
+    write = nightly.write_partition
+
+    def interrupted_write(*args):  # Ctrl-C just as the history is appended
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(*args)
+
+    monkeypatch.setattr(nightly, "write_partition", interrupted_write)
+    with caplog.at_level(logging.WARNING, logger="pipeline.signals"):
+        try:
+            code = main(["nightly", "--config", path, "--date", "2026-01-02"])
+        except KeyboardInterrupt:
+            pytest.fail("the interrupt cut the night's bookkeeping short")
+    assert code == 3
+    assert "interrupt again to stop now" in caplog.text
+    assert "REGRESSION: top1 of clean x none dropped from 2" in capsys.readouterr().err
+    assert sorted(read_history(cfg["history"])) == ["2026-01-01", "2026-01-02"]
+    night = tmp_path / "nightly" / "date=2026-01-02"
+    assert (night / "report.html").exists() and json.loads((night / "nightly.json").read_text())["alarms"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_interrupt_after_the_commit_says_what_was_written(tmp_path, photos, capsys, monkeypatch):
+    import signal
+
+    import pipeline.nightly as nightly
+    from jobs.__main__ import cli
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    cfg = config(tmp_path)
+    write = nightly.write_partition
+
+    def twice_interrupted_write(*args):  # Ctrl-C, and Ctrl-C again, as the history is appended
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(*args)
+
+    monkeypatch.setattr(nightly, "write_partition", twice_interrupted_write)
+    monkeypatch.setattr("sys.argv", ["semjpeg", "nightly", "--config", write_config(tmp_path, cfg),
+                                     "--date", "2026-01-02"])
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli() == 130
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    night = tmp_path / "nightly" / "date=2026-01-02"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"semjpeg: interrupted; {night} was written, but its history, nightly.json or report may be missing "
+        "(run that date again)")
+    assert (night / "_SUCCESS").exists() and not (night / "nightly.json").exists()

@@ -154,3 +154,42 @@ def test_rate_accuracy_plot_tells_variants_of_one_semantic_defense_apart():
     assert len({s["fmt"] for s in gated}) == 1  # one marker per defense
     assert len({(s["color"], s.get("markerfacecolor")) for s in gated}) == 3  # every spec its own look
     assert "markerfacecolor" not in gated[0] and styles["aug_msroi"]["fmt"] != gated[0]["fmt"]
+
+
+def test_report_never_overwrites_the_run_the_history_or_a_file_that_is_no_report(run_dir, tmp_path, capsys):
+    import json
+
+    from pipeline.history import history_rows, write_partition
+
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")  # the module's run stays whole if this fails
+    summary = json.loads((run_dir / "summary.json").read_text())
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", history_rows(summary, "2026-01-01"))
+    partition = hist / "date=2026-01-01" / "summary.parquet"
+    kept = {p: p.read_bytes() for p in (run_dir / "summary.json", partition)}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    kept[notes] = b"mine"
+    for output, message in (
+        (run_dir / "summary.json", f"output {run_dir / 'summary.json'} is inside the run {run_dir}"),
+        (run_dir / "new" / "report.html", "is inside the run"),
+        (partition, f"output {partition} is inside the history {hist}"),
+        (hist / "date=2026-01-02" / "r.html", "is inside the history"),
+        (notes, f"output {notes} exists and is not an HTML file; refusing to replace it"),
+    ):
+        assert main(["report", "--run", str(run_dir), "--history", str(hist), "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert not (run_dir / "new").exists() and not (hist / "date=2026-01-02").exists()
+    again = tmp_path / "again.html"  # an earlier report is replaced
+    again.write_text("<html>old</html>")
+    assert main(["report", "--run", str(run_dir), "--output", str(again)]) == 0 and "old" not in again.read_text()
+
+
+def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--run", str(tmp_path / "empty"), "--output", str(tmp_path / "r.html")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"semjpeg report: error: {tmp_path / 'empty'} is not a semjpeg run (no summary.json)"]
+    assert not (tmp_path / "r.html").exists()
