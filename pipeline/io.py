@@ -103,10 +103,11 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
                 raise ValueError(f"--input-format folder needs a folder, got the file {m!r}")
             path = _unstrip(fs, m, raw)
             if isinstance(fs, LocalFileSystem):
-                # "a//b", "a/./b" and a symbolic link name the same file; object stores' keys are
-                # literal ("gs://b/a//b" is not "gs://b/a/b").
-                path = os.path.normpath(path)
-                same = os.path.realpath(path)
+                # "a//b", "a/./b", "file://a/b" and a symbolic link name the same file; object
+                # stores' keys are literal ("gs://b/a//b" is not "gs://b/a/b").
+                same = os.path.realpath(m)
+                if "://" not in path:
+                    path = os.path.normpath(path)
             else:
                 same = path
             if same in seen:
@@ -273,11 +274,10 @@ def _ours(name: str) -> bool:
     return name in OUTPUT_ENTRIES or (m is not None and m.group(1) in OUTPUT_ENTRIES)
 
 
-def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
-    """Raise ValueError unless the non-empty folder ``path`` is a finished semjpeg output holding
-    nothing else: its ``_SUCCESS`` names a run (Spark, Hadoop and Beam outputs have an empty
-    one) beside a ``summary.json``, and every top-level entry is one semjpeg writes. Replacing it
-    removes everything in it, so anything else there is someone's data."""
+def _not_an_output(fs, path: str, entries: list[str]) -> str | None:
+    """Why the non-empty folder ``path`` is not a finished semjpeg output holding nothing else
+    (None: it is one): its ``_SUCCESS`` must name a run (Spark, Hadoop and Beam outputs have an
+    empty one) beside a ``summary.json``, and every top-level entry must be one semjpeg writes."""
     marker = join(path, SUCCESS)
     ours = fs.exists(marker) and fs.exists(join(path, "summary.json"))
     if ours:
@@ -287,13 +287,22 @@ def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
         except (ValueError, UnicodeDecodeError):
             ours = False
     if not ours:
-        raise ValueError(f"output {final} exists, is not empty and is not a finished semjpeg output "
-                         "(no _SUCCESS naming a run beside a summary.json); refusing to replace it")
+        return "is not a finished semjpeg output (no _SUCCESS naming a run beside a summary.json)"
     others = sorted(n for n in (posixpath.basename(e.rstrip("/")) for e in entries) if not _ours(n))
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise ValueError(f"output {final} holds files semjpeg did not write ({shown}); refusing to replace "
-                         "it (move them, or give another --output)")
+        return f"holds files semjpeg did not write ({shown})"
+    return None
+
+
+def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
+    """Raise ValueError unless the non-empty folder ``path`` may be replaced (_not_an_output):
+    replacing it removes everything in it, so anything else there is someone's data."""
+    why = _not_an_output(fs, path, entries)
+    if why and why.startswith("holds"):
+        raise ValueError(f"output {final} {why}; refusing to replace it (move them, or give another --output)")
+    if why:
+        raise ValueError(f"output {final} exists, is not empty and {why}; refusing to replace it")
 
 
 class OutputDir:
@@ -412,9 +421,15 @@ class OutputDir:
         except (FileNotFoundError, OSError):
             return []
         prefix = f"{name}.old-"
-        return sorted(e.rstrip("/") for e in entries
-                      if posixpath.basename(e.rstrip("/")).startswith(prefix)
-                      and _RUN_ID.match(posixpath.basename(e.rstrip("/"))[len(prefix):]))
+        stale = []
+        for e in (e.rstrip("/") for e in entries):
+            base = posixpath.basename(e)
+            if not (base.startswith(prefix) and _RUN_ID.match(base[len(prefix):]) and fs.isdir(e)):
+                continue
+            inside = fs.ls(e, detail=False)
+            if inside and _not_an_output(fs, e, inside) is None:  # whole and ours: nobody else's data
+                stale.append(e)
+        return sorted(stale)
 
     def _restore(self, fs, final: str) -> bool:
         """Put back the previous output this run's commit moved aside, if it did: the run's
@@ -436,7 +451,12 @@ class OutputDir:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
         _, final = url_to_fs(self.target)
-        if self._restore(fs, final) or self.committed():
+        if self.committed():  # stopped while removing the previous output: the run is done
+            old = f"{final}.old-{self.run_id}"
+            if fs.exists(old):
+                fs.rm(old, recursive=True)
+            return
+        if self._restore(fs, final):
             return
         for folder in self._created:
             try:

@@ -7,10 +7,12 @@ rest of the shard is still read.
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gzip
 import json
 import logging
+import lzma
 import math
 import posixpath
 import re
@@ -79,32 +81,94 @@ def _recording_tarinfo(stopped: list) -> type[tarfile.TarInfo]:
     return RecordingTarInfo
 
 
-def _tar_source(f, stack: contextlib.ExitStack):
-    """The file to read a tar from, and what is wrong with its gzip layer: None (nothing, or
-    not gzip), ("corrupt", why) when the data fails a check (no sample of it can be trusted), or
-    ("cut", why) when it ends early (the samples before the cut can). ``tarfile``'s streaming
-    gzip reader never checks the gzip CRC, so a corrupt .tar.gz would be read as if intact:
-    gzip shards are inflated into a temporary file first, which checks them."""
+#: Compressed tars, by their first bytes: the format's name and a new decompressor for one stream.
+_COMPRESSIONS = (
+    (b"\x1f\x8b", "gzip", None),  # _gunzip
+    (b"BZh", "bzip2", bz2.BZ2Decompressor),
+    (b"\xfd7zXZ\x00", "xz", lzma.LZMADecompressor),
+)
+_CHUNK = 1 << 16  # compressed bytes per step: bounds what one step can inflate to in memory
+
+
+def _gunzip(f, out):
+    """Inflate gzip data from ``f`` into ``out``: None, or what _tar_source says is wrong.
+    ``GzipFile.read1`` checks each stream's CRC and length in a call of its own, so the data
+    before a failed check is kept (to name the samples it holds)."""
+    gz = gzip.GzipFile(fileobj=f, mode="rb")
     try:
-        magic = f.read(2)
+        while chunk := gz.read1(1 << 20):
+            out.write(chunk)
+    except EOFError:
+        return "cut", "the gzip data ends before its end"
+    except gzip.BadGzipFile as e:
+        if not (str(e).startswith("Not a gzipped file") and out.tell()):
+            return "corrupt", f"gzip: {e}"
+        # A complete stream, its check passed, then bytes that start no other: gzip -d ignores them.
+        log.warning("%s: bytes after the gzip data, ignored (as gzip -d does)", getattr(f, "path", f))
+    except zlib.error as e:
+        return "corrupt", f"gzip: {e}"
+    finally:
+        out.seek(0)
+    return None
+
+
+def _inflate(d, data: bytes) -> Iterator[bytes]:
+    """``d.decompress(data)`` (bz2 or lzma) in pieces of at most 16 MiB."""
+    yield d.decompress(data, 1 << 24)
+    while not d.eof and not d.needs_input:
+        yield d.decompress(b"", 1 << 24)
+
+
+def _tar_source(f, stack: contextlib.ExitStack):
+    """The file to read a tar from, and what is wrong with its compression: None (nothing, or
+    not compressed), ("corrupt", why) when the data fails a check (no sample of it can be
+    trusted), or ("cut", why) when it ends early (the samples before the cut can).
+
+    ``tarfile``'s streaming reader never checks a gzip CRC, and bzip2 and xz check theirs only
+    at the end of a block, after the data before it was handed out: a corrupt compressed shard
+    would be read as if intact. Compressed shards are inflated into a temporary file first, each
+    stream checked to its end (concatenated streams are read, as gzip does; zero padding or
+    other trailing bytes after a complete stream end the data, with a warning for the latter)."""
+    try:
+        magic = f.read(6)
         f.seek(0)
     except (OSError, ValueError):  # not seekable: tarfile's own reader
         return f, None
-    if magic != b"\x1f\x8b":
+    found = next(((name, new) for prefix, name, new in _COMPRESSIONS if magic.startswith(prefix)), None)
+    if found is None:
         return f, None
+    name, new = found
     out = stack.enter_context(tempfile.TemporaryFile(prefix="semjpeg-shard-"))
-    problem = None
+    if name == "gzip":
+        return out, _gunzip(f, out)
+    d, buf = new(), b""
     try:
-        gz = gzip.GzipFile(fileobj=f, mode="rb")
-        # read1: one inflate step at a time, so the data before a failed check is kept
-        while chunk := gz.read1(1 << 20):
-            out.write(chunk)
-    except EOFError as e:
-        problem = ("cut", str(e))
-    except (gzip.BadGzipFile, zlib.error) as e:
-        problem = ("corrupt", str(e))
+        while True:
+            buf = buf or f.read(_CHUNK)
+            if not buf:
+                break
+            if d is None:  # between streams
+                while len(buf) < 6 and (more := f.read(_CHUNK)):
+                    buf += more
+                if not buf.strip(b"\0"):
+                    buf = b""
+                    continue
+                if not any(buf.startswith(prefix) for prefix, n, _ in _COMPRESSIONS if n == name):
+                    log.warning("%s: bytes after the %s data, ignored", getattr(f, "path", f), name)
+                    break
+                d = new()
+            for piece in _inflate(d, buf):
+                out.write(piece)
+            buf = d.unused_data if d.eof else b""
+            if d.eof:
+                d = None
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        out.seek(0)
+        return out, ("corrupt", f"{name}: {e}")
     out.seek(0)
-    return out, problem
+    if d is not None:
+        return out, ("cut", f"the {name} data ends before its end")
+    return out, None
 
 
 def _duplicate_error(err, key: str, names: list[str]):
@@ -167,16 +231,15 @@ class _ReadShardFn(beam.DoFn):
             return [RawSample(shard.index, shard.path, key, member, data, label_text, meta), *extra]
 
         with open_binary(shard.path) as f, contextlib.ExitStack() as stack:
-            source, gzip_problem = _tar_source(f, stack)
-            if gzip_problem and gzip_problem[0] == "corrupt":
+            source, problem = _tar_source(f, stack)
+            if problem and problem[0] == "corrupt":
                 # It fails its check somewhere, and nothing says where: every sample is reported.
-                distrust = f"the shard's gzip data is corrupt ({gzip_problem[1]})"
+                distrust = f"the shard's compressed data is corrupt ({problem[1]})"
             stopped: list[Exception] = []  # why tarfile stopped reading headers (_recording_tarinfo)
             try:
                 tf = tarfile.open(fileobj=source, mode="r|*", tarinfo=_recording_tarinfo(stopped))
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                why = distrust or (f"the gzip data ends early ({gzip_problem[1]})" if gzip_problem else e)
-                yield err(None, None, f"not a readable tar file: {why}")
+                yield err(None, None, f"not a readable tar file: {distrust or (problem[1] if problem else e)}")
                 return
             duplicate: tuple[str, list[str]] | None = None  # a sample whose key came before
             try:
@@ -216,23 +279,31 @@ class _ReadShardFn(beam.DoFn):
                         continue
                     members[ext] = (name, data)
                     current = None
-                yield from flush()
-                if duplicate is not None:
-                    yield _duplicate_error(err, *duplicate)
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                # The sample being read loses a member: reported, as are those the cut took.
                 where = f" inside member {current}" if current else ""
-                why = f"the gzip data ends early ({gzip_problem[1]})" if gzip_problem else str(e)
-                yield err(key, current, f"tar cut short{where}: {why}; samples before it were read")
+                yield err(key, current, f"tar cut short{where}: {problem[1] if problem else e}; "
+                                        "samples before it were read")
                 return
             after = f" after member {last}" if last else ""
-            if gzip_problem and gzip_problem[0] == "cut":
-                yield err(None, None, f"tar cut short{after}: the gzip data ends early ({gzip_problem[1]}); "
-                                      "samples before it were read")
+            damage = None
+            if problem and problem[0] == "cut":
+                damage = f"tar cut short{after}: {problem[1]}"
             elif stopped:
                 e = stopped[0]
                 what = ("ends without its end-of-archive blocks" if isinstance(e, tarfile.EmptyHeaderError)
                         else f"has an unreadable header at byte {tf.offset} ({e})")
-                yield err(None, None, f"tar cut short or corrupt: it {what}{after}; samples before it were read")
+                damage = f"tar cut short or corrupt: it {what}{after}"
+            if damage and key is not None and not distrust:
+                # The cut may have taken the rest of the last sample (its label, say): reported.
+                yield err(key, ",".join(m for m, _ in members.values()),
+                          f"{damage}; the sample may be incomplete and was not read, the samples before it were")
+            else:
+                yield from flush()
+                if damage:
+                    yield err(None, None, f"{damage}; samples before it were read")
+            if duplicate is not None:
+                yield _duplicate_error(err, *duplicate)
 
     # ----------------------------------------------------------------------- Parquet
 

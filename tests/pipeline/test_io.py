@@ -140,9 +140,17 @@ def test_a_commit_clears_what_killed_runs_left(tmp_path):
     (tmp_path / ".out.staging-r1" / "summary.json").write_text("new")
     out.commit()
     assert out.committed() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.older"]
+    (tmp_path / "out.old-v1").mkdir()  # named like a copy, but someone's data
+    (tmp_path / "out.old-v1" / "thesis.tex").write_text("precious")
+    (tmp_path / "out.old-notes.txt").write_text("precious")
+    (tmp_path / ".out.staging-r2").mkdir()
+    (tmp_path / ".out.staging-r2" / "summary.json").write_text("newer")
+    OutputDir(str(final), "r2").commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old-notes.txt", "out.old-v1", "out.older"]
+    assert (tmp_path / "out.old-v1" / "thesis.tex").read_text() == "precious"
     (final / "notes.tmp-0a1b2c3d").write_text("x")  # a temporary name of a file semjpeg does not write
     with pytest.raises(ValueError, match=r"did not write \(notes.tmp-0a1b2c3d\)"):
-        OutputDir(str(final), "r2").check()
+        OutputDir(str(final), "r3").check()
 
 
 def test_abandon_removes_the_folders_check_created(tmp_path):
@@ -179,3 +187,28 @@ def test_an_interrupt_after_the_commit_is_not_a_failure(tmp_path, photos, fnapi,
     config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", attacks=(), defenses=())
     summary = run_evaluate(config, fnapi)
     assert summary["samples"] == 1 and (tmp_path / "out" / "_SUCCESS").read_text().strip() == config.run_id
+
+
+def test_an_interrupt_while_the_previous_output_is_removed_keeps_the_new_one(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    final = tmp_path / "out"
+    _finished(final, "r0")
+    out = OutputDir(str(final), "r1")
+    out.check()
+    (tmp_path / ".out.staging-r1" / "summary.json").write_text("new")
+    real_rm = LocalFileSystem.rm
+
+    def rm(self, path, *a, **kw):
+        if ".old-" in str(path):
+            real_rm(self, str(path) + "/summary.json")  # part of it gone, as on an object store
+            raise KeyboardInterrupt
+        return real_rm(self, path, *a, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "rm", rm)
+    with pytest.raises(KeyboardInterrupt):
+        out.commit()
+    monkeypatch.setattr(LocalFileSystem, "rm", real_rm)
+    out.abandon()
+    assert out.committed() and (final / "summary.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

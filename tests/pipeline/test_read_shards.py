@@ -168,10 +168,13 @@ def test_a_tar_damaged_between_members_says_so(tmp_path, cut):
         data = data[:third] + b"\x01" * 512 + data[third + 512:]
     path.write_bytes(data)
     keys, errors = _keys(read(path, "webdataset"))
-    assert keys == ["k0", "k1"]
+    # Nothing says whether the cut took a member of the last sample (its label, say): that
+    # sample is reported too, not read.
+    assert keys == ["k0"]
     (e,) = errors
+    assert (e.key, e.member) == ("k1", "k1.png")
     assert e.reason.startswith("tar cut short or corrupt: it ") and "after member k1.png" in e.reason
-    assert e.reason.endswith("samples before it were read")
+    assert e.reason.endswith("the sample may be incomplete and was not read, the samples before it were")
     assert ("end-of-archive" in e.reason) == (cut == "boundary")
 
 
@@ -191,15 +194,38 @@ def test_gzip_shards_are_checked(tmp_path):
     keys, errors = _keys(read(corrupt, "webdataset"))
     # Nothing says which sample the damage is in: every one is reported, none read.
     assert keys == [] and [e.key for e in errors] == ["k0", "k1", "k2", "k3", "k4"]
-    assert all("gzip data is corrupt (CRC check failed" in e.reason for e in errors)
+    assert all("compressed data is corrupt (gzip: CRC check failed" in e.reason for e in errors)
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(good.read_bytes()[: 10 + 5 + 2 * 1024 + 100])  # gzip and block headers, k0, k1, part of k2's
     keys, errors = _keys(read(cut, "webdataset"))
-    assert keys == ["k0", "k1"] and len(errors) == 1
-    assert errors[0].reason.startswith("tar cut short after member k1.png: the gzip data ends early")
+    assert keys == ["k0"] and [e.key for e in errors] == ["k1"]
+    assert errors[0].reason.startswith("tar cut short after member k1.png: the gzip data ends before its end;")
     cut.write_bytes(good.read_bytes()[:100])
     (e,) = read(cut, "webdataset")
-    assert e.reason.startswith("not a readable tar file: the gzip data ends early")
+    assert e.reason == "not a readable tar file: the gzip data ends before its end"
+    cut.write_bytes(good.read_bytes() + b"\0" * 100 + gzip.compress(b"") + b"trailing bytes")
+    assert _keys(read(cut, "webdataset")) == (["k0", "k1", "k2", "k3", "k4"], [])  # as gzip -d reads it
+
+
+@pytest.mark.parametrize("fmt", ["bz2", "xz"])
+def test_bzip2_and_xz_shards_are_checked_before_any_sample_is_read(tmp_path, fmt):
+    """bzip2 and xz check their data at the end of a block, after tarfile's streaming reader has
+    handed out what came before: damage must not reach a sample."""
+    import bz2
+    import lzma
+
+    rng = np.random.default_rng(0)
+    members = [(f"k{i}.png", encode(rng.integers(0, 256, (64, 64, 3), np.uint8))) for i in range(5)]
+    raw = write_tar(tmp_path / "x.tar", members).read_bytes()
+    packed = bytearray(bz2.compress(raw) if fmt == "bz2" else lzma.compress(raw))
+    path = tmp_path / f"x.tar.{fmt}"
+    path.write_bytes(bytes(packed))
+    assert _keys(read(path, "webdataset")) == (["k0", "k1", "k2", "k3", "k4"], [])
+    packed[len(packed) // 2] ^= 0x55
+    path.write_bytes(bytes(packed))
+    keys, errors = _keys(read(path, "webdataset"))
+    assert keys == [] and errors and all("compressed data is corrupt" in e.reason or "not a readable tar" in e.reason
+                                         for e in errors)
 
 
 def test_a_duplicate_sample_is_one_error(tmp_path):
@@ -230,5 +256,5 @@ def test_one_file_named_two_ways_is_read_once(tmp_path):
     write_tar(tmp_path / "x.tar", [("k.png", PNG)])
     (tmp_path / "link.tar").symlink_to(tmp_path / "x.tar")
     shards = expand_inputs((str(tmp_path / "x.tar"), f"{tmp_path}//x.tar", f"{tmp_path}/./x.tar",
-                            str(tmp_path / "link.tar")))
+                            str(tmp_path / "link.tar"), f"file://{tmp_path}/x.tar"))
     assert [s.path for s in shards] == [str(tmp_path / "x.tar")]
