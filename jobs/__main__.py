@@ -8,6 +8,7 @@ with status 4 (jobs.common.NOTHING_PROCESSED).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import logging
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_argv = parser.parse_known_args(argv)
     # A local Dask cluster starts now, its workers importing while this process does. (The error
     # line comes before the cluster's shutdown, which waits for workers still starting.)
-    with early_local_cluster(beam_argv) as beam_argv:
+    job = modules[args.job]
+    early = early_local_cluster if getattr(job, "PIPELINE", True) else contextlib.nullcontext
+    with early(beam_argv) as beam_argv:
         try:
-            return int(modules[args.job].run(args, beam_argv) or 0)
+            return int(job.run(args, beam_argv) or 0)
         # Path errors on outputs (a file where a folder should be, no permission) are the user's
         # to fix, like unknown options; they are checked early, and these catch the rest.
         except (ValueError, FileNotFoundError, PermissionError, FileExistsError, NotADirectoryError,

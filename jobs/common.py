@@ -63,7 +63,8 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0",
-                   help="efficientnet_lite0|1|2 or a torchvision classification model name")
+                   help="efficientnet_lite0|1|2, a torchvision classification model name (with --weights), or "
+                        "package.module:factory (a callable returning a transforms.models.Classifier)")
     g.add_argument("--weights", help="state dict path or fsspec URL (required for torchvision models)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--batch-size", type=int, default=16)

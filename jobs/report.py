@@ -1,6 +1,8 @@
 """Write one self-contained HTML report for a run: tables, plots, trends and a gallery."""
 from __future__ import annotations
 
+#: Runs no pipeline: Beam options are errors here, and no Dask cluster is started for them.
+PIPELINE = False
 HELP = "HTML report of a run (and of past nights with --history)"
 
 

@@ -4,6 +4,8 @@ Image bytes are stored unchanged; ``--labels`` (a file,label CSV) adds ``<key>.c
 """
 from __future__ import annotations
 
+#: Runs no pipeline: Beam options are errors here, and no Dask cluster is started for them.
+PIPELINE = False
 HELP = "pack a folder of images into WebDataset shards"
 
 

@@ -79,6 +79,11 @@ def start_local_cluster(workers: int, *, wait: bool = True):
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     _remove_on_close(cluster, scratch)
+    # The scheduler, in this process, hooks a diagnosis into every garbage collection: a Ctrl-C
+    # landing in that hook is "ignored" by Python, and the job then ran to its end. Not needed.
+    from distributed.gc import disable_gc_diagnosis
+
+    disable_gc_diagnosis(force=True)
     if not wait:
         cluster.scale(workers)
     log.info("local Dask cluster at %s: %d workers%s", cluster.scheduler_address, workers,
@@ -120,7 +125,7 @@ def _forkserver_workers() -> None:
         return
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     get_mp_context()  # Dask sets its own preload list on first use: replace it, before the server starts
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_PRELOAD])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["pipeline.forkserver_init", "distributed", *WORKER_PRELOAD])
 
 
 def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:

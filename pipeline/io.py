@@ -480,6 +480,19 @@ def sanitize_key(key: str) -> str:
     return key.replace(".", "_")
 
 
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\\]")
+
+
+def file_key(rel: str) -> str:
+    """The key of a folder's image file, from its path relative to the folder without its
+    extension: dots, control characters and backslashes become ``_``, and so does a name that
+    is only an extension (``.jpg``, ``sub/.jpg``), so every file gives a key that the tar reader
+    takes back (unsafe_name_reason)."""
+    key = _UNSAFE_CHARS.sub("_", sanitize_key(rel.rsplit(".", 1)[0]))
+    head, _, last = key.rpartition("/")
+    return f"{head}/{last or '_'}" if head else (last or "_")
+
+
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     """A deterministic tar of (name, data) members."""
     buf = io.BytesIO()

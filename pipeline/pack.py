@@ -14,7 +14,7 @@ import re
 
 from fsspec.core import url_to_fs
 
-from .io import (check_output_file, join, list_images, read_bytes, read_labels_csv, sanitize_key, tar_bytes,
+from .io import (check_output_file, file_key, join, list_images, read_bytes, read_labels_csv, tar_bytes,
                  write_bytes)
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
     check_output_file(f"{prefix}-{0:05d}.tar")
     keys: dict[str, str] = {}
     for rel in files:
-        key = sanitize_key(rel.rsplit(".", 1)[0])
+        key = file_key(rel)
         if key in keys:
             raise ValueError(f"{keys[key]!r} and {rel!r} would both have the key {key!r}")
         keys[key] = rel
@@ -54,7 +54,7 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
         path = f"{prefix}-{s // per_shard:05d}.tar"
         write_bytes(path, tar_bytes(members))
         paths.append(path)
-        log.info("wrote %s (%d samples)", path, len(members))
+        log.info("wrote %s (%d samples)", path, len(items[s : s + per_shard]))
     _remove_stale(prefix, len(paths))
     return paths
 

@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors
-from .io import IMAGE_EXTS, join, open_binary, read_labels_csv, sanitize_key, unsafe_name_reason
+from .io import IMAGE_EXTS, file_key, join, open_binary, read_labels_csv, sanitize_key, unsafe_name_reason
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ class _ReadShardFn(beam.DoFn):
         seen: set[str] = set()
         for rel in shard.files:
             path = join(shard.path, rel)
-            key = sanitize_key(rel.rsplit(".", 1)[0])
+            key = file_key(rel)
             if key in seen:
                 yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, "two files give the same key")
                 continue

@@ -292,6 +292,32 @@ def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
         "semjpeg evaluate: error: bad pipeline option: argument --direct_num_workers: invalid int value: 'abc'"]
 
 
+def test_ctrl_c_while_the_dask_workers_start_is_a_clean_stop(tmp_path, photos):
+    """Ctrl-C reaches the whole process group, the Dask workers' fork server too, which was
+    still importing in a job's first seconds: it died, and the job waited for workers that never
+    came and ended in tracebacks. Now: 130 and one line, soon."""
+    import os
+    import signal
+    import time
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    p = subprocess.Popen([sys.executable, "-m", "jobs", "defend", "--input", str(tmp_path / "a.tar"),
+                          "--output", str(tmp_path / "out"), "--defense", "jpeg", "--model", "tests.tiny:build",
+                          "--runner", "DaskRunner", "--dask_workers", "2", "--dask_wait_timeout", "60"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(1.5)  # the fork server is importing torch and Beam
+        os.killpg(p.pid, signal.SIGINT)
+        start = time.monotonic()
+        _, err = p.communicate(timeout=50)
+        took = time.monotonic() - start
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and err.strip().splitlines() == ["semjpeg: interrupted; the previous output is untouched"]
+    assert took < 30 and sorted(x.name for x in tmp_path.iterdir()) == ["a.tar"]
+
+
 def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),

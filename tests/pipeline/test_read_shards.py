@@ -258,3 +258,23 @@ def test_one_file_named_two_ways_is_read_once(tmp_path):
     shards = expand_inputs((str(tmp_path / "x.tar"), f"{tmp_path}//x.tar", f"{tmp_path}/./x.tar",
                             str(tmp_path / "link.tar"), f"file://{tmp_path}/x.tar"))
     assert [s.path for s in shards] == [str(tmp_path / "x.tar")]
+
+
+def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
+    """A folder's file names become keys, and `semjpeg shard` writes them as tar members: a name
+    that is only an extension, or holds a tab or a newline, must give a key that reading the
+    shard back accepts."""
+    from pipeline.pack import pack_folder
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in (".jpg", "sub/.jpg", "tab\tname.png", "new\nline.png", "back\\slash.png", "a.b.png"):
+        (folder / name).write_bytes(PNG)
+    expected = ["_", "a_b", "back_slash", "new_line", "sub/_", "tab_name"]
+    shard = SourceShard(0, str(folder), "folder", tuple(list_images(str(folder))))
+    fn = _ReadShardFn(InputConfig(paths=(str(folder),)))
+    fn.setup()
+    assert sorted(_keys(list(fn.process(shard)))[0]) == expected
+    (tar,) = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
+    keys, errors = _keys(read(tar, "webdataset"))
+    assert sorted(keys) == expected and errors == []
