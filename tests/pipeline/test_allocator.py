@@ -25,10 +25,12 @@ else:
     applied = allocator.keep_freed_memory()
 for _ in range(10):  # the heap grows to its working size first (a few blocks fault in then)
     torch.empty(25_000_000).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []  # per block: something else on the machine may disturb one, never most of them
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(25_000_000).fill_(1.0)
-print(json.dumps({{"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({{"applied": applied, "faults": sorted(faults)[len(faults) // 2]}}))
 """
 
 
@@ -45,7 +47,8 @@ def test_freed_tensors_are_reused_without_page_faults_unless_opted_out():
     assert kept["applied"] is True and system["applied"] is False
     # glibc's defaults map each 100 MB block afresh: the kernel faults every page in again
     # (24,000 per block with 4 KiB pages, 50 with 2 MiB ones); kept, the heap hands it back.
-    assert system["faults"] >= 5 * 40
+    # "faults" is the median block's count: a CI run once saw two of five kept blocks fault in.
+    assert system["faults"] >= 40
     assert kept["faults"] * 10 < system["faults"]
 
 
