@@ -13,7 +13,9 @@ map a spec needs), and the size of the file a ``jpeg:match=...`` defense must no
 * ``msroi`` and ``aug_msroi``: semantic JPEG (Prakash et al., DCC 2017 and 2018): the MSROI or
   Aug-MSROI saliency map sets each 16x16 block's quality among ``levels`` qualities from
   ``q_low`` to ``q_high``; salient blocks are quantized finely, the rest coarsely; one standard
-  baseline JPEG. ``bytes=N`` shifts the quality window down until the file fits.
+  baseline JPEG. ``bytes=N`` slides the quality window, its width ``q_high - q_low`` kept, to the
+  highest place (``q_high`` at most 100) whose file fits, as ``jpeg:bytes=N`` takes the highest
+  uniform quality: the spec's own ``q_low``/``q_high`` then set only the width.
 * ``aug_msroi_gated``: our extension: images whose prediction is unstable under the map's input
   noise or under the stable images' JPEG (likely adversarial) are denoised and get semantic JPEG
   at finer qualities; stable ones a uniform JPEG. The runner fills its ``stability`` and
@@ -336,7 +338,8 @@ def aug_msroi_gated(
     the denoising removed. ``gate=0`` and ``jpeg_gate=0`` switch a check off (``jpeg_gate=0``
     also skips its JPEG round trip and its forward pass); either above 1 flags every image.
     ``bytes=N`` fits every file into N bytes: a stable image at the highest uniform quality that
-    fits, a flagged one with its quality window shifted down as :func:`aug_msroi` does.
+    fits, a flagged one with its quality window slid to the highest place that fits, as
+    :func:`aug_msroi` does.
 
     Why: at Aug-MSROI's default activation noise (0.2) the perturbed passes' classes leave the
     image's own class on every image, so its map is drawn from noise-chosen classes and does not

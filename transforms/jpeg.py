@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import io
+import threading
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 __all__ = ["encode_jpeg", "encode_png", "decode_rgb", "SUBSAMPLING"]
 
@@ -31,10 +32,40 @@ def encode_jpeg(
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     if subsampling not in SUBSAMPLING:
         raise ValueError(f"subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+    pil = Image.fromarray(image)
+    options = dict(format="JPEG", quality=int(quality), subsampling=SUBSAMPLING[subsampling], optimize=bool(optimize))
+    if optimize and quality >= _ROOMY_QUALITY:
+        return _save_roomy(pil, options)
     buf = io.BytesIO()
-    Image.fromarray(image).save(
-        buf, format="JPEG", quality=int(quality), subsampling=SUBSAMPLING[subsampling], optimize=bool(optimize)
-    )
+    try:
+        pil.save(buf, **options)
+    except OSError:
+        if not optimize:
+            raise
+        return _save_roomy(pil, options)
+    return buf.getvalue()
+
+
+# With optimized Huffman tables libjpeg writes the whole scan at once into a buffer Pillow sizes at
+# 1 byte per pixel (2 from quality 95): near-lossless settings on busy images (noise, strong
+# attacks, 4:4:4) need more, and libjpeg fails with "Suspension not allowed here". From this
+# quality on the buffer is sized for libjpeg's worst case up front; below it, only on failure.
+_ROOMY_QUALITY = 90
+_MAXBLOCK_LOCK = threading.Lock()
+
+
+def _save_roomy(pil: Image.Image, options: dict) -> bytes:
+    """Save with room for any scan: a block's 64 coefficients at up to 27 bits each is 3.4 times
+    its samples."""
+    w, h = pil.size
+    with _MAXBLOCK_LOCK:  # Pillow reads the module's MAXBLOCK when it saves
+        saved = ImageFile.MAXBLOCK
+        ImageFile.MAXBLOCK = max(saved, 4 * 3 * h * w + (1 << 16))
+        try:
+            buf = io.BytesIO()
+            pil.save(buf, **options)
+        finally:
+            ImageFile.MAXBLOCK = saved
     return buf.getvalue()
 
 

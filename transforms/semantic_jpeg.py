@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import os
 import tempfile
@@ -33,7 +32,6 @@ from typing import Literal, NamedTuple
 
 import jpeglib
 import numpy as np
-from PIL import Image
 
 from .jpeg import SUBSAMPLING, Subsampling, decode_rgb, encode_jpeg
 from .jpeg_dct import SAMPLING, source_coefficients
@@ -399,11 +397,7 @@ class _Coefficients:
 
 
 def _pillow_jpeg(image: np.ndarray, quality: int, subsampling: Subsampling, optimize: bool) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(
-        buf, format="JPEG", quality=int(quality), subsampling=SUBSAMPLING[subsampling], optimize=optimize
-    )
-    return buf.getvalue()
+    return encode_jpeg(image, quality, subsampling, optimize=optimize)
 
 
 class _Mosaic:

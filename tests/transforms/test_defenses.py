@@ -82,6 +82,20 @@ def test_rate_controlled_jpeg(photos):
     assert len(sem.data) <= 1200 and sem.info["target_bytes"] == 1200
 
 
+def test_a_byte_target_slides_the_window_keeping_its_width(photos):
+    img = photos[0]
+    sal = np.zeros(img.shape[:2], np.float32)
+    sal[:32] = 1.0
+    # A budget of the 50..90 window's file: the spec's 30..70 window (40 wide) slides up to it.
+    roomy = apply_defense(parse_defense("aug_msroi:q_low=50,q_high=90"), img, saliency=sal)
+    fit = apply_defense(parse_defense(f"aug_msroi:bytes={len(roomy.data)}"), img, saliency=sal)
+    assert fit.data == roomy.data and fit.info["quality_levels"] == {50: 8, 90: 8}
+    # A tight one slides it down, still 40 wide while q_low can go lower.
+    tight = apply_defense(parse_defense(f"aug_msroi:bytes={len(roomy.data) // 2}"), img, saliency=sal)
+    low, high = sorted(tight.info["quality_levels"])
+    assert len(tight.data) <= len(roomy.data) // 2 and high < 70 and high - low == min(40, high - 1)
+
+
 def test_gated_defense_splits_on_stability(photos):
     img = photos[0]
     sal = np.zeros(img.shape[:2], np.float32)

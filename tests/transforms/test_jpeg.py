@@ -40,3 +40,25 @@ def test_defense_registry(photos):
         parse_defense("gzip")
     with pytest.raises(ValueError, match="uint8"):
         encode_jpeg(photos[0].astype(np.float32), 50)  # noqa
+
+
+@pytest.mark.parametrize("quality,subsampling", [(100, "4:4:4"), (95, "4:4:4"), (85, "4:4:4"), (100, "4:2:0")])
+def test_optimized_near_lossless_busy_images_encode(quality, subsampling):
+    # Noise at high quality compresses to more than the buffer Pillow gives libjpeg for an
+    # optimized scan (1-2 bytes per pixel): it once failed with "Suspension not allowed here".
+    # Below quality 90 the encoder retries with a larger buffer; from 90 it starts with one.
+    from PIL import ImageFile
+
+    noise = np.random.default_rng(quality).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    maxblock = ImageFile.MAXBLOCK
+    plain, optimized = encode_jpeg(noise, quality, subsampling), encode_jpeg(noise, quality, subsampling, optimize=True)
+    assert len(optimized) < len(plain) and np.array_equal(decode_rgb(optimized), decode_rgb(plain))
+    assert ImageFile.MAXBLOCK == maxblock
+
+
+def test_jpeg_defense_at_quality_100_and_a_large_byte_target_on_noise():
+    noise = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    top = apply_defense(parse_defense("jpeg:quality=100,subsampling=4:4:4"), noise)
+    assert top.data[:2] == b"\xff\xd8" and decode_rgb(top.data).shape == noise.shape
+    matched = apply_defense(parse_defense(f"jpeg:bytes={len(top.data)},subsampling=4:4:4"), noise)
+    assert len(matched.data) <= len(top.data) and decode_rgb(matched.data).shape == noise.shape
