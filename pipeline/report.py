@@ -198,14 +198,23 @@ def plot_quality(table: list[dict]) -> bytes | None:
     return _fig_png(fig)
 
 
+#: At most this many nights are named on the trends' axis (the latest always).
+TREND_LABELS = 10
+
+
 def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
     """Agreement over past nights for every (attack, defense) that is not the reference."""
+    fig = trends_figure(history)
+    return None if fig is None else _fig_png(fig)
+
+
+def trends_figure(history: dict[str, list[dict]]):
+    """The trends' matplotlib figure: one tick per night, named by its date (thinned to
+    :data:`TREND_LABELS`), a day of margin on either side; None without a history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import matplotlib.dates as mdates
 
     if not history:
         return None
@@ -224,13 +233,15 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
     for name, ys in sorted((names[k], ys) for k, ys in series.items()):
         ax.plot(days, [np.nan if y is None else y for y in ys], "o-", label=name, markersize=4)
     ax.set_ylabel("agreement with clean prediction")
-    locator = mdates.AutoDateLocator(maxticks=12)
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.tick_params(axis="x", labelsize=7)
+    # Nights are dates: a tick per night, not the locator's hours (two nights) or years (one).
+    step = -(-len(days) // TREND_LABELS)
+    ticks = days[::-1][::step][::-1]
+    ax.set_xticks(ticks, [d.isoformat() for d in ticks], rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(days[0] - _dt.timedelta(days=1), days[-1] + _dt.timedelta(days=1))
+    ax.set_xlabel("night")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _fig_png(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- gallery
@@ -268,7 +279,14 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         keys += [(k, index) for k in mine]
     if not keys:
         return "<p class='meta'>No shards to show (gallery needs an evaluate run with the undefended images).</p>"
-    out = []
+    # Class names as the run's own rows give them (any model's classes, not only ImageNet's).
+    names = {r["pred"]: r["pred_name"] for r in rows if r.get("pred") is not None}
+    out = ["<p class='meta'>Under each image: the classifier's top-1 class and its probability, "
+           "and the stored file's bytes. ✓: the same class as on the clean image (the agreement with "
+           "the clean prediction that the table reports), not necessarily the true label; ✗: another "
+           "class, followed by the clean prediction's name. Under the clean image, the true label "
+           "where the input has one. The semantic defense's column shows its saliency map over the "
+           "image when the run saved maps.</p>"]
     for attack in attacks:
         if attack == "clean":
             continue
@@ -280,7 +298,7 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         out.append(f"<h3>{html.escape(attack)}</h3><table class='gallery'><tr><th>clean</th>"
                    + "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols) + "</tr>")
         for key, index in keys:
-            cells = [_cell(clean.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")))]
+            cells = [_cell(clean.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")), names)]
             for _, d in cols:
                 tar = shards[(d, index)]
                 data = tar.get(f"{key}.jpg") or tar.get(f"{key}.png")
@@ -290,7 +308,7 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
                     img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
                     hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
                     data, mime = _png(_blend(img, hm)), "image/png"
-                cells.append(_cell(data, mime, by.get((key, attack, d))))
+                cells.append(_cell(data, mime, by.get((key, attack, d)), names))
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
     return "\n".join(out)
@@ -314,15 +332,25 @@ def _blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.n
     return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
-def _cell(data: bytes | None, mime: str, row: dict | None) -> str:
+def _cell(data: bytes | None, mime: str, row: dict | None, names: dict | None = None) -> str:
     if data is None:
         return "<td><div class='cap'>missing</div></td>"
     cap = ""
     if row is not None:
-        mark = "" if row["attack"] == "clean" and row["defense"] == "none" else (
-            " <span class='good'>✓</span>" if row["agree_clean"] else " <span class='warn'>✗</span>")
-        cap = (f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
-               f"<br><span class='meta'>{row['bytes']:,} B</span>")
+        reference = row["attack"] == "clean" and row["defense"] == "none"
+        if reference or row.get("agree_clean") is None:  # no clean prediction to compare with
+            mark = ""
+        elif row["agree_clean"]:
+            mark = " <span class='good' title='same class as on the clean image'>✓</span>"
+        else:
+            clean = (names or {}).get(row.get("clean_pred"), f"class {row.get('clean_pred')}")
+            mark = (" <span class='warn' title='not the class predicted on the clean image'>✗</span>"
+                    f"<br><span class='meta'>clean: {html.escape(str(clean))}</span>")
+        cap = f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
+        if reference and row.get("label") is not None:
+            label = (names or {}).get(row["label"], f"class {row['label']}")
+            cap += f"<br><span class='meta'>true: {html.escape(str(label))}</span>"
+        cap += f"<br><span class='meta'>{row['bytes']:,} B</span>"
     return f"<td><img src='{_data_uri(data, mime)}' alt=''><div class='cap'>{cap}</div></td>"
 
 

@@ -38,7 +38,13 @@ def test_report_is_self_contained_with_every_section(run_dir, tmp_path):
     srcs = re.findall(r"src='([^']*)'", page)
     assert srcs and all(s.startswith("data:image/") for s in srcs)  # nothing fetched from elsewhere
     assert len([s for s in srcs if s.startswith("data:image/png")]) >= 3  # plots and overlays
-    assert "class0" in page or "class" in page  # predicted class names under the gallery images
+    # Under each gallery image its predicted class (the tiny model's "classN"), what the mark
+    # means, and under the clean images the true labels the shard gives (1 to 4, not every image).
+    gallery = page[page.index("<h2>Gallery</h2>"):page.index("<h2>Configuration</h2>")]
+    assert re.search(r"<div class='cap'>class\d \(0\.\d\d\)", gallery)
+    assert "same class as on the clean image" in gallery and "true label" in gallery
+    true = re.findall(r"true: ([^<]*)<", gallery)
+    assert len(true) >= 2 and set(true) <= {f"class{i}" for i in range(1, 5)} | {f"class {i}" for i in range(1, 5)}
     assert "http://" not in page and "https://" not in page
 
 
@@ -114,6 +120,33 @@ def test_trends_use_a_date_axis(caplog):
     assert "categorical" not in caplog.text
 
 
+@pytest.mark.parametrize("nights", [
+    ["2026-11-27"],  # one night: the axis once spanned four years
+    ["2026-11-26", "2026-11-27"],  # two: it once ticked every few hours
+    ["2026-11-01", "2026-11-09"],  # a gap keeps its width
+    [f"2026-{m:02d}-{d:02d}" for m in (10, 11) for d in range(1, 29)],  # 56 nights: thinned
+])
+def test_trends_name_each_night_by_its_date(nights):
+    import datetime as dt
+
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import TREND_LABELS, trends_figure
+
+    row = {"attack_spec": "fgsm", "defense_spec": "jpeg", "agree_clean": 0.5}
+    fig = trends_figure({n: [row] for n in nights})
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert set(labels) <= set(nights) and labels[-1] == nights[-1]
+    assert len(labels) <= TREND_LABELS and (len(nights) > TREND_LABELS or labels == nights)
+    assert [mdates.num2date(x).date().isoformat() for x in ax.get_xticks()] == labels
+    lo, hi = (mdates.num2date(x).date() for x in ax.get_xlim())
+    first, last = dt.date.fromisoformat(nights[0]), dt.date.fromisoformat(nights[-1])
+    assert lo == first - dt.timedelta(days=1) and hi == last + dt.timedelta(days=1)
+    plt.close(fig)
+
+
 def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     from pipeline.io import shard_name
     from pipeline.report import gallery
@@ -129,6 +162,41 @@ def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["none", "jpeg:quality=50"]}}
     page = gallery(str(run), summary, [], size=4)
     assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
+
+
+def test_gallery_captions_name_the_classes_and_say_what_the_mark_means(tmp_path, photos):
+    from pipeline.io import shard_name
+    from pipeline.report import gallery
+    from tests.shards import encode, write_tar
+    from transforms.specs import safe_name
+
+    run = tmp_path / "run"
+    for attack, defense in (("clean", "none"), ("fgsm", "none"), ("fgsm", "jpeg:quality=50")):
+        folder = run / "shards" / safe_name(attack) / safe_name(defense)
+        folder.mkdir(parents=True)
+        write_tar(folder / shard_name(0), [("a.png", encode(photos[0]))])
+    base = {"key": "a", "label": 7, "prob": 0.9, "bytes": 1234, "clean_pred": 3}
+    rows = [
+        {**base, "attack": "clean", "defense": "none", "attack_spec": "clean", "defense_spec": "none",
+         "pred": 3, "pred_name": "tabby cat", "agree_clean": True},
+        {**base, "attack": "fgsm", "defense": "none", "attack_spec": "fgsm", "defense_spec": "none",
+         "pred": 5, "pred_name": "guacamole", "agree_clean": False},
+        {**base, "attack": "fgsm", "defense": "jpeg", "attack_spec": "fgsm", "defense_spec": "jpeg:quality=50",
+         "pred": 3, "pred_name": "tabby cat", "agree_clean": True},
+    ]
+    summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["none", "jpeg:quality=50"]}}
+    page = gallery(str(run), summary, rows)
+    legend = page[:page.index("<h3>")]
+    assert "✓: the same class as on the clean image" in legend and "agreement with the clean prediction" in legend
+    assert "not necessarily the true label" in legend and "true label" in legend
+    caps = re.findall(r"<div class='cap'>(.*?)</div>", page)
+    assert len(caps) == 3
+    assert caps[0].startswith("tabby cat (0.90)") and "true: class 7" in caps[0] and "✓" not in caps[0]
+    assert caps[1].startswith("guacamole (0.90)") and "✗" in caps[1] and "clean: tabby cat" in caps[1]
+    assert caps[2].startswith("tabby cat (0.90)") and "✓" in caps[2] and "clean:" not in caps[2]
+    # the true label by name when the run predicted that class somewhere
+    named = gallery(str(run), summary, rows[:1] + [{**rows[1], "pred": 7, "pred_name": "goldfish"}])
+    assert "true: goldfish" in named
 
 
 def test_accuracy_table_shows_the_flagged_share_only_when_a_gated_defense_ran():
