@@ -16,13 +16,40 @@ SHARED = Path(os.environ.get("SEMJPEG_SHARED", ROOT.parent / "shared"))
 DEV = SHARED / "data" / "imagenet-dev"
 
 
-def dev_files(n: int) -> list[tuple[Path, int]]:
-    """The first ``n`` dev images (sorted by file name) and their labels."""
+def dev_files(n: int | None = None) -> list[tuple[Path, int]]:
+    """The first ``n`` dev images (sorted by file name; all when None) and their labels; exits
+    with a message when the dev images are missing or fewer than ``n``."""
     if not (DEV / "labels.csv").exists():
         sys.exit(f"dev images not found at {DEV} (set SEMJPEG_SHARED)")
     with open(DEV / "labels.csv", newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: r["file"])
+    if n is None:
+        n = len(rows)
+    if n > len(rows):
+        sys.exit(f"asked for {n} dev images, {DEV} has {len(rows)}")
     return [(DEV / r["file"], int(r["label"])) for r in rows[:n]]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (image counts, batches, repeats, threads)."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (0 switches something off)."""
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def _bounded_int(text: str, low: int, what: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
 
 
 class AttackedDevSets(NamedTuple):

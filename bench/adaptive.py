@@ -18,6 +18,7 @@ prediction, mean bytes, PSNR), then one line with the agreement matrix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import dev_files, emit  # noqa: E402
+from bench._common import dev_files, emit, positive_int  # noqa: E402
 
 DEFENSES = ("jpeg:quality=50", "aug_msroi", "jpeg:match=aug_msroi")
 
@@ -40,7 +41,9 @@ def attacks(steps: int) -> list[str]:
 
 def subset(n: int, folder: Path) -> Path:
     """Links to every (500 / n)-th dev image (sorted by file) in ``folder``; returns a labels CSV."""
-    files = dev_files(sys.maxsize)
+    files = dev_files()
+    if n > len(files):
+        sys.exit(f"asked for {n} dev images, there are {len(files)}")
     picked = files[:: max(1, len(files) // n)][:n]
     for path, _ in picked:
         (folder / path.name).symlink_to(path)
@@ -54,9 +57,9 @@ def subset(n: int, folder: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=30, help="IGSM steps of the adaptive attacks")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n", type=positive_int, default=100)
+    ap.add_argument("--steps", type=positive_int, default=30, help="IGSM steps of the adaptive attacks")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--out", help="keep the evaluate run here (default: a temporary folder)")
     ap.add_argument("--quick", action="store_true", help="8 images, 5 steps")
     args = ap.parse_args()
@@ -76,7 +79,9 @@ def main() -> None:
         for d in DEFENSES:
             argv += ["--defense", d]
         t0 = time.perf_counter()
-        if semjpeg(argv) != 0:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is this bench's JSON lines only
+            status = semjpeg(argv)
+        if status != 0:
             sys.exit("semjpeg evaluate failed")
         seconds = time.perf_counter() - t0
         summary = json.loads((Path(out) / "summary.json").read_text())

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import dev_files, emit
+from _common import dev_files, emit, positive_int
 
 # Settings shared by ours and ART's; --quick shrinks the expensive ones for both alike.
 FULL = {
@@ -292,15 +292,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small run: 2 images, cheap settings")
     p.add_argument("--budget", action="store_true", help="success and RMSE of every attack at rmse=0.02")
-    p.add_argument("--n", type=int, default=None, help="dev images (default 4; 32 with --budget; 2 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 4; 8 with --budget)")
-    p.add_argument("--repeats", type=int, default=None, help="timings are the best of this many runs")
+    p.add_argument("--n", type=positive_int, default=None, help="dev images (default 4; 32 with --budget; 2 with --quick)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 4; 8 with --budget)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timings are the best of this many runs")
     p.add_argument("--only", default="", help="comma-separated attacks (throughput) or ;-separated specs (budget)")
     p.add_argument("--no-art", action="store_true", help="skip ART")
     p.add_argument("--no-fb", action="store_true", help="skip Foolbox")
-    p.add_argument("--art-slow-n", type=int, default=1, help=f"images for ART's {', '.join(ART_SLOW)}")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--art-slow-n", type=positive_int, default=1, help=f"images for ART's {', '.join(ART_SLOW)}")
+    p.add_argument("--threads", type=positive_int, default=2)
     args = p.parse_args()
+    if args.only and args.budget:
+        from transforms.attacks import parse_attack
+
+        for text in args.only.split(";"):
+            try:
+                parse_attack(text)
+            except ValueError as e:
+                p.error(f"--only: {e}")
+    elif args.only:
+        table = QUICK if args.quick else FULL
+        unknown = [name for name in args.only.split(",") if name not in table]
+        if unknown:
+            p.error(f"--only: unknown attack(s) {', '.join(unknown)}; valid: {', '.join(table)}")
     torch.set_num_threads(args.threads)
     if args.budget:
         args.n = args.n or (4 if args.quick else 32)

@@ -41,7 +41,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import dev_files, emit  # noqa: E402
+from bench._common import dev_files, emit, positive_int  # noqa: E402
 
 log = logging.getLogger("aug_msroi_params")
 
@@ -182,11 +182,11 @@ def run_setting(name: str, model, data: dict, seeds: torch.Tensor, batch: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=100, help="dev images (default 100)")
-    ap.add_argument("--batch", type=int, default=20, help="images per forward pass, perturbations included")
+    ap.add_argument("--n", type=positive_int, default=100, help="dev images (default 100)")
+    ap.add_argument("--batch", type=positive_int, default=20, help="images per forward pass, perturbations included")
     ap.add_argument("--cache", type=Path, default=None, help="npz to keep/reuse the attacked images")
     ap.add_argument("--grid", nargs="*", default=list(GRID), help="settings noise:input:activation[:samples]")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)

@@ -43,7 +43,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import dev_files, emit  # noqa: E402
+from bench._common import dev_files, emit, positive_int  # noqa: E402
 
 AUTHORS_IMAGES_PER_S = 60  # 300 images x 5 perturbations in ~5 s, Titan X (DCC 2018)
 TARGET_H100_IMAGES_PER_S = 5000
@@ -309,15 +309,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batch, one iteration: a smoke run")
     ap.add_argument("--device", default="auto", help="auto (CPU, and CUDA when available), cpu or cuda")
-    ap.add_argument("--batch", type=int, default=32, help="input images per call (x S perturbations)")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--cuda-batches", type=int, nargs="*", default=[128, 256],
+    ap.add_argument("--batch", type=positive_int, default=32, help="input images per call (x S perturbations)")
+    ap.add_argument("--iters", type=positive_int, default=5)
+    ap.add_argument("--cuda-batches", type=positive_int, nargs="*", default=[128, 256],
                     help="further batch sizes timed on CUDA (besides --batch)")
     ap.add_argument("--cuda-variants", nargs="+", default=list(CUDA_VARIANTS), choices=CUDA_VARIANTS,
                     help="precisions/layouts timed on CUDA (default: all)")
-    ap.add_argument("--images", type=int, default=32, help="distinct dev images")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--encoder-procs", type=int, nargs="*", default=[],
+    ap.add_argument("--images", type=positive_int, default=32, help="distinct dev images")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--encoder-procs", type=positive_int, nargs="*", default=[],
                     help="also time the encoder in this many processes at once (e.g. 2 16)")
     ap.add_argument("--compile", nargs="*", default=None, metavar="VARIANT",
                     help="also time the map stage with --map-compile (torch.compile of the plain passes) in "

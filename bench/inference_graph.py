@@ -23,7 +23,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import best_stage_rates, emit  # noqa: E402
+from bench._common import best_stage_rates, emit, positive_int  # noqa: E402
 
 VARIANTS = ("as_loaded", "folded", "pointwise", "built")
 
@@ -46,9 +46,9 @@ def _variant(name: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 2, one repeat, one thread")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--repeat", type=positive_int, default=3)
     args = ap.parse_args()
     import torch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import ROOT, dev_files, emit  # noqa: E402
+from bench._common import ROOT, dev_files, emit, positive_int  # noqa: E402
 
 ATTACK = "fgsm:eps=4/255"
 DEFENSE = "jpeg:quality=50"
@@ -135,8 +135,8 @@ def timed(mode: str, shards: list[Path], out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 images, one repeat")
-    ap.add_argument("--n", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n", type=positive_int, default=96)
+    ap.add_argument("--repeats", type=positive_int, default=2)
     args = ap.parse_args()
     n, repeats = (32, 1) if args.quick else (args.n, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:

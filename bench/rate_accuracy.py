@@ -26,7 +26,10 @@ def main() -> None:
     ap.add_argument("--plot", help="write the plot here (PNG)")
     ap.add_argument("--metric", default="top1", choices=["top1", "agree_clean"])
     args = ap.parse_args()
-    summary = json.loads(read_bytes(join(args.run, "summary.json")))
+    try:
+        summary = json.loads(read_bytes(join(args.run, "summary.json")))
+    except FileNotFoundError:
+        ap.error(f"--run {args.run} is not a semjpeg run (no summary.json)")
     print("| attack | defense | n | top-1 | agree_clean | mean bytes | bpp | PSNR | SSIM |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary["table"]:

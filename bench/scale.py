@@ -22,6 +22,9 @@ A speed probe (on unless `--no-probe`) times three forward and backward passes o
 thread, in this process) just before and just after every run, and the ratio of the fastest run
 times scaled to the median speed is reported too (`ratio_speed_adjusted`): a diagnostic of how
 much of a ratio is drift, not a replacement for `ratio`.
+
+Every run prints the same fields; those it does not measure are null: ``--quick`` (32 images, a
+smoke run) has no base runs and no probes, ``--base 0`` no base runs, ``--no-probe`` no probes.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
 
-from bench._common import ROOT, emit  # noqa: E402
+from bench._common import ROOT, emit, non_negative_int, positive_int  # noqa: E402
 from bench.pipeline import make_shards  # noqa: E402
 
 
@@ -78,12 +81,12 @@ def _per_count(values: dict[int, list[float]], digits: int) -> dict[str, list[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 images")
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per worker count, alternating; the fastest counts")
-    ap.add_argument("--base", type=int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
+    ap.add_argument("--n", type=positive_int, default=256)
+    ap.add_argument("--shards", type=positive_int, default=4)
+    ap.add_argument("--repeat", type=positive_int, default=2, help="runs per worker count, alternating; the fastest counts")
+    ap.add_argument("--base", type=non_negative_int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip the speed probes around each run")
-    ap.add_argument("--batch-size", type=int, default=8, help="the job's --batch-size")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="the job's --batch-size")
     args = ap.parse_args()
     n = 32 if args.quick else args.n
     base = 0 if args.quick else args.base
@@ -101,7 +104,7 @@ def main() -> None:
         base_times = {1: [], 2: []}
         probe = SpeedProbe() if args.probe and not args.quick else None
         probes = {1: [], 2: []}  # mean of the probes just before and just after each big run
-        for r in range(max(1, args.repeat)):
+        for r in range(args.repeat):
             for w in (1, 2):
                 before = probe() if probe else None
                 times[w].append(run(shards, tmp / f"out{w}-{r}", w, args.batch_size))
@@ -117,6 +120,10 @@ def main() -> None:
         "ratio": round(seconds[1] / seconds[2], 3), "seconds": {str(k): round(v, 1) for k, v in seconds.items()},
         "all_seconds": _per_count(times, 1),
         "target_ratio": 1.7,
+        # measured only with --base (not with --quick) and with the probes (not with --quick or
+        # --no-probe): null otherwise, so every run has the same fields
+        "base_images": None, "base_seconds": None, "marginal_ratio": None, "fixed_seconds": None,
+        "probe_seconds": None, "ratio_speed_adjusted": None,
     }
     if small:
         base_s = {w: min(t) for w, t in base_times.items()}

@@ -20,7 +20,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import attacked_dev_sets, emit  # noqa: E402
+from bench._common import attacked_dev_sets, emit, positive_int  # noqa: E402
 from transforms.images import to_tensor  # noqa: E402
 from transforms.jpeg import decode_rgb  # noqa: E402
 from transforms.models import build_model  # noqa: E402
@@ -36,7 +36,7 @@ BATCH = 20
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=positive_int, default=100)
     ap.add_argument("--quick", action="store_true", help="16 images, two settings")
     args = ap.parse_args()
     n, grid = (16, GRID[:2]) if args.quick else (args.n, GRID)

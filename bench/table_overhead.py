@@ -32,7 +32,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 
 import numpy as np  # noqa: E402
 
-from bench._common import dev_files, emit  # noqa: E402
+from bench._common import dev_files, emit, positive_int  # noqa: E402
 from transforms.images import decode_image  # noqa: E402
 from transforms.semantic_jpeg import DEFAULT_BLOCK, METHODS, _pillow_jpeg, block_qualities  # noqa: E402
 
@@ -65,7 +65,7 @@ def _grids(images: list[np.ndarray]) -> list[np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=positive_int, default=100)
     ap.add_argument("--no-maps", dest="maps", action="store_false", help="skip the Aug-MSROI block shares")
     args = ap.parse_args()
     images = [decode_image(p.read_bytes()) for p, _ in dev_files(args.n)]

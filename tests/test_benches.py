@@ -99,3 +99,30 @@ def test_allocator_bench_quick():
         for stage in ("forward", "forward_backward", "aug_msroi"):
             v = out[setting][stage]
             assert v["img_s"] > 0 and v["user_s"] >= 0 and v["system_s"] >= 0 and v["minor_faults"] >= 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench/pipeline.py", "--repeats", "0"], "--repeats: must be a positive integer, got 0"),
+    (["bench/scale.py", "--shards", "0"], "--shards: must be a positive integer, got 0"),
+    (["bench/scale.py", "--base", "-1"], "--base: must be an integer >= 0, got -1"),
+    (["bench/table_overhead.py", "--n", "0"], "--n: must be a positive integer, got 0"),
+    (["bench/adaptive.py", "--n", "-3"], "--n: must be a positive integer, got -3"),
+    (["bench/defend.py", "--batch", "two"], "--batch: 'two' is not an integer"),
+    (["bench/attacks.py", "--only", "fgsm,bogus"], "--only: unknown attack(s) bogus"),
+    (["bench/rate_accuracy.py", "--run", "no/such/run"], "is not a semjpeg run"),
+])
+def test_bad_bench_arguments_are_one_line_errors(argv, message):
+    # They were accepted and gave NaN, empty results or a traceback.
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout == ""
+
+
+def test_more_dev_images_than_there_are_is_an_error_not_a_smaller_count():
+    if not (DEV / "labels.csv").exists():
+        pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
+    env = dict(os.environ, SEMJPEG_SHARED=str(DEV.parents[1]))
+    r = subprocess.run([sys.executable, "bench/pipeline.py", "--n", "100000"], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "asked for 100000 dev images" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
