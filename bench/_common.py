@@ -52,6 +52,23 @@ def _bounded_int(text: str, low: int, what: str) -> int:
     return value
 
 
+def torch_device(text: str) -> str:
+    """argparse type: ``cpu``, or a CUDA device (``cuda``, ``cuda:1``) that this machine has."""
+    import argparse
+
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return text
+
+
 class AttackedDevSets(NamedTuple):
     """The first N dev images, their clean predictions and their adversarial versions."""
 

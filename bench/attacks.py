@@ -313,7 +313,7 @@ def main() -> None:
         table = QUICK if args.quick else FULL
         unknown = [name for name in args.only.split(",") if name not in table]
         if unknown:
-            p.error(f"--only: unknown attack(s) {', '.join(unknown)}; valid: {', '.join(table)}")
+            p.error(f"--only: unknown attack(s) {', '.join(map(repr, unknown))}; valid: {', '.join(table)}")
     torch.set_num_threads(args.threads)
     if args.budget:
         args.n = args.n or (4 if args.quick else 32)

@@ -106,9 +106,10 @@ def classify(model, images: list[np.ndarray], batch: int, preds: np.ndarray) -> 
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean and standard error of the paired difference a - b."""
+    """Mean and standard error of the paired difference a - b (no standard error of one image)."""
     d = a.astype(np.float64) - b
-    return {"mean": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / math.sqrt(len(d))), 4)}
+    se = round(float(d.std(ddof=1) / math.sqrt(len(d))), 4) if len(d) > 1 else None
+    return {"mean": round(float(d.mean()), 4), "se": se}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,6 +126,34 @@ def wilson(k: int, n: int) -> list[float]:
     return [round(c - h, 3), round(c + h, 3)]
 
 
+def parse_setting(name: str) -> dict:
+    """The map parameters of a setting (``msroi``, or ``noise:input:activation[:samples]``); raises
+    ValueError for a malformed one or one ``aug_msroi`` would refuse."""
+    from transforms.saliency import check_map_params
+
+    if name == "msroi":
+        return {"noise": None, "input_noise": 0.0, "activation_noise": 0.0, "samples": 1}
+    parts = name.split(":")
+    try:
+        if len(parts) not in (3, 4):
+            raise ValueError(name)
+        params = {"noise": parts[0], "input_noise": float(parts[1]), "activation_noise": float(parts[2]),
+                  "samples": int(parts[3]) if len(parts) > 3 else 5}
+    except ValueError:
+        raise ValueError(f"{name!r} is not noise:input:activation[:samples]") from None
+    check_map_params(**params)
+    return params
+
+
+def setting(text: str) -> str:
+    """argparse type of ``--grid``: a setting :func:`parse_setting` reads."""
+    try:
+        parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def run_setting(name: str, model, data: dict, seeds: torch.Tensor, batch: int) -> dict:
     from transforms.images import to_tensor
     from transforms.jpeg import decode_rgb
@@ -133,12 +162,7 @@ def run_setting(name: str, model, data: dict, seeds: torch.Tensor, batch: int) -
 
     t = time.perf_counter()
     adv = data["adv"]
-    if name == "msroi":
-        params = {"noise": None, "input_noise": 0.0, "activation_noise": 0.0, "samples": 1}
-    else:
-        parts = name.split(":")
-        params = {"noise": parts[0], "input_noise": float(parts[1]), "activation_noise": float(parts[2]),
-                  "samples": int(parts[3]) if len(parts) > 3 else 5}
+    params = parse_setting(name)
     maps = []
     per = max(1, batch // max(1, params["samples"]))
     for i in range(0, len(adv), per):
@@ -185,7 +209,7 @@ def main() -> None:
     ap.add_argument("--n", type=positive_int, default=100, help="dev images (default 100)")
     ap.add_argument("--batch", type=positive_int, default=20, help="images per forward pass, perturbations included")
     ap.add_argument("--cache", type=Path, default=None, help="npz to keep/reuse the attacked images")
-    ap.add_argument("--grid", nargs="*", default=list(GRID), help="settings noise:input:activation[:samples]")
+    ap.add_argument("--grid", type=setting, nargs="*", default=list(GRID), help="settings noise:input:activation[:samples]")
     ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

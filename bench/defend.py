@@ -43,11 +43,12 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import dev_files, emit, positive_int  # noqa: E402
+from bench._common import dev_files, emit, positive_int, torch_device  # noqa: E402
 
 AUTHORS_IMAGES_PER_S = 60  # 300 images x 5 perturbations in ~5 s, Titan X (DCC 2018)
 TARGET_H100_IMAGES_PER_S = 5000
 CUDA_VARIANTS = ("fp32", "channels_last", "bf16", "bf16_channels_last")
+CPU_VARIANTS = ("fp32", "channels_last")  # those the CPU times
 
 
 def dev_images(n: int) -> np.ndarray:
@@ -301,6 +302,11 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     return out
 
 
+def _device(text: str) -> str:
+    """argparse type of ``--device``: ``auto``, or a device :func:`~bench._common.torch_device` takes."""
+    return text if text == "auto" else torch_device(text)
+
+
 def _progress(key: str, value) -> None:
     print(f"# {key}: {value}", file=sys.stderr, flush=True)
 
@@ -308,7 +314,7 @@ def _progress(key: str, value) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batch, one iteration: a smoke run")
-    ap.add_argument("--device", default="auto", help="auto (CPU, and CUDA when available), cpu or cuda")
+    ap.add_argument("--device", type=_device, default="auto", help="auto (CPU, and CUDA when available), cpu or cuda")
     ap.add_argument("--batch", type=positive_int, default=32, help="input images per call (x S perturbations)")
     ap.add_argument("--iters", type=positive_int, default=5)
     ap.add_argument("--cuda-batches", type=positive_int, nargs="*", default=[128, 256],
@@ -319,21 +325,25 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--encoder-procs", type=positive_int, nargs="*", default=[],
                     help="also time the encoder in this many processes at once (e.g. 2 16)")
-    ap.add_argument("--compile", nargs="*", default=None, metavar="VARIANT",
+    ap.add_argument("--compile", nargs="*", default=None, choices=CUDA_VARIANTS, metavar="VARIANT",
                     help="also time the map stage with --map-compile (torch.compile of the plain passes) in "
-                         "these variants (default with no value: channels_last on the CPU, bf16_channels_last "
-                         "on CUDA); each compile takes seconds to a minute")
+                         f"these variants ({', '.join(CUDA_VARIANTS)}; the CPU times {' and '.join(CPU_VARIANTS)} "
+                         "only; default with no value: channels_last on the CPU, bf16_channels_last on CUDA); each "
+                         "compile takes seconds to a minute")
     ap.add_argument("--no-encoder", action="store_true", help="skip the encoder stage")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.iters, args.images = min(args.batch, 8), 1, min(args.images, 8)
 
-    images = dev_images(args.images)
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
+    cuda_only = [v for v in args.compile or () if v not in CPU_VARIANTS]
+    if cuda_only and all(torch.device(d).type == "cpu" for d in devices):
+        ap.error(f"--compile: {', '.join(cuda_only)} is timed on CUDA only; the CPU times {' and '.join(CPU_VARIANTS)}")
+    images = dev_images(args.images)
     from pipeline.allocator import keep_freed_memory
 
     record = {"authors_images_per_s": AUTHORS_IMAGES_PER_S, "target_h100_images_per_s": TARGET_H100_IMAGES_PER_S,
@@ -356,7 +366,7 @@ def main() -> None:
             batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest
             # fp32 is the contiguous layout; channels_last is the pipeline's on the CPU (--memory-format auto)
             compiled = () if args.compile is None else tuple(args.compile or ["channels_last"])
-            record["map_cpu"] = map_stage(device, batch, args.iters, images, ["fp32", "channels_last"], compiled)
+            record["map_cpu"] = map_stage(device, batch, args.iters, images, list(CPU_VARIANTS), compiled)
             _progress("map_cpu", record["map_cpu"])
 
     if args.no_encoder:

@@ -25,7 +25,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench._common import emit, positive_int  # noqa: E402
+from bench._common import emit, positive_int, torch_device  # noqa: E402
 
 
 class Noisy(nn.Module):
@@ -52,7 +52,7 @@ def noisy(model: nn.Module) -> nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=positive_int, default=1280, help="forward images per call")
     ap.add_argument("--iters", type=positive_int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="eager variants only (a CPU smoke run)")

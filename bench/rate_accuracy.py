@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         summary = json.loads(read_bytes(join(args.run, "summary.json")))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         ap.error(f"--run {args.run} is not a semjpeg run (no summary.json)")
     print("| attack | defense | n | top-1 | agree_clean | mean bytes | bpp | PSNR | SSIM |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -107,22 +108,65 @@ def test_allocator_bench_quick():
     (["bench/scale.py", "--base", "-1"], "--base: must be an integer >= 0, got -1"),
     (["bench/table_overhead.py", "--n", "0"], "--n: must be a positive integer, got 0"),
     (["bench/adaptive.py", "--n", "-3"], "--n: must be a positive integer, got -3"),
+    (["bench/map_ablation.py", "--n", "0"], "--n: must be a positive integer, got 0"),
+    (["bench/semantic_grid.py", "--n", "-1"], "--n: must be a positive integer, got -1"),
+    (["bench/memory_format.py", "--batch", "0"], "--batch: must be a positive integer, got 0"),
+    (["bench/inference_graph.py", "--repeat", "0"], "--repeat: must be a positive integer, got 0"),
+    (["bench/allocator.py", "--rounds", "-2"], "--rounds: must be a positive integer, got -2"),
     (["bench/defend.py", "--batch", "two"], "--batch: 'two' is not an integer"),
-    (["bench/attacks.py", "--only", "fgsm,bogus"], "--only: unknown attack(s) bogus"),
+    (["bench/defend.py", "--compile", "bf16", "--device", "cpu"], "--compile: bf16 is timed on CUDA only"),
+    (["bench/map_compile_probe.py", "--device", "gpu"], "--device: 'gpu' is not cpu, cuda or cuda:N"),
+    (["bench/aug_msroi_params.py", "--grid", "gaussian:0.05"], "'gaussian:0.05' is not noise:input:activation"),
+    (["bench/attacks.py", "--only", "fgsm,bogus,"], "--only: unknown attack(s) 'bogus', ''"),
     (["bench/rate_accuracy.py", "--run", "no/such/run"], "is not a semjpeg run"),
+    (["bench/rate_accuracy.py", "--run", "README.md"], "is not a semjpeg run"),
 ])
 def test_bad_bench_arguments_are_one_line_errors(argv, message):
-    # They were accepted and gave NaN, empty results or a traceback.
+    # They were accepted and gave NaN, empty results, a traceback, or (--compile) nothing at all.
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # argparse's usage, then the one line that says what is wrong
+    assert r.stderr.rstrip().splitlines()[-1].startswith(f"{Path(argv[0]).name}: error: "), r.stderr[-2000:]
+    assert message in r.stderr.rstrip().splitlines()[-1] and r.stderr.count("error:") == 1, r.stderr[-2000:]
     assert r.stdout == ""
 
 
-def test_more_dev_images_than_there_are_is_an_error_not_a_smaller_count():
+@pytest.mark.parametrize("script", ["bench/pipeline.py", "bench/scale.py"])
+def test_more_dev_images_than_there_are_is_an_error_not_a_smaller_count(script):
     if not (DEV / "labels.csv").exists():
         pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
     env = dict(os.environ, SEMJPEG_SHARED=str(DEV.parents[1]))
-    r = subprocess.run([sys.executable, "bench/pipeline.py", "--n", "100000"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, script, "--n", "100000"], cwd=ROOT, capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode == 1 and "asked for 100000 dev images" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_adaptive_bench_keeps_the_jobs_output_off_stdout(monkeypatch, capfd):
+    # The job's table and "wrote OUT" came out on stdout among the bench's JSON lines. The job is
+    # replaced by one that prints as it does and writes a one-row summary.json.
+    if not (DEV / "labels.csv").exists():
+        pytest.skip(f"shared dev images not found at {DEV} (set SEMJPEG_SHARED)")
+    row = {"attack_spec": "igsm:eps=4/255,steps=10", "defense_spec": "aug_msroi", "n": 2, "top1": 0.5,
+           "agree_clean": 0.5, "bytes": 9000.0, "psnr": 33.0}
+
+    def evaluate(argv: list[str]) -> int:
+        out = Path(argv[argv.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"table": [row]}))
+        print(f"a table\nwrote {out}")
+        return 0
+
+    job = types.ModuleType("jobs.__main__")
+    job.main = evaluate
+    monkeypatch.setitem(sys.modules, "jobs.__main__", job)
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/adaptive.py rewrites sys.path when imported
+    monkeypatch.setattr(sys, "argv", ["bench/adaptive.py", "--n", "2"])
+    from bench import adaptive
+
+    adaptive.main()
+    out, err = capfd.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r.get("bench") for r in records] == [None, "adaptive"], out
+    assert records[0]["defense"] == "aug_msroi" and records[1]["images"] == 2
+    assert "a table" in err and "wrote " in err
