@@ -218,13 +218,13 @@ def main() -> None:
     from transforms.jpeg import decode_rgb
     from transforms.models import build_model
     from transforms.seeds import sample_seed
-    from transforms.semantic_jpeg import _pillow_jpeg
+    from transforms.jpeg import encode_jpeg
 
     model = build_model("efficientnet_lite0")
     data = load(args.n, args.batch, args.cache, model)
     n = len(data["preds"])
     seeds = torch.tensor([sample_seed("aug_msroi_params", s) for s in data["names"]], dtype=torch.int64)
-    q50 = [_pillow_jpeg(im, 50, "4:2:0", optimize=True) for im in data["adv"]]
+    q50 = [encode_jpeg(im, 50, "4:2:0", optimize=True) for im in data["adv"]]
     q50_agree, q50_prob = classify(model, [decode_rgb(b) for b in q50], args.batch, data["preds"])
     refs = {
         "n": n, "attack": ATTACK, "model": "efficientnet_lite0", "encoder": "requantize K=5 q30..70 value",

@@ -191,7 +191,8 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
 
 def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     from transforms.defenses import denoise_tv
-    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg, write_coefficients
+    from transforms.jpeg import encode_jpeg
+    from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg, write_coefficients
 
     out = {}
 
@@ -205,7 +206,7 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
 
     out["requantize_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m)))
     out["mosaic_images_per_s"] = rate(lambda i, m: encode_semantic_jpeg(i, block_qualities(m), method="mosaic"))
-    out["uniform_q50_images_per_s"] = rate(lambda i, m: _pillow_jpeg(i, 50, "4:2:0", optimize=True))
+    out["uniform_q50_images_per_s"] = rate(lambda i, m: encode_jpeg(i, 50, "4:2:0", optimize=True))
     # aug_msroi_gated's flagged images: total-variation denoising, then semantic JPEG at 50..90
     # (its stable images cost one uniform JPEG, as above). The pipeline denoises them in the map
     # stage, on the map model's device, so its encoder does only the second part.
@@ -248,7 +249,8 @@ def _encode_chunk(args: tuple) -> int:
     coefficients) a flagged image costs the CPU its quality grid and the writing."""
     images, denoised, maps, repeats, share, prepared = args
     torch.set_num_threads(1)
-    from transforms.semantic_jpeg import _pillow_jpeg, block_qualities, encode_semantic_jpeg, write_coefficients
+    from transforms.jpeg import encode_jpeg
+    from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg, write_coefficients
 
     h, w = images.shape[1:3]
     flagged = [share is not None and (i * share) % 1.0 < share for i in range(len(images))]
@@ -261,7 +263,7 @@ def _encode_chunk(args: tuple) -> int:
                 f = prepared[i]
                 write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
             elif not flagged[i]:
-                _pillow_jpeg(images[i], 50, "4:2:0", optimize=True)
+                encode_jpeg(images[i], 50, "4:2:0", optimize=True)
             elif prepared is None:
                 encode_semantic_jpeg(denoised[i], block_qualities(m, q_low=50, q_high=90))
             else:

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from bench._common import dev_files, emit, positive_int  # noqa: E402
 from transforms.images import decode_image  # noqa: E402
-from transforms.semantic_jpeg import DEFAULT_BLOCK, METHODS, _pillow_jpeg, block_qualities  # noqa: E402
+from transforms.jpeg import encode_jpeg  # noqa: E402
+from transforms.semantic_jpeg import DEFAULT_BLOCK, METHODS, block_qualities  # noqa: E402
 
 LADDER = (30, 40, 50, 60, 70)
 
@@ -71,7 +72,7 @@ def main() -> None:
     images = [decode_image(p.read_bytes()) for p, _ in dev_files(args.n)]
     top = LADDER[-1]
     encoders = [METHODS["requantize"](im, "4:2:0") for im in images]
-    native = [{q: len(_pillow_jpeg(im, q, "4:2:0", True)) for q in LADDER} for im in images]
+    native = [{q: len(encode_jpeg(im, q, "4:2:0", optimize=True)) for q in LADDER} for im in images]
     ratios = {q: [_overhead(e, im, q, top, nat[q]) for e, im, nat in zip(encoders, images, native)]
               for q in LADDER[:-1]}
     doc = {"bench": "table_overhead", "images": len(images), "file_quality": top,

@@ -332,7 +332,7 @@ def _blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.n
     return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
-def _cell(data: bytes | None, mime: str, row: dict | None, names: dict | None = None) -> str:
+def _cell(data: bytes | None, mime: str, row: dict | None, names: dict) -> str:
     if data is None:
         return "<td><div class='cap'>missing</div></td>"
     cap = ""
@@ -343,12 +343,12 @@ def _cell(data: bytes | None, mime: str, row: dict | None, names: dict | None = 
         elif row["agree_clean"]:
             mark = " <span class='good' title='same class as on the clean image'>✓</span>"
         else:
-            clean = (names or {}).get(row.get("clean_pred"), f"class {row.get('clean_pred')}")
+            clean = names.get(row.get("clean_pred"), f"class {row.get('clean_pred')}")
             mark = (" <span class='warn' title='not the class predicted on the clean image'>✗</span>"
                     f"<br><span class='meta'>clean: {html.escape(str(clean))}</span>")
         cap = f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
         if reference and row.get("label") is not None:
-            label = (names or {}).get(row["label"], f"class {row['label']}")
+            label = names.get(row["label"], f"class {row['label']}")
             cap += f"<br><span class='meta'>true: {html.escape(str(label))}</span>"
         cap += f"<br><span class='meta'>{row['bytes']:,} B</span>"
     return f"<td><img src='{_data_uri(data, mime)}' alt=''><div class='cap'>{cap}</div></td>"

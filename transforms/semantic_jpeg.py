@@ -396,10 +396,6 @@ class _Coefficients:
 # --------------------------------------------------------------------------- mosaic
 
 
-def _pillow_jpeg(image: np.ndarray, quality: int, subsampling: Subsampling, optimize: bool) -> bytes:
-    return encode_jpeg(image, quality, subsampling, optimize=optimize)
-
-
 class _Mosaic:
     """Decoded uniform JPEGs of one image, one per quality, cached; :meth:`encode` mosaics them."""
 
@@ -418,7 +414,7 @@ class _Mosaic:
                 self.decoded[q] = decode_rgb(encode_jpeg(self.image, q, self.subsampling))
             mask = qpix == q
             out[mask] = self.decoded[q][mask]
-        return _pillow_jpeg(out, int(qualities.max()), self.subsampling, optimize=True)
+        return encode_jpeg(out, int(qualities.max()), self.subsampling, optimize=True)
 
 
 #: Per-block variable-quality encoders: name -> factory(image, subsampling) with ``.encode``.
@@ -574,7 +570,7 @@ def encode_jpeg_max_bytes(
 
     def size_of(q: int) -> int:
         if q not in cache:
-            cache[q] = _pillow_jpeg(image, q, subsampling, optimize)
+            cache[q] = encode_jpeg(image, q, subsampling, optimize=optimize)
         return len(cache[q])
 
     best = _largest_fitting(size_of, int(max_bytes))

@@ -186,9 +186,9 @@ def test_size_between_uniform_low_and_high(photo, blob):
 
 
 def _uniform(image, q):
-    from transforms.semantic_jpeg import _pillow_jpeg
+    from transforms.jpeg import encode_jpeg
 
-    return _pillow_jpeg(image, q, "4:2:0", optimize=True)
+    return encode_jpeg(image, q, "4:2:0", optimize=True)
 
 
 def test_requantize_smaller_than_mosaic(blob):
