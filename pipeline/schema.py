@@ -43,6 +43,7 @@ METADATA_SCHEMA = pa.schema(
         ("stability", pa.float32()),
         ("jpeg_stability", pa.float32()),
         ("flagged", pa.bool_()),
+        ("noise_level", pa.float32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("model", pa.string()),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import saliency as _saliency
-from .denoise import denoise_tv_uint8
+from .denoise import denoise_tv_uint8, noise_level
 from .images import to_tensor, to_uint8
 from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
 from .jpeg_torch import jpeg_roundtrip
@@ -53,7 +53,7 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
-    "gate_flagged", "denoise_weight", "denoise_flagged", "Prepared", "prepares_on", "prepare_requantized",
+    "gate_flagged", "denoise_weight", "flagged_denoise", "denoise_flagged", "Prepared", "prepares_on", "prepare_requantized",
     "matched_defense",
     "defend_images", "encode_batch",
 ]
@@ -306,6 +306,7 @@ def aug_msroi_gated(
     threshold: float | None = None,
     stable_quality: int = 50,
     denoise: float = 0.03,
+    noise_floor: float = 2.0,
     levels: int = 5,
     q_low: int = 50,
     q_high: int = 90,
@@ -333,7 +334,9 @@ def aug_msroi_gated(
     An image at least ``gate`` stable under noise and at least ``jpeg_gate`` under JPEG is stored
     as uniform JPEG at ``stable_quality``; one below either (likely adversarial: attacks leave
     images near a decision boundary, tuned to their exact pixels) is total-variation denoised
-    (``denoise``, 0 for none; :func:`denoise_tv`), then semantic JPEG with its map at ``levels``
+    (``denoise``, 0 for none; :func:`denoise_tv`) unless its estimated noise
+    (:func:`transforms.denoise.noise_level`, in pixel levels) is below ``noise_floor`` (0: every
+    flagged image is denoised), then semantic JPEG with its map at ``levels``
     qualities ``q_low``..``q_high``, finer than the stable images' quality to pay for the detail
     the denoising removed. ``gate=0`` and ``jpeg_gate=0`` switch a check off (``jpeg_gate=0``
     also skips its JPEG round trip and its forward pass); either above 1 flags every image.
@@ -345,17 +348,22 @@ def aug_msroi_gated(
     image's own class on every image, so its map is drawn from noise-chosen classes and does not
     follow the object (README, "Does the map matter?"); a rate-matched uniform JPEG gets most of
     its gain. The gate spends the bits and the denoising only where an attack is likely. On the
-    500 dev images it gains 15-16 (FGSM) and 29-30 (IGSM) points of top-1 over a rate-matched
-    uniform JPEG at a cost of 0.6-1.4 on clean images (with the noise check alone: 13-14, 21-22
-    and 1.2-1.8; README, "The stability gate"); the defaults were chosen on the first 200. An
+    500 dev images it gains 15-16 (FGSM) and 29 (IGSM) points of top-1 over a rate-matched
+    uniform JPEG with no measurable cost on clean images (+0.2 and -0.2 in two noise draws).
+    The noise floor leaves alone the flagged clean images with no pixel noise to remove, where
+    the denoising cost their class: without it (``noise_floor=0``) the clean cost was 0.6-1.4
+    points, with the noise check alone 1.2-1.8 (README, "The stability gate"); the defaults
+    were chosen on the first 200. An
     adaptive attacker defeats it: IGSM differentiating through the whole defense
     (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also aim at it (keep
     the prediction stable under noise and JPEG). Both stabilities are the map
-    model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``.
+    model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``, and
+    for a flagged image its ``noise_level``.
 
     ``denoised``: the image already denoised at ``denoise`` (the pipeline does it on the map
     model's device, :func:`denoise_flagged`); without it a flagged image is denoised here, on the
-    CPU, to the same pixels but for float rounding (a pixel in a million, by one level)."""
+    CPU, to the same pixels but for float rounding (a pixel in a million, by one level). It is
+    not used for an image under the noise floor."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
     if jpeg_gate > 0 and jpeg_stability is None:
@@ -370,10 +378,12 @@ def aug_msroi_gated(
     if not flagged:
         enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
-    if denoise == 0:
+    info["noise_level"] = noise_level(image)
+    weight = denoise if info["noise_level"] >= noise_floor else 0.0
+    if weight == 0:
         denoised = image
     elif denoised is None:
-        denoised = denoise_tv(image, denoise)
+        denoised = denoise_tv(image, weight)
     enc = _semantic(denoised, saliency, levels=levels, q_low=q_low, q_high=q_high,
                     binning=binning, method=method, subsampling=subsampling, bytes=bytes, prepared=prepared)
     return Encoded(enc.data, enc.ext, {**enc.info, **info})
@@ -399,8 +409,17 @@ def _flagged_rows(params: Mapping[str, Any], scores: Mapping[str, Any], n: int) 
 
 def denoise_weight(spec: Spec) -> float:
     """The total-variation weight an ``aug_msroi_gated`` spec denoises its flagged images with
-    (0: none, and for every other defense)."""
+    (0: none, and for every other defense); a flagged image under its noise floor is not
+    denoised (:func:`flagged_denoise`)."""
     return float(_with_defaults(spec)["denoise"]) if spec.name == "aug_msroi_gated" else 0.0
+
+
+def flagged_denoise(params: Mapping[str, Any], image: np.ndarray) -> float:
+    """The weight a gated spec (``params``, defaults filled) denoises a flagged ``image`` with:
+    its ``denoise``, or 0 where the image's :func:`~transforms.denoise.noise_level` is under its
+    ``noise_floor``. The map stage and the encoder decide alike from the same pixels."""
+    weight = float(params["denoise"])
+    return weight if weight > 0 and noise_level(image) >= params["noise_floor"] else 0.0
 
 
 def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> list[dict[float, np.ndarray]]:
@@ -409,7 +428,8 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
     ``images``: uint8 HWC arrays (any sizes); ``scores``: the map stage's (N,) stabilities
     (``stability``, ``jpeg_stability``) of those images, for the specs' shared map request.
     Returns, per image, {weight: denoised uint8 HWC} for each ``denoise`` weight a spec that flags
-    it uses (empty when none does): the ``denoised`` parameter :func:`aug_msroi_gated` takes.
+    it uses (empty when none does; an image under a spec's noise floor is not denoised for it):
+    the ``denoised`` parameter :func:`aug_msroi_gated` takes.
     Images of one size are denoised together (:func:`transforms.denoise.denoise_tv_uint8`)."""
     out: list[dict[float, np.ndarray]] = [{} for _ in images]
     wanted: dict[float, set[int]] = {}
@@ -418,7 +438,8 @@ def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> li
             continue
         p = _with_defaults(spec)
         if p["denoise"] > 0:
-            wanted.setdefault(float(p["denoise"]), set()).update(_flagged_rows(p, scores, len(images)))
+            rows = [i for i in _flagged_rows(p, scores, len(images)) if flagged_denoise(p, images[i]) > 0]
+            wanted.setdefault(float(p["denoise"]), set()).update(rows)
     for weight, rows in wanted.items():
         by_shape: dict[tuple, list[int]] = {}
         for i in sorted(rows):
@@ -443,7 +464,7 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     """The semantic JPEGs' content, batched on ``device``, for the specs of ``specs`` that write by
     requantization without a ``bytes=`` target: the images they encode semantically (all of
     them for ``msroi`` and ``aug_msroi``; for ``aug_msroi_gated`` the ones it flags, from their
-    denoised pixels), each with its quality grid (:func:`transforms.semantic_jpeg.block_qualities`,
+    denoised pixels, or the image itself under its noise floor), each with its quality grid (:func:`transforms.semantic_jpeg.block_qualities`,
     on the CPU) and the coefficients and tables of its file
     (:func:`transforms.jpeg_torch.requantized_coefficients`). The encoder then only writes them:
     the same bytes as encoding from scratch.
@@ -465,10 +486,9 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
         if spec.name == "aug_msroi_gated":
             if not scores:
                 continue
-            rows = _flagged_rows(p, scores, len(images))
-            if p["denoise"] > 0:
-                rows = [i for i in rows if float(p["denoise"]) in denoised[i]]
-                pixels = {i: denoised[i][float(p["denoise"])] for i in rows}
+            weights = {i: flagged_denoise(p, images[i]) for i in _flagged_rows(p, scores, len(images))}
+            rows = [i for i, w in weights.items() if w == 0 or w in denoised[i]]
+            pixels = {i: denoised[i][weights[i]] if weights[i] else images[i] for i in rows}
         else:
             rows = list(range(len(images)))
         groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
@@ -567,6 +587,8 @@ def parse_defense(text: str) -> Spec:
                 bad(key, "must be a finite number >= 0 (0: this check flags no image; above 1: it flags all)")
         if not (math.isfinite(float(p.get("denoise", 0))) and p.get("denoise", 0) >= 0):
             bad("denoise", "must be a finite number >= 0 (0: no denoising)")
+        if not (math.isfinite(float(p.get("noise_floor", 0))) and p.get("noise_floor", 0) >= 0):
+            bad("noise_floor", "must be a finite number >= 0 (0: every flagged image is denoised)")
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
         bad("bytes", "must be >= 1")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]

@@ -16,6 +16,7 @@ from jobs.__main__ import main
 from pipeline.evaluate import run_evaluate
 from tests.pipeline.conftest import tiny_config
 from tests.shards import encode, good_members, write_tar
+from transforms.denoise import noise_level
 
 DEFENSES = ("aug_msroi", "msroi:q_low=20", "jpeg:match=aug_msroi", "jpeg:quality=50", "aug_msroi_gated:gate=0.9",
             "jpeg:match=aug_msroi_gated:gate=0.9")
@@ -77,8 +78,9 @@ def test_every_variant_defended_and_rate_matched(semantic_run):
         else:
             assert gated["quality"] == 50 and gated["bytes"] == d["jpeg:quality=50"]["bytes"]
         assert d["jpeg:match=aug_msroi_gated:gate=0.9"]["bytes"] <= gated["bytes"]
+        assert (gated["noise_level"] is not None) == gated["flagged"]  # measured for flagged images only
         assert all(r["stability"] is None and r["jpeg_stability"] is None and r["flagged"] is None
-                   for k, r in d.items() if not k.startswith("aug_msroi_gated"))
+                   and r["noise_level"] is None for k, r in d.items() if not k.startswith("aug_msroi_gated"))
     for t in summary["table"]:
         flags = [r["flagged"] for r in rows if (r["attack_spec"], r["defense_spec"]) == (t["attack_spec"], t["defense_spec"])]
         assert t["flagged"] == (sum(flags) / len(flags) if t["defense_spec"] == "aug_msroi_gated:gate=0.9" else None)
@@ -385,6 +387,11 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     assert calls == [5, 5]  # one batch a run, every image denoised in the map stage
     rows = pq.read_table(sorted((tmp_path / "dev" / "metadata").glob("*.parquet"))).to_pylist()
     assert len(rows) == 5 and all(r["flagged"] for r in rows)
+    # Each row's noise level is its input's; "gray" and "speck" are under the floor (not
+    # denoised), the three astronaut crops over it: both ways agree in all three runs below.
+    levels = {r["key"]: r["noise_level"] for r in rows}
+    assert levels == pytest.approx({k: noise_level(v) for k, v in images.items()})
+    assert sorted(k for k, v in levels.items() if v < 2.0) == ["gray", "speck"]
     dev = members(tmp_path / "dev" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
     enc = members(tmp_path / "enc" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")
     gpu = members(tmp_path / "gpu" / "shards" / "aug_msroi_gated-gate=2" / "shard-00000.tar")

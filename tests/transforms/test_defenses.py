@@ -43,6 +43,8 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi_gated:gate=-0.1", "gate"),
         ("aug_msroi_gated:gate=nan", "gate"),
         ("aug_msroi_gated:denoise=-1", "denoise"),
+        ("aug_msroi_gated:noise_floor=-0.5", "noise_floor"),
+        ("aug_msroi_gated:noise_floor=nan", "noise_floor"),
         ("aug_msroi_gated:stable_quality=0", "stable_quality"),
         ("aug_msroi_gated:q_low=95", "must not exceed"),
         ("aug_msroi_gated:stability=1", "unknown parameter 'stability'"),

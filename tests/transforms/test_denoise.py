@@ -11,10 +11,12 @@ from transforms.defenses import (
     denoise_tv,
     denoise_weight,
     encode_batch,
+    flagged_denoise,
     gate_flagged,
     parse_defense,
+    prepare_requantized,
 )
-from transforms.denoise import denoise_tv_uint8, tv_chambolle
+from transforms.denoise import denoise_tv_uint8, noise_level, tv_chambolle
 from transforms.images import decode_image, resize_and_crop, to_tensor, to_uint8
 
 
@@ -164,3 +166,77 @@ def test_encode_batch_with_prepared_coefficients_writes_the_same_files(photos, t
         assert sum(map(len, made[-1])) == (flagged if n_prepared is None else n_prepared) and len(made[-1]) == 8
         assert [f.data for f in files] == [f.data for f in encode_batch(spec, pixels, model=tiny_model, prepare=False)]
         assert [f.info for f in files] == [f.info for f in encode_batch(spec, pixels, model=tiny_model)]
+
+
+def _smooth(image: np.ndarray) -> np.ndarray:
+    """The image blurred (3x3 box per channel): the same content with no pixel noise left."""
+    from scipy.ndimage import uniform_filter
+
+    return np.clip(uniform_filter(image.astype(np.float64), size=(3, 3, 1)).round(), 0, 255).astype(np.uint8)
+
+
+def test_noise_level_follows_the_noise_not_the_content(photos):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :128]
+    # Smooth ramps and one sharp edge: no 2x2 block has a diagonal detail, whatever the contrast.
+    content = np.stack([xx * 1.5, yy * 2.0, 60.0 + 120.0 * (xx >= 64)], axis=-1)
+    assert noise_level(content.astype(np.uint8)) == 0.0
+    for sigma in (3.0, 6.0, 12.0):
+        noisy = np.clip(content + rng.normal(0, sigma, content.shape), 0, 255).round().astype(np.uint8)
+        # Rounding adds 1/12 of a level's variance; the median moves in steps of 0.74 levels.
+        assert abs(noise_level(noisy) - sigma) < 0.15 * sigma + 0.75, sigma
+    # A sign perturbation of 4 levels, as FGSM at 4/255 leaves, reads as 5.9 (its coefficients are
+    # 0, 4 or 8 in size, not normal: median 4); the blur of a photo as less than 2, the photo more.
+    sign = np.clip(content + 4 * rng.choice([-1, 1], content.shape), 0, 255).astype(np.uint8)
+    assert noise_level(sign) == pytest.approx(4 / 0.6745, abs=0.75)
+    assert noise_level(_smooth(photos[2])) < 2.0 <= noise_level(photos[2])
+    assert noise_level(photos[3][:, :, 0]) == noise_level(photos[3])  # grayscale: HW or its RGB copy
+    for shape in [(1, 9, 3), (9, 1, 3), (0, 0, 3)]:
+        assert noise_level(np.zeros(shape, np.uint8)) == 0.0  # no 2x2 block
+    assert noise_level(np.full((5, 7, 3), 200, np.uint8)) == 0.0  # odd sizes: the last row/column left out
+    with pytest.raises(ValueError, match="uint8"):
+        noise_level(content)
+
+
+def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_model):
+    smooth, noisy = _smooth(photos[2]), photos[2]
+    sal = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    flag = dict(saliency=sal, stability=0.2, jpeg_stability=0.9)
+    spec, always = parse_defense("aug_msroi_gated"), parse_defense("aug_msroi_gated:noise_floor=0")
+    plain = parse_defense("aug_msroi_gated:denoise=0")
+    under = apply_defense(spec, smooth, **flag)
+    assert under.info["flagged"] and under.info["noise_level"] == noise_level(smooth) < 2.0
+    assert under.data == apply_defense(plain, smooth, **flag).data  # semantic JPEG of the image itself
+    assert under.data != apply_defense(always, smooth, **flag).data  # floor 0: denoised, as before
+    # Given denoised pixels do not override the floor.
+    assert apply_defense(spec, smooth, **flag, denoised=denoise_tv(smooth, 0.03)).data == under.data
+    over = apply_defense(spec, noisy, **flag)
+    assert over.info["noise_level"] >= 2.0 and over.data == apply_defense(always, noisy, **flag).data
+    assert over.data == apply_defense(plain, denoise_tv(noisy, 0.03), **flag).data
+    # Not flagged: no noise level in the row.
+    assert "noise_level" not in apply_defense(spec, smooth, saliency=sal, stability=1.0, jpeg_stability=0.9).info
+    p = {"denoise": 0.03, "noise_floor": 2.0}
+    assert flagged_denoise(p, smooth) == 0.0 and flagged_denoise(p, noisy) == 0.03
+    assert flagged_denoise({**p, "noise_floor": 0.0}, smooth) == 0.03
+    assert flagged_denoise({**p, "denoise": 0.0}, noisy) == 0.0
+    # The map stage decides alike: it denoises only what the encoder would, and prepares the
+    # image under the floor from its own pixels.
+    images = [smooth, noisy]
+    scores = {"stability": np.array([0.2, 0.2]), "jpeg_stability": np.array([0.9, 0.9])}
+    assert [sorted(d) for d in denoise_flagged([spec], images, scores)] == [[], [0.03]]
+    assert [sorted(d) for d in denoise_flagged([spec, always], images, scores)] == [[0.03], [0.03]]
+    maps = [sal, sal]
+    prepared = prepare_requantized([spec], images, maps, scores, denoise_flagged([spec], images, scores))
+    assert all(spec.text in d for d in prepared)
+    from transforms.semantic_jpeg import write_coefficients
+
+    for im, d, ref in zip(images, prepared, (under, over)):
+        pr = d[spec.text]
+        assert write_coefficients(pr.coefficients, pr.tables, subsampling="4:2:0", height=64, width=64) == ref.data
+    # End to end on a batch (maps on the model): prepared or not, the same files.
+    pixels = np.stack([smooth, noisy, _smooth(photos[3]), photos[0]])
+    low = parse_defense("aug_msroi_gated:gate=1.01")  # flags every image
+    files = encode_batch(low, pixels, model=tiny_model, prepare=True)
+    assert all(f.info["flagged"] for f in files)
+    assert [f.info["noise_level"] < 2.0 for f in files] == [True, False, True, False]
+    assert [f.data for f in files] == [f.data for f in encode_batch(low, pixels, model=tiny_model, prepare=False)]
