@@ -309,6 +309,23 @@ def _device(text: str) -> str:
     return text if text == "auto" else torch_device(text)
 
 
+def compile_variant_error(devices: list[str], compile: list[str] | None, cuda_variants: list[str]) -> str | None:
+    """Why ``--compile`` cannot be timed on ``devices``, or None: a variant the CPU does not time
+    when only the CPU is timed, or, on CUDA, one missing from ``--cuda-variants`` (compiled
+    variants are timed beside their eager runs, so it would be skipped without a word)."""
+    if compile is None:
+        return None
+    cuda = any(torch.device(d).type == "cuda" for d in devices)
+    cuda_only = [v for v in compile if v not in CPU_VARIANTS]
+    if cuda_only and not cuda:
+        return f"--compile: {', '.join(cuda_only)} is timed on CUDA only; the CPU times {' and '.join(CPU_VARIANTS)}"
+    missing = [v for v in (compile or ["bf16_channels_last"]) if v not in cuda_variants]
+    if cuda and missing:
+        return (f"--compile: {', '.join(missing)} is not among --cuda-variants ({' '.join(cuda_variants)}); "
+                "a compiled variant is timed beside its eager one")
+    return None
+
+
 def _progress(key: str, value) -> None:
     print(f"# {key}: {value}", file=sys.stderr, flush=True)
 
@@ -342,9 +359,9 @@ def main() -> None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
-    cuda_only = [v for v in args.compile or () if v not in CPU_VARIANTS]
-    if cuda_only and all(torch.device(d).type == "cpu" for d in devices):
-        ap.error(f"--compile: {', '.join(cuda_only)} is timed on CUDA only; the CPU times {' and '.join(CPU_VARIANTS)}")
+    bad = compile_variant_error(devices, args.compile, args.cuda_variants)
+    if bad:
+        ap.error(bad)
     images = dev_images(args.images)
     from pipeline.allocator import keep_freed_memory
 

@@ -170,3 +170,18 @@ def test_adaptive_bench_keeps_the_jobs_output_off_stdout(monkeypatch, capfd):
     assert [r.get("bench") for r in records] == [None, "adaptive"], out
     assert records[0]["defense"] == "aug_msroi" and records[1]["images"] == 2
     assert "a table" in err and "wrote " in err
+
+
+def test_compile_variants_the_cuda_run_would_skip_are_errors(monkeypatch):
+    # On CUDA a compiled variant is timed beside its eager run: one left out of --cuda-variants
+    # was skipped without a word. Checked without a GPU through the function main() calls.
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/defend.py rewrites sys.path when imported
+    from bench.defend import compile_variant_error
+
+    assert compile_variant_error(["cuda"], ["fp32"], ["bf16_channels_last"]).startswith(
+        "--compile: fp32 is not among --cuda-variants (bf16_channels_last)")
+    assert "bf16_channels_last is not among" in compile_variant_error(["cpu", "cuda"], [], ["fp32"])  # the default
+    assert "is timed on CUDA only" in compile_variant_error(["cpu"], ["bf16"], ["fp32"])
+    for devices, compile, variants in ((["cuda"], ["fp32", "bf16"], ["fp32", "bf16"]), (["cpu"], [], ["fp32"]),
+                                       (["cpu"], ["channels_last"], ["fp32"]), (["cuda"], None, ["fp32"])):
+        assert compile_variant_error(devices, compile, variants) is None
