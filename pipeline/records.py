@@ -68,8 +68,9 @@ class Variant:
     rmse: float = 0.0
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # map request -> (H, W) float32 in [0, 1]
     map_seconds: dict[str, float] = field(default_factory=dict)
-    #: map request -> the image's prediction stabilities ({"stability": s, "jpeg_stability": j}),
-    #: for the requests that measure them (the hidden defense parameters of the same names).
+    #: map request -> the image's prediction stabilities and noise level ({"stability": s,
+    #: "jpeg_stability": j, "noise_level": n}), for the requests that measure them (the hidden
+    #: defense parameters of the same names).
     map_stability: dict[str, dict[str, float]] = field(default_factory=dict)
     #: TV weight -> the image denoised at that weight (uint8 HWC), for the images an
     #: ``aug_msroi_gated`` defense flags: denoised in the map stage, on the map model's device.

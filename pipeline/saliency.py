@@ -16,7 +16,14 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.defenses import compute_maps, denoise_flagged, map_request, prepare_requantized, prepares_on
+from transforms.defenses import (
+    compute_maps,
+    denoise_flagged,
+    image_noise_levels,
+    map_request,
+    prepare_requantized,
+    prepares_on,
+)
 from transforms.images import squash, to_tensor
 from transforms.models import Classifier, model_info
 from transforms.saliency import compile_plain_passes, stretch_map
@@ -60,7 +67,8 @@ class MapHandler(_ClassifierHandler):
     ``compile=True`` compiles the map model's passes without activation noise
     (:func:`transforms.saliency.compile_plain_passes`) when a worker loads it.
 
-    ``aug_msroi_gated``'s flagged images are denoised here, on the map model's device. On a GPU
+    ``aug_msroi_gated``'s images get their noise level measured and its flagged images are
+    denoised here, on the map model's device. On a GPU
     (``prepare=None``; True or False to force it) the semantic JPEGs' coefficients are computed
     here too (:func:`transforms.defenses.prepare_requantized`), so that the encode stage only
     writes the files: the same bytes, less of the worker's CPU. On the CPU that work stays in the
@@ -130,12 +138,18 @@ class MapHandler(_ClassifierHandler):
                 errors += [dataclasses.replace(r, defense=d.text) for d in users
                            for r in batch_errors(batch, "saliency", e)]
                 continue
+            images = [v.image for v in batch]
+            if name == "aug_msroi_gated":  # measured once, for the denoising, the coefficients and the encoder
+                try:
+                    st["noise_level"] = image_noise_levels(images, device)
+                except Exception as e:  # the encoder measures the flagged images itself
+                    log.warning("noise levels on %s failed on a batch of %d (the encoder measures them): %s",
+                                device, len(batch), e)
             for i, v in enumerate(batch):
                 maps[i][text] = stretch_map(m[i], v.image.shape[:2]) if self.native else m[i]
                 seconds[i][text] = dt
                 if st:
                     stable[i][text] = {k: float(s[i]) for k, s in st.items()}
-            images = [v.image for v in batch]
             if st:
                 _on_device(denoised, "denoising", device, len(batch),
                            lambda: denoise_flagged(users, images, st, device))

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from . import saliency as _saliency
-from .denoise import denoise_tv_uint8, noise_level
+from .denoise import denoise_tv_uint8, noise_levels
+from .denoise import noise_level as _noise_level
 from .images import to_tensor, to_uint8
 from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
 from .jpeg_torch import jpeg_roundtrip
@@ -53,13 +54,13 @@ from .specs import Spec, format_spec, parse_spec, spec_params
 __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
-    "gate_flagged", "denoise_weight", "flagged_denoise", "denoise_flagged", "Prepared", "prepares_on", "prepare_requantized",
-    "matched_defense",
+    "gate_flagged", "denoise_weight", "flagged_denoise", "image_noise_levels", "denoise_flagged", "Prepared",
+    "prepares_on", "prepare_requantized", "matched_defense",
     "defend_images", "encode_batch",
 ]
 
 #: Runner-filled parameters, never set from a spec.
-HIDDEN = ("saliency", "stability", "jpeg_stability", "denoised", "prepared", "matched_bytes")
+HIDDEN = ("saliency", "stability", "jpeg_stability", "noise_level", "denoised", "prepared", "matched_bytes")
 
 
 class Encoded(NamedTuple):
@@ -317,6 +318,7 @@ def aug_msroi_gated(
     saliency: np.ndarray | None = None,
     stability: float | None = None,
     jpeg_stability: float | None = None,
+    noise_level: float | None = None,
     denoised: np.ndarray | None = None,
     prepared: Prepared | None = None,
 ) -> Encoded:
@@ -355,11 +357,13 @@ def aug_msroi_gated(
     points, with the noise check alone 1.2-1.8 (README, "The stability gate"); the defaults
     were chosen on the first 200. An
     adaptive attacker defeats it: IGSM differentiating through the whole defense
-    (``bpda=aug_msroi_gated``) leaves 9% top-1; one who knows the gate can also aim at it (keep
+    (``bpda=aug_msroi_gated``) leaves 10% top-1; one who knows the gate can also aim at it (keep
     the prediction stable under noise and JPEG). Both stabilities are the map
     model's. The metadata row carries ``stability``, ``jpeg_stability`` and ``flagged``, and
     for a flagged image its ``noise_level``.
 
+    ``noise_level``: the image's :func:`~transforms.denoise.noise_level`, when the map stage
+    measured it (:func:`image_noise_levels`); otherwise a flagged image's is measured here.
     ``denoised``: the image already denoised at ``denoise`` (the pipeline does it on the map
     model's device, :func:`denoise_flagged`); without it a flagged image is denoised here, on the
     CPU, to the same pixels but for float rounding (a pixel in a million, by one level). It is
@@ -378,8 +382,8 @@ def aug_msroi_gated(
     if not flagged:
         enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
-    info["noise_level"] = noise_level(image)
-    weight = denoise if info["noise_level"] >= noise_floor else 0.0
+    info["noise_level"] = _noise_level(image) if noise_level is None else float(noise_level)
+    weight = flagged_denoise({"denoise": denoise, "noise_floor": noise_floor}, image, info["noise_level"])
     if weight == 0:
         denoised = image
     elif denoised is None:
@@ -414,31 +418,63 @@ def denoise_weight(spec: Spec) -> float:
     return float(_with_defaults(spec)["denoise"]) if spec.name == "aug_msroi_gated" else 0.0
 
 
-def flagged_denoise(params: Mapping[str, Any], image: np.ndarray) -> float:
+def flagged_denoise(params: Mapping[str, Any], image: np.ndarray, level: float | None = None) -> float:
     """The weight a gated spec (``params``, defaults filled) denoises a flagged ``image`` with:
-    its ``denoise``, or 0 where the image's :func:`~transforms.denoise.noise_level` is under its
-    ``noise_floor``. The map stage and the encoder decide alike from the same pixels."""
+    its ``denoise``, or 0 where the image's :func:`~transforms.denoise.noise_level` (``level``,
+    measured here when None) is under its ``noise_floor``. The map stage and the encoder decide
+    alike, from the same pixels or the same measurement."""
     weight = float(params["denoise"])
-    return weight if weight > 0 and noise_level(image) >= params["noise_floor"] else 0.0
+    if weight == 0:
+        return 0.0
+    return weight if (_noise_level(image) if level is None else level) >= params["noise_floor"] else 0.0
+
+
+def image_noise_levels(images, device=None, *, batched: bool | None = None) -> np.ndarray:
+    """:func:`~transforms.denoise.noise_level` of each uint8 HWC image (any sizes), float64
+    (N,): one image at a time in numpy, or (``batched``, by default on any device but the CPU,
+    where numpy is faster) batched by size on ``device`` (:func:`~transforms.denoise.noise_levels`;
+    the same values). The map stage measures them once for ``aug_msroi_gated`` (its
+    ``noise_level`` score), so that neither the denoising, the coefficients nor the encoder
+    measures them again."""
+    if batched is None:
+        batched = device is not None and torch.device(device).type != "cpu"
+    if not batched:
+        return np.array([_noise_level(im) for im in images], dtype=np.float64)
+    out = np.zeros(len(images), dtype=np.float64)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(im.shape, []).append(i)
+    for group in by_shape.values():
+        x = torch.from_numpy(np.stack([images[i] for i in group])).to(device).permute(0, 3, 1, 2)
+        out[group] = noise_levels(x)
+    return out
+
+
+def _levels(scores: Mapping[str, Any] | None) -> Any:
+    """The map stage's noise levels, if it measured them: ``levels[i]`` or None per image."""
+    got = (scores or {}).get("noise_level")
+    return (lambda i: float(got[i])) if got is not None else (lambda i: None)
 
 
 def denoise_flagged(specs, images, scores: Mapping[str, Any], device=None) -> list[dict[float, np.ndarray]]:
     """Denoise, batched on ``device``, the images some ``aug_msroi_gated`` spec of ``specs`` flags.
 
     ``images``: uint8 HWC arrays (any sizes); ``scores``: the map stage's (N,) stabilities
-    (``stability``, ``jpeg_stability``) of those images, for the specs' shared map request.
+    (``stability``, ``jpeg_stability``) of those images, for the specs' shared map request, and
+    their ``noise_level`` when measured (:func:`image_noise_levels`).
     Returns, per image, {weight: denoised uint8 HWC} for each ``denoise`` weight a spec that flags
     it uses (empty when none does; an image under a spec's noise floor is not denoised for it):
     the ``denoised`` parameter :func:`aug_msroi_gated` takes.
     Images of one size are denoised together (:func:`transforms.denoise.denoise_tv_uint8`)."""
     out: list[dict[float, np.ndarray]] = [{} for _ in images]
     wanted: dict[float, set[int]] = {}
+    level = _levels(scores)
     for spec in specs:
         if spec.name != "aug_msroi_gated":
             continue
         p = _with_defaults(spec)
         if p["denoise"] > 0:
-            rows = [i for i in _flagged_rows(p, scores, len(images)) if flagged_denoise(p, images[i]) > 0]
+            rows = [i for i in _flagged_rows(p, scores, len(images)) if flagged_denoise(p, images[i], level(i)) > 0]
             wanted.setdefault(float(p["denoise"]), set()).update(rows)
     for weight, rows in wanted.items():
         by_shape: dict[tuple, list[int]] = {}
@@ -464,13 +500,14 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     """The semantic JPEGs' content, batched on ``device``, for the specs of ``specs`` that write by
     requantization without a ``bytes=`` target: the images they encode semantically (all of
     them for ``msroi`` and ``aug_msroi``; for ``aug_msroi_gated`` the ones it flags, from their
-    denoised pixels, or the image itself under its noise floor), each with its quality grid (:func:`transforms.semantic_jpeg.block_qualities`,
-    on the CPU) and the coefficients and tables of its file
+    denoised pixels, or the image itself under its noise floor), each with its quality grid
+    (:func:`transforms.semantic_jpeg.block_qualities`, on the CPU) and the coefficients and tables of its file
     (:func:`transforms.jpeg_torch.requantized_coefficients`). The encoder then only writes them:
     the same bytes as encoding from scratch.
 
     ``images``: uint8 HWC arrays (any sizes); ``maps``: each image's (H, W) map at its size;
-    ``scores``: the stabilities of ``aug_msroi_gated``'s map request, (N,) each, or None;
+    ``scores``: the stabilities (and noise levels) of ``aug_msroi_gated``'s map request, (N,)
+    each, or None;
     ``denoised``: per image {weight: pixels} (:func:`denoise_flagged`); a flagged image without
     its denoised pixels is left to the encoder. Returns, per image, {spec text: :class:`Prepared`}."""
     from .jpeg_torch import requantized_coefficients
@@ -486,7 +523,8 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
         if spec.name == "aug_msroi_gated":
             if not scores:
                 continue
-            weights = {i: flagged_denoise(p, images[i]) for i in _flagged_rows(p, scores, len(images))}
+            level = _levels(scores)
+            weights = {i: flagged_denoise(p, images[i], level(i)) for i in _flagged_rows(p, scores, len(images))}
             rows = [i for i, w in weights.items() if w == 0 or w in denoised[i]]
             pixels = {i: denoised[i][weights[i]] if weights[i] else images[i] for i in rows}
         else:
@@ -655,6 +693,8 @@ def encode_batch(spec: Spec, pixels: np.ndarray, *, model=None, matched: list[in
             maps, scores = compute_maps(spec.name, model, x, req[1])
         maps = maps.float().cpu().numpy()
         scores = {k: v.float().cpu().numpy() for k, v in (scores or {}).items()}
+        if spec.name == "aug_msroi_gated":
+            scores["noise_level"] = image_noise_levels(pixels, device)
     if match_target(spec) is not None and matched is None:
         raise ValueError(f"{spec.text} needs the matched defense's sizes")
     denoised = denoise_flagged([spec], pixels, scores, device) if scores else [{} for _ in pixels]

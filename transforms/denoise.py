@@ -122,6 +122,8 @@ def denoise_tv_uint8(pixels: torch.Tensor, weight: float, *, chunk: int | None =
 
 #: Donoho and Johnstone's constant: the median absolute value of a standard normal variable.
 _MAD_NORMAL = 0.6745
+#: Twice a diagonal Haar coefficient of uint8 pixels is at most 2 * 255 in size.
+_DIAG_BINS = 511
 
 
 def noise_level(image: np.ndarray) -> float:
@@ -133,14 +135,14 @@ def noise_level(image: np.ndarray) -> float:
     The diagonal detail of 2x2 blocks, ``(a - b - c + d) / 2``, is small in smooth and in edged
     regions alike and keeps the full variance of pixel-independent noise, so its median follows
     the noise more than the content. ``aug_msroi_gated`` leaves a flagged image undenoised
-    below its ``noise_floor``: an L-infinity attack of 4/255 moves nearly every pixel by 1 to 4
-    levels, and on the dev images 7 of the 780 FGSM and IGSM images the gate flags fall below 2
-    levels against 41 of its 106 clean ones (README, "The stability gate"). Textured clean
-    images read high too: this separates noise-free images from possibly noisy ones, not clean
-    from attacked.
+    below its ``noise_floor``: an L-infinity attack of 4/255 moves nearly every pixel, and on the
+    dev images 7 of the 780 FGSM and IGSM images the gate flags fall below 2 levels against 41 of
+    its 106 clean ones (README, "The stability gate"). Textured clean images read high too:
+    this separates noise-free images from possibly noisy ones, not clean from attacked.
 
-    The estimate moves in steps of 0.74 levels on uint8 pixels (the coefficients are halves).
-    An image with fewer than two rows or columns has no 2x2 block: 0.0."""
+    On uint8 pixels the estimate takes few values: multiples of 0.37 levels, mostly of 0.74.
+    An image with fewer than two rows or columns has no 2x2 block: 0.0. :func:`noise_levels`
+    gives the same values for a batch, on any device (about 0.3 ms per 224x224 image here)."""
     x = np.asarray(image)
     if x.dtype != np.uint8 or x.ndim not in (2, 3):
         raise ValueError(f"image must be uint8 HW or HWC, got {x.dtype} {x.shape}")
@@ -148,5 +150,37 @@ def noise_level(image: np.ndarray) -> float:
     if h == 0 or w == 0:
         return 0.0
     x = x[:h, :w].astype(np.int16)
-    diag = x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]  # twice the coefficient
-    return float(np.median(np.abs(diag))) / 2.0 / _MAD_NORMAL
+    diag = np.abs(x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]).ravel()  # twice the coefficient
+    counts = np.cumsum(np.bincount(diag, minlength=_DIAG_BINS))
+    n = diag.size  # the median as numpy takes it: the middle value, or the mean of the two middle ones
+    lower = int(np.searchsorted(counts, (n - 1) // 2, side="right"))
+    upper = int(np.searchsorted(counts, n // 2, side="right"))
+    return _level(lower, upper)
+
+
+def _level(lower: int, upper: int) -> float:
+    """The estimate from the two middle values (twice the coefficients) of the sorted sizes."""
+    return (float(lower) + float(upper)) / 2.0 / 2.0 / _MAD_NORMAL
+
+
+def noise_levels(pixels: torch.Tensor) -> list[float]:
+    """:func:`noise_level` of each uint8 image of a batch ``(N, C, H, W)`` (or ``(N, H, W)``), on
+    the batch's device: the same values. The median comes from a histogram of the coefficients'
+    sizes per image (integers below 511), so the batch is reduced on the device and only 2N
+    integers come back."""
+    if pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4):
+        raise ValueError(f"pixels must be uint8 (N, C, H, W) or (N, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
+    n_img = pixels.shape[0]
+    h, w = pixels.shape[-2] // 2 * 2, pixels.shape[-1] // 2 * 2
+    if n_img == 0 or h == 0 or w == 0:
+        return [0.0] * n_img
+    x = pixels[..., :h, :w].to(torch.int16)
+    diag = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]).abs_()
+    diag = diag.reshape(n_img, -1).to(torch.int64)
+    n = diag.shape[1]
+    offsets = torch.arange(n_img, device=diag.device).mul_(_DIAG_BINS).unsqueeze(1)
+    counts = torch.bincount((diag + offsets).reshape(-1), minlength=n_img * _DIAG_BINS).view(n_img, _DIAG_BINS)
+    counts = counts.cumsum_(1)
+    ranks = torch.tensor([[(n - 1) // 2, n // 2]], device=counts.device, dtype=counts.dtype).expand(n_img, 2)
+    middle = torch.searchsorted(counts, ranks.contiguous(), right=True).cpu().tolist()
+    return [_level(lo, hi) for lo, hi in middle]

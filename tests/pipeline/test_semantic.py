@@ -369,10 +369,15 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     write_tar(tmp_path / "a.tar", [(f"{k}.png", encode(v)) for k, v in images.items()])
     args = ["--crop", "0", "--defense", "aug_msroi_gated:gate=2", "--model", "tests.tiny:build",
             "--runner", "FnApiRunner", "--batch-size", "5"]
-    calls = []
+    calls, measured = [], []
     real = saliency_stage.denoise_flagged
     monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda *a: calls.append(len(a[1])) or real(*a))
+    import transforms.defenses as defenses
+
+    real_level = defenses._noise_level
+    monkeypatch.setattr(defenses, "_noise_level", lambda im: measured.append(im.shape) or real_level(im))
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "dev"), *args]) == 0
+    assert len(measured) == 5  # once per image, in the map stage; the encoder takes its measurement
     # As on a GPU: the map stage computes the files' coefficients too, for each size.
     init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
     prepared = []
@@ -383,7 +388,14 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     assert [sum(map(len, p)) for p in prepared] == [5]
     monkeypatch.setattr(saliency_stage.MapHandler, "__init__", init)
     monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda specs, ims, *a: [{} for _ in ims])
+
+    def no_levels(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(saliency_stage, "image_noise_levels", no_levels)  # the encoder measures them instead
+    measured.clear()
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "enc"), *args]) == 0
+    assert len(measured) == 5
     assert calls == [5, 5]  # one batch a run, every image denoised in the map stage
     rows = pq.read_table(sorted((tmp_path / "dev" / "metadata").glob("*.parquet"))).to_pylist()
     assert len(rows) == 5 and all(r["flagged"] for r in rows)

@@ -13,10 +13,11 @@ from transforms.defenses import (
     encode_batch,
     flagged_denoise,
     gate_flagged,
+    image_noise_levels,
     parse_defense,
     prepare_requantized,
 )
-from transforms.denoise import denoise_tv_uint8, noise_level, tv_chambolle
+from transforms.denoise import denoise_tv_uint8, noise_level, noise_levels, tv_chambolle
 from transforms.images import decode_image, resize_and_crop, to_tensor, to_uint8
 
 
@@ -198,7 +199,25 @@ def test_noise_level_follows_the_noise_not_the_content(photos):
         noise_level(content)
 
 
-def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_model):
+def test_noise_levels_of_a_batch_are_the_images_own(photos):
+    rng = np.random.default_rng(1)
+    for shape in [(6, 3, 64, 64), (4, 3, 17, 33), (3, 3, 1, 9), (2, 3, 2, 2), (0, 3, 8, 8)]:
+        x = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        assert noise_levels(x) == [noise_level(im.permute(1, 2, 0).numpy()) for im in x], shape
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
+    assert noise_levels(x) == [noise_level(p) for p in photos]
+    assert noise_levels(x[:, 0]) == [noise_level(p[:, :, 0]) for p in photos]  # (N, H, W)
+    # Mixed sizes, batched by size or one by one: the same values, float64, in order.
+    images = [photos[0], photos[1][:31, :47], photos[2], photos[3][:31, :47], photos[3][:1]]
+    want = [noise_level(im) for im in images]
+    for batched in (False, True):
+        got = image_noise_levels(images, batched=batched)
+        assert got.dtype == np.float64 and got.tolist() == want
+    with pytest.raises(ValueError, match="uint8"):
+        noise_levels(x.float())
+
+
+def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_model, monkeypatch):
     smooth, noisy = _smooth(photos[2]), photos[2]
     sal = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     flag = dict(saliency=sal, stability=0.2, jpeg_stability=0.9)
@@ -213,6 +232,12 @@ def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_mode
     over = apply_defense(spec, noisy, **flag)
     assert over.info["noise_level"] >= 2.0 and over.data == apply_defense(always, noisy, **flag).data
     assert over.data == apply_defense(plain, denoise_tv(noisy, 0.03), **flag).data
+    # A level measured beforehand (the map stage's) decides, and is the row's.
+    given = apply_defense(spec, noisy, **flag, noise_level=1.5)
+    assert given.info["noise_level"] == 1.5 and given.data == apply_defense(plain, noisy, **flag).data
+    assert apply_defense(spec, smooth, **flag, noise_level=9.0).data == apply_defense(always, smooth, **flag).data
+    with pytest.raises(ValueError, match="unknown parameter 'noise_level'"):
+        parse_defense("aug_msroi_gated:noise_level=1")  # filled by the runner, never by a spec
     # Not flagged: no noise level in the row.
     assert "noise_level" not in apply_defense(spec, smooth, saliency=sal, stability=1.0, jpeg_stability=0.9).info
     p = {"denoise": 0.03, "noise_floor": 2.0}
@@ -240,3 +265,12 @@ def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_mode
     assert all(f.info["flagged"] for f in files)
     assert [f.info["noise_level"] < 2.0 for f in files] == [True, False, True, False]
     assert [f.data for f in files] == [f.data for f in encode_batch(low, pixels, model=tiny_model, prepare=False)]
+    # Measured once per image, beside the maps: the denoising, the coefficients and the encoder
+    # take that measurement.
+    from transforms import defenses
+
+    calls = []
+    real = defenses._noise_level
+    monkeypatch.setattr(defenses, "_noise_level", lambda im: calls.append(1) or real(im))
+    again = encode_batch(low, pixels, model=tiny_model, prepare=True)
+    assert len(calls) == len(pixels) and [f.data for f in again] == [f.data for f in files]
