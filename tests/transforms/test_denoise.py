@@ -148,6 +148,9 @@ def test_cuda_matches_the_cpu(photos):
     assert gpu.device.type == "cuda"
     diff = (gpu.cpu().int() - cpu.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4
+    # The noise levels the map stage measures on the device are the CPU's, exactly.
+    images = list(photos) + [photos[1][:31, :47], photos[2][:1]]
+    assert image_noise_levels(images, "cuda").tolist() == [noise_level(im) for im in images]
 
 
 def test_encode_batch_with_prepared_coefficients_writes_the_same_files(photos, tiny_model, monkeypatch):
