@@ -350,8 +350,9 @@ def aug_msroi_gated(
     image's own class on every image, so its map is drawn from noise-chosen classes and does not
     follow the object (README, "Does the map matter?"); a rate-matched uniform JPEG gets most of
     its gain. The gate spends the bits and the denoising only where an attack is likely. On the
-    500 dev images it gains 15-16 (FGSM) and 29 (IGSM) points of top-1 over a rate-matched
-    uniform JPEG with no measurable cost on clean images (+0.2 and -0.2 in two noise draws).
+    500 dev images it gains 15-16 (FGSM) and 28-29 (IGSM) points of top-1 over a rate-matched
+    uniform JPEG with no measurable cost on clean images (+0.2, -0.2 and -0.2 in three noise
+    draws).
     The noise floor leaves alone the flagged clean images with no pixel noise to remove, where
     the denoising cost their class: without it (``noise_floor=0``) the clean cost was 0.6-1.4
     points, with the noise check alone 1.2-1.8 (README, "The stability gate"); the defaults
