@@ -436,18 +436,26 @@ def image_noise_levels(images, device=None, *, batched: bool | None = None) -> n
     where numpy is faster) batched by size on ``device`` (:func:`~transforms.denoise.noise_levels`;
     the same values). The map stage measures them once for ``aug_msroi_gated`` (its
     ``noise_level`` score), so that neither the denoising, the coefficients nor the encoder
-    measures them again."""
+    measures them again. If the device fails (out of memory, say), numpy measures them."""
     if batched is None:
         batched = device is not None and torch.device(device).type != "cpu"
-    if not batched:
-        return np.array([_noise_level(im) for im in images], dtype=np.float64)
+    if batched:
+        try:
+            return _batched_noise_levels(images, device)
+        except RuntimeError as e:
+            warnings.warn(f"noise levels on {device} failed ({e}); measuring them on the CPU", RuntimeWarning,
+                          stacklevel=2)
+    return np.array([_noise_level(im) for im in images], dtype=np.float64)
+
+
+def _batched_noise_levels(images, device) -> np.ndarray:
     out = np.zeros(len(images), dtype=np.float64)
     by_shape: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(im.shape, []).append(i)
     for group in by_shape.values():
-        x = torch.from_numpy(np.stack([images[i] for i in group])).to(device).permute(0, 3, 1, 2)
-        out[group] = noise_levels(x)
+        x = torch.from_numpy(np.stack([images[i] for i in group])).to(device)
+        out[group] = noise_levels(x.permute(0, 3, 1, 2) if x.dim() == 4 else x)  # HWC, or HW
     return out
 
 
