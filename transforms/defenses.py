@@ -55,7 +55,7 @@ __all__ = [
     "DEFENSES", "HIDDEN", "Encoded", "parse_defense", "apply_defense", "map_request", "match_target",
     "none", "jpeg", "msroi", "aug_msroi", "aug_msroi_gated", "denoise_tv", "jpeg_stability", "gated_maps",
     "gate_flagged", "denoise_weight", "flagged_denoise", "image_noise_levels", "denoise_flagged", "Prepared",
-    "prepares_on", "prepare_requantized", "matched_defense",
+    "prepares_on", "entropy_codes_on", "prepare_requantized", "matched_defense",
     "defend_images", "encode_batch",
 ]
 
@@ -107,12 +107,14 @@ def jpeg(
 
 class Prepared(NamedTuple):
     """A semantic JPEG's content computed beforehand (:func:`prepare_requantized`, on the map
-    model's device): the quality grid and the requantized coefficients and tables; what is left
-    is the writing (:func:`transforms.semantic_jpeg.write_coefficients`)."""
+    model's device): the quality grid and the requantized coefficients and tables, and where the
+    device also entropy-coded them (:mod:`transforms.jpeg_entropy`), the file itself; what is left
+    is at most the writing (:func:`transforms.semantic_jpeg.write_coefficients`)."""
 
     qualities: np.ndarray  # int (grid rows, grid columns)
-    coefficients: list  # [Y, Cb, Cr] int16 (bh, bw, 8, 8)
+    coefficients: list | None  # [Y, Cb, Cr] int16 (bh, bw, 8, 8); None when ``data`` is given
     tables: np.ndarray  # int (2, 8, 8)
+    data: bytes | None = None  # the finished file, written on the device
 
 
 def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsampling, bytes,
@@ -123,8 +125,9 @@ def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsam
     if prepared is not None:
         if method != "requantize" or bytes is not None:
             raise ValueError("prepared coefficients are for method=requantize without a bytes= target")
-        data = write_coefficients(prepared.coefficients, prepared.tables, subsampling=subsampling,
-                                  height=image.shape[0], width=image.shape[1])
+        data = prepared.data if prepared.data is not None else write_coefficients(
+            prepared.coefficients, prepared.tables, subsampling=subsampling, height=image.shape[0],
+            width=image.shape[1])
         grid = np.asarray(prepared.qualities)
     else:
         if bytes is not None:
@@ -504,8 +507,15 @@ def prepares_on(device, prepare: bool | None) -> bool:
     return bool(prepare) if prepare is not None else torch.device(device).type != "cpu"
 
 
+def entropy_codes_on(device, entropy: bool | None) -> bool:
+    """Whether :func:`prepare_requantized` also entropy-codes the files on ``device``
+    (:mod:`transforms.jpeg_entropy`): ``entropy`` if given, else on any device but the CPU, where
+    libjpeg (through jpeglib) writes a file several times faster than torch does."""
+    return bool(entropy) if entropy is not None else torch.device(device or "cpu").type != "cpu"
+
+
 def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, denoised,
-                        device=None) -> list[dict[str, Prepared]]:
+                        device=None, entropy: bool | None = None) -> list[dict[str, Prepared]]:
     """The semantic JPEGs' content, batched on ``device``, for the specs of ``specs`` that write by
     requantization without a ``bytes=`` target: the images they encode semantically (all of
     them for ``msroi`` and ``aug_msroi``; for ``aug_msroi_gated`` the ones it flags, from their
@@ -518,7 +528,11 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     ``scores``: the stabilities (and noise levels) of ``aug_msroi_gated``'s map request, (N,)
     each, or None;
     ``denoised``: per image {weight: pixels} (:func:`denoise_flagged`); a flagged image without
-    its denoised pixels is left to the encoder. Returns, per image, {spec text: :class:`Prepared`}."""
+    its denoised pixels is left to the encoder. ``entropy`` (default: on a GPU,
+    :func:`entropy_codes_on`): write the files there too, the same bytes (:class:`Prepared`'s
+    ``data``); if that fails (out of memory, say), the coefficients go to the encoder instead.
+    Returns, per image, {spec text: :class:`Prepared`}."""
+    from .jpeg_entropy import write_coefficients_batch
     from .jpeg_torch import requantized_coefficients
 
     out: list[dict[str, Prepared]] = [{} for _ in images]
@@ -549,8 +563,20 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
             grids = np.stack([g for _, g in members])
             comps, tables = requantized_coefficients(x.contiguous(), torch.from_numpy(grids), block=block,
                                                      subsampling=p["subsampling"])
-            comps = [c.cpu().numpy() for c in comps]
+            files = None
+            if entropy_codes_on(device, entropy):
+                try:
+                    files = write_coefficients_batch(comps, tables, subsampling=p["subsampling"],
+                                                     height=x.shape[2], width=x.shape[3])
+                except RuntimeError as e:  # out of device memory, say: the encoder writes them
+                    warnings.warn(f"entropy coding on {device} failed ({e}); the encoder writes the files",
+                                  RuntimeWarning, stacklevel=2)
             tables = tables.cpu().numpy()
+            if files is not None:
+                for k, (i, grid) in enumerate(members):
+                    out[i][spec.text] = Prepared(grid, None, tables[k], files[k])
+                continue
+            comps = [c.cpu().numpy() for c in comps]
             for k, (i, grid) in enumerate(members):
                 out[i][spec.text] = Prepared(grid, [c[k] for c in comps], tables[k])
     return out

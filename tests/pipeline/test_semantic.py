@@ -378,14 +378,16 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     monkeypatch.setattr(defenses, "_noise_level", lambda im: measured.append(im.shape) or real_level(im))
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "dev"), *args]) == 0
     assert len(measured) == 5  # once per image, in the map stage; the encoder takes its measurement
-    # As on a GPU: the map stage computes the files' coefficients too, for each size.
+    # As on a GPU: the map stage computes the files' coefficients too, for each size, and writes
+    # the files (entropy coding in torch).
     init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
     prepared = []
     monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
     monkeypatch.setattr(saliency_stage, "prepare_requantized",
-                        lambda *a: prepared.append(prepare(*a)) or prepared[-1])
+                        lambda *a: prepared.append(prepare(*a, entropy=True)) or prepared[-1])
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "gpu"), *args]) == 0
     assert [sum(map(len, p)) for p in prepared] == [5]
+    assert all(pr.data is not None and pr.coefficients is None for p in prepared for d in p for pr in d.values())
     monkeypatch.setattr(saliency_stage.MapHandler, "__init__", init)
     monkeypatch.setattr(saliency_stage, "denoise_flagged", lambda specs, ims, *a: [{} for _ in ims])
 

@@ -261,6 +261,17 @@ def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_mode
     for im, d, ref in zip(images, prepared, (under, over)):
         pr = d[spec.text]
         assert write_coefficients(pr.coefficients, pr.tables, subsampling="4:2:0", height=64, width=64) == ref.data
+    # Specs of different floors share the one map request and its denoising; each decides by its
+    # own floor; written on the device too (as on a GPU), the same files, no coefficients carried.
+    both = [spec, always]
+    shared = prepare_requantized(both, images, maps, scores, denoise_flagged(both, images, scores), entropy=True)
+    for d, im in zip(shared, images):
+        assert d[spec.text].coefficients is None and d[always.text].coefficients is None
+        assert d[spec.text].data == apply_defense(spec, im, **flag).data
+        assert d[always.text].data == apply_defense(always, im, **flag).data
+        assert apply_defense(always, im, **flag, prepared=d[always.text]).data == d[always.text].data
+    assert shared[0][spec.text].data != shared[0][always.text].data  # the smooth image: under one floor only
+    assert shared[1][spec.text].data == shared[1][always.text].data
     # End to end on a batch (maps on the model): prepared or not, the same files.
     pixels = np.stack([smooth, noisy, _smooth(photos[3]), photos[0]])
     low = parse_defense("aug_msroi_gated:gate=1.01")  # flags every image
