@@ -179,6 +179,13 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
                                                  bf16=False), 1),
            "requantized_coefficients_images_per_s": round(time_maps(
                None, x, lambda _, t: requantized_coefficients(t, grids), iters, bf16=False), 1)}
+    # ... and their files, entropy-coded there (transforms/jpeg_entropy.py; the host joins the
+    # headers): batched as the map stage does it, and on CUDA at a map batch of 256 too.
+    out["entropy_coding_images_per_s"] = round(entropy_rate(x, grids, iters), 1)
+    if device.type == "cuda":
+        reps = -(-256 // len(images))
+        out["entropy_coding_images_per_s_batch_256"] = round(entropy_rate(
+            x.repeat(reps, 1, 1, 1)[:256], grids.repeat(reps, 1, 1)[:256], iters), 1)
     if device.type == "cpu":
         from skimage.restoration import denoise_tv_chambolle
 
@@ -187,6 +194,18 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
             denoise_tv_chambolle(im.astype(np.float32) / 255.0, weight=0.03, channel_axis=-1)
         out["skimage_images_per_s"] = round(len(images) / (time.perf_counter() - t), 1)
     return out
+
+
+def entropy_rate(x: torch.Tensor, grids: torch.Tensor, iters: int) -> float:
+    """Images/s of writing the semantic JPEGs of ``x`` (uint8 NCHW on its device) from their
+    coefficients on that device (``write_coefficients_batch``: the bytes come back to the host)."""
+    from transforms.jpeg_entropy import write_coefficients_batch
+    from transforms.jpeg_torch import requantized_coefficients
+
+    comps, tables = requantized_coefficients(x, grids)
+    h, w = x.shape[2:]
+    return time_maps(None, x, lambda *_: write_coefficients_batch(comps, tables, subsampling="4:2:0", height=h,
+                                                                  width=w), iters, bf16=False)
 
 
 def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
@@ -227,6 +246,13 @@ def encoder_stage(images: np.ndarray, maps: np.ndarray, repeats: int) -> dict:
     out["gated_flagged_prepared_images_per_s"] = rate(
         lambda f, m: write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=images.shape[1],
                                         width=images.shape[2]), files)
+    # Where the device also entropy-codes the files, the host's share of writing one: its headers.
+    from transforms.jpeg_entropy import _headers
+
+    bits, vals = np.zeros((4, 17), dtype=np.int64), np.zeros((4, 256), dtype=np.int64)
+    bits[:, 8] = 1
+    out["entropy_headers_images_per_s"] = rate(
+        lambda f, m: _headers(f.tables, bits, vals, "4:2:0", images.shape[1], images.shape[2]), files)
     # The gated encoder's rate at the shares of images it flags on the dev images (README, "The
     # stability gate": 21% of clean, 68% of FGSM, 88% of IGSM images), from the two rates above.
     out["gated_encoder_images_per_s_by_flagged_share"] = {

@@ -211,6 +211,26 @@ def test_jpeg_stability_torch_codec_gives_libjpegs_scores(photos, tiny_model, su
     torch.testing.assert_close(dev, lib, atol=0, rtol=0)
 
 
+def test_jpeg_check_compiles_its_round_trip_with_the_passes_on_a_gpu_only(photos, monkeypatch):
+    """--map-compile compiles the torch round trip too, but only off the CPU (where compiling
+    costs more than it saves); the scores do not change."""
+    import transforms.defenses as defenses
+    from tests import tiny
+    from transforms.saliency import compile_plain_passes
+
+    plain = tiny.build()
+    fused = compile_plain_passes(tiny.build(), backend=lambda gm, inputs: gm.forward)
+    assert not defenses.compiles_roundtrip(fused, "cpu") and not defenses.compiles_roundtrip(plain, "cuda")
+    assert defenses.compiles_roundtrip(fused, torch.device("cuda"))
+    seen, real = [], defenses.jpeg_roundtrip
+    monkeypatch.setattr(defenses, "jpeg_roundtrip", lambda *a, compiled: seen.append(compiled) or real(*a))
+    x = to_tensor(photos)
+    want = jpeg_stability(plain, x, quality=30, codec="torch")
+    assert jpeg_stability(fused, x, quality=30, codec="torch").equal(want) and seen == [False, False]
+    monkeypatch.setattr(defenses, "compiles_roundtrip", lambda model, device: True)  # as on a GPU
+    assert jpeg_stability(fused, x, quality=30, codec="torch").equal(want) and seen[-1] is True
+
+
 def test_gated_maps_share_one_unperturbed_pass_without_changing_anything(photos, tiny_model):
     from transforms.saliency import aug_msroi_stability
 
