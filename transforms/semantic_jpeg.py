@@ -146,12 +146,15 @@ def _pool_mean(sal: np.ndarray, block: int) -> np.ndarray:
     """Mean of each block x block cell (edge cells: over the pixels they have)."""
     h, w = sal.shape
     gh, gw = _grid_shape(h, w, block)
-    pad = np.zeros((gh * block, gw * block), dtype=np.float64)
-    cnt = np.zeros_like(pad)
-    pad[:h, :w] = sal
-    cnt[:h, :w] = 1.0
-    s = pad.reshape(gh, block, gw, block).sum(axis=(1, 3))
-    c = cnt.reshape(gh, block, gw, block).sum(axis=(1, 3))
+    if (h, w) == (gh * block, gw * block):
+        pad = sal
+    else:
+        pad = np.zeros((gh * block, gw * block), dtype=np.float64)
+        pad[:h, :w] = sal
+    # Along rows first (contiguous), then down the columns: half the time of one reduction over
+    # both axes (the grids are the same: rounded below).
+    s = pad.reshape(gh * block, gw, block).sum(axis=-1).reshape(gh, block, gw).sum(axis=-2)
+    c = np.minimum(h - np.arange(gh) * block, block)[:, None] * np.minimum(w - np.arange(gw) * block, block)[None]
     # Rounded so that equal maps pool to equal values whatever the summation order (ties stay ties).
     return np.round(s / c, 9)
 
