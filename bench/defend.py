@@ -272,8 +272,13 @@ def _encode_chunk(args: tuple) -> int:
     images flagged (their ``denoised`` pixels, as the map stage hands them over: semantic JPEG at
     50..90) and the others stable (uniform JPEG at 50); image i is flagged when frac(i * share) <
     share, which spreads them evenly. With ``prepared`` (a GPU worker's map stage computed the
-    coefficients) a flagged image costs the CPU its quality grid and the writing."""
+    coefficients) a flagged image costs the CPU its quality grid and the writing; where the
+    device wrote the file too (``Prepared.data``), its quality grid alone (the file's headers,
+    13 µs, are timed apart: ``entropy_headers_images_per_s``)."""
     images, denoised, maps, repeats, share, prepared = args
+    if isinstance(images, str):  # the pool's copy (_keep_inputs), not a pickled one per task
+        images, denoised, maps, prepared = (_INPUTS["images"], _INPUTS["denoised"], _INPUTS["maps"],
+                                            _INPUTS["prepared"].get(prepared))
     torch.set_num_threads(1)
     from transforms.jpeg import encode_jpeg
     from transforms.semantic_jpeg import block_qualities, encode_semantic_jpeg, write_coefficients
@@ -287,7 +292,8 @@ def _encode_chunk(args: tuple) -> int:
             elif share is None:
                 block_qualities(m)  # computed in the map stage, on the CPU
                 f = prepared[i]
-                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
+                if f.data is None:  # else the device wrote the file: nothing left to do
+                    write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
             elif not flagged[i]:
                 encode_jpeg(images[i], 50, "4:2:0", optimize=True)
             elif prepared is None:
@@ -295,8 +301,17 @@ def _encode_chunk(args: tuple) -> int:
             else:
                 block_qualities(m, q_low=50, q_high=90)  # computed in the map stage, on the CPU
                 f = prepared[i]
-                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
+                if f.data is None:
+                    write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
     return len(images) * repeats
+
+
+#: A pool worker's inputs (encoder_parallel), sent once when the worker starts.
+_INPUTS: dict = {}
+
+
+def _keep_inputs(inputs: dict) -> None:
+    _INPUTS.update(inputs)
 
 
 def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: int) -> dict:
@@ -304,7 +319,8 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     images), timed from the first start to the last finish, pool start-up excluded: requantize,
     and ``aug_msroi_gated``'s encoder at the shares of clean and IGSM images it flags (21%, 88%;
     its flagged images denoised beforehand, as in the pipeline), each with and without the
-    coefficients computed beforehand (``_prepared``: as on a GPU worker)."""
+    coefficients computed beforehand (``_prepared``: as on a GPU worker until stop 25), and with
+    the files written beforehand (``_device_files``: as on a GPU worker now)."""
     import multiprocessing as mp
 
     from transforms.defenses import denoise_tv, parse_defense, prepare_requantized
@@ -315,16 +331,30 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
         [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised])]
     semantic = [p["aug_msroi"] for p in prepare_requantized(
         [parse_defense("aug_msroi")], list(images), list(maps), None, [{} for _ in images])]
+    # ... and with the files written there too (on a GPU: transforms/jpeg_entropy.py).
+    prepared_files = [p["aug_msroi_gated"] for p in prepare_requantized(
+        [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised],
+        entropy=True)]
+    semantic_files = [p["aug_msroi"] for p in prepare_requantized(
+        [parse_defense("aug_msroi")], list(images), list(maps), None, [{} for _ in images], entropy=True)]
     ctx = mp.get_context("spawn")  # no forked torch state
     out = {"procs": procs}
-    with ctx.Pool(procs) as pool:
+    # Each worker gets the inputs once, at its start: sent with every task, their pickling (some
+    # 20 MB) would be timed as encoder work.
+    inputs = {"images": images, "denoised": denoised, "maps": maps,
+              "prepared": {"semantic": semantic, "gated": prepared, "semantic_files": semantic_files,
+                           "gated_files": prepared_files}}
+    with ctx.Pool(procs, initializer=_keep_inputs, initargs=(inputs,)) as pool:
         pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None, None)] * procs)  # warm-up: imports, libjpeg
-        for name, share, prep in (("requantize", None, None), ("requantize_prepared", None, semantic),
+        for name, share, prep in (("requantize", None, None), ("requantize_prepared", None, "semantic"),
                                   ("gated_clean_share", 0.21, None),
-                                  ("gated_igsm_share", 0.88, None), ("gated_clean_share_prepared", 0.21, prepared),
-                                  ("gated_igsm_share_prepared", 0.88, prepared)):
+                                  ("gated_igsm_share", 0.88, None), ("gated_clean_share_prepared", 0.21, "gated"),
+                                  ("gated_igsm_share_prepared", 0.88, "gated"),
+                                  ("requantize_device_files", None, "semantic_files"),
+                                  ("gated_clean_share_device_files", 0.21, "gated_files"),
+                                  ("gated_igsm_share_device_files", 0.88, "gated_files")):
             t = time.perf_counter()
-            done = sum(pool.map(_encode_chunk, [(images, denoised, maps, repeats, share, prep)] * procs))
+            done = sum(pool.map(_encode_chunk, [("pool", None, None, repeats, share, prep)] * procs))
             out[f"{name}_images_per_s"] = round(done / (time.perf_counter() - t), 1)
     out["per_process_requantize_images_per_s"] = round(out["requantize_images_per_s"] / procs, 1)
     return out
@@ -427,7 +457,7 @@ def main() -> None:
     _progress("encoder_cpu_one_process", record["encoder_cpu_one_process"])
     record["cpu_count"] = os.cpu_count()
     for procs in args.encoder_procs:
-        record[f"encoder_cpu_{procs}_procs"] = encoder_parallel(images, maps, procs, 1 if args.quick else 3)
+        record[f"encoder_cpu_{procs}_procs"] = encoder_parallel(images, maps, procs, 1 if args.quick else 10)
         _progress(f"encoder_cpu_{procs}_procs", record[f"encoder_cpu_{procs}_procs"])
     emit(record)
 

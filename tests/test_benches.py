@@ -60,6 +60,8 @@ def test_defend_bench_quick():
     assert all(two[f"gated_{k}_images_per_s"] > 0 for k in ("clean_share", "igsm_share", "clean_share_prepared",
                                                              "igsm_share_prepared"))
     assert two["requantize_prepared_images_per_s"] > 0
+    assert all(two[f"{k}_device_files_images_per_s"] > 0 for k in ("requantize", "gated_clean_share",
+                                                                    "gated_igsm_share"))
     assert enc["gated_flagged_prepared_images_per_s"] > 0 and enc["quality_grid_images_per_s"] > 0
     assert out["map_cpu"]["denoise"]["requantized_coefficients_images_per_s"] > 0
 

@@ -60,6 +60,28 @@ def test_semantic_jpegs_of_photos_and_noise_are_libjpegs_files(photos, subsampli
 
 
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS)
+def test_uniform_quality_coefficients_give_pillows_own_files(photos, subsampling):
+    """From libjpeg's quantized coefficients at a uniform quality (jpeg_torch's forward path),
+    the coder writes what Pillow writes (libjpeg-turbo compressing pixels, optimized Huffman
+    tables): a second libjpeg path, besides jpeglib's transcoding one."""
+    from transforms.jpeg import encode_jpeg
+    from transforms.jpeg_torch import _dct_blocks, _quantize, _tables
+
+    rng = np.random.default_rng(8)
+    images = [*photos, rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)]
+    for quality in (10, 50, 90, 100):
+        t = _tables(quality, torch.device("cpu"))
+        tables = torch.stack([t["luma_step"], t["chroma_step"]])[None]
+        for image in images:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+            comps = [_quantize(c, t[f"{k}_recip"], t[f"{k}_corr"], t[f"{k}_shift"]).to(torch.int16)
+                     for c, k in zip(_dct_blocks(x, subsampling), ("luma", "chroma", "chroma"))]
+            got = write_coefficients_batch(comps, tables, subsampling=subsampling, height=image.shape[0],
+                                           width=image.shape[1])
+            assert got == [encode_jpeg(image, quality, subsampling, optimize=True)], (quality, image.shape)
+
+
+@pytest.mark.parametrize("subsampling", SUBSAMPLINGS)
 def test_extreme_and_sparse_coefficients_are_libjpegs_files(subsampling):
     """Coefficients no image gives: the largest magnitudes (DC differences of 2047, size-10 AC),
     long zero runs (up to three ZRLs before a coefficient, a coefficient only at the last
