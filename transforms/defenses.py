@@ -109,9 +109,10 @@ class Prepared(NamedTuple):
     """A semantic JPEG's content computed beforehand (:func:`prepare_requantized`, on the map
     model's device): the quality grid and the requantized coefficients and tables, and where the
     device also entropy-coded them (:mod:`transforms.jpeg_entropy`), the file itself; what is left
-    is at most the writing (:func:`transforms.semantic_jpeg.write_coefficients`)."""
+    is at most the writing (:func:`transforms.semantic_jpeg.write_coefficients`). Without a
+    quality grid: the uniform JPEG of an image ``aug_msroi_gated`` does not flag."""
 
-    qualities: np.ndarray  # int (grid rows, grid columns)
+    qualities: np.ndarray | None  # int (grid rows, grid columns); None: a stable image's uniform JPEG
     coefficients: list | None  # [Y, Cb, Cr] int16 (bh, bw, 8, 8); None when ``data`` is given
     tables: np.ndarray  # int (2, 8, 8)
     data: bytes | None = None  # the finished file, written on the device
@@ -122,6 +123,8 @@ def _semantic(image, saliency, *, levels, q_low, q_high, binning, method, subsam
     if saliency is None:
         raise ValueError("semantic JPEG needs a saliency map")
     info: dict[str, Any] = {}
+    if prepared is not None and prepared.qualities is None:  # a stable image's uniform JPEG: not this file
+        prepared = None
     if prepared is not None:
         if method != "requantize" or bytes is not None:
             raise ValueError("prepared coefficients are for method=requantize without a bytes= target")
@@ -395,6 +398,8 @@ def aug_msroi_gated(
     if jpeg_gate > 0:
         info["jpeg_stability"] = float(jpeg_stability)
     if not flagged:
+        if prepared is not None and prepared.qualities is None and prepared.data is not None and bytes is None:
+            return Encoded(prepared.data, "jpg", {"quality": int(stable_quality), **info})  # written on the device
         enc = jpeg(image, quality=stable_quality, subsampling=subsampling, bytes=bytes)
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
     info["noise_level"] = _noise_level(image) if noise_level is None else float(noise_level)
@@ -531,7 +536,8 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     requantization without a ``bytes=`` target: the images they encode semantically (all of
     them for ``msroi`` and ``aug_msroi``; for ``aug_msroi_gated`` the ones it flags, from their
     denoised pixels, or the image itself under its noise floor), each with its quality grid
-    (:func:`transforms.semantic_jpeg.block_qualities`, on the CPU) and the coefficients and tables of its file
+    (:func:`transforms.semantic_jpeg.block_qualities`; off the CPU batched on ``device``,
+    :func:`_quality_grids`) and the coefficients and tables of its file
     (:func:`transforms.jpeg_torch.requantized_coefficients`). The encoder then only writes them:
     the same bytes as encoding from scratch.
 
@@ -541,9 +547,9 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
     ``denoised``: per image {weight: pixels} (:func:`denoise_flagged`); a flagged image without
     its denoised pixels is left to the encoder. ``entropy`` (default: on a GPU,
     :func:`entropy_codes_on`): write the files there too, the same bytes (:class:`Prepared`'s
-    ``data``); if that fails (out of memory, say), the coefficients go to the encoder instead.
+    ``data``), and for ``aug_msroi_gated`` its stable images' uniform JPEGs as well; if that
+    fails (out of memory, say), the coefficients (or the stable images) go to the encoder.
     Returns, per image, {spec text: :class:`Prepared`}."""
-    from .jpeg_entropy import write_coefficients_batch
     from .jpeg_torch import requantized_coefficients
 
     out: list[dict[str, Prepared]] = [{} for _ in images]
@@ -563,25 +569,18 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
             pixels = {i: denoised[i][weights[i]] if weights[i] else images[i] for i in rows}
         else:
             rows = list(range(len(images)))
-        groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        by_shape: dict[tuple, list[int]] = {}
         for i in rows:
-            grid = block_qualities(maps[i], levels=p["levels"], q_low=p["q_low"], q_high=p["q_high"],
-                                   binning=p["binning"])
-            block = _check_grid(grid, *pixels[i].shape[:2], None)[1]  # as encode_semantic_jpeg infers it
-            groups.setdefault((pixels[i].shape, block), []).append((i, grid))
-        for (_, block), members in groups.items():
-            x = torch.from_numpy(np.stack([pixels[i] for i, _ in members])).to(device).permute(0, 3, 1, 2)
-            grids = np.stack([g for _, g in members])
+            by_shape.setdefault((pixels[i].shape, np.shape(maps[i])), []).append(i)
+        for (shape, _), rows_of in by_shape.items():
+            grids = _quality_grids([maps[i] for i in rows_of], p, device)
+            block = _check_grid(grids[0], *shape[:2], None)[1]  # as encode_semantic_jpeg infers it
+            members = list(zip(rows_of, grids))
+            x = torch.from_numpy(np.stack([pixels[i] for i in rows_of])).to(device).permute(0, 3, 1, 2)
             comps, tables = requantized_coefficients(x.contiguous(), torch.from_numpy(grids), block=block,
                                                      subsampling=p["subsampling"])
-            files = None
-            if entropy_codes_on(device, entropy):
-                try:
-                    files = write_coefficients_batch(comps, tables, subsampling=p["subsampling"],
-                                                     height=x.shape[2], width=x.shape[3])
-                except RuntimeError as e:  # out of device memory, say: the encoder writes them
-                    warnings.warn(f"entropy coding on {device} failed ({e}); the encoder writes the files",
-                                  RuntimeWarning, stacklevel=2)
+            files = (_files_on_device(comps, tables, p["subsampling"], x.shape[2], x.shape[3], device)
+                     if entropy_codes_on(device, entropy) else None)
             tables = tables.cpu().numpy()
             if files is not None:
                 for k, (i, grid) in enumerate(members):
@@ -590,7 +589,57 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
             comps = [c.cpu().numpy() for c in comps]
             for k, (i, grid) in enumerate(members):
                 out[i][spec.text] = Prepared(grid, [c[k] for c in comps], tables[k])
+        if spec.name == "aug_msroi_gated" and entropy_codes_on(device, entropy):
+            _stable_files(out, spec.text, p, images, set(weights), device)
     return out
+
+
+def _quality_grids(maps: list, p: Mapping[str, Any], device) -> np.ndarray:
+    """The quality grids of same-sized maps for a semantic spec's parameters ``p``
+    (:func:`transforms.semantic_jpeg.block_qualities`): off the CPU, with value binning,
+    batched on ``device`` (:func:`transforms.jpeg_torch.quality_grids`, the same grids); else in
+    numpy, a map at a time. int32 (N, rows, cols)."""
+    from .jpeg_torch import quality_grids
+
+    kw = dict(levels=p["levels"], q_low=p["q_low"], q_high=p["q_high"])
+    if p["binning"] == "value" and torch.device(device or "cpu").type != "cpu":
+        return quality_grids(torch.from_numpy(np.stack(maps)).to(device), **kw).cpu().numpy().astype(np.int32)
+    return np.stack([block_qualities(m, binning=p["binning"], **kw) for m in maps])
+
+
+def _files_on_device(comps, tables, subsampling: str, height: int, width: int, device) -> list[bytes] | None:
+    """The files of a batch's coefficients, entropy-coded on their device
+    (:mod:`transforms.jpeg_entropy`); None, with a warning, if that fails (out of device memory,
+    say): the encoder then writes them."""
+    from .jpeg_entropy import write_coefficients_batch
+
+    try:
+        return write_coefficients_batch(comps, tables, subsampling=subsampling, height=height, width=width)
+    except RuntimeError as e:
+        warnings.warn(f"entropy coding on {device} failed ({e}); the encoder writes the files", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def _stable_files(out: list[dict], text: str, p: Mapping[str, Any], images, flagged: set[int], device) -> None:
+    """Into ``out``: the uniform JPEG at ``stable_quality`` of each image a gated spec (``text``,
+    parameters ``p``) does not flag, written on ``device`` (:class:`Prepared` without a quality
+    grid): the file :func:`jpeg` writes, byte for byte. Left to the encoder on failure."""
+    from .jpeg_torch import uniform_coefficients
+
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        if i not in flagged:
+            groups.setdefault(image.shape, []).append(i)
+    for (h, w, _), members in groups.items():
+        x = torch.from_numpy(np.stack([images[i] for i in members])).to(device).permute(0, 3, 1, 2).contiguous()
+        comps, tables = uniform_coefficients(x, p["stable_quality"], p["subsampling"])
+        files = _files_on_device(comps, tables, p["subsampling"], h, w, device)
+        if files is None:
+            continue
+        tables = tables.cpu().numpy()
+        for k, i in enumerate(members):
+            out[i][text] = Prepared(None, None, tables[k], files[k])
 
 
 DEFENSES = {

@@ -127,24 +127,23 @@ def _code_sizes(freq: torch.Tensor) -> torch.Tensor:
     the larger symbol, as libjpeg's scans take them) and lengthens the codes of both trees' symbols.
     A tree is known by the symbol that holds its count. Returns (T, 257) int64 code sizes."""
     t = freq.shape[0]
-    freq = freq.clone()
     sym = torch.arange(_SYMBOLS, device=freq.device)
-    rows = torch.arange(t, device=freq.device)
+    # A tree's key: its count * 512 - its symbol, so the least key is the least count and, among
+    # equal counts, the larger symbol; _BIG once merged away (or never used).
+    key = torch.where(freq > 0, freq * 512 - sym, _BIG)
     tree = sym.expand(t, -1).clone()
     size = torch.zeros_like(freq)
     steps = int((freq > 0).sum(1).max()) - 1 if t else 0
-    for _ in range(steps):
-        key = torch.where(freq > 0, freq * 512 - sym, _BIG)
-        c1 = key.argmin(1)
-        key[rows, c1] = _BIG
-        k2, c2 = key.min(1)
+    for _ in range(steps):  # one merge per table and step; a table with one tree left stays
+        k1, c1 = key.min(1, keepdim=True)
+        key.scatter_(1, c1, _BIG)
+        k2, c2 = key.min(1, keepdim=True)
         live = k2 < _BIG
-        f2 = torch.where(live, freq[rows, c2], 0)
-        freq[rows, c1] += f2
-        freq[rows, c2] -= f2
-        in1, in2 = tree == c1[:, None], (tree == c2[:, None]) & live[:, None]
-        size += ((in1 & live[:, None]) | in2).long()
-        tree = torch.where(in2, c1[:, None], tree)
+        key.scatter_(1, c2, torch.where(live, _BIG, k2))
+        key.scatter_(1, c1, torch.where(live, k1 + k2 + c2, k1))  # (f1 + f2) * 512 - c1
+        in2 = (tree == c2) & live
+        size += ((tree == c1) & live) | in2
+        tree = torch.where(in2, c1, tree)
     return size
 
 

@@ -412,3 +412,45 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     for key, image in images.items():
         assert dev[f"{key}.jpg"] == enc[f"{key}.jpg"] == gpu[f"{key}.jpg"]
         assert np.asarray(Image.open(io.BytesIO(dev[f"{key}.jpg"])).convert("RGB")).shape == image.shape
+
+
+def test_on_a_gpu_worker_the_map_stage_writes_the_gated_defenses_files(tmp_path, monkeypatch):
+    """As on a GPU (coefficients and entropy coding in the map stage, forced here on the CPU):
+    every file of the gated defense, flagged (semantic JPEG) or stable (uniform JPEG), comes from
+    the map stage, and the shards and rows are those the CPU encoder writes."""
+    import skimage.data
+
+    import pipeline.saliency as saliency_stage
+
+    astronaut = skimage.data.astronaut()
+    images = {"a": astronaut[:96, :128], "b": astronaut[200:296, 100:228], "c": astronaut[300:333, 7:58],
+              "gray": np.dstack([skimage.data.camera()[:96, :128]] * 3)}
+    write_tar(tmp_path / "a.tar", [(f"{k}.png", encode(v)) for k, v in images.items()])
+    specs = ["aug_msroi_gated:gate=2", "aug_msroi_gated:gate=0,jpeg_gate=0"]  # every image flagged; none
+    args = ["--crop", "0", "--model", "tests.tiny:build", "--runner", "FnApiRunner", "--batch-size", "4"]
+    for s in specs:
+        args += ["--defense", s]
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "cpu"), *args]) == 0
+    init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
+    prepared = []
+    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
+    monkeypatch.setattr(saliency_stage, "prepare_requantized",
+                        lambda *a: prepared.append(prepare(*a, entropy=True)) or prepared[-1])
+    assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "gpu"), *args]) == 0
+    made = [(text, pr.qualities is None) for batch in prepared for d in batch for text, pr in d.items()
+            if pr.data is not None]
+    assert sorted(made) == sorted([(specs[0], False)] * 4 + [(specs[1], True)] * 4)
+    for s in specs:
+        name = s.replace(":", "-").replace(",", "-")
+        cpu = members(tmp_path / "cpu" / "shards" / name / "shard-00000.tar")
+        gpu = members(tmp_path / "gpu" / "shards" / name / "shard-00000.tar")
+        files = sorted(k for k in cpu if k.endswith(".jpg"))  # the sidecar JSONs carry timings
+        assert len(files) == 4 and sorted(cpu) == sorted(gpu) and all(cpu[k] == gpu[k] for k in files), s
+    keep = ["key", "defense_spec", "bytes", "flagged", "quality_levels", "quality", "psnr", "pred"]
+    rows = {}
+    for run in ("cpu", "gpu"):
+        table = pq.read_table(sorted((tmp_path / run / "metadata").glob("*.parquet")))
+        rows[run] = sorted(table.select([c for c in keep if c in table.column_names]).to_pylist(),
+                           key=lambda r: (r["defense_spec"], r["key"]))
+    assert len(rows["cpu"]) == 8 and rows["cpu"] == rows["gpu"]
+    assert {(r["defense_spec"], r["flagged"]) for r in rows["cpu"]} == {(specs[0], True), (specs[1], False)}

@@ -272,6 +272,18 @@ def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_mode
         assert apply_defense(always, im, **flag, prepared=d[always.text]).data == d[always.text].data
     assert shared[0][spec.text].data != shared[0][always.text].data  # the smooth image: under one floor only
     assert shared[1][spec.text].data == shared[1][always.text].data
+    # A stable image's uniform JPEG is written on the device too (no quality grid), the file
+    # jpeg() writes; the encoder stores it, and a flagged image never takes such a file.
+    mixed = {"stability": np.array([0.2, 1.0]), "jpeg_stability": np.array([0.9, 0.9])}
+    files = prepare_requantized([spec], images, maps, mixed, denoise_flagged([spec], images, mixed), entropy=True)
+    stable = files[1][spec.text]
+    assert files[0][spec.text].qualities is not None and stable.qualities is None
+    quiet = dict(saliency=sal, stability=1.0, jpeg_stability=0.9)
+    assert stable.data == apply_defense(spec, noisy, **quiet).data
+    assert apply_defense(spec, noisy, **quiet, prepared=stable._replace(data=b"device")).data == b"device"
+    assert apply_defense(spec, noisy, **quiet, prepared=stable).info == apply_defense(spec, noisy, **quiet).info
+    assert apply_defense(spec, noisy, **flag, prepared=stable._replace(data=b"device")).data == over.data
+    assert prepare_requantized([spec], images, maps, mixed, denoise_flagged([spec], images, mixed))[1] == {}
     # End to end on a batch (maps on the model): prepared or not, the same files.
     pixels = np.stack([smooth, noisy, _smooth(photos[3]), photos[0]])
     low = parse_defense("aug_msroi_gated:gate=1.01")  # flags every image

@@ -65,20 +65,20 @@ def test_uniform_quality_coefficients_give_pillows_own_files(photos, subsampling
     the coder writes what Pillow writes (libjpeg-turbo compressing pixels, optimized Huffman
     tables): a second libjpeg path, besides jpeglib's transcoding one."""
     from transforms.jpeg import encode_jpeg
-    from transforms.jpeg_torch import _dct_blocks, _quantize, _tables
+    from transforms.jpeg_torch import uniform_coefficients
 
     rng = np.random.default_rng(8)
-    images = [*photos, rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)]
-    for quality in (10, 50, 90, 100):
-        t = _tables(quality, torch.device("cpu"))
-        tables = torch.stack([t["luma_step"], t["chroma_step"]])[None]
-        for image in images:
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
-            comps = [_quantize(c, t[f"{k}_recip"], t[f"{k}_corr"], t[f"{k}_shift"]).to(torch.int16)
-                     for c, k in zip(_dct_blocks(x, subsampling), ("luma", "chroma", "chroma"))]
-            got = write_coefficients_batch(comps, tables, subsampling=subsampling, height=image.shape[0],
-                                           width=image.shape[1])
-            assert got == [encode_jpeg(image, quality, subsampling, optimize=True)], (quality, image.shape)
+    batches = [np.stack(photos), rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8),
+               rng.integers(0, 256, (1, 1, 3, 3), dtype=np.uint8)]
+    for quality in (1, 10, 50, 90, 100):
+        for images in batches:
+            comps, tables = uniform_coefficients(torch.from_numpy(images).permute(0, 3, 1, 2), quality, subsampling)
+            assert comps[0].dtype == torch.int16 and tuple(tables.shape) == (len(images), 2, 8, 8)
+            got = write_coefficients_batch(comps, tables, subsampling=subsampling, height=images.shape[1],
+                                           width=images.shape[2])
+            assert got == [encode_jpeg(im, quality, subsampling, optimize=True) for im in images], quality
+    with pytest.raises(ValueError, match="quality"):
+        uniform_coefficients(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0)
 
 
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS)

@@ -228,3 +228,60 @@ def test_requantized_coefficients_on_cuda_match_the_cpu():
     cpu = requantized_coefficients(x, grids)
     gpu = requantized_coefficients(x.cuda(), grids.cuda())
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu[0], gpu[0])) and torch.equal(cpu[1], gpu[1].cpu())
+
+
+def test_quality_grids_are_block_qualities_of_each_map():
+    """The batched device grids equal numpy's, map by map: random, quantized (values on the bin
+    edges), flat and smooth maps, odd sizes, every block size and level count; bad input is a
+    clear error."""
+    from transforms.jpeg_torch import quality_grids
+    from transforms.semantic_jpeg import block_qualities
+
+    rng = np.random.default_rng(12)
+    for trial in range(60):
+        n, h, w = 3, *rng.integers(1, 120, 2)
+        kind = trial % 4
+        if kind == 0:
+            maps = rng.random((n, h, w)).astype(np.float32)
+        elif kind == 1:
+            maps = np.round(rng.random((n, h, w)) * 5) / 5  # float64, exactly on the value bins' edges
+        elif kind == 2:
+            maps = np.full((n, h, w), rng.choice([0.0, 0.2, 0.6, 1.0]), dtype=np.float32)
+        else:
+            yy, xx = np.mgrid[:h, :w]
+            maps = np.stack([np.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (h * w / 4 + 1))] * n) * 1.3 - 0.1
+        for kw in ({}, dict(levels=3, q_low=50, q_high=90), dict(block=8), dict(levels=1), dict(block=32, levels=7)):
+            got = quality_grids(torch.from_numpy(maps), **kw)
+            assert got.dtype == torch.int64
+            np.testing.assert_array_equal(got.numpy(), np.stack([block_qualities(m, **kw) for m in maps]))
+    ok = torch.zeros(1, 16, 16)
+    for kw, match in [(dict(levels=0), "levels"), (dict(q_low=80, q_high=50), "q_low"), (dict(block=12), "block"),
+                      (dict(q_high=101), "q_high")]:
+        with pytest.raises(ValueError, match=match):
+            quality_grids(ok, **kw)
+    with pytest.raises(ValueError, match="float"):
+        quality_grids(ok[0])
+    with pytest.raises(ValueError, match="NaN"):
+        quality_grids(ok.clone().fill_(float("nan")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_prepared_files_on_cuda_are_the_cpus():
+    """On a GPU the map stage's grids, coefficients and files (flagged and stable images of the
+    gated defense) are those the CPU encoder makes."""
+    from transforms.defenses import apply_defense, denoise_flagged, parse_defense, prepare_requantized
+
+    rng = np.random.default_rng(13)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)] + [
+        rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)]
+    maps = [rng.random(im.shape[:2]).astype(np.float32) for im in images]
+    scores = {"stability": np.array([0.2, 1.0, 0.2, 0.2]), "jpeg_stability": np.array([0.9, 0.9, 0.9, 0.9]),
+              "noise_level": np.array([9.0, 9.0, 1.0, 9.0])}
+    spec = parse_defense("aug_msroi_gated")
+    denoised = denoise_flagged([spec], images, scores, "cuda")
+    prepared = prepare_requantized([spec], images, maps, scores, denoised, "cuda")
+    assert all(d[spec.text].data is not None for d in prepared)
+    for i, image in enumerate(images):
+        hidden = {k: float(v[i]) for k, v in scores.items()}
+        want = apply_defense(spec, image, saliency=maps[i], denoised=denoised[i].get(0.03), **hidden)
+        assert prepared[i][spec.text].data == want.data
