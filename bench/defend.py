@@ -272,10 +272,12 @@ def _encode_chunk(args: tuple) -> int:
     images flagged (their ``denoised`` pixels, as the map stage hands them over: semantic JPEG at
     50..90) and the others stable (uniform JPEG at 50); image i is flagged when frac(i * share) <
     share, which spreads them evenly. With ``prepared`` (a GPU worker's map stage computed the
-    coefficients) a flagged image costs the CPU its quality grid and the writing; where the
-    device wrote the file too (``Prepared.data``), its quality grid alone (the file's headers,
-    13 µs, are timed apart: ``entropy_headers_images_per_s``)."""
+    coefficients) a flagged image costs the CPU its quality grid and the writing. With the name
+    of a ``*_files`` set (the map stage wrote every file, grids on the device), the encoder's own
+    code runs (``apply_defense`` with each image's file and scores); the files' headers, 13 µs
+    each, joined in the map stage, are timed apart (``entropy_headers_images_per_s``)."""
     images, denoised, maps, repeats, share, prepared = args
+    files = isinstance(prepared, str) and prepared.endswith("_files")
     if isinstance(images, str):  # the pool's copy (_keep_inputs), not a pickled one per task
         images, denoised, maps, prepared = (_INPUTS["images"], _INPUTS["denoised"], _INPUTS["maps"],
                                             _INPUTS["prepared"].get(prepared))
@@ -285,6 +287,16 @@ def _encode_chunk(args: tuple) -> int:
 
     h, w = images.shape[1:3]
     flagged = [share is not None and (i * share) % 1.0 < share for i in range(len(images))]
+    if files:  # the map stage wrote every file: what is left is the encoder's own code
+        from transforms.defenses import apply_defense, parse_defense
+
+        spec = parse_defense("aug_msroi" if share is None else "aug_msroi_gated")
+        scores = {} if share is None else _gated_scores(len(images), share)
+        for _ in range(repeats):
+            for i, m in enumerate(maps):
+                apply_defense(spec, images[i], saliency=m, prepared=prepared[i],
+                              **{k: float(v[i]) for k, v in scores.items()})
+        return len(images) * repeats
     for _ in range(repeats):
         for i, m in enumerate(maps):
             if share is None and prepared is None:
@@ -292,8 +304,7 @@ def _encode_chunk(args: tuple) -> int:
             elif share is None:
                 block_qualities(m)  # computed in the map stage, on the CPU
                 f = prepared[i]
-                if f.data is None:  # else the device wrote the file: nothing left to do
-                    write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
+                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
             elif not flagged[i]:
                 encode_jpeg(images[i], 50, "4:2:0", optimize=True)
             elif prepared is None:
@@ -301,9 +312,16 @@ def _encode_chunk(args: tuple) -> int:
             else:
                 block_qualities(m, q_low=50, q_high=90)  # computed in the map stage, on the CPU
                 f = prepared[i]
-                if f.data is None:
-                    write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
+                write_coefficients(f.coefficients, f.tables, subsampling="4:2:0", height=h, width=w)
     return len(images) * repeats
+
+
+def _gated_scores(n: int, share: float) -> dict:
+    """Map-stage scores that make ``aug_msroi_gated`` flag image i when frac(i * share) < share
+    (as ``_encode_chunk`` spreads them) and denoise each flagged one."""
+    flagged = np.array([(i * share) % 1.0 < share for i in range(n)])
+    return {"stability": np.where(flagged, 0.2, 1.0), "jpeg_stability": np.full(n, 0.9),
+            "noise_level": np.full(n, 9.0)}
 
 
 #: A pool worker's inputs (encoder_parallel), sent once when the worker starts.
@@ -331,10 +349,11 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
         [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised])]
     semantic = [p["aug_msroi"] for p in prepare_requantized(
         [parse_defense("aug_msroi")], list(images), list(maps), None, [{} for _ in images])]
-    # ... and with the files written there too (on a GPU: transforms/jpeg_entropy.py).
-    prepared_files = [p["aug_msroi_gated"] for p in prepare_requantized(
-        [parse_defense("aug_msroi_gated")], list(images), list(maps), flag_all, [{0.03: d} for d in denoised],
-        entropy=True)]
+    # ... and with every file written there too (on a GPU: transforms/jpeg_entropy.py), the gated
+    # defense's stable images' uniform JPEGs included.
+    gated_files = {share: [p["aug_msroi_gated"] for p in prepare_requantized(
+        [parse_defense("aug_msroi_gated")], list(images), list(maps), _gated_scores(len(images), share),
+        [{0.03: d} for d in denoised], entropy=True)] for share in (0.21, 0.88)}
     semantic_files = [p["aug_msroi"] for p in prepare_requantized(
         [parse_defense("aug_msroi")], list(images), list(maps), None, [{} for _ in images], entropy=True)]
     ctx = mp.get_context("spawn")  # no forked torch state
@@ -343,7 +362,7 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
     # 20 MB) would be timed as encoder work.
     inputs = {"images": images, "denoised": denoised, "maps": maps,
               "prepared": {"semantic": semantic, "gated": prepared, "semantic_files": semantic_files,
-                           "gated_files": prepared_files}}
+                           "gated_0.21_files": gated_files[0.21], "gated_0.88_files": gated_files[0.88]}}
     with ctx.Pool(procs, initializer=_keep_inputs, initargs=(inputs,)) as pool:
         pool.map(_encode_chunk, [(images[:2], None, maps[:2], 1, None, None)] * procs)  # warm-up: imports, libjpeg
         for name, share, prep in (("requantize", None, None), ("requantize_prepared", None, "semantic"),
@@ -351,8 +370,8 @@ def encoder_parallel(images: np.ndarray, maps: np.ndarray, procs: int, repeats: 
                                   ("gated_igsm_share", 0.88, None), ("gated_clean_share_prepared", 0.21, "gated"),
                                   ("gated_igsm_share_prepared", 0.88, "gated"),
                                   ("requantize_device_files", None, "semantic_files"),
-                                  ("gated_clean_share_device_files", 0.21, "gated_files"),
-                                  ("gated_igsm_share_device_files", 0.88, "gated_files")):
+                                  ("gated_clean_share_device_files", 0.21, "gated_0.21_files"),
+                                  ("gated_igsm_share_device_files", 0.88, "gated_0.88_files")):
             t = time.perf_counter()
             done = sum(pool.map(_encode_chunk, [("pool", None, None, repeats, share, prep)] * procs))
             out[f"{name}_images_per_s"] = round(done / (time.perf_counter() - t), 1)

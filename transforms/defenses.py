@@ -404,11 +404,12 @@ def aug_msroi_gated(
         return Encoded(enc.data, enc.ext, {**enc.info, **info})
     info["noise_level"] = _noise_level(image) if noise_level is None else float(noise_level)
     weight = flagged_denoise({"denoise": denoise, "noise_floor": noise_floor}, image, info["noise_level"])
+    ready = prepared is not None and prepared.qualities is not None  # its file needs no pixels here
     if weight == 0:
         denoised = image
-    elif denoised is None:
+    elif denoised is None and not ready:
         denoised = denoise_tv(image, weight)
-    enc = _semantic(denoised, saliency, levels=levels, q_low=q_low, q_high=q_high,
+    enc = _semantic(image if denoised is None else denoised, saliency, levels=levels, q_low=q_low, q_high=q_high,
                     binning=binning, method=method, subsampling=subsampling, bytes=bytes, prepared=prepared)
     return Encoded(enc.data, enc.ext, {**enc.info, **info})
 

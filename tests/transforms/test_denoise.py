@@ -284,6 +284,19 @@ def test_flagged_images_under_the_noise_floor_are_not_denoised(photos, tiny_mode
     assert apply_defense(spec, noisy, **quiet, prepared=stable).info == apply_defense(spec, noisy, **quiet).info
     assert apply_defense(spec, noisy, **flag, prepared=stable._replace(data=b"device")).data == over.data
     assert prepare_requantized([spec], images, maps, mixed, denoise_flagged([spec], images, mixed))[1] == {}
+    # With its file (or coefficients) from the map stage, a flagged image is not denoised again.
+    import transforms.defenses as defenses
+
+    def no_denoising(*a):
+        raise AssertionError("denoised again in the encoder")
+
+    ready = [files[0][spec.text], prepared[1][spec.text]]  # written; coefficients only
+    with monkeypatch.context() as patched:
+        patched.setattr(defenses, "denoise_tv", no_denoising)
+        assert apply_defense(spec, noisy, **flag, prepared=ready[0]._replace(data=b"device")).data == b"device"
+        assert apply_defense(spec, noisy, **flag, prepared=ready[1]).data == over.data
+        with pytest.raises(AssertionError, match="again"):
+            apply_defense(spec, noisy, **flag)
     # End to end on a batch (maps on the model): prepared or not, the same files.
     pixels = np.stack([smooth, noisy, _smooth(photos[3]), photos[0]])
     low = parse_defense("aug_msroi_gated:gate=1.01")  # flags every image
