@@ -186,6 +186,13 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
         reps = -(-256 // len(images))
         out["entropy_coding_images_per_s_batch_256"] = round(entropy_rate(
             x.repeat(reps, 1, 1, 1)[:256], grids.repeat(reps, 1, 1)[:256], iters), 1)
+    # All of it as the map stage runs it for aug_msroi_gated (prepare_requantized from the host's
+    # images and maps: grids, coefficients and every file, stable images' included), at the
+    # shares of clean and IGSM images it flags; on CUDA at a batch of 256.
+    n = 256 if device.type == "cuda" else len(images)
+    batch = np.concatenate([images] * -(-n // len(images)))[:n]
+    for share, name in ((0.21, "clean"), (0.88, "igsm")):
+        out[f"gated_files_{name}_share_images_per_s"] = round(gated_files_rate(device, batch, share, iters), 1)
     if device.type == "cpu":
         from skimage.restoration import denoise_tv_chambolle
 
@@ -194,6 +201,20 @@ def denoise_stage(device: torch.device, images: np.ndarray, iters: int) -> dict:
             denoise_tv_chambolle(im.astype(np.float32) / 255.0, weight=0.03, channel_axis=-1)
         out["skimage_images_per_s"] = round(len(images) / (time.perf_counter() - t), 1)
     return out
+
+
+def gated_files_rate(device: torch.device, images: np.ndarray, share: float, iters: int) -> float:
+    """Images/s of ``prepare_requantized`` writing every ``aug_msroi_gated`` file of ``images`` on
+    ``device`` with ``share`` of them flagged (random maps; the flagged images' pixels stand in
+    for their denoised ones)."""
+    from transforms.defenses import parse_defense, prepare_requantized
+
+    maps = list(np.random.default_rng(0).random((len(images), *images.shape[1:3]), dtype=np.float32))
+    scores, spec = _gated_scores(len(images), share), parse_defense("aug_msroi_gated")
+    denoised = [{0.03: im} for im in images]
+    x = torch.empty(len(images), device=device)  # time_maps only counts images and syncs the device
+    return time_maps(None, x, lambda *_: prepare_requantized([spec], list(images), maps, scores, denoised, device,
+                                                             entropy=True), iters, bf16=False)
 
 
 def entropy_rate(x: torch.Tensor, grids: torch.Tensor, iters: int) -> float:

@@ -54,6 +54,7 @@ def test_defend_bench_quick():
     assert denoise["torch_images_per_s"] > 0 and denoise["skimage_images_per_s"] > 0
     assert denoise["entropy_coding_images_per_s"] > 0 and enc["entropy_headers_images_per_s"] > 0
     assert "entropy_coding_images_per_s_batch_256" not in denoise  # CUDA only
+    assert denoise["gated_files_clean_share_images_per_s"] > 0 and denoise["gated_files_igsm_share_images_per_s"] > 0
     two = out["encoder_cpu_2_procs"]
     assert two["procs"] == 2 and two["requantize_images_per_s"] == pytest.approx(
         2 * two["per_process_requantize_images_per_s"], rel=0.01)
