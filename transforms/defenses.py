@@ -383,9 +383,10 @@ def aug_msroi_gated(
     ``noise_level``: the image's :func:`~transforms.denoise.noise_level`, when the map stage
     measured it (:func:`image_noise_levels`); otherwise a flagged image's is measured here.
     ``denoised``: the image already denoised at ``denoise`` (the pipeline does it on the map
-    model's device, :func:`denoise_flagged`); without it a flagged image is denoised here, on the
-    CPU, to the same pixels but for float rounding (a pixel in a million, by one level). It is
-    not used for an image under the noise floor."""
+    model's device, :func:`denoise_flagged`); without it, and without a ``prepared`` file or
+    coefficients with a quality grid (made from the denoised pixels already), a flagged image is
+    denoised here, on the CPU, to the same pixels but for float rounding (a pixel in a million,
+    by one level). It is not used for an image under the noise floor."""
     if saliency is None or stability is None:
         raise ValueError("aug_msroi_gated needs its saliency map and stability")
     if jpeg_gate > 0 and jpeg_stability is None:
@@ -524,11 +525,25 @@ def prepares_on(device, prepare: bool | None) -> bool:
     return bool(prepare) if prepare is not None else torch.device(device).type != "cpu"
 
 
-def entropy_codes_on(device, entropy: bool | None) -> bool:
+#: The fewest same-sized images whose files the map stage entropy-codes on a GPU by default. One
+#: :func:`transforms.jpeg_entropy.write_coefficients_batch` call costs about 1,500 kernel launches
+#: and 15 host syncs whatever its batch (~10 ms, an estimate), while libjpeg writes a 224x224 file in
+#: ~0.8 ms on one CPU core: below ~16 images (uncropped images of many sizes, a batch's tail) the
+#: encoder's CPU writes them sooner.
+DEVICE_ENTROPY_MIN_BATCH = 16
+
+#: libjpeg's largest image side (JPEG_MAX_DIMENSION).
+JPEG_MAX_DIMENSION = 65500
+
+
+def entropy_codes_on(device, entropy: bool | None, batch: int | None = None) -> bool:
     """Whether :func:`prepare_requantized` also entropy-codes the files on ``device``
     (:mod:`transforms.jpeg_entropy`): ``entropy`` if given, else on any device but the CPU, where
-    libjpeg (through jpeglib) writes a file several times faster than torch does."""
-    return bool(entropy) if entropy is not None else torch.device(device or "cpu").type != "cpu"
+    libjpeg (through jpeglib) writes a file several times faster than torch does, for groups of
+    ``batch`` same-sized images of at least :data:`DEVICE_ENTROPY_MIN_BATCH`."""
+    if entropy is not None:
+        return bool(entropy)
+    return torch.device(device or "cpu").type != "cpu" and (batch is None or batch >= DEVICE_ENTROPY_MIN_BATCH)
 
 
 def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, denoised,
@@ -574,6 +589,8 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
         for i in rows:
             by_shape.setdefault((pixels[i].shape, np.shape(maps[i])), []).append(i)
         for (shape, _), rows_of in by_shape.items():
+            if max(shape[:2]) > JPEG_MAX_DIMENSION:  # no JPEG holds it: the encoder reports the image
+                continue
             grids = _quality_grids([maps[i] for i in rows_of], p, device)
             block = _check_grid(grids[0], *shape[:2], None)[1]  # as encode_semantic_jpeg infers it
             members = list(zip(rows_of, grids))
@@ -581,17 +598,17 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
             comps, tables = requantized_coefficients(x.contiguous(), torch.from_numpy(grids), block=block,
                                                      subsampling=p["subsampling"])
             files = (_files_on_device(comps, tables, p["subsampling"], x.shape[2], x.shape[3], device)
-                     if entropy_codes_on(device, entropy) else None)
+                     if entropy_codes_on(device, entropy, len(rows_of)) else None)
             tables = tables.cpu().numpy()
             if files is not None:
                 for k, (i, grid) in enumerate(members):
                     out[i][spec.text] = Prepared(grid, None, tables[k], files[k])
                 continue
-            comps = [c.cpu().numpy() for c in comps]
+            comps = [c.contiguous().cpu().numpy() for c in comps]  # compact: each image's blocks in order
             for k, (i, grid) in enumerate(members):
                 out[i][spec.text] = Prepared(grid, [c[k] for c in comps], tables[k])
         if spec.name == "aug_msroi_gated" and entropy_codes_on(device, entropy):
-            _stable_files(out, spec.text, p, images, set(weights), device)
+            _stable_files(out, spec.text, p, images, set(weights), device, entropy)
     return out
 
 
@@ -616,16 +633,18 @@ def _files_on_device(comps, tables, subsampling: str, height: int, width: int, d
 
     try:
         return write_coefficients_batch(comps, tables, subsampling=subsampling, height=height, width=width)
-    except RuntimeError as e:
+    except Exception as e:  # out of device memory, say; the encoder writes (or reports) them
         warnings.warn(f"entropy coding on {device} failed ({e}); the encoder writes the files", RuntimeWarning,
                       stacklevel=3)
         return None
 
 
-def _stable_files(out: list[dict], text: str, p: Mapping[str, Any], images, flagged: set[int], device) -> None:
+def _stable_files(out: list[dict], text: str, p: Mapping[str, Any], images, flagged: set[int], device,
+                  entropy: bool | None = None) -> None:
     """Into ``out``: the uniform JPEG at ``stable_quality`` of each image a gated spec (``text``,
     parameters ``p``) does not flag, written on ``device`` (:class:`Prepared` without a quality
-    grid): the file :func:`jpeg` writes, byte for byte. Left to the encoder on failure."""
+    grid): the file :func:`jpeg` writes, byte for byte. Left to the encoder on failure, and for
+    groups of same-sized images too small to pay (:func:`entropy_codes_on`)."""
     from .jpeg_torch import uniform_coefficients
 
     groups: dict[tuple, list[int]] = {}
@@ -633,6 +652,8 @@ def _stable_files(out: list[dict], text: str, p: Mapping[str, Any], images, flag
         if i not in flagged:
             groups.setdefault(image.shape, []).append(i)
     for (h, w, _), members in groups.items():
+        if max(h, w) > JPEG_MAX_DIMENSION or not entropy_codes_on(device, entropy, len(members)):
+            continue
         x = torch.from_numpy(np.stack([images[i] for i in members])).to(device).permute(0, 3, 1, 2).contiguous()
         comps, tables = uniform_coefficients(x, p["stable_quality"], p["subsampling"])
         files = _files_on_device(comps, tables, p["subsampling"], h, w, device)

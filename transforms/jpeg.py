@@ -19,6 +19,8 @@ Subsampling = Literal["4:4:4", "4:2:2", "4:2:0"]
 def _check_image(image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {image.dtype} {image.shape}")
+    if max(image.shape[:2]) > 65500:
+        raise ValueError(f"a JPEG holds at most 65500x65500 pixels (libjpeg's limit), got {image.shape[0]}x{image.shape[1]}")
 
 
 def encode_jpeg(

@@ -24,9 +24,10 @@ The steps (ITU-T T.81 Annex F.1.2 and K.2, as libjpeg does them):
    ZRL, 0xF0, per 16 zeros) and size; an EOB where a block ends in zeros.
 3. Four optimal tables per image (luma DC and AC, chroma DC and AC) from the symbol counts:
    Huffman's merging, vectorized over all tables of the batch (one step per merge).
-4. Codes: each block as 128 slots (its DC, a ZRL slot and a coefficient slot per AC position,
-   its EOB), a code and a bit count each; exclusive sums give every slot's bit position; the
-   slots' bytes are added into the stream (their bits never overlap, so adding is OR-ing);
+4. Codes: the scan's entries, sparse: per block its DC, and per nonzero AC coefficient its ZRLs
+   and its (run, size) code with its bits, then its EOB if it ends in zeros; each a code and a
+   bit count; exclusive sums give every entry's bit position; the entries' bytes are added into
+   the stream (their bits never overlap, so adding is OR-ing);
    padding with one bits to a whole byte; a zero after every 0xFF.
 """
 from __future__ import annotations
@@ -207,8 +208,8 @@ def _tables(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _check(coefficients, tables: torch.Tensor, subsampling: str, height: int, width: int) -> None:
     if subsampling not in SAMPLING:
         raise ValueError(f"subsampling must be one of {', '.join(SAMPLING)}, got {subsampling!r}")
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"height and width must be >= 1, got {height}x{width}")
+    if not 1 <= int(height) <= 65500 or not 1 <= int(width) <= 65500:
+        raise ValueError(f"height and width must be in 1..65500 (libjpeg's limit), got {height}x{width}")
     if len(coefficients) != 3:
         raise ValueError(f"expected 3 components (Y, Cb, Cr), got {len(coefficients)}")
     rows, cols = _layout(int(height), int(width), subsampling)[:2]

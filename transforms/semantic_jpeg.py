@@ -81,6 +81,8 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {got}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image has no pixels ({image.shape[0]}x{image.shape[1]})")
+    if max(image.shape[:2]) > 65500:
+        raise ValueError(f"a JPEG holds at most 65500x65500 pixels (libjpeg's limit), got {image.shape[0]}x{image.shape[1]}")
 
 
 def _check_block(block) -> int:
@@ -155,7 +157,8 @@ def _pool_mean(sal: np.ndarray, block: int) -> np.ndarray:
     # both axes (the grids are the same: rounded below).
     s = pad.reshape(gh * block, gw, block).sum(axis=-1).reshape(gh, block, gw).sum(axis=-2)
     c = np.minimum(h - np.arange(gh) * block, block)[:, None] * np.minimum(w - np.arange(gw) * block, block)[None]
-    # Rounded so that equal maps pool to equal values whatever the summation order (ties stay ties).
+    # Rounded so that equal maps pool to equal values whatever the summation order, practically
+    # (ties stay ties; only a mean within float error of a 9-decimal boundary could still differ).
     return np.round(s / c, 9)
 
 
@@ -303,8 +306,8 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
     _check_subsampling(subsampling)
     samp = SAMPLING[subsampling]
     vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"height and width must be >= 1, got {height}x{width}")
+    if not 1 <= int(height) <= 65500 or not 1 <= int(width) <= 65500:
+        raise ValueError(f"height and width must be in 1..65500 (libjpeg's limit), got {height}x{width}")
     if len(coefficients) != 3:
         raise ValueError(f"expected 3 components (Y, Cb, Cr), got {len(coefficients)}")
     comps = []
@@ -316,7 +319,7 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
                              f"{subsampling}, got {c.dtype} {c.shape}")
         if c.size and (int(c.min()) < -1024 or int(c.max()) > 1023):
             raise ValueError("coefficients outside baseline JPEG's range")
-        comps.append(c.astype(np.int16, copy=False))
+        comps.append(np.ascontiguousarray(c, dtype=np.int16))  # jpeglib takes no strided views
     qt = np.asarray(tables)
     if qt.shape != (2, 8, 8) or not np.issubdtype(qt.dtype, np.integer) or qt.min() < 1 or qt.max() > 255:
         raise ValueError(f"tables must be integer (2, 8, 8) steps in 1..255, got {qt.dtype} {qt.shape}")

@@ -266,3 +266,36 @@ def test_jpeg_stability_on_cuda_matches_libjpeg_on_the_cpu(photos):
     gpu = jpeg_stability(tiny.build().cuda(), x.cuda(), quality=30)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_map_stage_leaves_small_groups_and_oversized_images_to_the_encoder(monkeypatch):
+    """By default a GPU entropy-codes only groups of at least DEVICE_ENTROPY_MIN_BATCH same-sized
+    images (one call costs about the same whatever its batch); an image no JPEG can hold is left
+    to the encoder, which reports it clearly, and the rest of the batch is prepared."""
+    import transforms.defenses as defenses
+
+    n = defenses.DEVICE_ENTROPY_MIN_BATCH
+    assert defenses.entropy_codes_on("cuda", None, n) and not defenses.entropy_codes_on("cuda", None, n - 1)
+    assert defenses.entropy_codes_on("cuda", None) and not defenses.entropy_codes_on("cpu", None, 10 * n)
+    assert defenses.entropy_codes_on("cpu", True, 1) and not defenses.entropy_codes_on("cuda", False, 10 * n)
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)] + [
+        rng.integers(0, 256, (24, 16, 3), dtype=np.uint8), rng.integers(0, 256, (8, 65501, 3), dtype=np.uint8)]
+    maps = [rng.random(im.shape[:2]).astype(np.float32) for im in images]
+    spec = parse_defense("aug_msroi")
+    # As on a GPU with a threshold of 2: the CPU stands in for the device.
+    monkeypatch.setattr(defenses, "DEVICE_ENTROPY_MIN_BATCH", 2)
+    real = defenses.entropy_codes_on
+    monkeypatch.setattr(defenses, "entropy_codes_on",
+                        lambda device, entropy, batch=None: real("cuda", entropy, batch))
+    prepared = defenses.prepare_requantized([spec], images, maps, None, [{} for _ in images], "cpu")
+    assert all(prepared[i][spec.text].data is not None for i in range(3))  # a group of 3: coded there
+    alone = prepared[3][spec.text]
+    assert alone.data is None and alone.coefficients is not None  # a group of 1: left to the encoder
+    assert prepared[4] == {}
+    for i in range(4):
+        want = apply_defense(spec, images[i], saliency=maps[i]).data
+        assert apply_defense(spec, images[i], saliency=maps[i], prepared=prepared[i][spec.text]).data == want
+    with pytest.raises(ValueError, match="65500"):
+        apply_defense(spec, images[4], saliency=maps[4])

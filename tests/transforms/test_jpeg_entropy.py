@@ -222,7 +222,8 @@ def test_bad_input_is_a_clear_error():
     tables = torch.ones(1, 2, 8, 8, dtype=torch.int32)
     args = dict(subsampling="4:2:0", height=16, width=16)
     write_coefficients_batch(comps, tables, **args)  # fine
-    for kw, match in [(dict(subsampling="4:1:1"), "subsampling"), (dict(height=0), ">= 1"),
+    for kw, match in [(dict(subsampling="4:1:1"), "subsampling"), (dict(height=0), "1..65500"),
+                      (dict(width=65536), "1..65500"),
                       (dict(height=24), "component coefficients")]:
         with pytest.raises(ValueError, match=match):
             write_coefficients_batch(comps, tables, **{**args, **kw})

@@ -168,7 +168,8 @@ def test_source_coefficients_are_jpeg_dcts(subsampling):
 @pytest.mark.parametrize("subsampling", ["4:2:0", "4:2:2", "4:4:4"])
 def test_requantized_coefficients_write_the_encoders_very_files(subsampling):
     """The device path's coefficients and tables, written, are byte for byte the numpy encoder's
-    semantic JPEG of the same pixels and grid: photos and noise, odd sizes, blocks of 8, 16, 32."""
+    semantic JPEG of the same pixels and grid: photos and noise, odd sizes (one block wide too),
+    blocks of 8, 16, 32."""
     import skimage.data
 
     from transforms.images import resize_and_crop
@@ -179,7 +180,10 @@ def test_requantized_coefficients_write_the_encoders_very_files(subsampling):
     photos = [resize_and_crop(skimage.data.astronaut(), resize=256, crop=224),
               resize_and_crop(skimage.data.chelsea(), resize=256, crop=224)]
     cases = [(np.stack(photos), 16), (rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8), 8),
-             (rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8), 32), (rng.integers(0, 256, (1, 5, 7, 3), dtype=np.uint8), 8)]
+             (rng.integers(0, 256, (2, 37, 53, 3), dtype=np.uint8), 32), (rng.integers(0, 256, (1, 5, 7, 3), dtype=np.uint8), 8),
+             # One block wide: the coefficients are strided views, which jpeglib cannot take as they are.
+             (rng.integers(0, 256, (1, 33, 8, 3), dtype=np.uint8), 8), (rng.integers(0, 256, (1, 9, 1, 3), dtype=np.uint8), 16),
+             (rng.integers(0, 256, (2, 40, 8, 3), dtype=np.uint8), 16)]
     for images, block in cases:
         n, h, w = images.shape[:3]
         grids = np.stack([block_qualities(rng.random((h, w)), block=block, q_low=5, q_high=95) for _ in range(n)])
@@ -279,9 +283,14 @@ def test_prepared_files_on_cuda_are_the_cpus():
               "noise_level": np.array([9.0, 9.0, 1.0, 9.0])}
     spec = parse_defense("aug_msroi_gated")
     denoised = denoise_flagged([spec], images, scores, "cuda")
-    prepared = prepare_requantized([spec], images, maps, scores, denoised, "cuda")
+    prepared = prepare_requantized([spec], images, maps, scores, denoised, "cuda", entropy=True)
     assert all(d[spec.text].data is not None for d in prepared)
+    # By default groups this small are left to the CPU's libjpeg: coefficients, or nothing for stable images.
+    small = prepare_requantized([spec], images, maps, scores, denoised, "cuda")
+    assert all(d.get(spec.text) is None or d[spec.text].data is None for d in small)
     for i, image in enumerate(images):
         hidden = {k: float(v[i]) for k, v in scores.items()}
         want = apply_defense(spec, image, saliency=maps[i], denoised=denoised[i].get(0.03), **hidden)
         assert prepared[i][spec.text].data == want.data
+        if spec.text in small[i]:
+            assert apply_defense(spec, image, saliency=maps[i], prepared=small[i][spec.text], **hidden).data == want.data

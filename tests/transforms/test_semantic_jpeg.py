@@ -20,6 +20,7 @@ from transforms.semantic_jpeg import (
     encode_semantic_jpeg,
     encode_semantic_jpeg_bytes,
     ijg_tables,
+    write_coefficients,
 )
 
 
@@ -276,6 +277,13 @@ def test_encoder_rejects_bad_images():
         encode_semantic_jpeg(np.zeros((16, 16, 3), dtype=np.float32), np.full((1, 1), 50))
     with pytest.raises(ValueError, match="uint8"):
         encode_semantic_jpeg(np.zeros((16, 16), dtype=np.uint8), np.full((1, 1), 50))
+    with pytest.raises(ValueError, match="65500"):  # libjpeg's limit, not an OSError from deep inside
+        encode_semantic_jpeg(np.zeros((8, 65501, 3), dtype=np.uint8), np.full((1, 4094), 50), block=16)
+    with pytest.raises(ValueError, match="65500"):
+        encode_jpeg(np.zeros((65501, 8, 3), dtype=np.uint8), 75)
+    with pytest.raises(ValueError, match="65500"):
+        write_coefficients([np.zeros((1, 8188, 8, 8), np.int16)] * 3, np.ones((2, 8, 8), np.int16), subsampling="4:4:4",
+                           height=8, width=65501)
 
 
 # --------------------------------------------------------------------------- rate control
