@@ -54,6 +54,20 @@ def semantic_run(tmp_path_factory, photos):
     return tmp, summary, rows
 
 
+def _as_on_a_gpu(monkeypatch) -> list:
+    """Make the map stage work as on a GPU worker, on the CPU: it computes the semantic JPEGs'
+    coefficients and entropy-codes the files (:func:`transforms.defenses.prepare_requantized`).
+    Returns the list each batch's prepared files are appended to."""
+    import pipeline.saliency as saliency_stage
+
+    init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
+    prepared: list = []
+    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
+    monkeypatch.setattr(saliency_stage, "prepare_requantized",
+                        lambda *a: prepared.append(prepare(*a, entropy=True)) or prepared[-1])
+    return prepared
+
+
 def test_every_variant_defended_and_rate_matched(semantic_run):
     _, summary, rows = semantic_run
     assert summary["errors"] == {} and summary["samples"] == 8  # the flat image too
@@ -380,11 +394,8 @@ def test_gated_defense_at_native_size_denoises_each_size_in_the_map_stage(tmp_pa
     assert len(measured) == 5  # once per image, in the map stage; the encoder takes its measurement
     # As on a GPU: the map stage computes the files' coefficients too, for each size, and writes
     # the files (entropy coding in torch).
-    init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
-    prepared = []
-    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
-    monkeypatch.setattr(saliency_stage, "prepare_requantized",
-                        lambda *a: prepared.append(prepare(*a, entropy=True)) or prepared[-1])
+    init = saliency_stage.MapHandler.__init__
+    prepared = _as_on_a_gpu(monkeypatch)
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "gpu"), *args]) == 0
     assert [sum(map(len, p)) for p in prepared] == [5]
     assert all(pr.data is not None and pr.coefficients is None for p in prepared for d in p for pr in d.values())
@@ -420,8 +431,6 @@ def test_on_a_gpu_worker_the_map_stage_writes_the_gated_defenses_files(tmp_path,
     the map stage, and the shards and rows are those the CPU encoder writes."""
     import skimage.data
 
-    import pipeline.saliency as saliency_stage
-
     astronaut = skimage.data.astronaut()
     images = {"a": astronaut[:96, :128], "b": astronaut[200:296, 100:228], "c": astronaut[300:333, 7:58],
               "gray": np.dstack([skimage.data.camera()[:96, :128]] * 3)}
@@ -431,11 +440,7 @@ def test_on_a_gpu_worker_the_map_stage_writes_the_gated_defenses_files(tmp_path,
     for s in specs:
         args += ["--defense", s]
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "cpu"), *args]) == 0
-    init, prepare = saliency_stage.MapHandler.__init__, saliency_stage.prepare_requantized
-    prepared = []
-    monkeypatch.setattr(saliency_stage.MapHandler, "__init__", lambda self, *a, **k: init(self, *a, **k, prepare=True))
-    monkeypatch.setattr(saliency_stage, "prepare_requantized",
-                        lambda *a: prepared.append(prepare(*a, entropy=True)) or prepared[-1])
+    prepared = _as_on_a_gpu(monkeypatch)
     assert main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "gpu"), *args]) == 0
     made = [(text, pr.qualities is None) for batch in prepared for d in batch for text, pr in d.items()
             if pr.data is not None]
