@@ -37,7 +37,7 @@ from . import saliency as _saliency
 from .denoise import denoise_tv_uint8, noise_levels
 from .denoise import noise_level as _noise_level
 from .images import to_tensor, to_uint8
-from .jpeg import Subsampling, decode_rgb, encode_jpeg, encode_png
+from .jpeg import JPEG_MAX_DIMENSION, Subsampling, decode_rgb, encode_jpeg, encode_png
 from .jpeg_torch import jpeg_roundtrip
 from .semantic_jpeg import (
     Binning,
@@ -531,9 +531,6 @@ def prepares_on(device, prepare: bool | None) -> bool:
 #: ~0.8 ms on one CPU core: below ~16 images (uncropped images of many sizes, a batch's tail) the
 #: encoder's CPU writes them sooner.
 DEVICE_ENTROPY_MIN_BATCH = 16
-
-#: libjpeg's largest image side (JPEG_MAX_DIMENSION).
-JPEG_MAX_DIMENSION = 65500
 
 
 def entropy_codes_on(device, entropy: bool | None, batch: int | None = None) -> bool:

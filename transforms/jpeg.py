@@ -16,11 +16,21 @@ SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
 Subsampling = Literal["4:4:4", "4:2:2", "4:2:0"]
 
 
+#: libjpeg's largest image side (its JPEG_MAX_DIMENSION): no JPEG this project writes is larger.
+JPEG_MAX_DIMENSION = 65500
+
+
+def check_jpeg_size(height: int, width: int) -> None:
+    """A clear error for an image side outside 1..:data:`JPEG_MAX_DIMENSION`."""
+    if not 1 <= int(height) <= JPEG_MAX_DIMENSION or not 1 <= int(width) <= JPEG_MAX_DIMENSION:
+        raise ValueError(f"a JPEG's height and width must be in 1..{JPEG_MAX_DIMENSION} (libjpeg's limit), "
+                         f"got {height}x{width}")
+
+
 def _check_image(image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {image.dtype} {image.shape}")
-    if max(image.shape[:2]) > 65500:
-        raise ValueError(f"a JPEG holds at most 65500x65500 pixels (libjpeg's limit), got {image.shape[0]}x{image.shape[1]}")
+    check_jpeg_size(*image.shape[:2])
 
 
 def encode_jpeg(

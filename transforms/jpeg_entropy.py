@@ -37,6 +37,7 @@ import functools
 import numpy as np
 import torch
 
+from .jpeg import check_jpeg_size
 from .jpeg_dct import SAMPLING
 
 __all__ = ["write_coefficients_batch"]
@@ -208,8 +209,7 @@ def _tables(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _check(coefficients, tables: torch.Tensor, subsampling: str, height: int, width: int) -> None:
     if subsampling not in SAMPLING:
         raise ValueError(f"subsampling must be one of {', '.join(SAMPLING)}, got {subsampling!r}")
-    if not 1 <= int(height) <= 65500 or not 1 <= int(width) <= 65500:
-        raise ValueError(f"height and width must be in 1..65500 (libjpeg's limit), got {height}x{width}")
+    check_jpeg_size(height, width)
     if len(coefficients) != 3:
         raise ValueError(f"expected 3 components (Y, Cb, Cr), got {len(coefficients)}")
     rows, cols = _layout(int(height), int(width), subsampling)[:2]
@@ -224,7 +224,8 @@ def _check(coefficients, tables: torch.Tensor, subsampling: str, height: int, wi
             raise ValueError("coefficients outside baseline JPEG's range")
     if tuple(tables.shape) != (n, 2, 8, 8) or tables.dtype.is_floating_point or (
             tables.numel() and (int(tables.min()) < 1 or int(tables.max()) > 255)):
-        raise ValueError(f"tables must be integer ({n}, 2, 8, 8) steps in 1..255, got {tables.dtype} {tuple(tables.shape)}")
+        raise ValueError(f"tables must be integer ({n}, 2, 8, 8) steps in 1..255, "
+                         f"got {tables.dtype} {tuple(tables.shape)}")
 
 
 def _scan_symbols(coefficients, subsampling: str, height: int, width: int):

@@ -333,11 +333,12 @@ def quality_grids(maps: torch.Tensor, *, levels: int = 5, q_low: int = 30, q_hig
                   block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """:func:`transforms.semantic_jpeg.block_qualities` with ``binning="value"`` for a batch of
     maps, on their device: the same grids. Each cell's mean is taken in float64 and rounded to
-    9 decimals as numpy's is, so the order of the summation practically never matters (a mean
-    within rounding of a 9-decimal boundary could still differ, and of those only one that also
-    sits on a bin edge changes a quality: none in the tests' 900 grids, edges included); the bins and the
-    qualities are numpy's arithmetic (``rint`` and ``round`` both round half to even). On a GPU
-    worker this keeps the grids of the map stage off its host (0.11 ms a 224x224 map in numpy).
+    9 decimals as numpy's is, so the order of the summation practically never matters: only a mean
+    within float error of a rounding boundary of its 9th decimal could round differently, and it
+    changes a quality only if it also lies on a bin edge (none of the tests' 900 grids, maps on the
+    bin edges included, differs). The bins and the qualities are numpy's arithmetic (``rint`` and
+    ``round`` both round half to even). On a GPU worker this keeps the grids of the map stage off
+    its host (0.11 ms a 224x224 map in numpy).
 
     Args:
         maps: float (N, H, W), values in [0, 1] (clipped).

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import jpeglib
 import numpy as np
 
-from .jpeg import SUBSAMPLING, Subsampling, decode_rgb, encode_jpeg
+from .jpeg import SUBSAMPLING, Subsampling, check_jpeg_size, decode_rgb, encode_jpeg
 from .jpeg_dct import SAMPLING, source_coefficients
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,7 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {got}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image has no pixels ({image.shape[0]}x{image.shape[1]})")
-    if max(image.shape[:2]) > 65500:
-        raise ValueError(f"a JPEG holds at most 65500x65500 pixels (libjpeg's limit), got {image.shape[0]}x{image.shape[1]}")
+    check_jpeg_size(*image.shape[:2])
 
 
 def _check_block(block) -> int:
@@ -306,8 +305,7 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
     _check_subsampling(subsampling)
     samp = SAMPLING[subsampling]
     vmax, hmax = max(v for v, _ in samp), max(s for _, s in samp)
-    if not 1 <= int(height) <= 65500 or not 1 <= int(width) <= 65500:
-        raise ValueError(f"height and width must be in 1..65500 (libjpeg's limit), got {height}x{width}")
+    check_jpeg_size(height, width)
     if len(coefficients) != 3:
         raise ValueError(f"expected 3 components (Y, Cb, Cr), got {len(coefficients)}")
     comps = []
