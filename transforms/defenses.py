@@ -601,7 +601,7 @@ def prepare_requantized(specs, images, maps, scores: Mapping[str, Any] | None, d
                 for k, (i, grid) in enumerate(members):
                     out[i][spec.text] = Prepared(grid, None, tables[k], files[k])
                 continue
-            comps = [c.contiguous().cpu().numpy() for c in comps]  # compact: each image's blocks in order
+            comps = [c.cpu().numpy() for c in comps]
             for k, (i, grid) in enumerate(members):
                 out[i][spec.text] = Prepared(grid, [c[k] for c in comps], tables[k])
         if spec.name == "aug_msroi_gated" and entropy_codes_on(device, entropy):
