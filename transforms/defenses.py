@@ -712,7 +712,8 @@ def match_target(spec: Spec) -> str | None:
 
 def parse_defense(text: str) -> Spec:
     """Parse and validate ``name[:k=v,...]``; bad values fail here, before any work starts."""
-    spec = parse_spec(text, DEFENSES, kind="defense", hidden=HIDDEN)
+    # A match names a defense, and "none" is one: read as text, never as "no match".
+    spec = parse_spec(text, DEFENSES, kind="defense", hidden=HIDDEN, overrides={"match": str})
     p = spec.params
 
     def bad(key, why):
@@ -743,6 +744,8 @@ def parse_defense(text: str) -> Spec:
             bad("noise_floor", "must be a finite number >= 0 (0: every flagged image is denoised)")
     if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
         bad("bytes", "must be >= 1")
+    if p.get("match") == "":
+        bad("match", "must name a defense of this run")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]
     if spec.name == "jpeg" and len(given) > 1:
         raise ValueError(f"defense spec {text!r}: give one of quality, bytes or match, not {' and '.join(given)}")

@@ -52,11 +52,22 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi_gated:jpeg_gate=-1", "jpeg_gate"),
         ("aug_msroi_gated:jpeg_gate=inf", "jpeg_gate"),
         ("aug_msroi_gated:bytes=0", "bytes"),
+        ("jpeg:match=", "match"),
     ],
 )
 def test_invalid_parameters_fail_before_work(text, message):
     with pytest.raises(ValueError, match=message):
         parse_defense(text)
+
+
+def test_match_names_a_defense_even_one_called_none(photos):
+    """``none`` is a defense (the PNG): ``jpeg:match=none`` is rate-matched to it, not read as
+    "no match" (a plain quality-75 JPEG)."""
+    spec = parse_defense("jpeg:match=none")
+    assert match_target(spec) == "none"
+    png = apply_defense(parse_defense("none"), photos[0])
+    enc = apply_defense(spec, photos[0], matched_bytes=len(png.data))
+    assert enc.info["target_bytes"] == len(png.data) and len(enc.data) <= len(png.data)
 
 
 def test_semantic_defense_uses_the_map(photos):
