@@ -202,10 +202,9 @@ class NightlyConfig:
         if is_within(hist, out) or is_within(out, hist):
             raise ValueError(f"{source}: history ({hist}) and output ({out}) must be apart: "
                              "neither the same folder nor one inside the other")
-        if "attacks" in raw:
-            kw["attacks"] = _strings(f"{source}: attacks", raw["attacks"] or [], single_ok=False)
-        if "defenses" in raw:
-            kw["defenses"] = _strings(f"{source}: defenses", raw["defenses"] or [], single_ok=False)
+        for k in ("attacks", "defenses"):
+            if k in raw:  # null is none; false, 0 or "" are wrong types, not empty lists
+                kw[k] = _strings(f"{source}: {k}", [] if raw[k] is None else raw[k], single_ok=False)
         if "model" in raw:
             kw["model"] = _model(f"{source}: model", raw["model"]) or ModelConfig()
         if "map_model" in raw:

@@ -42,6 +42,9 @@ def write_config(tmp_path, cfg) -> str:
     [
         ({"atacks": ["fgsm"]}, "unknown key 'atacks'"),
         ({"attacks": "fgsm"}, "attacks must be a list of strings"),
+        ({"attacks": ""}, "attacks must be a list of strings, got ''"),
+        ({"attacks": 0}, "attacks must be a list of strings, got 0"),
+        ({"defenses": False}, "defenses must be a list of strings, got False"),
         ({"seed": "zero"}, "seed must be an integer"),
         ({"map_precision": "fp16"}, "nightly.yaml: map precision must be one of fp32, bf16, got 'fp16'"),
         ({"map_precision": 16}, "map_precision must be a string"),
