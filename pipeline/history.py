@@ -5,9 +5,9 @@ The date lives in the folder name only (hive partitioning), so ``pyarrow.parquet
 and ``pandas.read_parquet(HIST)`` read the whole dataset; files written before that change also
 hold a ``date`` column, which is read and checked here but clashes with the folder's in those
 readers. A partition is written to a hidden temporary name and renamed into place, so a failure
-never leaves a half-written file, and writing one date never touches another. A folder holding
-only such temporary leftovers (a write that was interrupted) is not a partition: it is skipped
-with a warning and cleaned when that date is written again. A partition folder without its file,
+never leaves a half-written file (nor an empty folder for a new date), and writing one date never
+touches another. A folder holding only such temporary leftovers (a write that was interrupted) is
+not a partition: it is skipped with a warning and cleaned when that date is written again. A partition folder without its file,
 a file that is not readable Parquet with the history columns (or with null attack or defense
 specs), and a ``date=`` folder naming no real date (``date=2026-02-30``) are errors that name it.
 """
@@ -170,15 +170,24 @@ def write_partition(history: str, date: str, rows: list[dict]) -> str:
     """Write (or replace) one date's partition atomically; returns its path."""
     fs, root = url_to_fs(history)
     part = join(root, f"date={date}")
-    fs.makedirs(part, exist_ok=True)
     buf = io.BytesIO()
     table = pa.Table.from_pylist([{k: r.get(k) for k in HISTORY_SCHEMA.names} for r in rows], schema=HISTORY_SCHEMA)
     pq.write_table(table, buf, compression="zstd")
+    existed = fs.exists(part)
+    fs.makedirs(part, exist_ok=True)
     tmp = join(part, f".{FILE}.tmp-{secrets.token_hex(4)}")
     stale = [p for p in fs.ls(part, detail=False) if posixpath.basename(p).startswith(f".{FILE}.tmp-")]
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, join(part, FILE))
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        fs.mv(tmp, join(part, FILE))
+    except BaseException:
+        # A new date's folder left empty would read as a partition that lost its file (every
+        # later night an error); one holding a partial temporary file is skipped as leftovers.
+        if not existed:
+            with contextlib.suppress(OSError):
+                fs.rmdir(part)
+        raise
     for p in stale:  # an earlier interrupted write of this date; never anything else
         log.info("removing %s (left by an interrupted write)", p)
         fs.rm(p)

@@ -364,6 +364,28 @@ def test_leftovers_of_an_interrupted_write_are_not_a_partition(tmp_path, caplog)
     assert sorted(p.name for p in part.iterdir()) == [".summary.parquet.tmp-0badc0de", "summary.parquet.bak"]
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_write_of_a_new_date_leaves_the_history_readable(tmp_path, monkeypatch, failure):
+    """A write that fails before its temporary file exists (a full disk, a second Ctrl-C during
+    the night's bookkeeping) must not leave an empty date folder: that reads as a partition that
+    lost its file, and every later night (the rerun of that date too) would stop on it."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalFileSystem, "open", fail)
+        with pytest.raises(type(failure)):
+            write_partition(str(hist), "2026-01-02", [HISTORY_ROW])
+    assert sorted(read_history(str(hist))) == ["2026-01-01"]
+    write_partition(str(hist), "2026-01-02", [HISTORY_ROW])  # that date again
+    assert sorted(read_history(str(hist))) == ["2026-01-01", "2026-01-02"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
 def test_history_and_report_reads_start_no_pyarrow_threads(tmp_path):
     """pyarrow 25 aborted (SIGABRT, exit 134) now and then when the process exited right after a
