@@ -73,9 +73,28 @@ def load_rows(run: str) -> list[dict]:
         return []
     rows = []
     for path in sorted(fs.glob(join(root, "*.parquet"))):
-        with fs.open(path, "rb") as f:
-            rows += read_parquet(f.read()).to_pylist()
+        try:
+            with fs.open(path, "rb") as f:
+                rows += read_parquet(f.read()).to_pylist()
+        except (ValueError, OSError) as e:  # pyarrow's errors say what, not which file
+            raise ValueError(f"metadata file {path} of {run} is corrupt: {e}") from None
     return rows
+
+
+def _run_json(run: str, name: str, keys: tuple[str, ...] = ()) -> dict:
+    """The run's JSON object file ``name`` (summary.json, nightly.json), holding ``keys``; a
+    damaged one is an error that names it (json's own message names no file)."""
+    path = join(run, name)
+    try:
+        value = json.loads(read_bytes(path))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupt: not a JSON object")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"{path} is corrupt: no {', '.join(missing)}")
+    return value
 
 
 def _read_tar(path: str) -> dict[str, bytes]:
@@ -424,7 +443,7 @@ def _recorded_nightly(run: str) -> dict:
     from .nightly import NIGHTLY_FILE
 
     fs, path = url_to_fs(join(run, NIGHTLY_FILE))
-    return json.loads(read_bytes(join(run, NIGHTLY_FILE))) if fs.exists(path) else {}
+    return _run_json(run, NIGHTLY_FILE) if fs.exists(path) else {}
 
 
 def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded: dict) -> str | None:
@@ -496,7 +515,7 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
         if not fs.isdir(root):
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
-    summary = json.loads(read_bytes(join(run, "summary.json")))
+    summary = _run_json(run, "summary.json", ("run_id", "table", "config"))
     if hist is not None:
         recorded = _recorded_nightly(run)
         night = run_night(run, summary, hist, recorded)

@@ -261,3 +261,22 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"semjpeg report: error: {tmp_path / 'empty'} is not a semjpeg run (no summary.json)"]
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("summary.json", "{bad", "summary.json is corrupt: Expecting property name"),
+    ("summary.json", "[]", "summary.json is corrupt: not a JSON object"),
+    ("summary.json", '{"run_id": "r"}', "summary.json is corrupt: no table, config"),
+    ("nightly.json", "", "nightly.json is corrupt: Expecting value"),
+    ("metadata/part-00000.parquet", "PAR1 garbage", r"metadata file .*part-00000.parquet of .* is corrupt: "),
+])
+def test_a_damaged_run_file_is_one_line_naming_it(run_dir, tmp_path, capsys, name, text, message):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / name).write_text(text)
+    (tmp_path / "history").mkdir()
+    out = tmp_path / "r.html"
+    assert main(["report", "--run", str(run), "--history", str(tmp_path / "history"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not out.exists()
