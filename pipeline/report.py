@@ -17,6 +17,7 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from fsspec.core import url_to_fs
@@ -438,6 +439,16 @@ def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | N
     return "\n".join(parts)
 
 
+@dataclass(frozen=True)
+class RecordedAlarm:
+    """An alarm as ``nightly.json`` records it: its text only (the table marks no cell for it)."""
+
+    text: str
+
+    def describe(self) -> str:
+        return self.text
+
+
 def _recorded_nightly(run: str) -> dict:
     """The run's ``nightly.json`` (what the nightly job recorded), or {} for other runs."""
     from .nightly import NIGHTLY_FILE
@@ -503,7 +514,8 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
     """Render and write the report (atomically); returns ``output``. ``history``: the history
     dataset's location, or its nights already read ({date: rows}, as the nightly job has them).
     With a history and no ``regressions`` given, the regressions are recomputed (see
-    recompute_regressions). The trends stop at the run's night (see run_night): a report of a
+    recompute_regressions); without either, a nightly run shows the alarms its ``nightly.json``
+    recorded. The trends stop at the run's night (see run_night): a report of a
     past night shows no later ones."""
     hist, comparison = None, ""
     if isinstance(history, dict):
@@ -516,8 +528,14 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)
     summary = _run_json(run, "summary.json", ("run_id", "table", "config"))
+    recorded = _recorded_nightly(run)
+    if hist is None and regressions is None and recorded.get("alarms"):
+        # Without a history to recompute them from, the alarms the nightly job recorded: a
+        # nightly run's report written again must not lose them.
+        regressions = [RecordedAlarm(text) for text in recorded["alarms"]]
+        prev = recorded.get("previous_date")
+        comparison = "The alarms the nightly job recorded" + (f" (compared with {prev})." if prev else ".")
     if hist is not None:
-        recorded = _recorded_nightly(run)
         night = run_night(run, summary, hist, recorded)
         if regressions is None:
             regressions, comparison = recompute_regressions(summary, hist, night, recorded)

@@ -87,6 +87,27 @@ def test_report_recomputes_regressions_with_default_tolerance_and_marks_cells(ru
     assert page.count("<td class='bad'>") == len(rows) and "Trends over 1 night<" in page
 
 
+def test_report_without_history_shows_the_alarms_the_nightly_job_recorded(run_dir, tmp_path):
+    """A nightly run's report written again without --history (its own report.html, say) keeps
+    the night's alarms, as nightly.json has them; with a history they are recomputed."""
+    import json
+
+    run = tmp_path / "out" / "date=2026-01-05"
+    shutil.copytree(run_dir, run)
+    alarm = "top1 of fgsm:eps=8/255 x none dropped from 0.9 (2026-01-04) to 0.1 (tolerance 0.02)"
+    (run / "nightly.json").write_text(json.dumps({
+        "date": "2026-01-05", "history": str(tmp_path / "h"), "tolerance": {"top1": 0.02},
+        "previous_date": "2026-01-04", "alarms": [alarm, "<b>x</b>"]}))
+    out = run / "report.html"
+    assert main(["report", "--run", str(run), "--output", str(out)]) == 0
+    page = out.read_text()
+    assert "Regressions (2)" in page and f"<li>{alarm}</li>" in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    assert "The alarms the nightly job recorded (compared with 2026-01-04)." in page
+    (tmp_path / "h").mkdir()  # a history: recomputed (nothing to compare with), not as recorded
+    assert main(["report", "--run", str(run), "--history", str(tmp_path / "h"), "--output", str(out)]) == 0
+    assert "Regressions (" not in out.read_text()
+
+
 def test_report_of_a_past_night_shows_no_later_nights(run_dir, tmp_path):
     """A nightly run folder of 2026-01-05 reported against a history that goes on to 2026-01-09:
     compared with the night before it, and its trends stop at its own night."""
