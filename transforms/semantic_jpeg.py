@@ -315,7 +315,9 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
         if c.shape != want or not np.issubdtype(c.dtype, np.integer):
             raise ValueError(f"component coefficients must be integer {want} for a {height}x{width} image under "
                              f"{subsampling}, got {c.dtype} {c.shape}")
-        if c.size and (int(c.min()) < -1024 or int(c.max()) > 1023):
+        # DC -1024..1023; AC within size category 10 (jchuff.c), as jpeg_entropy checks them.
+        if c.size and (int(c.min()) < -1024 or int(c.max()) > 1023 or int(c[..., 1:].min()) < -1023
+                       or int(c[..., 1:, :].min()) < -1023):
             raise ValueError("coefficients outside baseline JPEG's range")
         comps.append(np.ascontiguousarray(c, dtype=np.int16))  # jpeglib takes no strided views
     qt = np.asarray(tables)

@@ -284,6 +284,10 @@ def test_encoder_rejects_bad_images():
     with pytest.raises(ValueError, match="65500"):
         write_coefficients([np.zeros((1, 8188, 8, 8), np.int16)] * 3, np.ones((2, 8, 8), np.int16), subsampling="4:4:4",
                            height=8, width=65501)
+    ac = np.zeros((1, 1, 8, 8), np.int16)
+    ac[0, 0, 3, 1] = -1024  # a valid DC value, but outside an AC coefficient's size category 10
+    with pytest.raises(ValueError, match="range"):  # not libjpeg's OSError
+        write_coefficients([ac, ac * 0, ac * 0], np.ones((2, 8, 8), np.int16), subsampling="4:4:4", height=8, width=8)
 
 
 # --------------------------------------------------------------------------- rate control
