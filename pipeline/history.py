@@ -7,9 +7,10 @@ hold a ``date`` column, which is read and checked here but clashes with the fold
 readers. A partition is written to a hidden temporary name and renamed into place, so a failure
 never leaves a half-written file (nor an empty folder for a new date), and writing one date never
 touches another. A folder holding only such temporary leftovers (a write that was interrupted) is
-not a partition: it is skipped with a warning and cleaned when that date is written again. A partition folder without its file,
-a file that is not readable Parquet with the history columns (or with null attack or defense
-specs), and a ``date=`` folder naming no real date (``date=2026-02-30``) are errors that name it.
+not a partition: it is skipped with a warning and cleaned when that date is written again. A
+partition folder without its file, a file that is not readable Parquet with the history columns
+(or with null attack or defense specs), and a ``date=`` folder naming no real date
+(``date=2026-02-30``) are errors that name it.
 """
 from __future__ import annotations
 
