@@ -768,7 +768,7 @@ def matched_defense(spec: Spec) -> Spec | None:
     ref = match_target(spec)
     if ref is None:
         return None
-    ref_spec = parse_defense(ref)
+    ref_spec = parse_defense(ref.replace(";", ","))  # its parameters separated by ';', as a run names it
     if match_target(ref_spec) is not None:
         raise ValueError(f"{spec.text} cannot match {ref}, itself rate-matched")
     return ref_spec

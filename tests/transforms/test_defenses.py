@@ -70,6 +70,15 @@ def test_match_names_a_defense_even_one_called_none(photos):
     assert enc.info["target_bytes"] == len(png.data) and len(enc.data) <= len(png.data)
 
 
+def test_a_match_standing_alone_reads_the_runs_spelling():
+    """``jpeg:match=aug_msroi:q_low=40;q_high=60`` (its parameters separated by ';', as a run
+    names it) names that defense on its own too (:func:`matched_defense`, BPDA's forward pass)."""
+    from transforms.defenses import matched_defense
+
+    ref = matched_defense(parse_defense("jpeg:match=aug_msroi:q_low=40;q_high=60"))
+    assert (ref.name, dict(ref.params)) == ("aug_msroi", {"q_low": 40, "q_high": 60})
+
+
 def test_semantic_defense_uses_the_map(photos):
     img = photos[0]
     sal = np.zeros(img.shape[:2], np.float32)
