@@ -138,13 +138,17 @@ def read_history(history: str) -> dict[str, list[dict]]:
 
 
 def check_writable(history: str) -> None:
-    """Fail before any work if the history location cannot take a partition (a folder created
-    for the probe is removed again: a run that fails later leaves no empty history behind)."""
+    """Fail before any work if the history location cannot take a partition (the folders created
+    for the probe, its parents too, are removed again: a run that fails later leaves no empty
+    history behind)."""
     try:
         fs, root = url_to_fs(history)
-        existed = fs.exists(root)
-        if existed and not fs.isdir(root):
+        if fs.exists(root) and not fs.isdir(root):
             raise NotADirectoryError(f"{root} is a file")
+        made, folder = [], root  # the folders makedirs creates, deepest first
+        while folder and folder != posixpath.dirname(folder) and not fs.exists(folder):
+            made.append(folder)
+            folder = posixpath.dirname(folder)
         fs.makedirs(root, exist_ok=True)
         probe = join(root, f".probe-{secrets.token_hex(4)}")
         with fs.open(probe, "wb") as f:
@@ -152,9 +156,11 @@ def check_writable(history: str) -> None:
         fs.rm(probe)
     except Exception as e:
         raise ValueError(f"history location {history} cannot be written: {e}") from None
-    if not existed:
-        with contextlib.suppress(OSError):
-            fs.rmdir(root)
+    for folder in made:
+        try:
+            fs.rmdir(folder)
+        except OSError:
+            break
 
 
 def check_night(history: str, date: str) -> None:

@@ -364,6 +364,17 @@ def test_leftovers_of_an_interrupted_write_are_not_a_partition(tmp_path, caplog)
     assert sorted(p.name for p in part.iterdir()) == [".summary.parquet.tmp-0badc0de", "summary.parquet.bak"]
 
 
+def test_the_history_check_leaves_no_folder_it_made(tmp_path):
+    from pipeline.history import check_writable
+
+    (tmp_path / "kept").mkdir()
+    check_writable(str(tmp_path / "kept" / "a" / "b" / "history"))
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "h").mkdir()
+    check_writable(str(tmp_path / "h"))  # an existing history stays, empty or not
+    assert (tmp_path / "h").is_dir()
+
+
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_write_of_a_new_date_leaves_the_history_readable(tmp_path, monkeypatch, failure):
     """A write that fails before its temporary file exists (a full disk, a second Ctrl-C during
