@@ -14,7 +14,7 @@ import re
 
 from fsspec.core import url_to_fs
 
-from .io import (check_output_file, file_key, join, list_images, read_bytes, read_labels_csv, tar_bytes,
+from .io import (check_output_file, file_key, input_fs, join, list_images, read_labels_csv, tar_bytes,
                  write_bytes)
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,12 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
         keys[key] = rel
     paths = []
     items = sorted(keys.items())
+    fs, root = input_fs(folder)  # files by name on the folder's filesystem: "a::b.jpg" is no chained URL
     for s in range(0, len(items), per_shard):
         members = []
         for key, rel in items[s : s + per_shard]:
             ext = rel.rsplit(".", 1)[1].lower()
-            members.append((f"{key}.{ext}", read_bytes(join(folder, rel))))
+            members.append((f"{key}.{ext}", fs.cat_file(join(root, rel))))
             label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
             if label is not None:
                 members.append((f"{key}.cls", label.strip().encode()))

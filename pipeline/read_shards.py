@@ -26,7 +26,8 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors
-from .io import IMAGE_EXTS, file_key, join, open_binary, read_labels_csv, sanitize_key, unsafe_name_reason
+from .io import (IMAGE_EXTS, file_key, input_fs, join, open_binary, read_labels_csv, sanitize_key,
+                 unsafe_name_reason)
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -403,16 +404,17 @@ class _ReadShardFn(beam.DoFn):
 
     def _folder(self, shard: SourceShard) -> Iterator[RawSample | ErrorRecord]:
         seen: set[str] = set()
+        # Files are opened on the folder's filesystem, not as URLs: "a::b.jpg" is a file name,
+        # where fsspec.open would read a chained URL.
+        fs, root = input_fs(shard.path)
         for rel in shard.files:
-            path = join(shard.path, rel)
             key = file_key(rel)
             if key in seen:
                 yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, "two files give the same key")
                 continue
             seen.add(key)
             try:
-                with open_binary(path) as f:
-                    data = f.read()
+                data = fs.cat_file(join(root, rel))
             except Exception as e:
                 yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, f"cannot read file: {e}")
                 continue

@@ -278,3 +278,19 @@ def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     (tar,) = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
     keys, errors = _keys(read(tar, "webdataset"))
     assert sorted(keys) == expected and errors == []
+
+
+def test_a_file_name_with_a_double_colon_is_a_file_not_a_chained_url(tmp_path):
+    """fsspec.open reads ``photo::1.png`` as the chained URL ``photo`` then ``1.png``: the image
+    was reported unreadable (naming a file ``photo`` that does not exist), and `semjpeg shard` stopped."""
+    from pipeline.pack import pack_folder
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "photo::1.png").write_bytes(PNG)
+    (shard,) = expand_inputs((str(folder),))
+    fn = _ReadShardFn(InputConfig(paths=(str(folder),)))
+    (sample,) = fn.process(shard)
+    assert isinstance(sample, RawSample) and (sample.key, sample.data) == ("photo::1", PNG)
+    (tar,) = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
+    assert _keys(read(tar, "webdataset")) == (["photo::1"], [])
