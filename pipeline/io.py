@@ -179,13 +179,14 @@ def read_labels_csv(path: str) -> dict[str, str]:
 
 
 _SAFE_KEY = re.compile(r"^[^\x00-\x1f\\]+$")
+_DRIVE = re.compile(r"^[A-Za-z]:")  # "c:x" is a Windows path relative to drive C
 
 
 def unsafe_name_reason(name: str) -> str | None:
     """Why a member or key name is unsafe to carry into outputs, or None if it is fine."""
     if not name or not _SAFE_KEY.match(name):
         return "empty name or control/backslash characters"
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+    if name.startswith("/") or _DRIVE.match(name):
         return "absolute path"
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -485,10 +486,12 @@ _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\\]")
 
 def file_key(rel: str) -> str:
     """The key of a folder's image file, from its path relative to the folder without its
-    extension: dots, control characters and backslashes become ``_``, and so does a name that
-    is only an extension (``.jpg``, ``sub/.jpg``), so every file gives a key that the tar reader
-    takes back (unsafe_name_reason)."""
+    extension: dots, control characters and backslashes become ``_``, and so do a name that
+    is only an extension (``.jpg``, ``sub/.jpg``) and the colon of a leading drive letter
+    (``c:x.jpg``), so every file gives a key that the tar reader takes back (unsafe_name_reason)."""
     key = _UNSAFE_CHARS.sub("_", sanitize_key(rel.rsplit(".", 1)[0]))
+    if _DRIVE.match(key):
+        key = f"{key[0]}_{key[2:]}"
     head, _, last = key.rpartition("/")
     return f"{head}/{last or '_'}" if head else (last or "_")
 

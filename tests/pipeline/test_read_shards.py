@@ -262,15 +262,16 @@ def test_one_file_named_two_ways_is_read_once(tmp_path):
 
 def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     """A folder's file names become keys, and `semjpeg shard` writes them as tar members: a name
-    that is only an extension, or holds a tab or a newline, must give a key that reading the
-    shard back accepts."""
+    that is only an extension, holds a tab or a newline, or starts like a drive (``c:``), must
+    give a key that reading the shard back accepts."""
     from pipeline.pack import pack_folder
 
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
-    for name in (".jpg", "sub/.jpg", "tab\tname.png", "new\nline.png", "back\\slash.png", "a.b.png"):
+    for name in (".jpg", "sub/.jpg", "tab\tname.png", "new\nline.png", "back\\slash.png", "a.b.png", "c:d.png",
+                 "sub/e:f.png"):
         (folder / name).write_bytes(PNG)
-    expected = ["_", "a_b", "back_slash", "new_line", "sub/_", "tab_name"]
+    expected = ["_", "a_b", "back_slash", "c_d", "new_line", "sub/_", "sub/e:f", "tab_name"]
     shard = SourceShard(0, str(folder), "folder", tuple(list_images(str(folder))))
     fn = _ReadShardFn(InputConfig(paths=(str(folder),)))
     fn.setup()
