@@ -79,7 +79,8 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
     """Expand globs, files and folders into numbered source shards (sorted, deterministic).
 
     An existing path is taken literally even if it holds glob characters (a folder ``set[1]``).
-    A path reached twice (the same input given twice, or also through a glob) is read once.
+    A path reached twice (the same input given twice, or also through a glob) is read once, and so
+    is an image in two folders given (one inside the other).
     Raises ValueError naming the first input that matches nothing or whose format is unknown.
     """
     found: list[tuple[str, str]] = []  # (path, format)
@@ -116,6 +117,9 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
             seen[same] = raw
             found.append((path, f))
     shards: list[SourceShard] = []
+    # A folder inside another (``a`` and ``a/sub``) lists the same files: each is read once.
+    nested = sum(f == "folder" for _, f in found) > 1
+    listed: dict[tuple[str, str], str] = {}  # an image file, located (_location) -> the folder listing it first
     for path, f in found:
         if f != "folder":
             shards.append(SourceShard(len(shards), path, f))
@@ -123,6 +127,13 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
         files = list_images(path)
         if not files:
             raise ValueError(f"no images in folder {path}")
+        if nested:
+            protocol, base = _location(path)
+            fresh = [rel for rel in files if listed.setdefault((protocol, f"{base}/{rel}"), path) == path]
+            if len(fresh) < len(files):
+                log.warning("input %s: %d of its images are in a folder given before; reading them once",
+                            path, len(files) - len(fresh))
+            files = fresh
         for i in range(0, len(files), folder_shard_size):
             shards.append(SourceShard(len(shards), path, "folder", tuple(files[i : i + folder_shard_size])))
     return shards

@@ -295,3 +295,17 @@ def test_a_file_name_with_a_double_colon_is_a_file_not_a_chained_url(tmp_path):
     assert isinstance(sample, RawSample) and (sample.key, sample.data) == ("photo::1", PNG)
     (tar,) = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
     assert _keys(read(tar, "webdataset")) == (["photo::1"], [])
+
+
+def test_an_image_in_two_given_folders_is_read_once(tmp_path):
+    """``--input a --input a/sub`` read the images of ``a/sub`` twice (two rows, counted twice in
+    the summary), whichever came first."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for name in ("a/x.png", "a/sub/y.png", "a/sub/z.png"):
+        (tmp_path / name).write_bytes(PNG)
+    a, sub = str(tmp_path / "a"), str(tmp_path / "a" / "sub")
+    shards = expand_inputs((a, sub))
+    assert [(s.path, s.files) for s in shards] == [(a, ("sub/y.png", "sub/z.png", "x.png"))]
+    shards = expand_inputs((sub, f"{tmp_path}/./a"), folder_shard_size=1)
+    assert [(s.index, s.path, s.files) for s in shards] == [(0, sub, ("y.png",)), (1, sub, ("z.png",)),
+                                                            (2, a, ("x.png",))]
