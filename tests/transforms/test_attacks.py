@@ -105,6 +105,16 @@ def test_eps_budget(name, eps, tiny_model, batch):
     assert float(metrics.rmse(r.images.double(), batch.double()).max()) <= 0.004
 
 
+@pytest.mark.parametrize("name", ["fgsm", "igsm", "pgd", "mifgsm"])
+def test_zero_eps_is_a_budget_that_leaves_the_images_clean(name, tiny_model, batch):
+    """eps=0 is in the documented range: the spec parses (pgd's default step, 2.5 * eps / steps,
+    is then 0, which is no reason to refuse) and the attack returns the clean images."""
+    parse_attack(f"{name}:eps=0")
+    labels, _ = _labels(tiny_model, batch)
+    r = _run(name, tiny_model, batch, labels, eps=0.0)
+    assert torch.equal(r.images, batch)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_result_equals_per_sample_result(name, tiny_model, batch):
     labels, least = _labels(tiny_model, batch)
@@ -268,6 +278,7 @@ def test_spec_errors(text, message):
         ("igsm", {"steps": 0}, "steps must be .*got 0"),
         ("pgd", {"norm": "2"}, "pgd with norm=2 is bounded by rmse"),
         ("pgd", {"steps": -3}, "steps must be .*got -3"),
+        ("pgd", {"eps": 0.0, "step_size": 0.0}, r"step_size must be in \(0.0, inf\), got 0.0"),
         ("mifgsm", {"mu": -1.0}, "mu must be .*got -1.0"),
         ("ga", {"rmse": 2.0}, "rmse must be .*got 2.0"),
         ("deepfool", {"overshoot": -0.1}, "overshoot must be .*got -0.1"),

@@ -67,9 +67,10 @@ def pgd(
         raise ValueError("pgd with norm=2 is bounded by rmse; give one, e.g. rmse=0.02")
     check_budget(eps, rmse)
     check_range("steps", steps, 1)
+    if step_size is not None:
+        check_range("step_size", step_size, 0.0, lo_open=True)
     budget = eps if norm == "inf" else rmse
-    step = 2.5 * budget / steps if step_size is None else step_size
-    check_range("step_size", step, 0.0, lo_open=True)
+    step = 2.5 * budget / steps if step_size is None else step_size  # 0 only for eps=0: no attack
     n = images.shape[0]
     iters = torch.full((n,), steps, dtype=torch.int64, device=images.device)
     if n == 0:
