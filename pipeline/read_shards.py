@@ -365,11 +365,23 @@ class _ReadShardFn(beam.DoFn):
                      seen: set[str]) -> RawSample | ErrorRecord:
         """One Parquet row -> RawSample, or an ErrorRecord with the reason (never raises)."""
         member = f"row {row}"
-        raw_key = str(given_key) if given_key is not None else f"{stem}-{row:08d}"
-        key = sanitize_key(raw_key)
 
         def err(k, reason):
             return ErrorRecord(shard.index, shard.path, k, member, STAGE, reason)
+
+        # Binary key and label columns hold text, as a tar's members do (str() would give "b'3'").
+        if isinstance(given_key, bytes):
+            try:
+                given_key = given_key.decode("utf-8")
+            except UnicodeDecodeError:
+                return err(None, f"key {given_key[:40]!r} is not UTF-8 text")
+        if isinstance(label, bytes):
+            try:
+                label = label.decode("utf-8")
+            except UnicodeDecodeError:
+                label = repr(label[:20])
+        raw_key = str(given_key) if given_key is not None else f"{stem}-{row:08d}"
+        key = sanitize_key(raw_key)
 
         reason = unsafe_name_reason(key)
         if reason:

@@ -51,6 +51,16 @@ def test_integral_float_labels_are_labels_and_nan_is_none(tmp_path):
     assert [o.label for o in out] == ["0", "2", None, None]
 
 
+def test_binary_key_and_label_columns_are_text(tmp_path):
+    """A tar's members converted to Parquet as they are (``__key__``, ``cls`` as bytes): keys came
+    out as ``b'a'``, and every label as ``b'1'``, which decoding refused: no sample was processed."""
+    path = parquet(tmp_path, image=[PNG, PNG, PNG], key=[b"a", b"b\xff", b"c"], label=[b"1", b"2", b"\xff"])
+    out = read(path, "parquet")
+    assert [(o.key, o.label) for o in out if isinstance(o, RawSample)] == [("a", "1"), ("c", "b'\\xff'")]
+    (err,) = [o for o in out if isinstance(o, ErrorRecord)]
+    assert (err.member, err.reason) == ("row 1", "key b'b\\xff' is not UTF-8 text")
+
+
 def test_named_key_and_label_columns_must_exist(tmp_path):
     path = parquet(tmp_path, image=[PNG, PNG], key=["a", "b"], label=[1, 2])
     assert [(o.key, o.label) for o in read(path, "parquet")] == [("a", "1"), ("b", "2")]
