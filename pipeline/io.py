@@ -102,6 +102,8 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
                 raise ValueError(f"cannot tell the format of {m!r}; pass --input-format")
             if f == "folder" and not is_dir:
                 raise ValueError(f"--input-format folder needs a folder, got the file {m!r}")
+            if f != "folder" and is_dir:
+                raise ValueError(f"--input-format {f} needs files, got the folder {m!r} (a glob names its files)")
             path = _unstrip(fs, m, raw)
             if isinstance(fs, LocalFileSystem):
                 # "a//b", "a/./b", "file://a/b" and a symbolic link name the same file; object

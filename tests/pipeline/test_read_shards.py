@@ -113,6 +113,16 @@ def test_inputs_given_twice_are_read_once(tmp_path):
     assert [(s.index, s.format, s.files) for s in shards] == [(0, "folder", ("a.png", "b.png")), (1, "webdataset", ())]
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_folder_given_as_tar_or_parquet_is_an_error_before_any_work(tmp_path, fmt):
+    """It was read as one file: the run "processed" it into one error (IsADirectoryError locally;
+    on an object store, whatever opening a prefix raises)."""
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.table({"image": [PNG]}), tmp_path / "parts" / "part-0.parquet")
+    with pytest.raises(ValueError, match=f"--input-format {fmt} needs files, got the folder '.*parts'"):
+        expand_inputs((str(tmp_path / "parts"),), fmt)
+
+
 def test_an_existing_path_is_literal_even_with_glob_characters(tmp_path):
     (tmp_path / "set[1]").mkdir()
     (tmp_path / "set[1]" / "a.png").write_bytes(PNG)
