@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     for action in parser._actions:  # the attack job stores undefended images only
         if action.dest == "defense":
             action.help = "not accepted: adversarial sets are stored losslessly"
-        elif action.dest in ("save_maps", "map_precision", "map_compile"):
+        elif action.dest in ("save_maps", "map_precision", "map_compile", "map_model", "map_weights"):
             action.help = "not accepted: no defense, so no saliency maps"
 
 
@@ -32,6 +32,9 @@ def run(args, beam_argv) -> int:
         raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-precision is for evaluate and defend")
     if args.map_compile:
         raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-compile is for evaluate and defend")
+    if args.map_model or args.map_weights:
+        raise ValueError("semjpeg attack makes no saliency maps (no defense; a bpda= defense draws its maps with the "
+                         "classifier); --map-model and --map-weights are for evaluate and defend")
     if not args.attack:
         raise ValueError("give at least one --attack")
     config = evaluate.build_config(args, layout="attack", defenses=[])

@@ -146,7 +146,9 @@ def test_attack_job_writes_a_reusable_adversarial_set(tmp_path, photos):
 @pytest.mark.parametrize("flags, message", [(["--defense", "jpeg"], "losslessly"),
                                            (["--save-maps"], "makes no saliency maps"),
                                            (["--map-precision", "bf16"], "makes no saliency maps"),
-                                           (["--map-compile"], "makes no saliency maps")])
+                                           (["--map-compile"], "makes no saliency maps"),
+                                           (["--map-model", "tests.tiny:build"], "makes no saliency maps"),
+                                           (["--map-weights", "w.pt"], "makes no saliency maps")])
 def test_attack_job_rejects_defenses_and_maps(tmp_path, capsys, flags, message):
     write_tar(tmp_path / "a.tar", [("k.png", b"x")])
     code = main(["attack", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
