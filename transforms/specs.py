@@ -36,8 +36,10 @@ class Spec:
     @property
     def identity(self) -> str:
         """The spec whatever way it was written: its name and values, parameters sorted
-        (``pgd:steps=3,eps=4/255`` and ``pgd:eps=0.0156862745098,steps=3`` are one spec). Seeds
-        hash this, so the same attack draws the same random numbers however it is spelled."""
+        (``pgd:steps=3,eps=4/255`` and ``pgd:eps=0.01568627450980392,steps=3`` are one spec; a value
+        written with fewer digits, such as ``0.0156862745098``, is another number, and defaults are
+        not filled in, so ``pgd`` and ``pgd:steps=10`` differ). Seeds hash this, so the same attack
+        draws the same random numbers however its parameters are ordered."""
         return format_spec(self.name, {k: repr(self.params[k]) for k in sorted(self.params)})
 
     @property
