@@ -50,6 +50,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
                                                             key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads exponents without a dot or a signed exponent, 1e-2 or 5e3, as text,
+# and a tolerance written so was refused as "got str": numbers read as YAML 1.2 reads them.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _yaml_error(e: yaml.YAMLError) -> str:

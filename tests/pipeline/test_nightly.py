@@ -113,6 +113,18 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     assert NightlyConfig.from_yaml(text).model.batch_size == 4
 
 
+def test_yaml_numbers_with_exponents_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-2 (no dot, or an unsigned exponent) as text: a tolerance so written was refused
+    text = (f"input: a.tar\noutput: {tmp_path / 'o'}\nhistory: {tmp_path / 'h'}\n"
+            "tolerance: {top1: 1e-2, agree_clean: 2E-2, psnr: .5e0, ssim: 1.0e-2, n: 1e-1}\n")
+    cfg = NightlyConfig.from_yaml(text)
+    assert {k: cfg.tolerance[k] for k in ("top1", "agree_clean", "psnr", "ssim", "n")} == {
+        "top1": 0.01, "agree_clean": 0.02, "psnr": 0.5, "ssim": 0.01, "n": 0.1}
+    assert NightlyConfig.from_yaml(text.replace("\ntolerance", "\nseed: 7\ntolerance")).seed == 7  # ints stay ints
+    with pytest.raises(ValueError, match="must be a string"):  # as YAML 1.2 reads it: quote such a path
+        NightlyConfig.from_yaml(text.replace("output: ", "output: 1e5 #"))
+
+
 def test_map_precision_reaches_the_run(tmp_path):
     plain = NightlyConfig.from_dict(config(tmp_path), "nightly.yaml").evaluate_config("2026-01-01")
     low = NightlyConfig.from_dict(config(tmp_path, map_precision="bf16"), "nightly.yaml").evaluate_config("2026-01-01")
