@@ -158,7 +158,7 @@ def input_shards(config) -> list[SourceShard]:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive), as sorted paths relative to it.
+    """Image files under ``folder`` (recursive, through linked folders), as sorted paths relative to it.
 
     Raises ValueError when ``folder`` does not exist or is not a folder."""
     fs, root = input_fs(folder)
@@ -168,10 +168,25 @@ def list_images(folder: str) -> list[str]:
         raise ValueError(f"not a folder: {folder}")
     root = root.rstrip("/")
     out = []
-    for p in fs.find(root):
-        ext = p.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(p) else ""
-        if ext in IMAGE_EXTS:
-            out.append(p[len(root) + 1 :])
+    # fsspec's find does not enter linked folders (symbolic links): each is listed on its own,
+    # unless it leads into or above a folder listed already (read once; a link up would loop).
+    folders, entered = [root], []
+    while folders:
+        top = folders.pop(0)
+        real = os.path.realpath(top) if isinstance(fs, LocalFileSystem) else top
+        if any(is_within(real, e) or is_within(e, real) for e in entered):
+            log.warning("%s: not listing %s, a link to a folder already listed or holding one", folder, top)
+            continue
+        entered.append(real)
+        for p, info in fs.find(top, withdirs=True, detail=True).items():
+            if info["type"] == "directory":
+                continue
+            if info.get("islink") and fs.isdir(p):
+                folders.append(p)
+                continue
+            ext = p.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(p) else ""
+            if ext in IMAGE_EXTS:
+                out.append(p[len(root) + 1 :])
     return sorted(out)
 
 

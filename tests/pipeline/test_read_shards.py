@@ -132,6 +132,20 @@ def test_an_existing_path_is_literal_even_with_glob_characters(tmp_path):
     assert shard.path.endswith("set[1]") and shard.files == ("a.png",)
 
 
+def test_a_linked_folder_inside_a_folder_is_listed_once_and_never_loops(tmp_path):
+    """fsspec's find lists a symbolic link to a folder without entering it: the images of
+    ``in/linked`` (a folder kept elsewhere) were skipped without a word."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "e.png").write_bytes(PNG)
+    (tmp_path / "in" / "real").mkdir(parents=True)
+    (tmp_path / "in" / "real" / "r.png").write_bytes(PNG)
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in" / "again").symlink_to(tmp_path / "in" / "linked")  # the same folder, once
+    (tmp_path / "in" / "alias").symlink_to(tmp_path / "in" / "real")  # listed already
+    (tmp_path / "in" / "loop").symlink_to(tmp_path)  # above the folder
+    assert list_images(str(tmp_path / "in")) == ["again/e.png", "real/r.png"]  # the first name of a folder
+
+
 def test_missing_folder_says_so(tmp_path):
     from pipeline.pack import pack_folder
 
