@@ -298,6 +298,9 @@ def parse_date(text: str | None) -> str:
     if text is None:
         return _dt.date.today().isoformat()
     try:
+        # fromisoformat alone also takes 20260102 and ISO weeks (2026-W01-1 is 2025-12-29)
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError(text)
         return _dt.date.fromisoformat(text).isoformat()
     except ValueError:
         raise ValueError(f"--date must be YYYY-MM-DD, got {text!r}") from None

@@ -15,7 +15,7 @@ import yaml
 from jobs.__main__ import main
 from pipeline.history import (MISSING, compare, configured_pairs, find_regressions, read_history,
                               write_partition)
-from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig
+from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig, parse_date
 from tests.shards import good_members, hostile_members, write_tar
 
 
@@ -123,6 +123,13 @@ def test_yaml_numbers_with_exponents_are_numbers(tmp_path):
     assert NightlyConfig.from_yaml(text.replace("\ntolerance", "\nseed: 7\ntolerance")).seed == 7  # ints stay ints
     with pytest.raises(ValueError, match="must be a string"):  # as YAML 1.2 reads it: quote such a path
         NightlyConfig.from_yaml(text.replace("output: ", "output: 1e5 #"))
+
+
+@pytest.mark.parametrize("text", ["20260102", "2026-W01-1", "2026-1-2", "2026-02-30", " 2026-01-02", "2026-01-02T00:00"])
+def test_date_must_be_a_calendar_day_written_yyyy_mm_dd(text):
+    with pytest.raises(ValueError, match=r"--date must be YYYY-MM-DD, got"):
+        parse_date(text)
+    assert parse_date("2024-02-29") == "2024-02-29"
 
 
 def test_map_precision_reaches_the_run(tmp_path):
