@@ -191,6 +191,19 @@ def test_minimal_attacks_keep_failures():
         assert float(metrics.rmse(r.images.double(), x.double()).max()) <= 0.05
 
 
+@pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
+def test_cw_stops_early_on_samples_adversarial_from_the_start(targeted, tiny_model, batch):
+    """A sample already adversarial (misclassified with --attack-labels label, or a target it
+    already has) sits at loss 0, the minimum: early abort stops it like any stalled sample instead
+    of running every Adam step of every search step (and reporting them as iterations)."""
+    pred, _ = _labels(tiny_model, batch)
+    labels = pred if targeted else (pred + 1) % 10
+    r = ATTACKS["cw"](tiny_model, batch, labels, steps=100, binary_search_steps=2,
+                      target=pred if targeted else None)
+    assert torch.equal(r.images, batch)
+    assert bool((r.iterations < 2 * 100).all()), r.iterations.tolist()
+
+
 # --------------------------------------------------------------------------- fit_budget
 
 

@@ -124,7 +124,7 @@ def cw(
             keep = (improve | closer).view(-1, 1, 1, 1)
             best_adv[idx] = torch.where(keep, q, best_adv[idx])
             if abort_early and (it + 1) % check_every == 0:
-                stalled = loss > prev[idx] * 0.9999
+                stalled = loss >= prev[idx] * 0.9999  # >=: a loss of 0 (adversarial, unmoved) is stalled too
                 prev[idx] = loss
                 active[idx[stalled]] = False
         const, lower, upper = bisect_const(const, lower, upper, succeeded)
