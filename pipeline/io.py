@@ -47,7 +47,16 @@ def join(base: str, *parts: str) -> str:
 
 
 def _unstrip(fs, path: str, original: str) -> str:
-    """fsspec strips protocols from listed paths; put the original one back (none for local)."""
+    """fsspec strips protocols from listed paths; put the original one back (none for local),
+    with the rest of a chained URL: ``zip://inner/*.tar::data.zip`` lists ``inner/a.tar``, which is
+    ``zip://inner/a.tar::data.zip``, and ``simplecache::gs://b/*.tar`` keeps its cache (unstripped
+    alone, the first lost its archive and the second its cache)."""
+    if "::" in original:
+        head, tail = original.split("::", 1)
+        if "://" in head and split_protocol(head)[1]:  # the path is the outermost layer's
+            return f"{split_protocol(head)[0]}://{path}::{tail}"
+        inner_fs, _ = url_to_fs(tail)  # a layer without a path (simplecache): the path is the next one's
+        return f"{head}::{_unstrip(inner_fs, path, tail)}"
     if isinstance(fs, LocalFileSystem) and "://" not in original:
         return path
     return fs.unstrip_protocol(path)
@@ -496,8 +505,12 @@ class OutputDir:
 
 
 def open_binary(path: str):
-    """Open any fsspec URL for binary reading."""
-    return fsspec.open(path, "rb").open()
+    """Any fsspec URL opened for binary reading, as a context manager (``with open_binary(p) as f``).
+
+    Not ``fsspec.open(...).open()``: a chained URL's file (``zip://a.tar::data.zip``) is closed
+    as soon as the filesystems it was opened through are dropped, so they are kept until the
+    ``with`` block ends."""
+    return fsspec.open(path, "rb")
 
 
 def bytes_io(data: bytes) -> io.BytesIO:

@@ -331,6 +331,36 @@ def test_a_file_name_with_a_double_colon_is_a_file_not_a_chained_url(tmp_path):
     assert _keys(read(tar, "webdataset")) == (["photo::1"], [])
 
 
+def test_chained_urls_keep_their_chain(tmp_path):
+    """Globs and folders under a chained URL (an archive's members, a cache in front of a store):
+    the listed paths lost the chain, so a zip's tars and folder were looked for outside the
+    archive and a cache was silently dropped; and a tar read from an archive was closed before
+    its first member (``seek of closed file``)."""
+    import zipfile
+
+    tar = write_tar(tmp_path / "s.tar", [("a.png", PNG), ("a.cls", b"1")])
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(tar, "inner/s-0.tar")
+        z.write(tar, "inner/s-1.tar")
+        z.writestr("imgs/b.png", PNG)
+        z.writestr("imgs/sub/c.png", PNG)
+    tars = expand_inputs((f"zip://inner/*.tar::{archive}",))
+    assert [s.path for s in tars] == [f"zip://inner/s-{i}.tar::{archive}" for i in (0, 1)]
+    fn = _ReadShardFn(InputConfig(paths=(f"zip://inner/*.tar::{archive}",)))
+    fn.setup()
+    for shard in tars:
+        (sample,) = fn.process(shard)
+        assert isinstance(sample, RawSample) and (sample.key, sample.data, sample.label) == ("a", PNG, "1")
+    (folder,) = expand_inputs((f"zip://imgs::{archive}",))
+    assert (folder.path, folder.format, folder.files) == (f"zip://imgs::{archive}", "folder", ("b.png", "sub/c.png"))
+    assert [o.data for o in _ReadShardFn(InputConfig(paths=(folder.path,))).process(folder)] == [PNG, PNG]
+    cached = expand_inputs((f"simplecache::{tmp_path}/*.tar",))
+    assert [s.path for s in cached] == [f"simplecache::{tar}"]
+    (sample,) = _ReadShardFn(InputConfig(paths=(cached[0].path,))).process(cached[0])
+    assert sample.data == PNG
+
+
 def test_an_image_in_two_given_folders_is_read_once(tmp_path):
     """``--input a --input a/sub`` read the images of ``a/sub`` twice (two rows, counted twice in
     the summary), whichever came first."""
