@@ -6,7 +6,9 @@ paths without extension, dots replaced (WebDataset splits key and extension at t
 """
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import logging
 import posixpath
@@ -24,8 +26,11 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
     """Write ``<prefix>-NNNNN.tar`` shards of ``per_shard`` images each; returns their paths.
 
     Shards of an earlier pack under the same prefix beyond these are removed (a rerun with
-    more images per shard replaces the set). Raises ValueError for an empty folder, a bad labels
-    CSV, two files giving the same key or a prefix where no file can be written.
+    more images per shard replaces the set). A file that cannot be read (no permission, a broken
+    link) is left out and reported, with its reason, in ``<prefix>-errors.csv`` (file, reason),
+    which a pack without such files removes. Raises ValueError for an empty folder, one where no
+    file can be read, a bad labels CSV, two files giving the same key or a prefix where no file
+    can be written.
     """
     if per_shard < 1:
         raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
@@ -40,24 +45,65 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
         if key in keys:
             raise ValueError(f"{keys[key]!r} and {rel!r} would both have the key {key!r}")
         keys[key] = rel
-    paths = []
-    items = sorted(keys.items())
+    paths: list[str] = []
+    errors: list[tuple[str, str]] = []  # (file, reason)
     fs, root = input_fs(folder)  # files by name on the folder's filesystem: "a::b.jpg" is no chained URL
-    for s in range(0, len(items), per_shard):
-        members = []
-        for key, rel in items[s : s + per_shard]:
-            ext = rel.rsplit(".", 1)[1].lower()
-            members.append((f"{key}.{ext}", fs.cat_file(join(root, rel))))
-            label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
-            if label is not None:
-                members.append((f"{key}.cls", label.strip().encode()))
-            members.append((f"{key}.json", json.dumps({"file": rel}).encode()))
-        path = f"{prefix}-{s // per_shard:05d}.tar"
-        write_bytes(path, tar_bytes(members))
-        paths.append(path)
-        log.info("wrote %s (%d samples)", path, len(items[s : s + per_shard]))
+    members: list[tuple[str, bytes]] = []
+    samples = 0
+    for key, rel in sorted(keys.items()):
+        try:
+            data = fs.cat_file(join(root, rel))
+        except OSError as e:  # no permission, a broken link, a file gone since the listing
+            log.warning("%s: cannot read %s, left out: %s", folder, rel, e)
+            errors.append((rel, f"{type(e).__name__}: {e.strerror or e}"))
+            continue
+        ext = rel.rsplit(".", 1)[1].lower()
+        members.append((f"{key}.{ext}", data))
+        label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
+        if label is not None:
+            members.append((f"{key}.cls", label.strip().encode()))
+        members.append((f"{key}.json", json.dumps({"file": rel}).encode()))
+        samples += 1
+        if samples == per_shard:
+            paths.append(_write_shard(prefix, len(paths), members, samples))
+            members, samples = [], 0
+    if samples:
+        paths.append(_write_shard(prefix, len(paths), members, samples))
+    _write_errors(prefix, errors)
+    if not paths:
+        raise ValueError(f"no image in folder {folder} could be read ({len(errors)} unreadable: "
+                         f"see {errors_path(prefix)})")
     _remove_stale(prefix, len(paths))
     return paths
+
+
+def _write_shard(prefix: str, index: int, members: list[tuple[str, bytes]], samples: int) -> str:
+    path = f"{prefix}-{index:05d}.tar"
+    write_bytes(path, tar_bytes(members))
+    log.info("wrote %s (%d samples)", path, samples)
+    return path
+
+
+def errors_path(prefix: str) -> str:
+    """Where a pack under ``prefix`` lists the files it could not read."""
+    return f"{prefix}-errors.csv"
+
+
+def _write_errors(prefix: str, errors: list[tuple[str, str]]) -> None:
+    """``<prefix>-errors.csv`` (file, reason) for the files left out; an earlier pack's is removed
+    when there are none."""
+    path = errors_path(prefix)
+    if errors:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        writer.writerows(errors)
+        write_bytes(path, out.getvalue().encode())
+        log.warning("%d unreadable file(s) left out: see %s", len(errors), path)
+        return
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        fs.rm(p)
 
 
 def _remove_stale(prefix: str, count: int) -> None:

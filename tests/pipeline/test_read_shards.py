@@ -315,6 +315,35 @@ def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     assert sorted(keys) == expected and errors == []
 
 
+def test_shard_leaves_out_and_reports_a_file_it_cannot_read(tmp_path):
+    """A broken link (or a file without read permission) stopped `semjpeg shard` with everything
+    unwritten: it is left out, listed with its reason in PREFIX-errors.csv, and the rest is packed
+    into full shards."""
+    import csv
+
+    from pipeline.pack import pack_folder
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in "abcde":
+        (folder / f"{name}.png").write_bytes(PNG)
+    (folder / "b2.png").symlink_to(tmp_path / "gone.png")
+    prefix = str(tmp_path / "sh" / "p")
+    tars = pack_folder(str(folder), prefix, per_shard=2)
+    assert [_keys(read(t, "webdataset"))[0] for t in tars] == [["a", "b"], ["c", "d"], ["e"]]
+    with open(f"{prefix}-errors.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["file", "reason"], ["b2.png", "FileNotFoundError: No such file or directory"]]
+    (folder / "b2.png").unlink()
+    assert len(pack_folder(str(folder), prefix, per_shard=2)) == 3
+    assert not (tmp_path / "sh" / "p-errors.csv").exists()  # a clean repack leaves no stale errors
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "x.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ValueError, match=r"no image in folder .* could be read \(1 unreadable: see .*q-errors.csv\)"):
+        pack_folder(str(lost), str(tmp_path / "sh" / "q"), per_shard=2)
+    assert (tmp_path / "sh" / "q-errors.csv").exists() and not (tmp_path / "sh" / "q-00000.tar").exists()
+
+
 def test_a_file_name_with_a_double_colon_is_a_file_not_a_chained_url(tmp_path):
     """fsspec.open reads ``photo::1.png`` as the chained URL ``photo`` then ``1.png``: the image
     was reported unreadable (naming a file ``photo`` that does not exist), and `semjpeg shard` stopped."""
