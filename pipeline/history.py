@@ -223,10 +223,21 @@ class Regression:
         if self.metric == MISSING:
             had = f"n was {self.previous:g}" if self.previous is not None else "it had results"
             return f"{pair} has no result ({had} on {self.previous_date})"
+        if self.current is None:
+            return (f"{self.metric} of {pair} has no value (it was {self.previous:.4g} on {self.previous_date}): "
+                    + _NO_VALUE.get(self.metric, "none of its images gave one"))
         worse = "dropped" if METRICS[self.metric] else "rose"
         tol = f"{self.tolerance:g} of the previous n" if self.metric == "n" else f"{self.tolerance:g}"
         return (f"{self.metric} of {pair} {worse} from {self.previous:.4g} "
                 f"({self.previous_date}) to {self.current:.4g} (tolerance {tol})")
+
+
+#: Why a metric a pair had the previous night can have no value tonight (summary.SummaryFn).
+_NO_VALUE = {
+    "top1": "no image had a label",
+    "psnr": "every image came out identical to its input (infinite PSNR), or none gave a number",
+    "ssim": "no image gave a number (smaller than SSIM's window, or not finite)",
+}
 
 
 @dataclass(frozen=True)
@@ -279,7 +290,8 @@ def pair_key(attack_spec: str, defense_spec: str) -> tuple:
 def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[str, float],
                      previous_date: str, configured: set[tuple[str, str]] | None = None) -> list[Regression]:
     """Pairs with results the previous night and none now (MISSING), and metrics of pairs present
-    both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value).
+    both nights that got worse beyond tolerance (``n``: beyond that fraction of its previous value)
+    or that had a value the previous night and have none now.
 
     ``configured``: the pairs tonight's run was asked for; a pair the configuration dropped is not
     missing (None: every pair of the previous night is expected).
@@ -304,7 +316,10 @@ def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[
         pair = (r["attack_spec"], r["defense_spec"])
         for metric, tol in tolerance.items():
             a, b = p.get(metric), r.get(metric)
-            if a is None or b is None:
+            if a is None:
+                continue
+            if b is None:  # a metric that had a value and has none: a lost measurement is no pass
+                out.append(Regression(*pair, metric, a, None, tol, previous_date))
                 continue
             worse = (a - b) if METRICS[metric] else (b - a)
             if metric == "n":

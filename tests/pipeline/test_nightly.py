@@ -252,6 +252,19 @@ def test_partial_tolerance_merges_with_the_defaults(tmp_path):
     assert NightlyConfig.from_dict(config(tmp_path, tolerance=None)).tolerance == DEFAULT_TOLERANCE
 
 
+def test_a_metric_that_loses_its_value_is_a_regression():
+    """A NaN SSIM (null in summary.json) or labels gone from the data left the metric without a
+    value, and a missing value was never compared: the night passed."""
+    before = [{"attack_spec": "fgsm", "defense_spec": "jpeg", "n": 10, "top1": 0.5, "ssim": 0.9, "psnr": None}]
+    now = [dict(before[0], top1=None, ssim=None, psnr=30.0)]
+    regs = find_regressions(before, now, {"top1": 0.02, "ssim": 0.01, "psnr": 0.5}, "2026-01-01")
+    assert sorted(r.metric for r in regs) == ["ssim", "top1"]  # psnr gained a value: no alarm
+    text = " ".join(r.describe() for r in regs)
+    assert "top1 of fgsm x jpeg has no value (it was 0.5 on 2026-01-01): no image had a label" in text
+    assert "ssim of fgsm x jpeg has no value (it was 0.9 on 2026-01-01)" in text
+    assert find_regressions(before, now, {"psnr": 0.5}, "2026-01-01") == []  # only the metrics checked
+
+
 def test_missing_pairs_and_fewer_images_are_regressions():
     before = [{"attack_spec": a, "defense_spec": "jpeg", "n": 100, "top1": 0.5} for a in ("clean", "fgsm", "pgd")]
     now = [dict(before[0], n=95), dict(before[1], n=80), dict(before[2], n=0)]
