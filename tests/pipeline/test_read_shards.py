@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import features
 
 from pipeline.config import InputConfig
 from pipeline.io import expand_inputs, input_shards, list_images, read_labels_csv
@@ -313,6 +314,23 @@ def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     (tar,) = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
     keys, errors = _keys(read(tar, "webdataset"))
     assert sorted(keys) == expected and errors == []
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow cannot read AVIF (before 11.3, or built without libavif)")
+def test_avif_images_are_images(tmp_path):
+    """Pillow 12 decodes AVIF, but .avif files were skipped in folders without a word and
+    reported as samples without an image in tars."""
+    from transforms.images import decode_image
+
+    avif = encode(np.full((16, 16, 3), 90, np.uint8), "AVIF")
+    assert decode_image(avif, crop=0).shape == (16, 16, 3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.avif").write_bytes(avif)
+    assert list_images(str(folder)) == ["a.avif"]
+    tar = write_tar(tmp_path / "s.tar", [("a.avif", avif), ("a.cls", b"1")])
+    (sample,) = read(tar, "webdataset")
+    assert isinstance(sample, RawSample) and (sample.member, sample.data) == ("a.avif", avif)
 
 
 def test_shard_leaves_out_and_reports_a_file_it_cannot_read(tmp_path):
