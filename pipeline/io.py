@@ -395,8 +395,15 @@ class OutputDir:
         for stale in self._stale_copies(fs, p):
             log.warning("%s is a copy of an earlier output of %s, left by a commit that was killed; this "
                         "run's commit removes it", stale, self.final)
+        sfs, sp = url_to_fs(self.staging)
+        if sfs.exists(sp):
+            # Another run with this id is writing it, or one was killed: its files would be
+            # committed with this run's (a shard of another attack, stats of another input).
+            raise ValueError(
+                f"output {self.final}: the staging folder {self.staging} of run {self.run_id} exists (a run with "
+                "this id is still writing, or was killed); remove it, or give another --run-id"
+            )
         try:
-            sfs, sp = url_to_fs(self.staging)
             above, folder = [], posixpath.dirname(sp)
             while folder and folder != posixpath.dirname(folder) and not sfs.exists(folder):
                 above.append(folder)

@@ -212,3 +212,16 @@ def test_an_interrupt_while_the_previous_output_is_removed_keeps_the_new_one(tmp
     out.abandon()
     assert out.committed() and (final / "summary.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_staging_folder_left_by_a_run_of_the_same_id_is_never_committed(tmp_path, photos, fnapi):
+    """A run killed outright leaves its staging folder; a rerun with the same --run-id (as
+    byte-identical reruns need) used to write into it and commit the killed run's files with its own."""
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    left = tmp_path / ".out.staging-fixed" / "stats"
+    left.mkdir(parents=True)
+    (left / "part-00007.json").write_text("{}")
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", attacks=(), defenses=(), run_id="fixed")
+    with pytest.raises(ValueError, match="staging folder .* of run fixed exists"):
+        run_evaluate(config, fnapi)
+    assert not (tmp_path / "out").exists() and (left / "part-00007.json").exists()
