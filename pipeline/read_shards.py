@@ -257,7 +257,9 @@ class _ReadShardFn(beam.DoFn):
                         continue
                     parts = split_key(name)
                     if parts is None:
-                        yield err(None, name, "member name has no extension")
+                        hidden = posixpath.basename(name).startswith(".")
+                        yield err(None, name, "member name starts with a dot, so it has no key (a hidden file, "
+                                  "such as macOS's ._ files)" if hidden else "member name has no extension")
                         continue
                     k, ext = parts
                     if duplicate is not None and k == duplicate[0]:

@@ -316,6 +316,16 @@ def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     assert sorted(keys) == expected and errors == []
 
 
+def test_hidden_tar_members_are_reported_as_such(tmp_path):
+    """macOS's tar adds ``._x.jpg`` beside ``x.jpg``; it was reported as a name without an extension."""
+    tar = write_tar(tmp_path / "s.tar", [("x.png", PNG), ("._x.png", b"\0\5\26\7"), ("sub/.y.png", PNG), ("noext", PNG)])
+    keys, errors = _keys(read(tar, "webdataset"))
+    assert keys == ["x"]
+    assert [(e.member, e.reason.split(",")[0]) for e in errors] == [
+        ("._x.png", "member name starts with a dot"), ("sub/.y.png", "member name starts with a dot"),
+        ("noext", "member name has no extension")]
+
+
 @pytest.mark.skipif(not features.check("avif"), reason="this Pillow cannot read AVIF (before 11.3, or built without libavif)")
 def test_avif_images_are_images(tmp_path):
     """Pillow 12 decodes AVIF, but .avif files were skipped in folders without a word and
