@@ -61,9 +61,11 @@ def load_classifier(config: ModelConfig, *, shared: bool = True) -> Classifier:
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message``, cut at ``limit`` characters (torch's load and
-    state-dict errors run to dozens of lines)."""
-    lines = str(e).strip().splitlines()
-    text = f"{type(e).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+    state-dict errors run to dozens of lines). A first line ending in a colon only announces the
+    reason (``Error(s) in loading state_dict for ResNet:``), so the next line comes with it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    first = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+    text = f"{type(e).__name__}: {first}".rstrip(": ")
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -65,6 +65,27 @@ def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
 
 
 
+@pytest.mark.parametrize("case, reason", [
+    ("shapes", "size mismatch for fc.weight: copying a param with shape torch.Size([3, 16])"),
+    ("prefix", 'Missing key(s) in state_dict: "mean", "std", "body.0.weight"'),
+])
+def test_weights_that_do_not_fit_the_model_say_why_in_their_one_line(tmp_path, case, reason):
+    """torch's state-dict error opens with a line that only names the model; the reason (keys
+    missing, unexpected, of another shape) is on the next, and it used to be cut off."""
+    from pipeline.model_handlers import _build_classifier
+    from tests import tiny
+
+    state = tiny.build(num_classes=3 if case == "shapes" else tiny.NUM_CLASSES).state_dict()
+    if case == "prefix":  # saved from a DataParallel wrapper
+        state = {f"module.{k}": v for k, v in state.items()}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ValueError) as e:
+        _build_classifier(ModelConfig(name="tests.tiny:build", weights=str(tmp_path / "w.pt"), device="cpu"))
+    message = str(e.value)
+    assert "\n" not in message and "RuntimeError: Error(s) in loading state_dict for Classifier: " in message
+    assert reason in message
+
+
 def test_every_stage_loads_its_model_in_the_configured_memory_format():
     from pipeline.saliency import MapHandler
 
