@@ -321,12 +321,16 @@ def _split_torchvision(net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
 
         if hasattr(net, "layer4") or hasattr(net, "trunk_output"):
             return _UpToPool(net), fc
+    from torchvision.models import MobileNetV2
+
     cls = getattr(net, "classifier", None)
     feats = getattr(net, "features", None)
+    # MobileNetV2 pools in its forward (F.adaptive_avg_pool2d), without an avgpool layer.
+    pools = isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d) or isinstance(net, MobileNetV2)
     if feats is not None and isinstance(cls, nn.Sequential):
         linears = [m for m in cls if isinstance(m, nn.Linear)]
         others = [m for m in cls if not isinstance(m, (nn.Linear, nn.Dropout))]
-        if len(linears) == 1 and not others and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):
+        if len(linears) == 1 and not others and pools:
             return feats, linears[0]  # EfficientNet, MobileNetV2
     return net, None
 

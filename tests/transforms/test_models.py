@@ -54,6 +54,19 @@ def test_torchvision_model_with_state_dict_splits_for_cam():
         assert torch.allclose(m(x), expect, atol=1e-4)
 
 
+def test_torchvision_mobilenet_v2_splits_for_cam():
+    """MobileNetV2 pools with a function, not an ``avgpool`` layer, and ends in one linear layer."""
+    from torchvision.models import mobilenet_v2
+
+    ref = mobilenet_v2(weights=None).eval()
+    m = build_model("mobilenet_v2", ref.state_dict())
+    assert m.has_cam
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(m.fc(m.features(x).mean(dim=(2, 3))), m(x), atol=1e-5)
+        assert torch.allclose(m(x), ref((x - m.mean) / m.std), atol=1e-4)
+
+
 def test_custom_factory_by_import_path(tiny_model):
     m = build_model("tests.tiny:build")
     assert m.num_classes == 10 and model_info("tests.tiny:build").input_size == 64
