@@ -47,14 +47,20 @@ RUNNER_ALIASES = {"daskrunner": "pipeline.runners.DaskRunner", "dask": "pipeline
 def _runner_path(name: str) -> str:
     """A ``--runner`` value as Beam will load it; unknown names raise ValueError listing the valid ones.
 
-    Beam's own check comes only when the pipeline is built, after the output is prepared."""
+    Beam's own names are spelled as their class (``fnapirunner`` and ``FnApi`` are
+    ``FnApiRunner``): the run's checks (a CUDA device here, one model shared in process, the
+    progress line) go by that name. Beam's own check comes only when the pipeline is built,
+    after the output is prepared."""
     from apache_beam.runners.runner import _RUNNER_MAP
 
     low = name.lower()
     if low in RUNNER_ALIASES:
         return RUNNER_ALIASES[low]
-    if "." in name or low in _RUNNER_MAP or low + "runner" in _RUNNER_MAP:
+    if "." in name:
         return name
+    path = _RUNNER_MAP.get(low) or _RUNNER_MAP.get(low + "runner")
+    if path:
+        return path.rsplit(".", 1)[-1]
     valid = sorted(set(StandardOptions.KNOWN_RUNNER_NAMES) | {"DaskRunner"})
     raise ValueError(f"unknown runner {name!r}; valid: {', '.join(valid)} or a PipelineRunner's dotted path")
 

@@ -231,13 +231,15 @@ def test_a_model_that_cannot_load_is_one_line_before_any_work(tmp_path, capsys, 
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
 
 
-def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, photos):
+@pytest.mark.parametrize("runner", ["FnApiRunner", "fnapirunner", "Direct"])
+def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, photos, runner):
+    """Beam takes its runners' names in any case and without "Runner"; so does this check."""
     import torch
 
     write_tar(tmp_path / "a.tar", good_members(photos)[:1])
     device = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"  # one past the last
     code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
-                 "--device", device, "--model", "tests.tiny:build", "--runner", "FnApiRunner"])
+                 "--device", device, "--model", "tests.tiny:build", "--runner", runner])
     assert code == 2 and f"--device {device}: this machine has" in one_error_line(capsys, "evaluate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
 

@@ -304,5 +304,11 @@ def test_pipeline_options_errors_are_one_line_values():
     for name in ("DaskRunner", "dask", "--runner=DaskRunner"):
         argv = [name] if name.startswith("--") else ["--runner", name]
         assert runners.pipeline_options(argv).view_as(StandardOptions).runner == "pipeline.runners.DaskRunner"
-    for name in ("direct", "DataflowRunner", "FnApiRunner", "apache_beam.runners.direct.DirectRunner"):
+    for name in ("DataflowRunner", "FnApiRunner", "apache_beam.runners.direct.DirectRunner"):
         assert runners.pipeline_options(["--runner", name]).view_as(StandardOptions).runner == name
+    # Beam's names in any case, "Runner" optional, are spelled as Beam's class: the run's checks
+    # (a CUDA device here, a model shared in process, the progress line) go by that name.
+    for name, canonical in (("direct", "DirectRunner"), ("fnapirunner", "FnApiRunner"), ("FnApi", "FnApiRunner"),
+                            ("--runner=DATAFLOW", "DataflowRunner")):
+        argv = [name] if name.startswith("--") else ["--runner", name]
+        assert runners.pipeline_options(argv).view_as(StandardOptions).runner == canonical
