@@ -424,7 +424,8 @@ def pointwise_on_onednn(model: nn.Module) -> int:
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.Module, str]]:
     """(convolution, owner, name) for each ``BatchNorm2d`` (``getattr(owner, name)``) whose input is
     exactly one convolution's output and nothing else's: in :class:`EfficientNetLite` by
-    construction, and in any ``nn.Sequential`` where it directly follows an ``nn.Conv2d``."""
+    construction, and in any ``nn.Sequential`` (not one with a forward of its own) where it directly
+    follows an ``nn.Conv2d``."""
     pairs = []
     for module in model.modules():
         if isinstance(module, EfficientNetLite):
@@ -433,7 +434,8 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.Module, str]]:
                 if block.expand != 1:
                     pairs.append((block._expand_conv, block, "_bn0"))
                 pairs += [(block._depthwise_conv, block, "_bn1"), (block._project_conv, block, "_bn2")]
-        elif isinstance(module, nn.Sequential):
+        elif isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            # A subclass with its own forward may use the convolution's output elsewhere too.
             children = list(module._modules.items())
             for (_, conv), (name, bn) in zip(children, children[1:]):
                 if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):

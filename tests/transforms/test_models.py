@@ -192,6 +192,29 @@ def test_fold_batch_norm_takes_only_a_convolutions_own_normalization():
         assert torch.allclose(net(x), expect, atol=1e-5)
 
 
+def test_fold_batch_norm_leaves_sequentials_with_their_own_forward_alone():
+    """A subclass of ``nn.Sequential`` with its own forward may use a convolution's output
+    elsewhere too (here a skip connection): its normalization is not the convolution's alone."""
+    from torch import nn
+
+    from transforms.models import fold_batch_norm
+
+    class ConvBnSkip(nn.Sequential):
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    torch.manual_seed(0)
+    net = ConvBnSkip(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expect = net(x)
+        assert fold_batch_norm(net) == 0
+        assert torch.allclose(net(x), expect, atol=1e-6)
+
+
 def _conv_ops(fn) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
