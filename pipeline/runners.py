@@ -95,7 +95,21 @@ def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
 
     options = PipelineOptions(argv)
     options.get_all_options(add_extra_args_fn=check)
+    _check_connect_timeout(argv, options)
     return options
+
+
+def _check_connect_timeout(argv: list[str], options: PipelineOptions) -> None:
+    """Beam reads ``--dask_connection_timeout`` as whole seconds and quietly drops anything else
+    (``2.5``, ``soon``: Dask's default then), and hands 0 or less to Dask's client, which then
+    fails with a traceback after the scheduler answered: a bad pipeline option, here."""
+    timeout = options.view_as(_dask_runner.DaskOptions).timeout
+    if timeout is None or (isinstance(timeout, int) and timeout > 0):
+        return
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--dask_connection_timeout"]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--dask_connection_timeout=")]
+    raise ValueError("bad pipeline option: argument --dask_connection_timeout: must be a whole number of "
+                     f"seconds > 0, got {given[-1] if given else timeout}")
 
 
 def check_runner(name: str) -> None:

@@ -152,6 +152,11 @@ def test_malformed_dask_workers_is_reported_once(capsys):
     (["--dask_workers", "-1"], "argument --dask_workers: must be at least 1, got -1"),
     (["--dask_wait_timeout", "0"], "argument --dask_wait_timeout: must be a number of seconds > 0, got 0"),
     (["--dask_wait_timeout", "soon"], "argument --dask_wait_timeout: invalid number of seconds: 'soon'"),
+    # Beam dropped these (Dask's default instead), or handed them to Dask's client, which failed
+    # with a traceback once the scheduler had answered.
+    (["--dask_connection_timeout", "0"], "argument --dask_connection_timeout: must be a whole number of seconds > 0, got 0"),
+    (["--dask_connection_timeout", "-5"], "argument --dask_connection_timeout: must be a whole number of seconds > 0, got -5"),
+    (["--dask_connection_timeout", "2.5"], "argument --dask_connection_timeout: must be a whole number of seconds > 0, got 2.5"),
 ])
 def test_dask_counts_and_timeouts_are_checked_when_options_are_parsed(tmp_path, flags, message):
     from pipeline.nightly import NightlyConfig
