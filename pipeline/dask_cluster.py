@@ -71,10 +71,14 @@ def start_local_cluster(workers: int, *, wait: bool = True):
     dask.config.set(_NO_MALLOC_TRIM)
     _forkserver_workers()
     scratch = tempfile.mkdtemp(prefix="semjpeg-dask-")
+    # No dashboard; the scheduler still serves its health and metrics routes over HTTP, by default
+    # on port 8787, warning on stderr when that is taken (another cluster, a `dask scheduler`):
+    # any free port of this machine's loopback instead.
+    scheduler_kwargs = {"local_directory": scratch, "dashboard_address": "127.0.0.1:0"}
     try:
         cluster = LocalCluster(n_workers=workers if wait else 0, threads_per_worker=1, processes=True,
                                dashboard_address=None, preload=list(WORKER_PRELOAD),
-                               local_directory=scratch, scheduler_kwargs={"local_directory": scratch})
+                               local_directory=scratch, scheduler_kwargs=scheduler_kwargs)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

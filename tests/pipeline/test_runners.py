@@ -118,6 +118,28 @@ def test_dask_runner_starts_and_closes_its_own_cluster(tmp_path, photos, monkeyp
     assert not [p.name for p in scratch.iterdir() if p.name.startswith(("dask-scratch", "semjpeg-dask"))]
 
 
+def test_a_local_cluster_starts_quietly_when_port_8787_is_taken():
+    """The scheduler's HTTP server (health and metrics routes, no dashboard) took Dask's port
+    8787 and printed a UserWarning on stderr when another cluster or `dask scheduler` had it."""
+    import socket
+    import warnings
+
+    from pipeline.dask_cluster import close_cluster, start_local_cluster
+
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # or something else already holds it: as good
+        holder.bind(("", 8787))
+        holder.listen()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster = start_local_cluster(1, wait=False)
+            close_cluster(cluster)
+    finally:
+        holder.close()
+    assert not [str(w.message) for w in caught if "already in use" in str(w.message)]
+
+
 def test_early_local_cluster_only_for_dask_runs_without_an_address(monkeypatch):
     from pipeline import dask_cluster
     from pipeline.dask_cluster import early_local_cluster
