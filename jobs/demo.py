@@ -54,7 +54,9 @@ def write_photos(folder: str) -> int:
         raise ValueError(f"no scikit-image sample photos found in {data_dir}")
     for name in set(os.listdir(folder)) - set(PHOTOS):  # left by another version, or put there
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.endswith(".part"):
+        if os.path.isdir(path) and not os.path.islink(path):  # read too: folders are read recursively
+            shutil.rmtree(path)
+        elif not name.endswith(".part"):  # another demo's copy in progress
             os.remove(path)
     return n
 

@@ -369,3 +369,23 @@ def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, cod
     assert err.strip().splitlines() == [f"semjpeg: {word}; the previous output is untouched"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tar", "out"]
     assert sorted(x.name for x in out.iterdir()) == ["_SUCCESS", "summary.json"]
+
+
+def test_the_demo_photos_folder_keeps_the_photos_only(tmp_path):
+    """The folder is the demo's input, and folders are read with their subfolders: a folder put
+    there (or a link to one) made its images demo inputs."""
+    import os
+
+    from jobs.demo import PHOTOS, write_photos
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/x.png").write_bytes(b"x")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "sub").mkdir()
+    (photos / "sub/x.png").write_bytes(b"x")
+    os.symlink(tmp_path / "sub", photos / "linked", target_is_directory=True)
+    (photos / "stray.png").write_bytes(b"x")
+    assert write_photos(str(photos)) == len(PHOTOS)
+    assert sorted(p.name for p in photos.iterdir()) == sorted(PHOTOS)
+    assert (tmp_path / "sub/x.png").exists()  # a link's target is not the demo's
