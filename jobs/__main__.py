@@ -57,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     # A local Dask cluster starts now, its workers importing while this process does. (The error
     # line comes before the cluster's shutdown, which waits for workers still starting.)
     job = modules[args.job]
-    early = early_local_cluster if getattr(job, "PIPELINE", True) else contextlib.nullcontext
-    with early(beam_argv) as beam_argv:
+    if getattr(job, "PIPELINE", True):
+        # Beam flags the job puts before the command line's (nightly: its config's runner options).
+        defaults = job.config_beam_argv(args) if hasattr(job, "config_beam_argv") else []
+        early = early_local_cluster(beam_argv, defaults)
+    else:
+        early = contextlib.nullcontext(beam_argv)
+    with early as beam_argv:
         try:
             return int(job.run(args, beam_argv) or 0)
         # Path errors on outputs (a file where a folder should be, no permission) are the user's

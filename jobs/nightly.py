@@ -22,6 +22,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--date", help="the night, YYYY-MM-DD (default: today)")
 
 
+def config_beam_argv(args) -> list[str]:
+    """The config's ``runner`` and Dask ``runner_options`` as Beam flags, read without importing
+    Beam or torch: the local Dask cluster that ``jobs.__main__`` starts early follows them
+    (``dask_workers: 1`` in the config was a cluster of one worker per core, a
+    ``dask_client_address`` a local cluster). [] where the config cannot be read: ``run`` says why."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(args.config, "rt", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except Exception:
+        return []
+    if not isinstance(raw, dict):
+        return []
+    argv = ["--runner", raw["runner"]] if isinstance(raw.get("runner"), str) else []
+    options = raw.get("runner_options")
+    for k in ("dask_workers", "dask_client_address", "dask_scheduler_file"):
+        if isinstance(options, dict) and options.get(k) not in (None, False):
+            argv += [f"--{k}", str(options[k])]
+    return argv
+
+
 def run(args, beam_argv) -> int:
     from pipeline.nightly import load_config, parse_date, run_nightly
     from pipeline.summary import format_table

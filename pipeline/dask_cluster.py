@@ -232,17 +232,19 @@ def _dask_flags(beam_argv: list[str]) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def early_local_cluster(beam_argv: list[str]) -> Iterator[list[str]]:
+def early_local_cluster(beam_argv: list[str], defaults: list[str] = ()) -> Iterator[list[str]]:
     """Start the local cluster that ``beam_argv`` asks for now, without waiting for its workers.
 
     A Dask run without ``--dask_workers`` and without a cluster address gets one worker per CPU
-    core (``default_worker_count``), as the runner itself would start.
+    core (``default_worker_count``), as the runner itself would start. ``defaults`` are Beam flags
+    that the run puts before ``beam_argv`` (a nightly config's ``runner`` and ``runner_options``):
+    read here, not yielded.
 
     Yields the Beam flags to run with: ``--dask_client_address`` of the new cluster added (and
     ``--dask_workers`` where it was left out: the runner then waits for that many workers); other
     flags are yielded unchanged. The cluster closes when the block ends, however it ends."""
     try:
-        flags = _dask_flags(beam_argv)
+        flags = _dask_flags([*defaults, *beam_argv])
     except argparse.ArgumentError:  # a malformed value: Beam's own parsing reports it
         yield list(beam_argv)
         return

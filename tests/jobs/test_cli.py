@@ -389,3 +389,45 @@ def test_the_demo_photos_folder_keeps_the_photos_only(tmp_path):
     assert write_photos(str(photos)) == len(PHOTOS)
     assert sorted(p.name for p in photos.iterdir()) == sorted(PHOTOS)
     assert (tmp_path / "sub/x.png").exists()  # a link's target is not the demo's
+
+
+@pytest.mark.parametrize("runner_options, cli, started, passed", [
+    # The config's count: one worker, not one per core.
+    ({"dask_workers": 1}, ["--runner", "DaskRunner"], [1], ["--runner", "DaskRunner", "--dask_client_address", "tcp://local:1"]),
+    # The config's cluster: none started here.
+    ({"dask_client_address": "tcp://h:1"}, ["--runner", "DaskRunner"], [], ["--runner", "DaskRunner"]),
+    # The config's runner, started early like the command line's, the count added.
+    ({}, [], [3], ["--dask_workers", "3", "--dask_client_address", "tcp://local:1"]),
+    # The command line's runner wins: no cluster.
+    ({"dask_workers": 1}, ["--runner", "FnApiRunner"], [], ["--runner", "FnApiRunner"]),
+])
+def test_nightly_early_dask_cluster_follows_the_configs_runner_options(tmp_path, monkeypatch, runner_options, cli,
+                                                                        started, passed):
+    """The early local cluster looked at the command line alone: a config's `dask_workers: 1`
+    under `--runner DaskRunner` became a cluster of one worker per core (the added count came
+    after the config's and won), and its `dask_client_address` a local cluster."""
+    import yaml
+
+    from pipeline import dask_cluster, nightly
+    from tests.pipeline.test_nightly import config
+
+    class Cluster:
+        scheduler_address = "tcp://local:1"
+
+    class Stop(Exception):
+        pass
+
+    def run_nightly(cfg, date, argv):  # the Beam flags the night would run with; no run
+        argvs.append(argv)
+        raise Stop()
+
+    counts, argvs = [], []
+    monkeypatch.setattr(dask_cluster, "default_worker_count", lambda: 3)
+    monkeypatch.setattr(dask_cluster, "start_local_cluster", lambda n, wait: counts.append(n) or Cluster())
+    monkeypatch.setattr(dask_cluster, "close_cluster", lambda cluster: None)
+    monkeypatch.setattr(nightly, "run_nightly", run_nightly)
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, runner="DaskRunner", runner_options=runner_options)))
+    with pytest.raises(Stop):
+        main(["nightly", "--config", str(path), *cli])
+    assert counts == started and argvs == [passed]
