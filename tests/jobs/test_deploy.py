@@ -44,6 +44,28 @@ def test_dockerfiles_parse(name):
         assert ("ENTRYPOINT", '["/opt/apache/beam/boot"]') in ins
 
 
+def _pinned(name: str, package: str) -> str | None:
+    """The version of ``package`` a Dockerfile's pip installs pin (ARGs resolved), or None."""
+    ins = dockerfile_instructions(DEPLOY / name)
+    args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
+    for word, rest in ins:
+        if word == "RUN" and "pip install" in rest:
+            m = re.search(rf'"?{re.escape(package)}(?:\[[^\]]*\])?==([^"\s]+)', rest)
+            if m:
+                return re.sub(r"\$\{(\w+)\}", lambda v: args[v.group(1)], m.group(1))
+    return None
+
+
+def test_the_launcher_and_the_worker_image_install_the_same_beam_and_torch():
+    """A job is submitted with the launcher's Beam and runs in the worker image's: Dataflow needs
+    them equal (and pipeline/runners.py patches one Beam version's Dask runner). The launcher
+    took whatever Beam and torchvision were newest when it was built (a torchvision for a newer
+    torch replaces the CPU torch)."""
+    for package in ("apache-beam", "torch", "torchvision"):
+        worker, launcher = _pinned("Dockerfile", package), _pinned("flex-template/Dockerfile", package)
+        assert worker and worker == launcher, (package, worker, launcher)
+
+
 def _launcher():
     spec = importlib.util.spec_from_file_location("flex_launch", DEPLOY / "flex-template/launch.py")
     module = importlib.util.module_from_spec(spec)
