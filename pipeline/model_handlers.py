@@ -136,7 +136,23 @@ def check_model(config: ModelConfig, *, maps: bool = False, role: str = "model")
     if maps and not model.has_cam:
         raise ValueError(f"{role} {config.name!r} draws no saliency maps: it does not end in global "
                          "average pooling + linear (its defenses need class activation maps)")
+    _check_declared(model, config.name, role)
     return model if on_cpu else None
+
+
+def _check_declared(model: Classifier, name: str, role: str) -> None:
+    """The built model must be what its ModelInfo declared: labels and targets are checked
+    against the declared class count before any model is loaded, and images are cropped to the
+    declared size (a 3-class factory without ``model_info``, declared 1000 classes by default,
+    took the label 7, and the attack of every image batched with it failed on an IndexError)."""
+    info = model_info(name)
+    outputs = model.fc.out_features if model.fc is not None else model.num_classes
+    found = {"classes": (model.num_classes, info.num_classes), "outputs": (outputs, info.num_classes),
+             "input size": (model.input_size, info.input_size)}
+    wrong = [f"{what} {got} (declared {want})" for what, (got, want) in found.items() if got != want]
+    if wrong:
+        raise ValueError(f"{role} {name!r} is not what its model_info declares: {', '.join(wrong)}; give its "
+                         "factory a model_info attribute (transforms.models.ModelInfo) that matches it")
 
 
 def input_attack(meta: dict | None) -> str | None:

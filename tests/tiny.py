@@ -56,6 +56,11 @@ build_without_cam.model_info = ModelInfo("tests.tiny:build_without_cam", input_s
                                          num_classes=NUM_CLASSES)
 
 
+def build_undeclared(state_dict=None) -> Classifier:
+    """The tiny CNN with 3 classes and no ``model_info``: declared 224 px and 1000 classes by default."""
+    return build(state_dict, num_classes=3)
+
+
 def takes_no_weights() -> Classifier:
     """A model factory with the wrong signature (factories take the state dict)."""
     return build()

@@ -295,11 +295,46 @@ def model_info(name: str) -> ModelInfo:
         return getattr(fn, "model_info", ModelInfo(name, 224, 256))
     tv = _torchvision_names()
     if name in tv:
-        return ModelInfo(name, 224, 256, needs_weights=True)
+        return _torchvision_info(name)
     raise ValueError(
         f"unknown model {name!r}; valid: {', '.join(MODELS)}, or a torchvision classification "
         f"model ({', '.join(tv[:6])}, ...)"
     )
+
+
+#: torchvision models whose pretrained weights are used with ``transform_input=True``, and the
+#: prefixes of their auxiliary classifiers' weights.
+_TRANSFORM_INPUT = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _torchvision_kwargs(name: str, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """How torchvision builds ``name`` when it loads pretrained weights itself, for a given state
+    dict: GoogLeNet and Inception v3 then re-normalize their inputs inside the network
+    (``transform_input``), and have auxiliary classifiers only if the weights hold them (a
+    state dict saved from ``googlenet(weights=...)`` has none)."""
+    if name not in _TRANSFORM_INPUT:
+        return {}
+    aux = any(k.startswith(_TRANSFORM_INPUT[name]) for k in state_dict)
+    return {"transform_input": True, "aux_logits": aux, "init_weights": False}
+
+
+def _torchvision_info(name: str) -> ModelInfo:
+    """A torchvision model's sizes and classes, from its default weights' own evaluation
+    transform (offline metadata): inception_v3 takes 299 after resizing to 342, efficientnet_b3
+    300 after 320, most others 224 after 256. 224/256 and 1000 where the metadata says nothing."""
+    crop, resize, classes = 224, 256, 1000
+    try:
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(name).DEFAULT
+        kw = getattr(weights.transforms, "keywords", {})
+        crop = int(kw.get("crop_size", crop))
+        size = kw.get("resize_size", resize)
+        resize = int(size[0] if isinstance(size, (list, tuple)) else size)
+        classes = len(weights.meta.get("categories") or ()) or classes
+    except (ValueError, KeyError, TypeError, AttributeError):  # a model without weight metadata
+        pass
+    return ModelInfo(name, crop, max(resize, crop), num_classes=classes, needs_weights=True)
 
 
 def _split_torchvision(net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
@@ -513,7 +548,7 @@ def build_model(
             )
         from torchvision.models import get_model, get_model_weights
 
-        net = get_model(name, weights=None)
+        net = get_model(name, weights=None, **_torchvision_kwargs(name, state_dict))
         net.load_state_dict(state_dict)
         try:
             categories = tuple(get_model_weights(name).DEFAULT.meta["categories"])

@@ -86,6 +86,21 @@ def test_weights_that_do_not_fit_the_model_say_why_in_their_one_line(tmp_path, c
     assert reason in message
 
 
+def test_a_model_must_be_what_its_model_info_declares():
+    """Labels and targets are checked against the declared class count, images cropped to the
+    declared size: a 3-class factory without model_info took the label 7, and every attack in
+    that image's batch failed on an IndexError."""
+    from pipeline.model_handlers import check_model
+
+    with pytest.raises(ValueError, match=r"^model 'tests.tiny:build_undeclared' is not what its model_info declares: "
+                                         r"classes 3 \(declared 1000\), outputs 3 \(declared 1000\), "
+                                         r"input size 64 \(declared 224\); give its factory a model_info"):
+        check_model(ModelConfig(name="tests.tiny:build_undeclared", device="cpu"))
+    with pytest.raises(ValueError, match=r"^map model 'tests.tiny:build_undeclared' is not what"):
+        check_model(ModelConfig(name="tests.tiny:build_undeclared", device="cpu"), maps=True, role="map model")
+    assert check_model(ModelConfig(name="tests.tiny:build", device="cpu")).num_classes == 10
+
+
 def test_every_stage_loads_its_model_in_the_configured_memory_format():
     from pipeline.saliency import MapHandler
 

@@ -67,6 +67,34 @@ def test_torchvision_mobilenet_v2_splits_for_cam():
         assert torch.allclose(m(x), ref((x - m.mean) / m.std), atol=1e-4)
 
 
+@pytest.mark.parametrize("name, crop, resize", [("resnet18", 224, 256), ("inception_v3", 299, 342),
+                                                ("efficientnet_b3", 300, 320), ("convnext_tiny", 224, 236)])
+def test_torchvision_models_take_the_sizes_their_weights_were_made_for(name, crop, resize):
+    """Every torchvision model was given 224/256: inception_v3 and efficientnet_b1..b7 ran below
+    the resolution they were trained at."""
+    info = model_info(name)
+    assert (info.input_size, info.resize, info.num_classes, info.needs_weights) == (crop, resize, 1000, True)
+
+
+IMAGENET_MEAN_T = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD_T = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def test_torchvision_googlenet_normalizes_as_its_pretrained_weights_expect():
+    """torchvision switches GoogLeNet's and Inception v3's transform_input on when it loads
+    their weights itself; a state dict given to build_model must run the same network."""
+    from torchvision.models import googlenet
+
+    ref = googlenet(weights=None, aux_logits=True, init_weights=True, transform_input=True).eval()
+    with_aux = ref.state_dict()  # as torchvision publishes them
+    without = {k: v for k, v in with_aux.items() if not k.startswith("aux")}  # as googlenet(weights=...) saves them
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expect = ref((x - IMAGENET_MEAN_T) / IMAGENET_STD_T)
+        for state in (with_aux, without):
+            assert torch.allclose(build_model("googlenet", state)(x), expect, atol=1e-4)
+
+
 def test_custom_factory_by_import_path(tiny_model):
     m = build_model("tests.tiny:build")
     assert m.num_classes == 10 and model_info("tests.tiny:build").input_size == 64
