@@ -170,6 +170,23 @@ def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
                          f"{kind or 'something else'}, not a Dask scheduler")
 
 
+def scheduler_file_address(path: str) -> str:
+    """The scheduler address in a Dask scheduler file (``dask scheduler --scheduler-file``); a
+    ValueError (one line) if it cannot be read. Dask's client waits forever for a file that is
+    not there."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the Dask scheduler file {path}: {e}") from None
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"cannot read the Dask scheduler file {path}: it names no scheduler address")
+    return address
+
+
 def close_cluster(cluster) -> None:
     """Close a local cluster this job started. Closing an interrupted run's cluster, the scheduler
     warns about every worker it removes whose results no task fetched, and a nanny about a worker

@@ -36,7 +36,7 @@ from apache_beam.runners.dask import dask_runner as _dask_runner
 from apache_beam.runners.dask import transform_evaluator as _evaluator
 
 from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, check_scheduler, close_cluster, default_worker_count,
-                           start_local_cluster, wait_for_workers)
+                           scheduler_file_address, start_local_cluster, wait_for_workers)
 
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
@@ -249,13 +249,17 @@ class DaskRunner(_dask_runner.DaskRunner):
         ours = options.view_as(DaskPipelineOptions)
         workers = ours.dask_workers
         cluster = None
+        if dask_opts.scheduler_file and not dask_opts.address:
+            # Beam's client would wait forever for a file that is not there: its address, checked below.
+            dask_opts.address = scheduler_file_address(dask_opts.scheduler_file)
+            dask_opts.scheduler_file = None
         if dask_opts.address:
             # Beam's client would wait forever on a server that is not a Dask scheduler.
             if workers:
                 wait_for_workers(dask_opts.address, workers, ours.dask_wait_timeout, _connect_timeout(options))
             else:
                 check_scheduler(dask_opts.address, _connect_timeout(options))
-        elif not dask_opts.scheduler_file:
+        else:
             workers = workers or default_worker_count()
             cluster = start_local_cluster(workers)
             dask_opts.address = cluster.scheduler_address

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -253,6 +254,33 @@ def test_dask_scheduler_that_does_not_answer_is_a_one_line_error_before_any_outp
                 conn.close()
     assert time.monotonic() - start < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]  # no staging folder, no output
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "cannot read the Dask scheduler file {path}: .*No such file"),
+    ('{"type": "Scheduler"}', "cannot read the Dask scheduler file {path}: it names no scheduler address"),
+    ('{"address": "{address}"}', "cannot reach the Dask scheduler at {address}: no connection within 1 s"),
+])
+def test_a_dask_scheduler_file_that_leads_nowhere_is_a_one_line_error_before_any_output(tmp_path, photos, content,
+                                                                                        reason):
+    """Beam's --dask_scheduler_file: Dask's client waited forever for a file that was not there,
+    and one naming a scheduler that is gone ended in a traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.runners import pipeline_options
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    path, address = tmp_path / "scheduler.json", f"tcp://127.0.0.1:{_free_port()}"
+    if content is not None:
+        path.write_text(content.replace("{address}", address))
+    options = pipeline_options(["--runner", "DaskRunner", "--dask_scheduler_file", str(path),
+                                "--dask_connection_timeout", "1"])
+    pool = ThreadPoolExecutor(1)  # a hang fails the test instead of hanging it
+    job = pool.submit(run_evaluate, tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r"), options)
+    pool.shutdown(wait=False)
+    with pytest.raises(ValueError, match="^" + reason.format(path=re.escape(str(path)), address=address)):
+        job.result(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"] + (["scheduler.json"] if content else [])
 
 
 def test_dask_cluster_with_too_few_workers_says_it_waits_then_gives_up(tmp_path, photos, monkeypatch, caplog):
