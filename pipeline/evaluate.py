@@ -59,8 +59,9 @@ class _Finalize(beam.DoFn):
                 for (a, d), stats in rows
             ],
         }
-        write_bytes(self.out.path("summary.json"), json.dumps(jsonable(summary), indent=1).encode())
-        self.out.commit()
+        path = self.out.path("summary.json")
+        write_bytes(path, json.dumps(jsonable(summary), indent=1).encode())
+        self.out.commit(written + [path])
         yield summary
 
 

@@ -421,15 +421,26 @@ class OutputDir:
         """A path inside the staging folder."""
         return join(self.staging, *parts)
 
-    def commit(self) -> None:
+    def commit(self, written: list[str] | tuple[str, ...] = ()) -> None:
         """Replace the final folder with the staging folder, then write ``_SUCCESS``.
 
+        ``written``: the files the run wrote (paths from :meth:`path`). A staging folder that
+        lacks one is removed, not committed (RuntimeError): the run was abandoned while this stage
+        still ran, as a Dask worker's does after the job was interrupted, and what the stage wrote
+        since would be all the output held.
         The previous output is moved aside (``<output>.old-<run id>``) and removed once the new
         one is in place. If the swap fails or is interrupted, the previous output is put back
         (here, or by :meth:`abandon`); copies left aside by a killed earlier commit of this output
         are removed once this one has succeeded."""
         fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
+        if written:
+            have = {p[len(staging) + 1:] for p in fs.find(staging)}
+            missing = sorted(rel for p in written if (rel := p[len(self.staging) + 1:]) not in have)
+            if missing:
+                fs.rm(staging, recursive=True)  # what this stage wrote after the run had removed it
+                raise RuntimeError(f"not committing {self.final}: its staging folder lacks {len(missing)} of "
+                                   f"the run's files ({missing[0]}, ...); the run was abandoned")
         old = None
         if fs.exists(final):
             old = f"{final}.old-{self.run_id}"
@@ -493,6 +504,15 @@ class OutputDir:
         output if the run's commit had moved it aside, and remove the folders above the output
         that :meth:`check` created for it and that are still empty."""
         fs, staging = url_to_fs(self.staging)
+        if isinstance(fs, LocalFileSystem):
+            # Out of the way in one step first: a stage still running elsewhere (a Dask worker's)
+            # then commits nothing (commit's check), not a folder half removed.
+            doomed = f"{staging}.abandoned"
+            try:
+                os.rename(staging, doomed)
+                staging = doomed
+            except FileNotFoundError:
+                pass
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
         _, final = url_to_fs(self.target)

@@ -225,3 +225,30 @@ def test_a_staging_folder_left_by_a_run_of_the_same_id_is_never_committed(tmp_pa
     with pytest.raises(ValueError, match="staging folder .* of run fixed exists"):
         run_evaluate(config, fnapi)
     assert not (tmp_path / "out").exists() and (left / "part-00007.json").exists()
+
+
+def test_a_stage_still_running_after_the_run_was_abandoned_commits_nothing(tmp_path):
+    """On a Dask cluster the last stage goes on after the interrupted job abandoned its run: it
+    recreated the staging folder with its summary.json alone and committed that, _SUCCESS and all."""
+    from pipeline.io import write_bytes
+
+    final = tmp_path / "out"
+    _finished(final, "r0")
+    out = OutputDir(str(final), "r1")
+    out.check()
+    written = [out.path("shards", "clean", "none", "shard-00000.tar"), out.path("metadata", "part-00000.parquet")]
+    for path in written:
+        write_bytes(path, b"x")
+    out.abandon()  # the job, interrupted
+    write_bytes(out.path("summary.json"), b"{}")  # the last stage, on a worker, goes on
+    with pytest.raises(RuntimeError, match="lacks 2 of the run's files"):
+        out.commit(written + [out.path("summary.json")])
+    assert (final / "summary.json").read_text() == "old" and (final / "_SUCCESS").read_text() == "r0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    out = OutputDir(str(final), "r2")
+    out.check()
+    written = [out.path("shards", "clean", "none", "shard-00000.tar"), out.path("summary.json")]
+    for path in written:
+        write_bytes(path, b"x")
+    out.commit(written)
+    assert out.committed()
