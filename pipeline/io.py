@@ -438,7 +438,8 @@ class OutputDir:
             have = {p[len(staging) + 1:] for p in fs.find(staging)}
             missing = sorted(rel for p in written if (rel := p[len(self.staging) + 1:]) not in have)
             if missing:
-                fs.rm(staging, recursive=True)  # what this stage wrote after the run had removed it
+                if fs.exists(staging):  # what this stage wrote after the run had removed it
+                    fs.rm(staging, recursive=True)
                 raise RuntimeError(f"not committing {self.final}: its staging folder lacks {len(missing)} of "
                                    f"the run's files ({missing[0]}, ...); the run was abandoned")
         old = None
