@@ -145,9 +145,27 @@ def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: 
                 log.warning("input %s: %d of its images are in a folder given before; reading them once",
                             path, len(files) - len(fresh))
             files = fresh
-        for i in range(0, len(files), folder_shard_size):
-            shards.append(SourceShard(len(shards), path, "folder", tuple(files[i : i + folder_shard_size])))
+        for chunk in _folder_chunks(files, folder_shard_size):
+            shards.append(SourceShard(len(shards), path, "folder", chunk))
     return shards
+
+
+def _folder_chunks(files: list[str], size: int) -> list[tuple[str, ...]]:
+    """A folder's files in chunks of ``size``, in order, except that a file whose key an earlier
+    file already gave (``a.b.jpg`` and ``a_b.png`` are both ``a_b``) joins that file's chunk, where
+    the reader reports it; in another chunk both were read, two rows with one key and source."""
+    chunks: list[list[str]] = []
+    chunk_of: dict[str, int] = {}
+    for rel in files:
+        key = file_key(rel)
+        if key in chunk_of:
+            chunks[chunk_of[key]].append(rel)
+            continue
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].append(rel)
+        chunk_of[key] = len(chunks) - 1
+    return [tuple(c) for c in chunks]
 
 
 def input_shards(config) -> list[SourceShard]:

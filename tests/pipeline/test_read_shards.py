@@ -316,6 +316,24 @@ def test_odd_file_names_give_keys_the_tar_reader_takes_back(tmp_path):
     assert sorted(keys) == expected and errors == []
 
 
+@pytest.mark.parametrize("size", [1, 2, 1000])
+def test_two_files_with_one_key_are_one_sample_and_one_error_however_the_folder_is_chunked(tmp_path, size):
+    """a.b.jpg and a_b.png both give the key a_b: in one chunk the second was reported, but in
+    two chunks (--folder-shard-size 1, or a chunk boundary between them) both were read."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.b.png", "a_a.png", "a_b.png", "z.png"):
+        (folder / name).write_bytes(PNG)
+    shards = expand_inputs((str(folder),), folder_shard_size=size)
+    fn = _ReadShardFn(InputConfig(paths=(str(folder),)))
+    fn.setup()
+    out = [o for s in shards for o in fn.process(s)]
+    keys, errors = _keys(out)
+    assert sorted(keys) == ["a_a", "a_b", "z"]
+    assert [(e.member, e.key, e.reason) for e in errors] == [("a_b.png", "a_b", "two files give the same key")]
+    assert sorted(f for s in shards for f in s.files) == sorted(p.name for p in folder.iterdir())
+
+
 def test_hidden_tar_members_are_reported_as_such(tmp_path):
     """macOS's tar adds ``._x.jpg`` beside ``x.jpg``; it was reported as a name without an extension."""
     tar = write_tar(tmp_path / "s.tar", [("x.png", PNG), ("._x.png", b"\0\5\26\7"), ("sub/.y.png", PNG), ("noext", PNG)])
