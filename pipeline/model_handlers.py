@@ -157,9 +157,13 @@ def _check_declared(model: Classifier, name: str, role: str) -> None:
 
 def input_attack(meta: dict | None) -> str | None:
     """The attack that made an input, as recorded in its semjpeg ``<key>.json`` (an adversarial
-    set written by ``semjpeg attack``): None for clean inputs and for anything else."""
+    set written by ``semjpeg attack``): None for clean inputs and for anything else. A row with
+    attack ``clean`` (an adversarial set stored again by ``attack``, or defended by ``defend``)
+    passes on its own ``input_attack``."""
     doc = meta.get("semjpeg") if isinstance(meta, dict) else None
     spec = doc.get("attack_spec") if isinstance(doc, dict) else None
+    if spec == "clean":
+        spec = doc.get("input_attack")
     return spec if isinstance(spec, str) and spec != "clean" else None
 
 

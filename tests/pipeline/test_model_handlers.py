@@ -245,3 +245,27 @@ def test_map_stage_prepares_semantic_files_the_encoder_only_writes(tiny_model, p
     again = MapHandler(config, requests, seed=0, prepare=True).run_inference(batch, model)
     assert all(isinstance(v, Variant) and v.prepared == {} for v in again)  # no error rows
     assert [d.data for d in encode(again)] == [d.data for d in done]
+
+
+def test_input_attack_survives_a_rewrite_by_another_semjpeg_job():
+    """An adversarial set written again by ``semjpeg attack`` (its ``clean`` folder: the input's
+    pixels, stored again) or by ``semjpeg defend`` has rows with attack ``clean`` and the attack
+    that made the input in ``input_attack``; evaluating those shards used to say the inputs were
+    clean (None), though their ``<key>.json`` recorded the attack."""
+    import json
+
+    from pipeline.model_handlers import input_attack
+    from pipeline.records import Result
+    from pipeline.write_shards import sample_members
+
+    def written(attack_spec, made_by, meta=None):  # the <key>.json a job writes for a row
+        row = {"attack_spec": attack_spec, "input_attack": made_by}
+        members = dict(sample_members(Result(0, "k", row, b"", "png", meta=meta)))
+        return json.loads(members["k.json"])
+
+    adv = written("fgsm:eps=4/255", None)
+    assert input_attack(adv) == "fgsm:eps=4/255"
+    assert input_attack(written("clean", None)) is None
+    assert input_attack(written("clean", "fgsm:eps=4/255", meta=adv)) == "fgsm:eps=4/255"
+    assert input_attack(written("igsm:eps=2/255", "fgsm:eps=4/255", meta=adv)) == "igsm:eps=2/255"
+    assert input_attack(None) is None and input_attack({"semjpeg": "x"}) is None
