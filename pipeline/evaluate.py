@@ -42,16 +42,16 @@ class _Finalize(beam.DoFn):
         table = [v for tag, v in parts if tag == "table"]
         error_counts = [v for tag, v in parts if tag == "errors"]
         written = [v for tag, v in parts if tag == "written"]
+        inputs = sum(v for tag, v in parts if tag == "inputs")
         order = {(a.text, d.text): i for i, (a, d) in
                  enumerate((a, d) for a in self.config.attacks for d in self.config.defenses)}
         rows = sorted(table, key=lambda kv: order.get(kv[0], 1 << 30))
-        ref = dict(rows).get(("clean", "none"), {})
         summary = {
             "run_id": self.config.run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": self.config.describe(),
             "sources": self.n_sources,
-            "samples": ref.get("n", max((stats["n"] for _, stats in rows), default=0)),
+            "samples": inputs,
             "errors": dict(sorted(error_counts)),
             "files_written": len(written),
             "table": [
@@ -107,12 +107,22 @@ def build_evaluate(p: beam.Pipeline, config: EvaluateConfig, shards: list[Source
     part_paths = (results, errors, sources) | "WriteMetadata" >> WriteMetadata(out, config.run_id, order)
     table, error_counts = (results, errors) | "Summarize" >> Summarize()
     written = (shard_paths, part_paths) | "Written" >> beam.Flatten()
+    # The inputs with a row, as the stats files count them: not the clean, undefended rows,
+    # which miss an input whose PNG or whose classification failed. Without defaults: a
+    # default for an empty run would take a side input of its own.
+    inputs = (
+        results
+        | "InputOfRow" >> beam.Map(lambda r: (r.source_index, r.key))
+        | "DistinctInputs" >> beam.Distinct()
+        | "CountInputs" >> beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
+    )
     # One side input, not three: Beam's Dask runner computes each side input separately, and
     # three would run the whole pipeline three times.
     parts = (
         table | "TagTable" >> beam.Map(lambda kv: ("table", kv)),
         error_counts | "TagErrorCounts" >> beam.Map(lambda kv: ("errors", kv)),
         written | "TagWritten" >> beam.Map(lambda path: ("written", path)),
+        inputs | "TagInputs" >> beam.Map(lambda n: ("inputs", n)),
     ) | "Gather" >> beam.Flatten()
     return (
         p

@@ -250,3 +250,46 @@ def test_attack_suite_metadata(tmp_path, photos, fnapi):
     # Two Adam steps at a tiny constant fool nothing: the rows stay, marked as failures.
     cw_rows = by_attack["cw:steps=2,binary_search_steps=1,initial_const=0.001"]
     assert cw_rows and not any(r["success"] for r in cw_rows)
+
+
+def test_a_failed_reference_variant_loses_only_its_own_rows(tmp_path, photos, fnapi, monkeypatch):
+    """The clean image's undefended PNG fails for one input: that row and the rate-matched one
+    built on it become errors with their reasons; the input's other rows stay, agreeing with the
+    clean prediction of the attack stage; the run still counts the input as processed (the
+    summary counted only the inputs with a clean, undefended row)."""
+    import itertools
+
+    import numpy as np
+
+    import pipeline.encode as encode_stage
+    from tests.shards import encode
+
+    real = encode_stage.apply_defense
+
+    def flaky(spec, image, **kw):
+        if spec.name == "none" and np.array_equal(image, photos[1]):
+            raise RuntimeError("disk full")
+        return real(spec, image, **kw)
+
+    monkeypatch.setattr(encode_stage, "apply_defense", flaky)
+    write_tar(tmp_path / "a.tar", [(f"p{i}.png", encode(p)) for i, p in enumerate(photos)])
+    cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", defenses=("jpeg:quality=50", "jpeg:match=none"))
+    summary = run_evaluate(cfg, fnapi)
+    rows = read_dataset(tmp_path / "out" / "metadata")
+    errors = read_dataset(tmp_path / "out" / "errors")
+    assert sorted((e["key"], e["attack_spec"], e["defense_spec"], e["reason"]) for e in errors) == [
+        ("p1", "clean", "jpeg:match=none", "ValueError: the matched defense none failed on this image"),
+        ("p1", "clean", "none", "RuntimeError: disk full")]
+    cells = {(r["key"], r["attack_spec"], r["defense_spec"]) for r in rows}
+    cells |= {(e["key"], e["attack_spec"], e["defense_spec"]) for e in errors}
+    assert len(rows) + len(errors) == len(cells) == 4 * 2 * 3
+    assert cells == set(itertools.product([f"p{i}" for i in range(4)], [a.text for a in cfg.attacks],
+                                          [d.text for d in cfg.defenses]))
+    reference = {r["key"]: r["pred"] for r in rows if (r["attack"], r["defense"]) == ("clean", "none")}
+    for r in rows:
+        if r["key"] != "p1":
+            assert r["clean_pred"] == reference[r["key"]]
+        assert r["agree_clean"] == (r["pred"] == r["clean_pred"])
+    p1 = {(r["attack"], r["defense"]): r for r in rows if r["key"] == "p1"}
+    assert p1[("fgsm", "none")]["clean_pred"] == p1[("clean", "jpeg")]["clean_pred"] is not None
+    assert summary["samples"] == 4 and summary["errors"] == {"encode": 2}
