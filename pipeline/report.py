@@ -182,9 +182,12 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    legend_rows = -(-len(handles) // 4)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
-               fontsize=8, bbox_to_anchor=(0.5, -0.08 - 0.07 * (legend_rows - 1)))
+    # Under the panels' x labels, however many rows it takes: anchored at a fixed height, its
+    # top met the labels.
+    renderer = fig.canvas.get_renderer()
+    bottom = min(ax.get_tightbbox(renderer).transformed(fig.transFigure.inverted()).y0 for ax in axes[0])
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(4, len(handles)),
+               fontsize=8, bbox_to_anchor=(0.5, bottom - 0.02))
     return _fig_png(fig)
 
 
@@ -214,7 +217,10 @@ def plot_quality(table: list[dict]) -> bytes | None:
         if metric == "ssim":
             ax.set_ylim(max(0.0, min((r["ssim"] or 1) for r in rows) - 0.05), 1.0)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    # Above the panels: inside one, it covered the tops of its bars.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center",
+               bbox_to_anchor=(0.5, axes[0].get_position().y1 + 0.01),
+               ncol=min(4, len(attacks)), fontsize=7)
     return _fig_png(fig)
 
 

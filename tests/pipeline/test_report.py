@@ -245,6 +245,49 @@ def test_rate_accuracy_plot_tells_variants_of_one_semantic_defense_apart():
     assert "markerfacecolor" not in gated[0] and styles["aug_msroi"]["fmt"] != gated[0]["fmt"]
 
 
+def _plot_rows(attacks: list[str]) -> list[dict]:
+    """Summary rows of a run with ``attacks`` (clean first) x none, two uniform JPEGs, Aug-MSROI
+    and the JPEG matched to it, at the PSNRs and SSIMs of a real run."""
+    row = {"n": 8, "top1": 0.5, "agree_clean": 0.9, "bpp": 2.0, "identical": 0}
+    defenses = (("none", "none", 9000.0, 36.1, 0.96), ("jpeg", "jpeg:quality=50", 1031.0, 30.5, 0.916),
+                ("jpeg", "jpeg:quality=75", 1500.0, 33.0, 0.94), ("aug_msroi", "aug_msroi", 1045.0, 29.9, 0.906),
+                ("jpeg", "jpeg:match=aug_msroi", 1040.0, 30.5, 0.916))
+    return [{**row, "attack_spec": a, "defense": d, "defense_spec": spec, "bytes": b,
+             "psnr": None if (a, d) == ("clean", "none") else psnr, "ssim": 1.0 if (a, d) == ("clean", "none") else ssim}
+            for a in attacks for d, spec, b, psnr, ssim in defenses]
+
+
+@pytest.mark.parametrize("attacks", [["clean", "fgsm:eps=4/255"],
+                                     ["clean", "fgsm:eps=4/255", "igsm:eps=16/255,steps=5"]])
+def test_plot_legends_cover_no_labels_and_no_bars(monkeypatch, attacks):
+    # The rate-accuracy legend, anchored at a fixed height under the panels, overlapped their x
+    # labels ("mean kB per image"); the PSNR panel's legend, placed inside it, covered the tops of
+    # its bars once three attacks' bars stood there.
+    import matplotlib.pyplot as plt
+
+    from pipeline import report
+
+    figs = []
+    monkeypatch.setattr(report, "_fig_png", lambda fig: figs.append(fig) or b"png")
+    table = _plot_rows(attacks)
+    report.plot_rate_accuracy(table)
+    report.plot_quality(table)
+    rate, quality = figs
+    renderer = rate.canvas.get_renderer()
+    (legend,) = rate.legends
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_tightbbox(renderer)) for ax in rate.axes)
+    renderer = quality.canvas.get_renderer()
+    legends = [*quality.legends, *(ax.get_legend() for ax in quality.axes if ax.get_legend())]
+    assert len(legends) == 1 and len(legends[0].get_texts()) == len(attacks)
+    box = legends[0].get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for ax in quality.axes for p in ax.patches]
+    assert len(bars) == 2 * len(attacks) * 5 and not any(box.overlaps(b) for b in bars)
+    assert not any(box.overlaps(ax.get_tightbbox(renderer)) for ax in quality.axes)
+    for fig in figs:
+        plt.close(fig)
+
+
 def test_report_never_overwrites_the_run_the_history_or_a_file_that_is_no_report(run_dir, tmp_path, capsys):
     import json
 
