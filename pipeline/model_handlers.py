@@ -220,6 +220,9 @@ class AttackHandler(_ClassifierHandler):
             with torch.no_grad():
                 clean_logits = model(x)
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            if len(batch) > 1:  # one bad image (or a batch too big for memory) costs only itself
+                log.warning("clean forward pass failed on a batch of %d (%s): image by image", len(batch), e)
+                return [out for s in batch for out in self.run_inference([s], model)]
             log.exception("clean forward pass failed on a batch of %d", len(batch))
             return [[err] for err in batch_errors(batch, "attack", e)]
         clean_pred = clean_logits.argmax(dim=1)
@@ -235,14 +238,25 @@ class AttackHandler(_ClassifierHandler):
             try:
                 variants = self._attack(spec, model, batch, x, labels, clean_logits, clean_pred)
             except Exception as e:  # one attack failing on a batch loses nothing else
-                log.exception("attack %s failed on a batch of %d", spec.text, len(batch))
-                variants = [
-                    ErrorRecord(s.source_index, s.source, s.key, None, "attack", f"{type(e).__name__}: {e}", spec.text)
-                    for s in batch
-                ]
+                if len(batch) > 1:  # nor its other images: each is attacked alone
+                    log.warning("attack %s failed on a batch of %d (%s): image by image", spec.text, len(batch), e)
+                    variants = [self._attack_alone(spec, model, batch, i, x, labels, clean_logits, clean_pred)
+                                for i in range(len(batch))]
+                else:
+                    log.exception("attack %s failed on a batch of %d", spec.text, len(batch))
+                    variants = [_attack_error(batch[0], spec, e)]
             for slot, v in zip(out, variants):
                 slot.append(v)
         return out
+
+    def _attack_alone(self, spec, model, batch, i, x, labels, clean_logits, clean_pred) -> Variant | ErrorRecord:
+        one = slice(i, i + 1)
+        try:
+            (variant,) = self._attack(spec, model, batch[one], x[one], labels[one], clean_logits[one], clean_pred[one])
+            return variant
+        except Exception as e:
+            log.exception("attack %s failed on %s", spec.text, batch[i].key)
+            return _attack_error(batch[i], spec, e)
 
     def _attack(self, spec, model, batch, x, labels, clean_logits, clean_pred) -> list[Variant]:
         seeds = seed_tensor([sample_seed(self.seed, s.identity, spec.identity) for s in batch])
@@ -281,6 +295,10 @@ class AttackHandler(_ClassifierHandler):
         ]
 
 
+def _attack_error(s: Sample, spec: Spec, e: BaseException) -> ErrorRecord:
+    return ErrorRecord(s.source_index, s.source, s.key, None, "attack", f"{type(e).__name__}: {e}", spec.text)
+
+
 class ClassifyHandler(_ClassifierHandler):
     """Batch of Defended -> Results: top-5 predictions and quality against the clean image."""
 
@@ -295,6 +313,9 @@ class ClassifyHandler(_ClassifierHandler):
         try:
             return self._classify(batch, model)
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
+            if len(batch) > 1:  # one bad image (or a batch too big for memory) costs only itself
+                log.warning("classification failed on a batch of %d (%s): image by image", len(batch), e)
+                return [r for d in batch for r in self.run_inference([d], model)]
             log.exception("classification failed on a batch of %d", len(batch))
             return batch_errors(batch, "classify", e)
 

@@ -109,12 +109,20 @@ class MapHandler(_ClassifierHandler):
         return model
 
     def run_inference(self, batch: Sequence[Variant], model: Classifier, inference_args=None):
+        out, failed = self._maps(batch, model)
+        if failed and len(batch) > 1:  # one bad image (or a batch too big for memory) costs only itself
+            log.warning("saliency maps failed on a batch of %d: drawing them image by image", len(batch))
+            return [r for v in batch for r in self.run_inference([v], model)]
+        return out
+
+    def _maps(self, batch: Sequence[Variant], model: Classifier) -> tuple[list, bool]:
+        """(variants with their maps, and error records; whether any map failed)."""
         try:
             device = next(model.parameters()).device
             x = self.inputs([v.image for v in batch], device)
         except Exception as e:  # a failed batch becomes error rows, never a failed bundle
             log.exception("saliency maps failed on a batch of %d", len(batch))
-            return batch_errors(batch, "saliency", e)
+            return batch_errors(batch, "saliency", e), True
         digests = [pixel_digest(v.image) for v in batch]
         maps: list[dict] = [{} for _ in batch]
         seconds: list[dict] = [{} for _ in batch]
@@ -157,7 +165,7 @@ class MapHandler(_ClassifierHandler):
                 _on_device(prepared, "semantic JPEG coefficients", device, len(batch),
                            lambda: prepare_requantized(users, images, [mp[text] for mp in maps], st, denoised, device))
         return [dataclasses.replace(v, maps=mp, map_seconds=sc, map_stability=sb, denoised=dn, prepared=pr)
-                for v, mp, sc, sb, dn, pr in zip(batch, maps, seconds, stable, denoised, prepared)] + errors
+                for v, mp, sc, sb, dn, pr in zip(batch, maps, seconds, stable, denoised, prepared)] + errors, bool(errors)
 
 
 def _on_device(into: list[dict], what: str, device, n: int, work) -> None:

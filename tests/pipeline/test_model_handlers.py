@@ -269,3 +269,79 @@ def test_input_attack_survives_a_rewrite_by_another_semjpeg_job():
     assert input_attack(written("clean", "fgsm:eps=4/255", meta=adv)) == "fgsm:eps=4/255"
     assert input_attack(written("igsm:eps=2/255", "fgsm:eps=4/255", meta=adv)) == "igsm:eps=2/255"
     assert input_attack(None) is None and input_attack({"semjpeg": "x"}) is None
+
+
+
+def _breaks(x: torch.Tensor) -> None:
+    """Raise on any batch holding the planted image (first pixel's red level 7)."""
+    if bool((x[:, 0, 0, 0] * 255).round().eq(7).any()):
+        raise RuntimeError("this image breaks the model")
+
+
+class _Breaking(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.class_names = model, model.class_names
+
+    def forward(self, x):
+        _breaks(x)
+        return self.model(x)
+
+
+def test_a_batch_that_fails_loses_only_the_image_that_fails_it(tiny_model, photos, monkeypatch):
+    """Every stage caught a failed batch as error rows for all of it: one bad image (or a batch
+    too big for the GPU's memory) cost its batch-mates their rows. A failed batch is now run
+    again image by image; only what fails alone is an error."""
+    import pipeline.model_handlers as handlers
+    import pipeline.saliency as saliency_stage
+    from pipeline.records import ErrorRecord
+    from pipeline.saliency import MapHandler, map_requests
+
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    images = [p.copy() for p in photos]
+    images[2][0, 0, 0] = 7
+    samples = [Sample(0, "s.tar", f"k{i}", None, im) for i, im in enumerate(images)]
+    specs = (parse_attack("clean"), parse_attack("fgsm:eps=4/255"))
+
+    def outcome(items):
+        return [(e.key, e.stage) if isinstance(e, ErrorRecord) else "ok" for e in items]
+
+    def attack(model):
+        return AttackHandler(config, specs, seed=0, attack_labels="pred").run_inference(samples, model)
+
+    # the clean pass fails on the batch: each image alone
+    assert [outcome(v) for v in attack(_Breaking(tiny_model))] == [["ok", "ok"], ["ok", "ok"], [("k2", "attack")],
+                                                                   ["ok", "ok"]]
+    # an attack fails on the batch: that attack, image by image
+    whole = attack(tiny_model)
+    real_attack = handlers.run_attack
+
+    def fgsm_breaks(spec, model, x, *a, **k):
+        if spec.name != "clean":
+            _breaks(x)
+        return real_attack(spec, model, x, *a, **k)
+
+    monkeypatch.setattr(handlers, "run_attack", fgsm_breaks)
+    alone = attack(tiny_model)
+    assert [outcome(v) for v in alone] == [["ok", "ok"], ["ok", "ok"], ["ok", ("k2", "attack")], ["ok", "ok"]]
+    for i in (0, 1, 3):  # alone as in the batch, but for rounding
+        assert np.abs(alone[i][1].image.astype(int) - whole[i][1].image.astype(int)).max() <= 1
+
+    clean = [v[0] for v in whole]
+    none = parse_defense("none")
+    defended = [Defended(dataclasses.replace(v, probs=None), none, b"png", "png", v.image) for v in clean]
+    assert outcome(ClassifyHandler(config, run_id="r").run_inference(defended, _Breaking(tiny_model))) == [
+        "ok", "ok", ("k2", "classify"), "ok"]
+
+    real_maps = saliency_stage.compute_maps
+
+    def maps_break(name, model, x, *a):
+        _breaks(x)
+        return real_maps(name, model, x, *a)
+
+    monkeypatch.setattr(saliency_stage, "compute_maps", maps_break)
+    out = MapHandler(config, map_requests((parse_defense("msroi"),)), seed=0).run_inference(clean, tiny_model)
+    # every variant goes on (its other defenses need no map); only k2's map is missing, and reported
+    assert outcome(out) == ["ok", "ok", "ok", ("k2", "saliency"), "ok"]
+    assert [(v.sample.key, len(v.maps)) for v in out if not isinstance(v, ErrorRecord)] == [
+        ("k0", 1), ("k1", 1), ("k2", 0), ("k3", 1)]
