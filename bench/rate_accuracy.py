@@ -37,7 +37,10 @@ def main() -> None:
               f"{fmt(r['agree_clean'], '.3f')} | {fmt(r['bytes'], '.0f')} | {fmt(r['bpp'], '.2f')} | "
               f"{fmt(r['psnr'], '.2f') if r['psnr'] is not None else 'inf'} | {fmt(r['ssim'], '.4f')} |")
     if args.plot:
-        write_bytes(args.plot, plot_rate_accuracy(summary["table"], metric=args.metric))
+        png = plot_rate_accuracy(summary["table"], metric=args.metric)
+        if png is None:  # e.g. top1 of a run without labels
+            sys.exit(f"no plot: no defended row of {args.run} has a {args.metric} value (--metric)")
+        write_bytes(args.plot, png)
         print(f"\nplot: {args.plot}")
 
 

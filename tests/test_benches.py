@@ -136,6 +136,24 @@ def test_bad_bench_arguments_are_one_line_errors(argv, message):
     assert r.stdout == ""
 
 
+def test_rate_accuracy_without_the_metric_says_there_is_no_plot(tmp_path):
+    # A run without labels has no top-1 (the default metric): --plot gave a TypeError traceback
+    # from writing None.
+    row = {"attack_spec": "fgsm:eps=4/255", "attack": "fgsm", "defense": "jpeg", "defense_spec": "jpeg:quality=50",
+           "n": 2, "top1": None, "agree_clean": 0.5, "bytes": 900.0, "bpp": 1.8, "psnr": 30.0, "ssim": 0.9,
+           "identical": 0}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"table": [row]}))
+    plot = tmp_path / "plot.png"
+    argv = [sys.executable, "bench/rate_accuracy.py", "--run", str(tmp_path / "run"), "--plot", str(plot)]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == f"no plot: no defended row of {tmp_path / 'run'} has a top1 value (--metric)"
+    assert "| fgsm:eps=4/255 | jpeg:quality=50 | 2 | – | 0.500 |" in r.stdout and not plot.exists()
+    r = subprocess.run([*argv, "--metric", "agree_clean"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and plot.read_bytes().startswith(b"\x89PNG"), r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("script", ["bench/pipeline.py", "bench/scale.py"])
 def test_more_dev_images_than_there_are_is_an_error_not_a_smaller_count(script):
     if not (DEV / "labels.csv").exists():
