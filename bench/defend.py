@@ -1,7 +1,7 @@
 """Throughput of the defense's two stages: the Aug-MSROI map and the semantic JPEG encoder.
 
 Map stage: ``aug_msroi`` with its defaults (S perturbations of every image, in one batch of
-N * S on CUDA, in passes of ``CPU_PASS`` perturbed images on the CPU) on EfficientNet-Lite0 at
+N * S on CUDA, in passes of ``transforms.saliency.CPU_PASS`` perturbed images on the CPU) on EfficientNet-Lite0 at
 224x224, images/s (input images, not forward passes), on CPU (contiguous and channels_last) and,
 when available, CUDA; on CUDA also with channels_last and/or bf16 autocast. Memory is managed as
 the pipeline's stages do it (``pipeline.allocator``; ``SEMJPEG_SYSTEM_MALLOC=1`` for glibc's
@@ -77,7 +77,9 @@ def time_maps(model, x: torch.Tensor, fn, iters: int, *, bf16: bool) -> float:
 
 
 def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, variants: list[str],
-              compiled: tuple[str, ...] = ()) -> dict:
+              compiled: tuple[str, ...] = (), denoise: bool = True) -> dict:
+    """The map stage at one batch size (and, with ``denoise``, the denoising stage); on CUDA its
+    own peak memory (``max_memory_gib``), not the peak of every batch size timed before it."""
     import copy
 
     from transforms.defenses import gated_maps, jpeg_stability
@@ -86,6 +88,9 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
     from transforms.models import build_model
     from transforms.saliency import DEFAULT_SAMPLES, aug_msroi, compile_plain_passes, msroi
 
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model("efficientnet_lite0", device=device)
     reps = -(-batch // len(images))
     x0 = to_tensor(np.concatenate([images] * reps)[:batch]).to(device)
@@ -155,7 +160,8 @@ def map_stage(device: torch.device, batch: int, iters: int, images: np.ndarray, 
                 out[v]["jpeg_check_max_abs_diff_torch_vs_libjpeg"] = float((lib - dev).abs().max())
         except RuntimeError as e:  # e.g. out of memory, bf16 unsupported
             out[v] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    out["denoise"] = denoise_stage(device, images, iters)
+    if denoise:
+        out["denoise"] = denoise_stage(device, images, iters)
     if device.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
@@ -475,7 +481,8 @@ def main() -> None:
             compiled = () if args.compile is None else tuple(args.compile or ["bf16_channels_last"])
             for batch in [args.batch] + ([] if args.quick else args.cuda_batches):
                 record[f"map_cuda_batch{batch}"] = map_stage(device, batch, iters, images, variants,
-                                                             compiled if batch == max_batch else ())
+                                                             compiled if batch == max_batch else (),
+                                                             denoise=batch == args.batch)
                 _progress(f"map_cuda_batch{batch}", record[f"map_cuda_batch{batch}"])
         else:
             batch = args.batch if args.quick else min(args.batch, 16)  # CPU: keep the N*S batch modest

@@ -12,7 +12,7 @@ window 40 wide), and the uniform JPEG gets the highest quality that fits it
 * ``clean_map``: Aug-MSROI of the *clean* image applied to the adversarial one (an oracle no
   defense has; on the clean set it is ``aug_msroi`` itself);
 * ``inverse``: 1 - Aug-MSROI (the salient regions coarsest);
-* ``random``: uniform noise, one value per 16x16 block, seeded per image.
+* ``random``: uniform noise, one value per 16x16 block (one generator seeded 0 for the run).
 
 Prints one JSON line per (set, map): top-1, agreement with the clean prediction and mean bytes of
 the semantic files, and the same for the rate-matched uniform JPEG.

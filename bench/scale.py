@@ -14,7 +14,7 @@ shared 2-core machine vary by up to 25% (1-worker runs of the same code took 73 
 runs alternate (1, 2, 1, 2, ...) and the fastest of each count is compared, as bench/pipeline.py
 does; every time is printed too.
 
-Each repeat also runs `--base` images (32; 0 skips it) on each count, which separates the fixed
+Each repeat also runs `--base` images (32, or none when `--n` is 32 or less; 0 skips it) on each count, which separates the fixed
 cost from the work: `marginal_ratio` is the ratio of the extra seconds the extra n - base images
 take (fastest runs), `fixed_seconds` what a run costs beyond that work, extrapolated to no images.
 
@@ -84,12 +84,13 @@ def main() -> None:
     ap.add_argument("--n", type=positive_int, default=256)
     ap.add_argument("--shards", type=positive_int, default=4)
     ap.add_argument("--repeat", type=positive_int, default=2, help="runs per worker count, alternating; the fastest counts")
-    ap.add_argument("--base", type=non_negative_int, default=32, help="images of the small runs that measure the fixed cost; 0: none")
+    ap.add_argument("--base", type=non_negative_int, default=None,
+                    help="images of the small runs that measure the fixed cost (default 32, none when --n is 32 or less); 0: none")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip the speed probes around each run")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="the job's --batch-size")
     args = ap.parse_args()
     n = 32 if args.quick else args.n
-    base = 0 if args.quick else args.base
+    base = 0 if args.quick else (args.base if args.base is not None else (32 if n > 32 else 0))
     if base and not 0 < base < n:
         ap.error(f"--base must be between 0 and --n ({n}), got {base}")
     with tempfile.TemporaryDirectory() as tmp:

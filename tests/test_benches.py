@@ -111,6 +111,7 @@ def test_allocator_bench_quick():
     (["bench/pipeline.py", "--repeats", "0"], "--repeats: must be a positive integer, got 0"),
     (["bench/scale.py", "--shards", "0"], "--shards: must be a positive integer, got 0"),
     (["bench/scale.py", "--base", "-1"], "--base: must be an integer >= 0, got -1"),
+    (["bench/scale.py", "--n", "16", "--base", "16"], "--base must be between 0 and --n (16), got 16"),
     (["bench/table_overhead.py", "--n", "0"], "--n: must be a positive integer, got 0"),
     (["bench/adaptive.py", "--n", "-3"], "--n: must be a positive integer, got -3"),
     (["bench/map_ablation.py", "--n", "0"], "--n: must be a positive integer, got 0"),
