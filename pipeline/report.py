@@ -266,7 +266,11 @@ def trends_figure(history: dict[str, list[dict]]):
     ax.set_xlim(days[0] - _dt.timedelta(days=1), days[-1] + _dt.timedelta(days=1))
     ax.set_xlabel("night")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    # Under the axes' labels: to their right it made the figure half again as wide, and the page
+    # shrank it until its labels were hard to read.
+    bottom = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.transFigure.inverted()).y0
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=8,
+               bbox_to_anchor=(0.5, bottom - 0.02))
     return fig
 
 

@@ -168,6 +168,30 @@ def test_trends_name_each_night_by_its_date(nights):
     plt.close(fig)
 
 
+def test_trends_legend_sits_under_the_axes_and_keeps_the_figure_its_width():
+    """Its legend stood right of the axes: a figure half again as wide, shrunk by the page until
+    its labels were hard to read."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from pipeline.report import trends_figure
+
+    pairs = [(a, d) for a in ("fgsm:eps=4/255", "igsm:eps=4/255,steps=10") for d in ("jpeg:match=aug_msroi", "aug_msroi", "msroi")]
+    history = {n: [{"attack_spec": a, "defense_spec": d, "agree_clean": 0.5} for a, d in pairs]
+               for n in ("2026-01-01", "2026-01-02", "2026-01-03")}
+    fig = trends_figure(history)
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    assert len(legend.get_texts()) == len(pairs) and fig.axes[0].get_legend() is None
+    assert not legend.get_window_extent(renderer).overlaps(fig.axes[0].get_tightbbox(renderer))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    assert Image.open(buf).width <= 11 * 110 * 1.05  # the figure's own width, not the legend's
+    plt.close(fig)
+
+
 def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     from pipeline.io import shard_name
     from pipeline.report import gallery
