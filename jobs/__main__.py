@@ -103,8 +103,9 @@ def _interruption(e: BaseException) -> str | None:
     return None
 
 
-def cli() -> int:
-    """The ``semjpeg`` command: :func:`main`, then a quicker exit.
+def cli(argv: list[str] | None = None) -> int:
+    """The ``semjpeg`` command (``argv``: its arguments, the command line's by default):
+    :func:`main`, then a quicker exit.
 
     Ctrl-C and SIGTERM stop the job cleanly (its staging folder removed, the previous output
     kept) with one line and exit status 130 or 143, not a traceback. The job is over when
@@ -114,7 +115,7 @@ def cli() -> int:
     the collector and the signal handlers alone, for callers that go on working in the process."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = main()
+        code = main(argv)
     except BaseException as e:
         what = _interruption(e)
         if what is None:

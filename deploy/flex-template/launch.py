@@ -49,6 +49,6 @@ if __name__ == "__main__":
         cmd = job_argv(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"flex template: {e}")
-    from jobs.__main__ import main
+    from jobs.__main__ import cli  # the command's own exit: SIGTERM (a cancelled launch) stops cleanly, 143
 
-    sys.exit(main(cmd))
+    sys.exit(cli(cmd))

@@ -331,16 +331,19 @@ def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
 
 
-@pytest.mark.parametrize("sig, code, word, runner", [
-    ("SIGTERM", 143, "terminated", ["FnApiRunner"]),
-    ("SIGINT", 130, "interrupted", ["FnApiRunner"]),
-    ("SIGINT", 130, "interrupted", ["DaskRunner", "--dask_workers", "2"]),
+@pytest.mark.parametrize("sig, code, word, runner, launcher", [
+    ("SIGTERM", 143, "terminated", ["FnApiRunner"], False),
+    ("SIGINT", 130, "interrupted", ["FnApiRunner"], False),
+    ("SIGINT", 130, "interrupted", ["DaskRunner", "--dask_workers", "2"], False),
+    ("SIGTERM", 143, "terminated", ["FnApiRunner"], True),  # a cancelled Flex Template launch
 ])
-def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, code, word, runner):
+def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, code, word, runner, launcher):
     """kill/timeout/systemd (SIGTERM) and Ctrl-C (SIGINT) during the pipeline, sent to the whole
     process group as a terminal does (Dask workers included): the staging folder is removed, the
-    previous output is untouched, one line and 128 + the signal's number."""
+    previous output is untouched, one line and 128 + the signal's number. The Flex Template's
+    launcher ran the job without the command's signal handling: a traceback, status 1."""
     import os
+    import shlex
     import signal
     import time
 
@@ -349,11 +352,13 @@ def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, cod
     out.mkdir()
     (out / "_SUCCESS").write_text("earlier-run\n")
     (out / "summary.json").write_text("{}")  # a finished earlier run
-    p = subprocess.Popen([sys.executable, "-m", "jobs", "evaluate", "--input", str(tmp_path / "a.tar"),
-                          "--output", str(out), "--attack", "igsm:eps=8/255,steps=2000", "--defense", "jpeg",
-                          "--model", "tests.tiny:build", "--resize", "72", "--crop", "64", "--batch-size", "2",
-                          "--runner", *runner],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = ["--input", str(tmp_path / "a.tar"), "--output", str(out), "--attack", "igsm:eps=8/255,steps=2000",
+            "--defense", "jpeg", "--model", "tests.tiny:build", "--resize", "72", "--crop", "64", "--batch-size", "2",
+            "--runner", *runner]
+    command = ([str(ROOT / "deploy/flex-template/launch.py"), "--job=evaluate", f"--args={shlex.join(args)}"]
+               if launcher else ["-m", "jobs", "evaluate", *args])
+    p = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".out.staging-*")) and p.poll() is None and time.monotonic() < deadline:
