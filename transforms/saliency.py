@@ -643,7 +643,7 @@ def _aug_maps(model, images, device, samples, input_noise, activation_noise, noi
 
 def _aug_chunk(model, x, seeds, samples, input_noise, activation_noise, draw, top_k, threshold):
     """Low-resolution mean MSROI map (n, h, w) of one chunk and each perturbed pass's top-1 class
-    (n, S), all n * S perturbations in one pass."""
+    (n, S; -1 for a pass whose logits the noise made NaN), all n * S perturbations in one pass."""
     n = x.shape[0]
     batch = n * samples
     pool = _NoisePool(seeds, samples, x.device, draw)
@@ -664,4 +664,6 @@ def _aug_chunk(model, x, seeds, samples, input_noise, activation_noise, draw, to
     finally:
         for hd in handles:
             hd.remove()
-    return roi.view(n, samples, *roi.shape[1:]).mean(dim=1), logits.argmax(dim=1).view(n, samples)
+    # argmax reads NaN as the largest value: a pass that overflowed would vote for class 0.
+    top1 = torch.where(logits.isnan().any(dim=1), -1, logits.argmax(dim=1))
+    return roi.view(n, samples, *roi.shape[1:]).mean(dim=1), top1.view(n, samples)

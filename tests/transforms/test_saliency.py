@@ -320,6 +320,19 @@ def test_stability_is_the_share_of_perturbed_passes_keeping_the_clean_class(tiny
         aug_msroi_stability(tiny_model, batch, samples=0)
 
 
+def test_a_pass_the_noise_drove_to_nan_keeps_no_class(batch):
+    """Noise this large (a valid, finite scale) overflows float32 inside the network and the
+    perturbed logits are NaN; argmax reads NaN as the largest value, so every such pass voted
+    for class 0 and an image of class 0 read as perfectly stable, never flagged."""
+    model = tiny.build()
+    with torch.no_grad():
+        model.fc.bias[0] += 1e3  # every image's own class is 0
+    assert (model(batch).argmax(1) == 0).all()
+    maps, stab = aug_msroi_stability(model, batch, input_noise=1e36, seeds=torch.arange(4))
+    assert torch.equal(stab, torch.zeros(4))
+    assert torch.isfinite(maps).all()
+
+
 def test_aug_msroi_rejects_bad_parameters(tiny_model, batch):
     for kw, match in (({"samples": 0}, "samples"), ({"noise": "laplace"}, "laplace"),
                       ({"input_noise": -0.1}, "input_noise"), ({"activation_noise": float("nan")}, "activation"),
