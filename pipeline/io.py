@@ -383,6 +383,10 @@ class OutputDir:
         parent, name = posixpath.split(path.rstrip("/"))
         if not parent or not name:
             raise ValueError(f"output {final} is a filesystem or bucket root; give a folder inside it")
+        if not local and any(c in path for c in "*?["):
+            # fsspec expands them in a store's listings and removals: the output was not
+            # writable, and a rerun failed to remove the previous one after committing
+            raise ValueError(f"output {final}: glob characters (*, ?, [) in a URL's path are not supported")
         staging = posixpath.join(parent, f".{name}.staging-{run_id}")
         #: The output and staging folders as this filesystem names them (paths or full URLs).
         self.target = path if local else fs.unstrip_protocol(path)

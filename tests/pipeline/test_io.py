@@ -37,6 +37,18 @@ def test_a_filesystem_root_is_never_an_output(output):
         OutputDir(output, "r1")
 
 
+@pytest.mark.parametrize("output", ["memory://res/o[1]", "memory://res/o*", "memory://r?s/o"])
+def test_glob_characters_in_a_url_output_are_refused_before_anything_is_written(output):
+    """fsspec expands them in an object store's listings and removals: such an output could not be
+    written (staging folders left behind), and a rerun failed removing the previous output."""
+    import fsspec
+
+    with pytest.raises(ValueError, match=r"glob characters \(\*, \?, \[\) in a URL's path are not supported"):
+        OutputDir(output, "r1")
+    assert not fsspec.filesystem("memory").exists("/res") and not fsspec.filesystem("memory").exists("/r?s")
+    OutputDir("/tmp/semjpeg-[local]-output", "r1")  # a local name is taken literally
+
+
 @pytest.mark.parametrize("relative", [".", "..", "sub/..", "./"])
 def test_the_working_folder_and_its_parents_are_never_outputs(tmp_path, monkeypatch, relative):
     (tmp_path / "sub").mkdir()
