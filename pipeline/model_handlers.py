@@ -260,12 +260,12 @@ class AttackHandler(_ClassifierHandler):
 
     def _attack(self, spec, model, batch, x, labels, clean_logits, clean_pred) -> list[Variant]:
         seeds = seed_tensor([sample_seed(self.seed, s.identity, spec.identity) for s in batch])
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        if x.is_cuda:  # the batch's own GPU: with --device cuda:N the current device is cuda:0
+            torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
         result, target = run_attack(spec, model, x, labels, clean_logits=clean_logits, seeds=seeds)
         if x.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(x.device)
         seconds = (time.perf_counter() - t0) / max(1, len(batch))
         adv = result.images
         clean = spec.name == "clean"

@@ -51,6 +51,27 @@ def test_classify_reuses_attack_stage_softmax_for_lossless_variants_only(tiny_mo
             assert r.row["pred"] == int(want.argmax()) and abs(r.row["prob"] - float(want.max())) < 1e-5
 
 
+def test_attack_seconds_wait_for_the_batchs_own_gpu(tiny_model, photos, monkeypatch):
+    """The attack stage times each attack between two syncs of the GPU. It synced the current
+    device (cuda:0), so with ``--device cuda:1`` the seconds missed the queued work and every
+    worker process opened a context on cuda:0 too. The CPU stands in for a GPU here."""
+    import pipeline.model_handlers as handlers
+
+    class OnAGpu(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    synced = []
+    monkeypatch.setattr(handlers, "to_tensor", lambda *a: to_tensor(*a).as_subclass(OnAGpu))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    samples = [Sample(0, "s.tar", f"k{i}", None, p) for i, p in enumerate(photos)]
+    out = AttackHandler(config, (parse_attack("clean"),), seed=0, attack_labels="pred").run_inference(samples,
+                                                                                                      tiny_model)
+    assert len(out) == 4 and synced == [torch.device("cpu")] * 2  # the device the batch is on
+
+
 def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
     from pipeline.model_handlers import load_classifier
     from pipeline.saliency import MapHandler
