@@ -60,7 +60,7 @@ def main() -> None:
     from transforms.models import build_model
 
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # its own GPU
     torch.backends.cudnn.benchmark = True
     base = build_model("efficientnet_lite0", device=device).eval().to(memory_format=torch.channels_last)
     x = torch.rand(args.batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
