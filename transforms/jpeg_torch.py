@@ -246,6 +246,8 @@ def jpeg_roundtrip(pixels: torch.Tensor, quality: int = 75, subsampling: str = "
     if compiled and _COMPILE["ok"]:
         try:
             return _compiled_roundtrip()(pixels, tables, subsampling)
+        except torch.cuda.OutOfMemoryError:  # the batch's size, not the compiler's
+            raise
         except Exception as e:  # noqa: BLE001 - compiling is an optimization
             _COMPILE["ok"] = False
             why = " ".join(str(e).split())[:300]

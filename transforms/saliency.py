@@ -239,7 +239,8 @@ def compile_plain_passes(model: nn.Module, *, mode: str | None = None, backend: 
     only. Call it once per model, e.g. when a worker loads its map model; ``mode`` and
     ``backend`` go to ``torch.compile``. A copy of the model (``copy.deepcopy``) runs eagerly
     until it is compiled itself. If a compiled pass fails (a worker without a C compiler, say),
-    a ``RuntimeWarning`` says why and the model runs eagerly from then on: no batch is lost.
+    a ``RuntimeWarning`` says why and the model runs eagerly from then on: no batch is lost. Out
+    of device memory is raised as it is (the map stage splits the batch), the passes still compiled.
     """
     _check(model, torch.zeros(0, 3, 1, 1))
     compiled = torch.compile(functools.partial(_eager_forward, model), mode=mode, backend=backend)
@@ -256,6 +257,8 @@ def _forward(model: nn.Module, x: torch.Tensor, *, plain: bool = True) -> tuple[
     if compiled is not None:
         try:
             return compiled(x)
+        except torch.cuda.OutOfMemoryError:  # the batch's size, not the compiler's: the caller splits it
+            raise
         except Exception as e:  # noqa: BLE001 - compiling is an optimization, never a lost batch
             _drop_compiled(model, e)
     return _eager_forward(model, x)

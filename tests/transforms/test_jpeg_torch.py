@@ -137,6 +137,25 @@ def test_a_failing_compiler_falls_back_to_eager(photos, monkeypatch):
     assert jt._COMPILE["ok"] is False  # not tried again
 
 
+
+def test_a_round_trip_out_of_device_memory_stays_compiled(photos, monkeypatch):
+    # Out of GPU memory is the batch's size, not the compiler's: raised for the map stage to
+    # split the batch, the round trip still compiled for the next one (it went eager for good).
+    import transforms.jpeg_torch as jt
+
+    def out_of_memory():
+        def run(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    monkeypatch.setattr(jt, "_compiled_roundtrip", out_of_memory)
+    monkeypatch.setitem(jt._COMPILE, "ok", True)
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        jpeg_roundtrip(x, 50, compiled=True)
+    assert jt._COMPILE["ok"] is True
+
 def test_reciprocal_quantization_is_rounding_division():
     # jcdctmgr.c's reciprocals, for every divisor a baseline table gives (8 x 1..255) and every
     # magnitude islow's output reaches (below 2**14): the same as rounding division.

@@ -17,6 +17,7 @@ from transforms.saliency import (
     aug_msroi_stability,
     class_activation_maps,
     compile_plain_passes,
+    has_compiled_passes,
     msroi,
     msroi_rank_weights,
 )
@@ -464,6 +465,23 @@ def test_compiled_plain_passes_serve_the_passes_without_activation_noise(batch):
     with pytest.raises(ValueError, match="class activation maps"):
         compile_plain_passes(tiny.build_without_cam())
 
+
+def test_a_compiled_pass_out_of_device_memory_stays_compiled(batch):
+    """Out of GPU memory is the batch's size, not the compiler's: the error goes to the map stage,
+    which runs the batch again image by image, and the model keeps its compiled passes. It
+    dropped them for good, so one batch too large left a GPU worker eager from then on."""
+    def out_of_memory(gm, example_inputs):
+        def run(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    model = compile_plain_passes(tiny.build(), backend=out_of_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: nothing is dropped
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            msroi(model, batch)
+    assert has_compiled_passes(model)
 
 def test_inductor_compiled_maps_match_eager(batch):
     # The real compiler (the C++ backend on the CPU): rounding-level differences at most.
