@@ -16,6 +16,8 @@ from transforms.jpeg_torch import requantized_coefficients
 from transforms.semantic_jpeg import block_qualities, write_coefficients
 
 SUBSAMPLINGS = list(SAMPLING)
+#: The CPU, and a GPU where there is one: its scatters, sorts and bit packing are other kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def _libjpeg(comps, tables, subsampling, h, w) -> list[bytes]:
@@ -23,8 +25,9 @@ def _libjpeg(comps, tables, subsampling, h, w) -> list[bytes]:
                                width=w) for i in range(comps[0].shape[0])]
 
 
-def _assert_same(comps, tables, subsampling, h, w) -> list[bytes]:
-    got = write_coefficients_batch(comps, tables, subsampling=subsampling, height=h, width=w)
+def _assert_same(comps, tables, subsampling, h, w, device="cpu") -> list[bytes]:
+    got = write_coefficients_batch([c.to(device) for c in comps], tables.to(device), subsampling=subsampling,
+                                   height=h, width=w)
     want = _libjpeg(comps, tables, subsampling, h, w)
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -81,8 +84,9 @@ def test_uniform_quality_coefficients_give_pillows_own_files(photos, subsampling
         uniform_coefficients(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS)
-def test_extreme_and_sparse_coefficients_are_libjpegs_files(subsampling):
+def test_extreme_and_sparse_coefficients_are_libjpegs_files(subsampling, device):
     """Coefficients no image gives: the largest magnitudes (DC differences of 2047, size-10 AC),
     long zero runs (up to three ZRLs before a coefficient, a coefficient only at the last
     position), all-zero blocks, dense blocks without an EOB, and scans full of 0xFF bytes."""
@@ -96,9 +100,9 @@ def test_extreme_and_sparse_coefficients_are_libjpegs_files(subsampling):
         c[..., 0, 0] = rng.choice([-1024, 1023, 0, 5], size=shape[:3])  # DC: differences up to 2047
         comps.append(torch.from_numpy(c.astype(np.int16)))
     tables = torch.from_numpy(rng.integers(1, 256, (n, 2, 8, 8)))
-    _assert_same(comps, tables, subsampling, h, w)
+    _assert_same(comps, tables, subsampling, h, w, device)
     ones = [torch.full(s, -1, dtype=torch.int16) for s in _component_shapes(1, 24, 24, subsampling)]
-    _assert_same(ones, torch.ones(1, 2, 8, 8, dtype=torch.int32), subsampling, 24, 24)
+    _assert_same(ones, torch.ones(1, 2, 8, 8, dtype=torch.int32), subsampling, 24, 24, device)
 
 
 def _libjpeg_table(freq: list[int]) -> tuple[list[int], list[int]]:
@@ -172,7 +176,8 @@ def test_optimal_tables_follow_libjpegs_procedure():
         assert not any(b.startswith(a) for a, b in zip(words, words[1:]))  # prefix-free (sorted neighbours)
 
 
-def test_a_file_that_needs_the_length_limit_is_libjpegs(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_file_that_needs_the_length_limit_is_libjpegs(monkeypatch, device):
     """A luma AC table whose pure Huffman codes pass 16 bits (symbols in Fibonacci counts): the
     adjusted table and the scan are libjpeg's."""
     fib = [1, 2]
@@ -198,7 +203,7 @@ def test_a_file_that_needs_the_length_limit_is_libjpegs(monkeypatch):
     limited = []
     real = entropy._limit_lengths
     monkeypatch.setattr(entropy, "_limit_lengths", lambda b: limited.append(1) or real(b))
-    _assert_same(comps, torch.ones(1, 2, 8, 8, dtype=torch.int32), "4:4:4", h, w)
+    _assert_same(comps, torch.ones(1, 2, 8, 8, dtype=torch.int32), "4:4:4", h, w, device)
     assert limited
 
 

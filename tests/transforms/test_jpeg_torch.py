@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import jpeglib
 import numpy as np
@@ -105,11 +106,20 @@ def test_bad_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu(photos):
+def test_cuda_matches_cpu(photos, monkeypatch):
+    import transforms.jpeg_torch as jt
+
     x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2)
     for subsampling in SUBSAMPLINGS:
         torch.testing.assert_close(jpeg_roundtrip(x.cuda(), 50, subsampling).cpu(), jpeg_roundtrip(x, 50, subsampling),
                                    rtol=0, atol=0)
+    # Compiled there too (--map-compile on a GPU: Triton's integer kernels), not its eager fallback.
+    monkeypatch.setitem(jt._COMPILE, "ok", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jpeg_roundtrip(x.cuda(), 50, compiled=True)
+    assert jt._COMPILE["ok"] and got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), jpeg_roundtrip(x, 50), rtol=0, atol=0)
 
 
 def test_compiled_round_trip_gives_the_same_pixels(photos):
