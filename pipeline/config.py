@@ -149,8 +149,8 @@ _NESTED_DEFENSES = ("bpda", "match")
 def _canonical_value(key: str, value):
     if isinstance(value, float):
         return float(f"{value:.12g}") if math.isfinite(value) else repr(value)
-    if key in _NESTED_DEFENSES and isinstance(value, str):
-        return spec_key(value.replace(";", ","), "defense")
+    if key in _NESTED_DEFENSES and isinstance(value, str):  # a parsed bpda= has ',' (';' only in its match=)
+        return spec_key(value.replace(";", ",") if key == "match" else value, "defense")
     return value if isinstance(value, (bool, int, str, type(None))) else repr(value)
 
 

@@ -55,3 +55,14 @@ def test_nightly_input_options_crop_and_resize_zero_mean_zero(tmp_path):
     assert native.native and (native.input.crop, native.input.resize) == (0, 0)
     no_resize = NightlyConfig.from_dict(config(tmp_path, input_options={"resize": 0, "crop": 64}))
     assert no_resize.evaluate_config("2026-01-01").input.resize == 0
+
+
+def test_spec_key_of_a_bpda_attack_through_a_match_with_parameters():
+    """A ``bpda=`` through ``jpeg:match=`` of a defense with parameters has a key of its values,
+    however the matched defense's parameters are ordered (it was the text, unparsed)."""
+    from pipeline.config import spec_key
+
+    key = spec_key("fgsm:bpda=jpeg:match=aug_msroi:q_low=20;q_high=60", "attack")
+    assert key == spec_key("fgsm:eps=8/255,bpda=jpeg:match=aug_msroi:q_high=60;q_low=20", "attack")
+    bpda = dict(key[1])["bpda"]
+    assert bpda[0] == "jpeg" and dict(dict(bpda[1])["match"][1])["q_high"] == 60

@@ -81,6 +81,10 @@ def test_a_bpda_spec_attacks_the_classifier_behind_the_defense(attack, tiny_mode
         ("fgsm:eps=4/255,bpda=jpeg:quality=50", "fgsm:eps=4/255", "jpeg:quality=50"),
         ("igsm:bpda=aug_msroi:levels=3;q_low=20,steps=5", "igsm:steps=5", "aug_msroi:levels=3,q_low=20"),
         ("pgd:bpda=jpeg", "pgd", "jpeg"),
+        # a match= naming a defense with parameters takes the rest, its ';' kept as a run's --defense has it
+        ("fgsm:bpda=jpeg:match=aug_msroi:q_low=20;q_high=60,eps=4/255", "fgsm:eps=4/255",
+         "jpeg:match=aug_msroi:q_low=20;q_high=60"),
+        ("fgsm:bpda=jpeg:subsampling=4:4:4;match=aug_msroi", "fgsm", "jpeg:subsampling=4:4:4,match=aug_msroi"),
         ("clean", "clean", None),
     ],
 )
@@ -96,6 +100,24 @@ def test_bpda_specs_parse_and_keep_their_text():
     assert spec.text == "igsm:eps=4/255,steps=10,bpda=aug_msroi:levels=3;q_low=20"
     assert parse_attack("fgsm:bpda=jpeg:quality=50").folder != parse_attack("fgsm:bpda=jpeg:quality=60").folder
     assert parse_attack("fgsm:bpda=jpeg:match=aug_msroi").params["bpda"] == "jpeg:match=aug_msroi"
+
+
+def test_bpda_through_a_rate_matched_jpeg_of_a_defense_with_parameters(tiny_model, batch):
+    """``bpda=jpeg:match=aug_msroi:q_low=20;q_high=60`` is the JPEG rate-matched to that Aug-MSROI,
+    as ``--defense 'jpeg:match=aug_msroi:q_low=20;q_high=60'`` is; the ';' between the matched
+    defense's parameters split them off into the JPEG's (an unknown parameter 'q_high')."""
+    from transforms.defenses import matched_defense
+
+    spec = parse_attack("fgsm:eps=8/255,bpda=jpeg:match=aug_msroi:q_low=20;q_high=60")
+    ref = matched_defense(parse_defense(spec.params["bpda"]))
+    assert (ref.name, dict(ref.params)) == ("aug_msroi", {"q_low": 20, "q_high": 60})
+    with torch.no_grad():
+        logits = tiny_model(batch)
+    labels = logits.argmax(1)
+    got, _ = run_attack(spec, tiny_model, batch, labels, clean_logits=logits)
+    d = parse_defense("jpeg:match=aug_msroi:q_low=20;q_high=60")
+    wrapped = ThroughDefense(tiny_model, lambda x: defend_images(d, x, model=tiny_model))
+    assert torch.equal(got.images, ATTACKS["fgsm"](wrapped, batch, labels, eps=8 / 255).images)
 
 
 @pytest.mark.parametrize(

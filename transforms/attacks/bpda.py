@@ -53,6 +53,9 @@ def split_bpda(text: str) -> tuple[str, str | None]:
     The defense's parameters are separated by ``;`` inside the attack spec, whose own parameters
     are separated by ``,``: ``fgsm:eps=4/255,bpda=jpeg:quality=50`` -> (``fgsm:eps=4/255``,
     ``jpeg:quality=50``); ``bpda=aug_msroi:levels=3;q_low=20`` names ``aug_msroi:levels=3,q_low=20``.
+    A ``match=`` that names a defense with parameters takes the rest of the spec, which keeps its
+    ``;`` as a run's ``--defense jpeg:match=...`` does: ``bpda=jpeg:match=aug_msroi:q_low=20;q_high=60``
+    names ``jpeg:match=aug_msroi:q_low=20;q_high=60`` (the JPEG's own parameters go before ``match=``).
     """
     name, colon, rest = text.strip().partition(":")
     if not colon:
@@ -63,7 +66,7 @@ def split_bpda(text: str) -> tuple[str, str | None]:
         if eq and k.strip() == BPDA_PARAM:
             if defense is not None:
                 raise ValueError(f"parameter {BPDA_PARAM!r} given twice in {text!r}")
-            defense = v.strip().replace(";", ",")
+            defense = _nested_defense(v.strip())
             if not defense:
                 raise ValueError(f"empty {BPDA_PARAM}= defense in attack spec {text!r}")
         else:
@@ -71,3 +74,12 @@ def split_bpda(text: str) -> tuple[str, str | None]:
     if defense is None:
         return text, None
     return (name + (":" + ",".join(kept) if kept else "")), defense
+
+
+def _nested_defense(text: str) -> str:
+    """A ``bpda=`` value as a defense spec: ``;`` -> ``,``, but for the parameters of a defense
+    that a ``match=`` names (``jpeg:match=aug_msroi:q_low=20;q_high=60``): they stay its own."""
+    head, eq, ref = text.partition("match=")
+    if not eq or ":" not in ref.split(";", 1)[0]:
+        return text.replace(";", ",")
+    return head.replace(";", ",") + eq + ref
