@@ -5,7 +5,7 @@ Runs ``semjpeg evaluate`` (FnApiRunner, EfficientNet-Lite0) on every (500 / N)-t
 
 * ``igsm:eps=4/255,steps=10``: the non-adaptive attack of the paper's comparison;
 * ``igsm:eps=4/255,steps=S``: the same with the adaptive attacks' step count (a control: more
-  steps alone also change what survives the codec);
+  steps alone also change what survives the codec; with S = 10 it is the attack above);
 * ``igsm:eps=4/255,steps=S,bpda=D`` for each defense D below: the attack through D;
 
 and the defenses ``jpeg:quality=50``, ``aug_msroi`` and ``jpeg:match=aug_msroi``, so every attack
@@ -35,8 +35,10 @@ DEFENSES = ("jpeg:quality=50", "aug_msroi", "jpeg:match=aug_msroi")
 
 
 def attacks(steps: int) -> list[str]:
-    base = f"igsm:eps=4/255,steps={steps}"
-    return ["igsm:eps=4/255,steps=10", base, *(f"{base},bpda={d}" for d in DEFENSES)]
+    """The attacks of a run whose adaptive attacks take ``steps`` (the control is the paper's
+    attack itself when ``steps`` is 10: run once, a run refuses a spec given twice)."""
+    paper, base = "igsm:eps=4/255,steps=10", f"igsm:eps=4/255,steps={steps}"
+    return [paper, *([base] if base != paper else []), *(f"{base},bpda={d}" for d in DEFENSES)]
 
 
 def subset(n: int, folder: Path) -> Path:

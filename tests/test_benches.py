@@ -196,6 +196,19 @@ def test_adaptive_bench_keeps_the_jobs_output_off_stdout(monkeypatch, capfd):
     assert "a table" in err and "wrote " in err
 
 
+def test_adaptive_bench_with_the_papers_step_count_runs_its_attack_once(monkeypatch):
+    # --steps 10 made the control the paper's attack itself: the run refused the spec given twice.
+    from pipeline.config import parse_attacks
+
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/adaptive.py rewrites sys.path when imported
+    from bench import adaptive
+
+    assert adaptive.attacks(10)[:2] == ["igsm:eps=4/255,steps=10", "igsm:eps=4/255,steps=10,bpda=jpeg:quality=50"]
+    assert adaptive.attacks(30)[:2] == ["igsm:eps=4/255,steps=10", "igsm:eps=4/255,steps=30"]
+    for steps in (10, 30):
+        assert len(parse_attacks(adaptive.attacks(steps))) == len(adaptive.attacks(steps)) + 1  # and clean
+
+
 def test_compile_variants_the_cuda_run_would_skip_are_errors(monkeypatch):
     # On CUDA a compiled variant is timed beside its eager run: one left out of --cuda-variants
     # was skipped without a word. Checked without a GPU through the function main() calls.
