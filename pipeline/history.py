@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .io import join
+from .io import join, missing_folders, remove_empty_folders
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,7 @@ def check_writable(history: str) -> None:
         fs, root = url_to_fs(history)
         if fs.exists(root) and not fs.isdir(root):
             raise NotADirectoryError(f"{root} is a file")
-        made, folder = [], root  # the folders makedirs creates, deepest first
-        while folder and folder != posixpath.dirname(folder) and not fs.exists(folder):
-            made.append(folder)
-            folder = posixpath.dirname(folder)
+        made = missing_folders(fs, root)
         fs.makedirs(root, exist_ok=True)
         probe = join(root, f".probe-{secrets.token_hex(4)}")
         with fs.open(probe, "wb") as f:
@@ -156,11 +153,7 @@ def check_writable(history: str) -> None:
         fs.rm(probe)
     except Exception as e:
         raise ValueError(f"history location {history} cannot be written: {e}") from None
-    for folder in made:
-        try:
-            fs.rmdir(folder)
-        except OSError:
-            break
+    remove_empty_folders(fs, made)
 
 
 def check_night(history: str, date: str) -> None:

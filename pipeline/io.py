@@ -426,11 +426,7 @@ class OutputDir:
                 "this id is still writing, or was killed); remove it, or give another --run-id"
             )
         try:
-            above, folder = [], posixpath.dirname(sp)
-            while folder and folder != posixpath.dirname(folder) and not sfs.exists(folder):
-                above.append(folder)
-                folder = posixpath.dirname(folder)
-            self._created = above  # deepest first: what abandon() may remove again
+            self._created = missing_folders(sfs, posixpath.dirname(sp))  # what abandon() may remove again
             sfs.makedirs(sp, exist_ok=True)
             probe = join(sp, ".probe")
             with sfs.open(probe, "wb") as f:
@@ -546,12 +542,26 @@ class OutputDir:
             return
         if self._restore(fs, final):
             return
-        for folder in self._created:
-            try:
-                if fs.isdir(folder) and not fs.ls(folder, detail=False):
-                    fs.rmdir(folder)
-            except OSError:
-                break
+        remove_empty_folders(fs, self._created)
+
+
+def missing_folders(fs, path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first: what ``makedirs`` will create."""
+    out = []
+    while path and path != posixpath.dirname(path) and not fs.exists(path):
+        out.append(path)
+        path = posixpath.dirname(path)
+    return out
+
+
+def remove_empty_folders(fs, folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first, as missing_folders gives them) while they are empty."""
+    for folder in folders:
+        try:
+            if fs.isdir(folder) and not fs.ls(folder, detail=False):
+                fs.rmdir(folder)
+        except OSError:
+            break
 
 
 def open_binary(path: str):

@@ -43,6 +43,17 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+def label_text(label: bytes | None) -> str | None:
+    """A label's bytes (a ``.cls`` member, a binary column) as text; bytes that are not UTF-8 are
+    kept as their repr, which decoding then reports as unreadable."""
+    if label is None:
+        return None
+    try:
+        return label.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(label[:20])
+
+
 def member_name(name: str) -> str:
     """A tar member's name without leading ``./`` (``tar -C dir -cf x.tar .`` writes ``./a.jpg``)."""
     while name.startswith("./"):
@@ -225,11 +236,7 @@ class _ReadShardFn(beam.DoFn):
                      for e in images[1:]]
             label = next((members[e][1] for e in LABEL_EXTS if e in members), None)
             meta = members.get("json", (None, None))[1]
-            try:
-                label_text = label.decode("utf-8") if label is not None else None
-            except UnicodeDecodeError:
-                label_text = repr(label[:20])
-            return [RawSample(shard.index, shard.path, key, member, data, label_text, meta), *extra]
+            return [RawSample(shard.index, shard.path, key, member, data, label_text(label), meta), *extra]
 
         with open_binary(shard.path) as f, contextlib.ExitStack() as stack:
             source, problem = _tar_source(f, stack)
@@ -378,10 +385,7 @@ class _ReadShardFn(beam.DoFn):
             except UnicodeDecodeError:
                 return err(None, f"key {given_key[:40]!r} is not UTF-8 text")
         if isinstance(label, bytes):
-            try:
-                label = label.decode("utf-8")
-            except UnicodeDecodeError:
-                label = repr(label[:20])
+            label = label_text(label)
         raw_key = str(given_key) if given_key is not None else f"{stem}-{row:08d}"
         key = sanitize_key(raw_key)
 
