@@ -12,7 +12,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from transforms.defenses import apply_defense, denoise_weight, map_request, match_target, parse_defense
+from transforms.defenses import apply_defense, denoise_weight, map_request, match_target, parse_match_ref
 from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 from transforms.visual import heatmap
@@ -36,7 +36,7 @@ def resolve_matches(defenses: tuple[Spec, ...]) -> dict[str, str]:
         hits = [o for o in defenses if o.text == ref]
         if not hits and ":" in ref:  # the same spec written otherwise: parameters in another order, ';'
             try:
-                ident = spec_identity(parse_defense(ref.replace(";", ",")), "defense")
+                ident = spec_identity(parse_match_ref(ref), "defense")
             except ValueError as e:
                 raise ValueError(f"{d.text}: cannot read the defense to match: {e}") from None
             hits = [o for o in defenses if spec_identity(o, "defense") == ident]

@@ -710,6 +710,12 @@ def match_target(spec: Spec) -> str | None:
     return spec.params.get("match") if spec.name == "jpeg" else None
 
 
+def parse_match_ref(ref: str) -> Spec:
+    """The defense a ``match=`` names, its own parameters separated by ``;`` (a spec's are by
+    ``,``): ``aug_msroi:q_low=40;q_high=60``."""
+    return parse_defense(ref.replace(";", ","))
+
+
 def parse_defense(text: str) -> Spec:
     """Parse and validate ``name[:k=v,...]``; bad values fail here, before any work starts."""
     # A match names a defense, and "none" is one: read as text, never as "no match".
@@ -768,7 +774,7 @@ def matched_defense(spec: Spec) -> Spec | None:
     ref = match_target(spec)
     if ref is None:
         return None
-    ref_spec = parse_defense(ref.replace(";", ","))  # its parameters separated by ';', as a run names it
+    ref_spec = parse_match_ref(ref)
     if match_target(ref_spec) is not None:
         raise ValueError(f"{spec.text} cannot match {ref}, itself rate-matched")
     return ref_spec
