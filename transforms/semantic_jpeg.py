@@ -315,9 +315,11 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
         if c.shape != want or not np.issubdtype(c.dtype, np.integer):
             raise ValueError(f"component coefficients must be integer {want} for a {height}x{width} image under "
                              f"{subsampling}, got {c.dtype} {c.shape}")
-        # DC -1024..1023; AC within size category 10 (jchuff.c), as jpeg_entropy checks them.
-        if c.size and (int(c.min()) < -1024 or int(c.max()) > 1023 or int(c[..., 1:].min()) < -1023
-                       or int(c[..., 1:, :].min()) < -1023):
+        # DC -1024..1023; AC (every entry but [0, 0]) -1023..1023, size category 10 (jchuff.c), as
+        # jpeg_entropy checks them.
+        lo, hi = (int(c.min()), int(c.max())) if c.size else (0, 0)
+        ac_too_low = lo == -1024 and min(int(c[..., 0, 1:].min()), int(c[..., 1:, :].min())) == -1024
+        if lo < -1024 or hi > 1023 or ac_too_low:
             raise ValueError("coefficients outside baseline JPEG's range")
         comps.append(np.ascontiguousarray(c, dtype=np.int16))  # jpeglib takes no strided views
     qt = np.asarray(tables)
