@@ -36,7 +36,8 @@ class DecodeError(ValueError):
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> uint8 HWC RGB. Alpha is composited over white."""
+    """Any Pillow mode -> uint8 HWC RGB. Alpha, a PNG's tRNS and a GIF's transparent color
+    included, is composited over white."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -44,21 +45,23 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
             # Float images carry no range convention; [0, 1] data is scaled up, the rest clipped.
             scale = 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 1.0
             arr = np.nan_to_num(arr) * scale
-        elif mode == "I" and np.max(arr, initial=0) <= 255 and np.min(arr, initial=0) >= 0:
-            pass  # 32-bit container holding 8-bit values
+        elif mode == "I" and img.format != "PPM" and np.max(arr, initial=0) <= 255 and np.min(arr, initial=0) >= 0:
+            pass  # 32-bit container holding 8-bit values (Pillow gives a PGM's wider samples at 0..65535)
         else:
             arr = arr / 257.0  # 16-bit -> 8-bit
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if mode != "F" and "transparency" in img.info:  # a 16-bit PNG's tRNS: the one transparent value
+            gray[np.asarray(img) == img.info["transparency"]] = 255
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode in ("P", "1", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     if mode != "RGB":
-        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+        img = img.convert("RGB")  # P, L, 1, CMYK, YCbCr, LAB, HSV
     return np.asarray(img)
 
 
@@ -173,7 +176,7 @@ def decode_image(
             raise DecodeError(f"image has no pixels ({w}x{h})")
         try:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # keeps img.format, which _to_rgb reads
             rgb = _to_rgb(img)
         except Image.DecompressionBombError as e:
             raise _bomb(e, max_pixels) from None

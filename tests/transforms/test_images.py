@@ -52,6 +52,32 @@ def test_alpha_composited_over_white():
     assert (out == 255).all()
 
 
+@pytest.mark.parametrize("mode, key", [("P", 0), ("L", 0), ("RGB", (0, 0, 0)), ("I;16", 0)])
+def test_png_transparent_color_composited_over_white(mode, key):
+    """A tRNS chunk is alpha in every PNG color type, not only in palette ones: the left half is
+    opaque (value 1), the right half the transparent color."""
+    img = Image.new(mode, (8, 4), key)
+    img.paste(Image.new(mode, (4, 4), (1, 1, 1) if mode == "RGB" else 1), (0, 0))
+    if mode == "P":
+        img.putpalette([0, 0, 0, 1, 1, 1])
+    out = decode_image(encode(img, transparency=key), crop=0)
+    assert (out[:, 4:] == 255).all()
+    assert (out[:, :4] <= 1).all()
+
+
+def test_sixteen_bit_pgm_scaled_whatever_its_values():
+    """A 16-bit PGM (Pillow's mode I, samples at 0..65535) is scaled as a 16-bit PNG is, also when
+    it is dark: its values all at or below 255 made it read as 8-bit, 257 times brighter than the
+    same image with one value above 255."""
+    def pgm(values):
+        return b"P5 2 2 65535\n" + np.array(values, ">u2").tobytes()
+
+    assert decode_image(pgm([0, 100, 200, 255]), crop=0)[..., 0].ravel().tolist() == [0, 0, 1, 1]
+    assert decode_image(pgm([0, 100, 200, 256]), crop=0)[..., 0].ravel().tolist() == [0, 0, 1, 1]
+    png = encode(Image.fromarray(np.array([[0, 100], [200, 255]], np.uint16)))
+    assert decode_image(png, crop=0)[..., 0].ravel().tolist() == [0, 0, 1, 1]
+
+
 def test_exif_orientation_applied():
     img = Image.new("RGB", (80, 40), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 40, 40))  # left half white
