@@ -293,20 +293,22 @@ def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
 
 def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
     """HTML of one image table per attack (evaluate layout); empty when the shards are absent."""
-    by = {(r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
+    # A key is unique within its input shard only (the same key in two shards is two samples):
+    # rows are found by their source too, which each sample's .json member names.
+    by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
     attacks = summary["config"]["attacks"]
     defenses = summary["config"]["defenses"]
     # The first ``size`` keys over the clean shards in order; a key's images in every other
     # folder are in the shard of the same index.
-    clean: dict[str, bytes] = {}
-    keys: list[tuple[str, int]] = []
+    clean: dict[tuple[str, int], bytes] = {}
+    keys: list[tuple[str, int, str | None]] = []
     for index in _shard_indexes(join(run, "shards", safe_name("clean"), safe_name("none"))):
         if len(keys) >= size:
             break
         tar = _read_tar(join(run, "shards", safe_name("clean"), safe_name("none"), shard_name(index)))
         mine = sorted({n.rsplit(".", 1)[0] for n in tar if n.endswith(".png")})[:size - len(keys)]
-        clean.update({f"{k}.png": tar[f"{k}.png"] for k in mine})
-        keys += [(k, index) for k in mine]
+        clean.update({(k, index): tar[f"{k}.png"] for k in mine})
+        keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine]
     if not keys:
         return "<p class='meta'>No shards to show (gallery needs an evaluate run with the undefended images).</p>"
     # Class names as the run's own rows give them (any model's classes, not only ImageNet's).
@@ -323,12 +325,12 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         cols = _gallery_columns(defenses)
         shards = {}
         for _, d in cols:
-            for index in sorted({i for _, i in keys}):
+            for index in sorted({i for _, i, _ in keys}):
                 shards[(d, index)] = _read_tar(join(run, "shards", safe_name(attack), safe_name(d), shard_name(index)))
         out.append(f"<h3>{html.escape(attack)}</h3><table class='gallery'><tr><th>clean</th>"
                    + "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols) + "</tr>")
-        for key, index in keys:
-            cells = [_cell(clean.get(f"{key}.png"), "image/png", by.get((key, "clean", "none")), names)]
+        for key, index, source in keys:
+            cells = [_cell(clean.get((key, index)), "image/png", by.get((source, key, "clean", "none")), names)]
             for _, d in cols:
                 tar = shards[(d, index)]
                 data = tar.get(f"{key}.jpg") or tar.get(f"{key}.png")
@@ -338,10 +340,19 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
                     img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
                     hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
                     data, mime = _png(_blend(img, hm)), "image/png"
-                cells.append(_cell(data, mime, by.get((key, attack, d)), names))
+                cells.append(_cell(data, mime, by.get((source, key, attack, d)), names))
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
     return "\n".join(out)
+
+
+def _sample_source(doc: bytes | None) -> str | None:
+    """The ``source`` a sample's ``<key>.json`` member names (its metadata row's), or None."""
+    try:
+        source = json.loads(doc)["semjpeg"]["source"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return source if isinstance(source, str) else None
 
 
 def _shard_indexes(folder: str) -> list[int]:

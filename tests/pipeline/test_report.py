@@ -209,6 +209,29 @@ def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
 
 
+def test_gallery_tells_apart_one_key_in_two_shards(tmp_path, photos, fnapi):
+    """The same key in two input shards is two samples (told apart by ``source``): each gallery
+    row shows its own shard's images under its own rows' captions."""
+    from pipeline.report import gallery, load_rows
+    from tests.shards import encode
+
+    write_tar(tmp_path / "a.tar", [("k.png", encode(photos[0])), ("k.cls", b"1")])
+    write_tar(tmp_path / "b.tar", [("k.png", encode(photos[1])), ("k.cls", b"2")])
+    cfg = tiny_config([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], tmp_path / "run")
+    summary = run_evaluate(cfg, fnapi)
+    run = str(tmp_path / "run")
+    rows = load_rows(run)
+    page = gallery(run, summary, rows)
+    clean = {r["source"]: r for r in rows if (r["attack"], r["defense"]) == ("clean", "none")}
+    a, b = clean[str(tmp_path / "a.tar")], clean[str(tmp_path / "b.tar")]
+    assert a["bytes"] != b["bytes"]
+    cells = re.findall(r"<td><img src='data:image/png;base64,([^']*)' alt=''><div class='cap'>(.*?)</div>", page)
+    firsts = [(data, cap) for data, cap in cells if "true: class " in cap]  # the clean column
+    assert [cap.split("true: class ")[1][0] for _, cap in firsts] == ["1", "2"]
+    assert [f"{r['bytes']:,} B" in cap for r, (_, cap) in zip((a, b), firsts)] == [True, True]
+    assert firsts[0][0] != firsts[1][0]  # each shard's own clean image
+
+
 def test_gallery_captions_name_the_classes_and_say_what_the_mark_means(tmp_path, photos):
     from pipeline.io import shard_name
     from pipeline.report import gallery
