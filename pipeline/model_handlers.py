@@ -279,9 +279,12 @@ class AttackHandler(_ClassifierHandler):
             ok = pred == target if target is not None else pred != labels
             success = ok.tolist()
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        linf = metrics.linf(adv, x).tolist()
-        l2 = metrics.l2(adv, x).tolist()
-        rmse = metrics.rmse(adv, x).tolist()
+        # The perturbation as stored, in whole uint8 levels (exact), scaled in float64: k levels
+        # read k/255, as a budget eps=k/255 is written (the [0, 1] images' float32 rounding read
+        # 4 levels as 0.0156863034, above 4/255).
+        stored, reference = torch.round(adv * 255.0), torch.round(x * 255.0)
+        linf, l2, rmse = ((f(stored, reference).double() / 255.0).tolist()
+                          for f in (metrics.linf, metrics.l2, metrics.rmse))
         images = to_uint8(adv)
         cp = clean_pred.tolist()
         tg = target.tolist() if target is not None else [None] * len(batch)

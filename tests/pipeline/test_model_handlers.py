@@ -72,6 +72,26 @@ def test_attack_seconds_wait_for_the_batchs_own_gpu(tiny_model, photos, monkeypa
     assert len(out) == 4 and synced == [torch.device("cpu")] * 2  # the device the batch is on
 
 
+def test_attack_norms_measure_the_stored_perturbation_exactly(tiny_model, photos):
+    """A variant's linf, l2 and rmse are the perturbation as stored, in whole uint8 levels: an
+    FGSM step of eps = 4/255 moves pixels by exactly 4 levels and reads 4/255. Measured in float32
+    on the [0, 1] images, every such row read linf 0.0156863034, above its budget even as float32
+    (4/255 is 0.0156862754 there), so checking the metadata against the budget failed."""
+    config = ModelConfig(name="tests.tiny:build", batch_size=4, device="cpu")
+    samples = [Sample(0, "s.tar", f"k{i}", None, p) for i, p in enumerate(photos)]
+    specs = tuple(map(parse_attack, ("clean", "fgsm:eps=4/255", "pgd:eps=8/255,steps=3,rmse=0.02")))
+    out = AttackHandler(config, specs, seed=0, attack_labels="pred").run_inference(samples, tiny_model)
+    for s, variants in zip(samples, out):
+        fgsm, pgd = variants[1], variants[2]
+        assert fgsm.linf == 4 / 255 and np.float32(fgsm.linf) <= np.float32(4 / 255)
+        assert pgd.linf <= 8 / 255 and pgd.rmse <= 0.02
+        for v in variants:
+            d = v.image.astype(np.float64) - s.image
+            assert v.linf == np.abs(d).max() / 255
+            assert v.l2 == pytest.approx(np.sqrt((d**2).sum()) / 255, rel=1e-6, abs=0)
+            assert v.rmse == pytest.approx(np.sqrt((d**2).mean()) / 255, rel=1e-6, abs=0)
+
+
 def test_attack_and_classify_share_one_classifier_and_saliency_gets_its_own():
     from pipeline.model_handlers import load_classifier
     from pipeline.saliency import MapHandler
