@@ -204,6 +204,22 @@ def test_cw_stops_early_on_samples_adversarial_from_the_start(targeted, tiny_mod
     assert bool((r.iterations < 2 * 100).all()), r.iterations.tolist()
 
 
+def test_ga_search_leaves_samples_adversarial_from_the_start_clean(tiny_model, batch):
+    """GA's search for the shortest adversarial step: a sample already adversarial (misclassified
+    with --attack-labels label, or already at its target) needs a step of 0 and is returned clean,
+    as the other minimal attacks return it (Foolbox does not run on it). The bisection never tried
+    0 and stored 1/2**search_steps of the full step. The full step (no search) is unchanged."""
+    pred, _ = _labels(tiny_model, batch)
+    labels = torch.where(torch.arange(4) % 2 == 1, (pred + 1) % 10, pred)  # 1 and 3 misclassified
+    r = ATTACKS["ga"](tiny_model, batch, labels, search_steps=4)
+    assert torch.equal(r.images[1::2], batch[1::2])
+    alone = ATTACKS["ga"](tiny_model, batch[0::2], labels[0::2], search_steps=4)
+    assert torch.equal(r.images[0::2], alone.images) and not torch.equal(alone.images, batch[0::2])
+    assert torch.equal(ATTACKS["ga"](tiny_model, batch, labels, search_steps=4, target=pred).images, batch)
+    full = ATTACKS["ga"](tiny_model, batch, labels)
+    assert float(metrics.rmse(full.images, batch).min()) > 0.018
+
+
 # --------------------------------------------------------------------------- fit_budget
 
 

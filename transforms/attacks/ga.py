@@ -25,7 +25,8 @@ def ga(
     RMSE budget, by scaling: the step length ``r`` is the L2 radius ``rmse * sqrt(C*H*W)``, and
     quantization keeps the result at or under ``rmse``. With ``search_steps > 0`` the step length
     is bisected, per sample, for the shortest step whose quantized result is adversarial (Foolbox's
-    search for the smallest epsilon); samples not adversarial at the full step keep the full step.
+    search for the smallest epsilon); samples not adversarial at the full step keep the full step,
+    and samples adversarial from the start (a step of 0) stay clean.
 
     Args:
         model: classifier on [0, 1] input, in eval mode.
@@ -45,7 +46,7 @@ def ga(
     iters = torch.ones(n, dtype=torch.int64, device=images.device)
     if n == 0:
         return AttackResult(images.clone(), iters)
-    grad, _ = input_grad(model, images, labels, target)
+    grad, logits = input_grad(model, images, labels, target)
     g = grad.flatten(1)
     direction = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(grad)
     radius = l2_radius(images, rmse)
@@ -65,4 +66,5 @@ def ga(
             best = torch.where((ok & hi_ok).view(-1, 1, 1, 1), cand, best)
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
+        best = torch.where(is_adversarial(logits, labels, target).view(-1, 1, 1, 1), images, best)
     return AttackResult(best, iters)
