@@ -6,6 +6,26 @@ import math
 import apache_beam as beam
 
 _SUMS = ("bytes", "bpp", "linf", "rmse")
+#: The float sums, kept exactly (``_add``): a mean then depends on the rows only, not on the
+#: order in which a runner adds and merges them (bundles, shards, worker processes).
+_FLOATS = ("psnr", "ssim", *_SUMS)
+
+
+def _add(partials: list[float], x: float) -> list[float]:
+    """Add ``x`` to the exact sum held by ``partials`` (Shewchuk's non-overlapping partials, as
+    ``math.fsum`` keeps them), in place; ``math.fsum(partials)`` is the sum correctly rounded."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+    return partials
 
 
 class SummaryFn(beam.CombineFn):
@@ -16,8 +36,8 @@ class SummaryFn(beam.CombineFn):
     image smaller than its 11x11 window, at its own size, has none)."""
 
     def create_accumulator(self):
-        return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr": 0.0, "psnr_n": 0, "ssim": 0.0, "ssim_n": 0,
-                "success_n": 0, "success": 0, "flagged_n": 0, "flagged": 0, **{k: 0.0 for k in _SUMS}}
+        return {"n": 0, "labeled": 0, "correct": 0, "agree_n": 0, "agree": 0, "psnr_n": 0, "ssim_n": 0,
+                "success_n": 0, "success": 0, "flagged_n": 0, "flagged": 0, **{k: [] for k in _FLOATS}}
 
     def add_input(self, acc, row):
         acc["n"] += 1
@@ -35,27 +55,31 @@ class SummaryFn(beam.CombineFn):
             acc["flagged"] += bool(row["flagged"])
         p = row.get("psnr")
         if p is not None and math.isfinite(p):
-            acc["psnr"] += p
+            _add(acc["psnr"], p)
             acc["psnr_n"] += 1
         if row.get("ssim") is not None:
-            acc["ssim"] += row["ssim"]
+            _add(acc["ssim"], row["ssim"])
             acc["ssim_n"] += 1
         for k in _SUMS:
-            acc[k] += float(row.get(k) or 0.0)
+            _add(acc[k], float(row.get(k) or 0.0))
         return acc
 
     def merge_accumulators(self, accs):
         out = self.create_accumulator()
         for a in accs:
             for k in out:
-                out[k] += a[k]
+                if k in _FLOATS:
+                    for x in a[k]:
+                        _add(out[k], x)
+                else:
+                    out[k] += a[k]
         return out
 
     def extract_output(self, acc):
         n = acc["n"]
 
         def ratio(a, b):
-            return a / b if b else None
+            return (math.fsum(a) if isinstance(a, list) else a) / b if b else None
 
         return {
             "n": n,
