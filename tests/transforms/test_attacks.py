@@ -292,6 +292,7 @@ def test_spec_parsing(text, params):
         ("deepfool:max_iter=2.5", "expected an integer"),
         ("cw:seeds=1", "unknown parameter 'seeds'"),
         ("jsma:theta=abc", "bad value for 'theta'"),
+        ("igsm:steps=99999999999999999999", r"bad value in attack spec .*steps must be an integer of magnitude below 2\*\*63"),
     ],
 )
 def test_spec_errors(text, message):
@@ -318,6 +319,10 @@ def test_spec_errors(text, message):
         ("lbfgs", {"initial_const": -1.0}, "initial_const must be .*got -1.0"),
         ("cw", {"lr": 0.0}, "lr must be .*got 0.0"),
         ("cw", {"binary_search_steps": 0}, "binary_search_steps must be .*got 0"),
+        # beyond int64: an OverflowError traceback from torch, and from a spec as well
+        ("pgd", {"steps": 10**20}, r"steps must be an integer of magnitude below 2\*\*63, got 100000000000000000000"),
+        ("igsm", {"steps": 2**63}, r"steps must be an integer of magnitude below 2\*\*63"),
+        ("deepfool", {"max_iter": -(2**70)}, r"max_iter must be an integer of magnitude below 2\*\*63"),
     ],
 )
 def test_bad_values_name_the_value(name, kw, message, tiny_model, batch):

@@ -59,7 +59,10 @@ def check_range(
     name: str, value: float | int, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
 ) -> None:
     """Raise ValueError naming ``name`` and ``value`` unless it is a finite number with
-    ``lo <= value <= hi`` (``lo < value`` when ``lo_open``): nan and inf are never valid."""
+    ``lo <= value <= hi`` (``lo < value`` when ``lo_open``): nan and inf are never valid, nor an
+    integer beyond int64 (counts are int64 tensors)."""
+    if isinstance(value, int) and abs(value) >= 2**63:
+        raise ValueError(f"{name} must be an integer of magnitude below 2**63, got {value}")
     ok = math.isfinite(value)
     if lo is not None:
         ok = ok and (value > lo if lo_open else value >= lo)
