@@ -292,7 +292,8 @@ def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
 
 
 def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
-    """HTML of one image table per attack (evaluate layout); empty when the shards are absent."""
+    """HTML of one image table per attack (evaluate layout; the clean images' table when the run has
+    no attack); a note when the shards are absent."""
     # A key is unique within its input shard only (the same key in two shards is two samples):
     # rows are found by their source too, which each sample's .json member names.
     by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
@@ -319,10 +320,12 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
            "class, followed by the clean prediction's name. Under the clean image, the true label "
            "where the input has one. The semantic defense's column shows its saliency map over the "
            "image when the run saved maps.</p>"]
-    for attack in attacks:
-        if attack == "clean":
-            continue
+    # One table per attack; the clean images' own table only in a run without attacks (an
+    # evaluate of an adversarial set), where its defended files have no other place.
+    for attack in [a for a in attacks if a != "clean"] or ["clean"]:
         cols = _gallery_columns(defenses)
+        if attack == "clean":  # the first column already shows the undefended image
+            cols = [c for c in cols if c[1] != "none"]
         shards = {}
         for _, d in cols:
             for index in sorted({i for _, i, _ in keys}):

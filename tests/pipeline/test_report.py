@@ -209,6 +209,26 @@ def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
 
 
+def test_gallery_of_a_clean_only_run_shows_its_defenses(tmp_path, photos):
+    """A run with no attack but ``clean`` (evaluate on an adversarial set, say) still shows its
+    images: one table of the clean images beside their defended files."""
+    from pipeline.io import shard_name
+    from pipeline.report import gallery
+    from tests.shards import encode, write_tar
+    from transforms.specs import safe_name
+
+    run = tmp_path / "run"
+    for defense, ext in (("none", "png"), ("jpeg:quality=50", "jpg")):
+        folder = run / "shards" / safe_name("clean") / safe_name(defense)
+        folder.mkdir(parents=True)
+        write_tar(folder / shard_name(0), [(f"{k}.{ext}", encode(photos[0], {"png": "PNG", "jpg": "JPEG"}[ext])) for k in ("a", "b")])
+    summary = {"config": {"attacks": ["clean"], "defenses": ["none", "jpeg:quality=50"]}}
+    page = gallery(str(run), summary, [])
+    assert "<h3>clean</h3>" in page and "<th>jpeg:quality=50</th>" in page and "adversarial" not in page
+    assert page.count("<tr><td>") == 2 and "missing" not in page
+    assert page.count("data:image/png") == 2 and page.count("data:image/jpeg") == 2
+
+
 def test_gallery_tells_apart_one_key_in_two_shards(tmp_path, photos, fnapi):
     """The same key in two input shards is two samples (told apart by ``source``): each gallery
     row shows its own shard's images under its own rows' captions."""
