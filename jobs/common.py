@@ -74,7 +74,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="the models' memory layout (default auto: channels_last on the CPU, about 1.2-1.6x "
                         "faster there; contiguous elsewhere); results differ only by rounding")
     g.add_argument("--seed", type=int, default=0,
-                   help="run seed: the same seed and --run-id give the same bytes, wherever the data is stored")
+                   help="run seed: the same seed and --run-id give the same shards, byte for byte, wherever the "
+                        "data is stored (the metadata's timings and summary.json's creation time differ)")
     g.add_argument("--map-model", help="model for saliency maps (default: --model)")
     g.add_argument("--map-weights", help="state dict for --map-model")
     # pipeline.config.MAP_PRECISIONS, written out: importing it here would load torch for --help.
