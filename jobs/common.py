@@ -120,7 +120,7 @@ def map_model_config(args):
         return None
     return ModelConfig(name=args.map_model or args.model, weights=args.map_weights, device=args.device,
                        batch_size=args.batch_size, torch_threads=args.torch_threads,
-                       memory_format=args.memory_format)
+                       memory_format=args.memory_format, weights_option="--map-weights")
 
 
 class DropInterruptTracebacks(logging.Filter):

@@ -9,7 +9,7 @@ import functools
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from transforms.attacks import ATTACKS, CLEAN, check_values, parse_attack
 from transforms.defenses import DEFENSES, HIDDEN, parse_defense
@@ -86,7 +86,8 @@ class InputConfig:
 class ModelConfig:
     """The classifier: a registry name, optional weights URL, device, batch size, torch threads,
     and the weights' memory format (``auto``: channels_last on the CPU; see
-    :func:`transforms.models.memory_format`)."""
+    :func:`transforms.models.memory_format`). ``weights_option`` (not stored) is how the missing
+    weights are asked for: ``--map-weights`` for a ``--map-model``, a nightly config's own key."""
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
@@ -94,12 +95,13 @@ class ModelConfig:
     batch_size: int = 16
     torch_threads: int | None = None
     memory_format: str = "auto"
+    weights_option: InitVar[str] = "--weights"
 
-    def __post_init__(self):
+    def __post_init__(self, weights_option: str):
         info = model_info(self.name)  # raises listing the valid names
         if info.needs_weights and not self.weights:
             raise ValueError(
-                f"model {self.name!r} needs --weights (a state-dict path or URL); "
+                f"model {self.name!r} needs {weights_option} (a state-dict path or URL); "
                 "nothing is downloaded at run time"
             )
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):

@@ -155,9 +155,11 @@ def _yaml_error(e: yaml.YAMLError) -> str:
 def _model(where: str, value: Any) -> ModelConfig | None:
     if value is None:
         return None
+    option = f"{where}.weights"
     if isinstance(value, str):
-        return ModelConfig(name=value)
-    return ModelConfig(**{k: v for k, v in _mapping(where, value, MODEL_KEYS).items() if v is not None})
+        return ModelConfig(name=value, weights_option=option)
+    return ModelConfig(**{k: v for k, v in _mapping(where, value, MODEL_KEYS).items() if v is not None},
+                       weights_option=option)
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,19 @@ def test_a_model_that_cannot_load_is_one_line_before_any_work(tmp_path, capsys, 
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
 
 
+def test_a_map_model_without_weights_names_map_weights(tmp_path, capsys):
+    """The map model's weights are --map-weights: the line said --weights, which sets the
+    classifier's (and loaded into it, fails on another model's keys)."""
+    write_tar(tmp_path / "a.tar", [("k.png", b"x")])
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--model", "tests.tiny:build", "--map-model", "resnet18", "--defense", "aug_msroi"])
+    assert code == 2 and "model 'resnet18' needs --map-weights (a state-dict" in one_error_line(capsys, "evaluate")
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--model", "resnet18"])
+    assert code == 2 and "model 'resnet18' needs --weights (a state-dict" in one_error_line(capsys, "evaluate")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
+
+
 @pytest.mark.parametrize("runner", ["FnApiRunner", "fnapirunner", "Direct"])
 def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, photos, runner):
     """Beam takes its runners' names in any case and without "Runner"; so does this check."""

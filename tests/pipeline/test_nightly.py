@@ -69,6 +69,9 @@ def write_config(tmp_path, cfg) -> str:
         ({"history": "OUT/history"}, "history .* and output .* must be apart"),
         ({"history": "OUT/../nightly/"}, "history .* and output .* must be apart"),
         ({"output": "memory://b/n", "history": "memory://b/n/h"}, "history .* and output .* must be apart"),
+        # The YAML's own key, not a command-line option it has none of (the message said --weights).
+        ({"model": "resnet18"}, r"model 'resnet18' needs nightly.yaml: model.weights \(a state-dict"),
+        ({"map_model": {"name": "resnet18"}}, r"model 'resnet18' needs nightly.yaml: map_model.weights \("),
     ],
 )
 def test_config_errors_are_clear(tmp_path, change, message):
