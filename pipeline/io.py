@@ -73,15 +73,15 @@ def _format_of(path: str, is_dir: bool) -> str | None:
     return None
 
 
-def input_fs(path: str):
-    """``url_to_fs`` for an input; a missing fsspec backend (s3fs, gcsfs, ...) is a ValueError
-    naming the package, not an ImportError traceback."""
+def input_fs(path: str, verb: str = "read"):
+    """``url_to_fs`` for an input (``verb="write"``: an output); a missing fsspec backend (s3fs,
+    gcsfs, ...) is a ValueError naming the package, not an ImportError traceback."""
     if not path or not path.strip():
-        raise ValueError("empty input path")
+        raise ValueError(f"empty {'input' if verb == 'read' else 'output'} path")
     try:
         return url_to_fs(path)
     except ImportError as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+        raise ValueError(f"cannot {verb} {path}: {e}") from None
 
 
 def expand_inputs(paths: tuple[str, ...], fmt: str = "auto", folder_shard_size: int = 1000) -> list[SourceShard]:
@@ -304,7 +304,7 @@ def is_within(path: str, folder: str) -> bool:
 def check_output_file(path: str) -> None:
     """Fail early, with one line, when a single output file (a report, a packed shard) cannot be
     created at ``path``: a folder in its place, or a file where its parent folder should be."""
-    fs, p = url_to_fs(path)
+    fs, p = input_fs(path, "write")
     try:
         if fs.isdir(p):
             raise ValueError(f"output {path} is a folder; give a file name")
@@ -375,7 +375,7 @@ class OutputDir:
         check_run_id(run_id)
         self.final = final.rstrip("/") or final
         self.run_id = run_id
-        fs, path = url_to_fs(final)  # not self.final: "memory://" stripped is a local name
+        fs, path = input_fs(final, "write")  # not self.final: "memory://" stripped is a local name
         local = isinstance(fs, LocalFileSystem)
         if local:
             # Absolute and normalized now: "a/b/.." must not stage into "a/b/...staging".

@@ -60,7 +60,7 @@ import yaml
 from .config import EvaluateConfig, InputConfig, ModelConfig, check_map_precision, parse_attacks, parse_defenses
 from .history import (METRICS, check_night, check_writable, compare, configured_pairs, history_rows, read_history,
                       write_partition)
-from .io import is_within, join, write_bytes
+from .io import input_fs, is_within, join, write_bytes
 from .runners import check_runner, pipeline_options
 from .signals import defer_interrupts
 
@@ -309,6 +309,7 @@ def parse_date(text: str | None) -> str:
 
 
 def load_config(path: str) -> NightlyConfig:
+    input_fs(path)  # a missing fsspec backend: one line naming its package
     try:
         with fsspec.open(path, "rt") as f:
             text = f.read()

@@ -26,7 +26,7 @@ from PIL import Image
 from transforms.specs import safe_name
 
 from .history import pair_key, read_parquet
-from .io import is_within, join, read_bytes, shard_name, write_bytes
+from .io import input_fs, is_within, join, read_bytes, shard_name, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -524,11 +524,11 @@ def check_report_paths(run: str, output: str, history: str | None = None) -> Non
         # The one file of a run a report may replace is its own report (a nightly run's).
         if folder and is_within(output, folder) and not (what == "the run" and is_within(output, join(run, "report.html"))):
             raise ValueError(f"output {output} is inside {what} {folder}; write the report elsewhere")
-    ofs, path = url_to_fs(output)
+    ofs, path = input_fs(output, "write")
     if ofs.isfile(path) and not path.lower().endswith((".html", ".htm")):
         raise ValueError(f"output {output} exists and is not an HTML file; refusing to replace it")
     check_output_file(output)
-    fs, summary = url_to_fs(join(run, "summary.json"))
+    fs, summary = input_fs(join(run, "summary.json"))
     if not fs.isfile(summary):
         raise ValueError(f"{run} is not a semjpeg run (no summary.json)")
 
@@ -547,7 +547,7 @@ def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] 
     elif history:
         from .history import read_history
 
-        fs, root = url_to_fs(history)
+        fs, root = input_fs(history)
         if not fs.isdir(root):
             raise ValueError(f"history {history} is not a folder (no such history dataset)")
         hist = read_history(history)

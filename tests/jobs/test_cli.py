@@ -1,6 +1,7 @@
 """The `semjpeg` command: help, clear one-line errors, the shard job, the attack job's product."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import tarfile
@@ -176,6 +177,29 @@ def one_error_line(capsys, job: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"semjpeg {job}: error:"), err
     return err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
+def test_a_location_without_its_fsspec_package_is_one_line(tmp_path, capsys, photos):
+    """Outputs (and the report's run and history, the nightly config) on s3:// without s3fs
+    were an ImportError traceback with status 1; inputs already said it in one line."""
+    from tests.shards import encode
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:1])
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs/a.png").write_bytes(encode(photos[0]))
+    html = str(tmp_path / "r.html")
+    for job, args, url in [
+        ("defend", ["--input", str(tmp_path / "a.tar"), "--output", "s3://b/out", "--model", "tests.tiny:build",
+                    "--runner", "FnApiRunner"], "s3://b/out"),
+        ("shard", ["--input", str(tmp_path / "imgs"), "--output", "s3://b/p"], "s3://b/p-00000.tar"),
+        ("report", ["--run", str(tmp_path), "--output", "s3://b/r.html"], "s3://b/r.html"),
+        ("report", ["--run", "s3://b/run", "--output", html], "s3://b/run"),
+        ("nightly", ["--config", "s3://b/nightly.yaml"], "s3://b/nightly.yaml"),
+    ]:
+        assert main([job, *args]) == 2, (job, args)
+        assert f"{url}" in (err := one_error_line(capsys, job)) and "s3fs" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "imgs"]
 
 
 def test_the_working_folder_is_never_an_output(tmp_path, capsys, monkeypatch):
