@@ -263,6 +263,13 @@ def test_bzip2_and_xz_shards_are_checked_before_any_sample_is_read(tmp_path, fmt
                                          for e in errors)
 
 
+@pytest.mark.parametrize("suffix", [".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".TAR.GZ"])
+def test_every_compressed_tar_the_reader_reads_is_known_by_its_name(tmp_path, suffix):
+    (tmp_path / f"x{suffix}").write_bytes(b"")
+    (shard,) = expand_inputs([str(tmp_path / f"x{suffix}")], "auto", 100)
+    assert shard.format == "webdataset"
+
+
 def test_a_duplicate_sample_is_one_error(tmp_path):
     path = write_tar(tmp_path / "x.tar", [("a.png", PNG), ("b.png", PNG), ("a.jpg", PNG), ("a.cls", b"1"),
                                           ("c.png", PNG)])
