@@ -286,4 +286,5 @@ class EvaluateConfig:
             "resize": self.input.resize,
             "crop": self.input.crop,
             "run_id": self.run_id,
+            "layout": self.layout,
         }

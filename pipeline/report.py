@@ -291,51 +291,74 @@ def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
     return cols
 
 
+#: A gallery column: its title, its shard folder under ``shards/`` and its rows' (attack, defense).
+_Column = tuple[str, tuple[str, ...], str, str]
+
+
+def _gallery_tables(summary: dict) -> list[tuple[str, list[_Column]]]:
+    """(title, columns) of the gallery's tables, as the run's layout stores its shards; the first
+    column's folder lists the keys shown."""
+    config = summary["config"]
+    attacks, defenses = config["attacks"], config["defenses"]
+    layout = config.get("layout", "evaluate")  # runs of earlier versions did not record it
+    if layout == "attack":  # shards/<attack>/: the clean images beside their adversarial ones
+        return [("attacks", [("clean", ("clean",), "clean", "none")]
+                 + [(a, (a,), a, "none") for a in attacks if a != "clean"])]
+    if layout == "defend":  # shards/<defense>/: each defense's file (the input is not stored)
+        return [("defenses", [(d, (d,), "clean", d) for d in defenses])]
+    # One table per attack; the clean images' own table only in a run without attacks (an
+    # evaluate of an adversarial set), where its defended files have no other place.
+    tables = []
+    for attack in [a for a in attacks if a != "clean"] or ["clean"]:
+        cols = [c for c in _gallery_columns(defenses) if attack != "clean" or c[1] != "none"]
+        tables.append((attack, [("clean", ("clean", "none"), "clean", "none")]
+                       + [(title, (attack, d), attack, d) for title, d in cols]))
+    return tables
+
+
 def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
-    """HTML of one image table per attack (evaluate layout; the clean images' table when the run has
-    no attack); a note when the shards are absent."""
+    """HTML of the run's image tables: one per attack for an evaluate run (the clean images' table
+    when it has no attack), one of the attacks for an attack run, one of the defenses for a defend
+    run; a note when the shards are absent."""
     # A key is unique within its input shard only (the same key in two shards is two samples):
     # rows are found by their source too, which each sample's .json member names.
     by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
-    attacks = summary["config"]["attacks"]
-    defenses = summary["config"]["defenses"]
-    # The first ``size`` keys over the clean shards in order; a key's images in every other
-    # folder are in the shard of the same index.
-    clean: dict[tuple[str, int], bytes] = {}
+    tables = _gallery_tables(summary)
+
+    def folder(parts: tuple[str, ...]) -> str:
+        return join(run, "shards", *map(safe_name, parts))
+
+    # The first ``size`` keys over the first column's shards in order; a key's images in every
+    # other folder are in the shard of the same index.
+    first = tables[0][1][0][1]  # every table's first column: the clean images, or the first defense's
+    firsts: dict[int, dict[str, bytes]] = {}
     keys: list[tuple[str, int, str | None]] = []
-    for index in _shard_indexes(join(run, "shards", safe_name("clean"), safe_name("none"))):
+    for index in _shard_indexes(folder(first)):
         if len(keys) >= size:
             break
-        tar = _read_tar(join(run, "shards", safe_name("clean"), safe_name("none"), shard_name(index)))
-        mine = sorted({n.rsplit(".", 1)[0] for n in tar if n.endswith(".png")})[:size - len(keys)]
-        clean.update({(k, index): tar[f"{k}.png"] for k in mine})
-        keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine]
+        tar = firsts[index] = _read_tar(join(folder(first), shard_name(index)))
+        mine = sorted({n[:-4] for n in tar if n.endswith((".png", ".jpg")) and not n.endswith(".map.png")})
+        keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine[:size - len(keys)]]
     if not keys:
-        return "<p class='meta'>No shards to show (gallery needs an evaluate run with the undefended images).</p>"
+        return "<p class='meta'>No shards to show (the run's shards are absent).</p>"
     # Class names as the run's own rows give them (any model's classes, not only ImageNet's).
     names = {r["pred"]: r["pred_name"] for r in rows if r.get("pred") is not None}
     out = ["<p class='meta'>Under each image: the classifier's top-1 class and its probability, "
-           "and the stored file's bytes. ✓: the same class as on the clean image (the agreement with "
-           "the clean prediction that the table reports), not necessarily the true label; ✗: another "
-           "class, followed by the clean prediction's name. Under the clean image, the true label "
-           "where the input has one. The semantic defense's column shows its saliency map over the "
-           "image when the run saved maps.</p>"]
-    # One table per attack; the clean images' own table only in a run without attacks (an
-    # evaluate of an adversarial set), where its defended files have no other place.
-    for attack in [a for a in attacks if a != "clean"] or ["clean"]:
-        cols = _gallery_columns(defenses)
-        if attack == "clean":  # the first column already shows the undefended image
-            cols = [c for c in cols if c[1] != "none"]
-        shards = {}
-        for _, d in cols:
-            for index in sorted({i for _, i, _ in keys}):
-                shards[(d, index)] = _read_tar(join(run, "shards", safe_name(attack), safe_name(d), shard_name(index)))
-        out.append(f"<h3>{html.escape(attack)}</h3><table class='gallery'><tr><th>clean</th>"
-                   + "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols) + "</tr>")
+           "and the stored file's bytes. ✓: the same class as on the clean image (for a defended set: "
+           "as on its input; the agreement with the clean prediction that the table reports), not "
+           "necessarily the true label; ✗: another class, followed by the clean prediction's name. "
+           "Under the first image, the true label where the input has one. A semantic defense's "
+           "image shows its saliency map over it when the run saved maps.</p>"]
+    indexes = sorted({i for _, i, _ in keys})
+    for title, cols in tables:
+        shards = {(parts, i): firsts[i] if parts == first else _read_tar(join(folder(parts), shard_name(i)))
+                  for _, parts, _, _ in cols for i in indexes}
+        out.append(f"<h3>{html.escape(title)}</h3><table class='gallery'><tr>"
+                   + "".join(f"<th>{html.escape(t)}</th>" for t, _, _, _ in cols) + "</tr>")
         for key, index, source in keys:
-            cells = [_cell(clean.get((key, index)), "image/png", by.get((source, key, "clean", "none")), names)]
-            for _, d in cols:
-                tar = shards[(d, index)]
+            cells = []
+            for n, (_, parts, attack, defense) in enumerate(cols):
+                tar = shards[(parts, index)]
                 data = tar.get(f"{key}.jpg") or tar.get(f"{key}.png")
                 mime = "image/jpeg" if f"{key}.jpg" in tar else "image/png"
                 heat = tar.get(f"{key}.map.png")
@@ -343,7 +366,7 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
                     img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
                     hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
                     data, mime = _png(_blend(img, hm)), "image/png"
-                cells.append(_cell(data, mime, by.get((source, key, attack, d)), names))
+                cells.append(_cell(data, mime, by.get((source, key, attack, defense)), names, label=n == 0))
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
     return "\n".join(out)
@@ -376,7 +399,8 @@ def _blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.n
     return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
-def _cell(data: bytes | None, mime: str, row: dict | None, names: dict) -> str:
+def _cell(data: bytes | None, mime: str, row: dict | None, names: dict, label: bool = False) -> str:
+    """An image and its caption; ``label``: also the sample's true label (the row's first image)."""
     if data is None:
         return "<td><div class='cap'>missing</div></td>"
     cap = ""
@@ -391,7 +415,7 @@ def _cell(data: bytes | None, mime: str, row: dict | None, names: dict) -> str:
             mark = (" <span class='warn' title='not the class predicted on the clean image'>✗</span>"
                     f"<br><span class='meta'>clean: {html.escape(str(clean))}</span>")
         cap = f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
-        if reference and row.get("label") is not None:
+        if label and row.get("label") is not None:
             label = names.get(row["label"], f"class {row['label']}")
             cap += f"<br><span class='meta'>true: {html.escape(str(label))}</span>"
         cap += f"<br><span class='meta'>{row['bytes']:,} B</span>"

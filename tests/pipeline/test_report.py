@@ -229,6 +229,34 @@ def test_gallery_of_a_clean_only_run_shows_its_defenses(tmp_path, photos):
     assert page.count("data:image/png") == 2 and page.count("data:image/jpeg") == 2
 
 
+def test_gallery_of_attack_and_defend_runs(tmp_path, photos, fnapi):
+    """An attack run's gallery shows each clean image beside its adversarial ones; a defend run's,
+    each defense's file (with its map over it), captioned by their own rows."""
+    import dataclasses
+
+    from pipeline.config import parse_defenses
+    from pipeline.report import gallery, load_rows
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    attack = tiny_config([str(tmp_path / "a.tar")], tmp_path / "adv", attacks=("fgsm:eps=8/255", "igsm:eps=4/255"),
+                         defenses=(), layout="attack")
+    defend = dataclasses.replace(
+        tiny_config([str(tmp_path / "a.tar")], tmp_path / "def", attacks=(), defenses=(), save_maps=True),
+        layout="defend", defenses=parse_defenses(["aug_msroi", "jpeg:quality=50"], reference=False))
+    for cfg, heads in ((attack, ["clean", "fgsm:eps=8/255", "igsm:eps=4/255"]), (defend, ["aug_msroi", "jpeg:quality=50"])):
+        summary = run_evaluate(cfg, fnapi)
+        rows = load_rows(cfg.output)
+        page = gallery(cfg.output, summary, rows, size=len({r["key"] for r in rows}))
+        assert re.findall(r"<th>([^<]*)</th>", page) == heads
+        samples = {r["key"] for r in rows}
+        assert page.count("<tr><td>") == len(samples) and "missing" not in page
+        caps = re.findall(r"<div class='cap'>([^<]*) \([01]\.\d\d\)", page)
+        assert len(caps) == len(samples) * len(heads) and all(c.startswith("class") for c in caps)
+        # under each sample's first image its true label (a row per sample and column)
+        assert page.count("true: class") == sum(r["label"] is not None for r in rows) // len(heads) > 0
+    assert page.count("data:image/png") == len(samples)  # the defend run's aug_msroi files under their maps
+
+
 def test_gallery_tells_apart_one_key_in_two_shards(tmp_path, photos, fnapi):
     """The same key in two input shards is two samples (told apart by ``source``): each gallery
     row shows its own shard's images under its own rows' captions."""
