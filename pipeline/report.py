@@ -341,8 +341,7 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine[:size - len(keys)]]
     if not keys:
         return "<p class='meta'>No shards to show (the run's shards are absent).</p>"
-    # Class names as the run's own rows give them (any model's classes, not only ImageNet's).
-    names = {r["pred"]: r["pred_name"] for r in rows if r.get("pred") is not None}
+    names = _class_names(summary, rows)
     out = ["<p class='meta'>Under each image: the classifier's top-1 class and its probability, "
            "and the stored file's bytes. ✓: the same class as on the clean image (for a defended set: "
            "as on its input; the agreement with the clean prediction that the table reports), not "
@@ -370,6 +369,21 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
     return "\n".join(out)
+
+
+def _class_names(summary: dict, rows: list[dict]) -> dict[int, str]:
+    """Class index -> name: the model's own names where it is a registry or torchvision model
+    (a clean prediction or a label no row predicted has its name too), and as the run's rows give
+    them (any model's classes, not only ImageNet's)."""
+    from transforms.models import known_class_names
+
+    try:
+        known = known_class_names(summary["config"].get("model") or "")
+    except (ValueError, ImportError):  # a model this version does not know (an older run's, say)
+        known = None
+    names = dict(enumerate(known or ()))
+    names.update((r["pred"], r["pred_name"]) for r in rows if r.get("pred") is not None)
+    return names
 
 
 def _sample_source(doc: bytes | None) -> str | None:

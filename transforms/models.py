@@ -34,6 +34,7 @@ __all__ = [
     "pointwise_on_onednn",
     "model_info",
     "imagenet_class_names",
+    "known_class_names",
     "resolve_device",
 ]
 
@@ -55,6 +56,15 @@ def imagenet_class_names() -> tuple[str, ...]:
     """
     text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     return tuple(text.splitlines())
+
+
+def known_class_names(name: str) -> tuple[str, ...] | None:
+    """The class names of a registry or torchvision model, without loading it (ImageNet's); None
+    for a factory model (``package.module:factory``, whose names come with the model it builds)
+    or a model of another number of classes."""
+    if ":" in name:
+        return None
+    return imagenet_class_names() if model_info(name).num_classes == 1000 else None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -313,6 +313,9 @@ def test_gallery_captions_name_the_classes_and_say_what_the_mark_means(tmp_path,
     # the true label by name when the run predicted that class somewhere
     named = gallery(str(run), summary, rows[:1] + [{**rows[1], "pred": 7, "pred_name": "goldfish"}])
     assert "true: goldfish" in named
+    # an ImageNet model's names for a class no row predicted; the rows' own names first
+    imagenet = gallery(str(run), {"config": {**summary["config"], "model": "efficientnet_lite0"}}, rows)
+    assert "true: cock" in imagenet and "clean: tabby cat" in imagenet
 
 
 def test_accuracy_table_shows_the_flagged_share_only_when_a_gated_defense_ran():
