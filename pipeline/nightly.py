@@ -100,8 +100,9 @@ def _mapping(where: str, value: Any, keys: dict[str, type]) -> dict:
         raise ValueError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
     out = {}
     for k, v in value.items():
-        if k not in keys:
-            raise ValueError(f"unknown key {where}.{k}; valid: {', '.join(keys)}")
+        if k not in keys:  # "FILE: unknown key a.b", as for a top-level key
+            source, _, path = where.rpartition(": ")
+            raise ValueError(f"{source + ': ' if source else ''}unknown key {path}.{k}; valid: {', '.join(keys)}")
         out[k] = None if v is None else _check(f"{where}.{k}", v, keys[k])
     return out
 
