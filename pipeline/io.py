@@ -234,6 +234,7 @@ def read_labels_csv(path: str) -> dict[str, str]:
 
 
 _SAFE_KEY = re.compile(r"^[^\x00-\x1f\\]+$")
+_NOT_UTF8 = re.compile(r"[\ud800-\udfff]")  # bytes that are not UTF-8, as Python decodes file and member names
 _DRIVE = re.compile(r"^[A-Za-z]:")  # "c:x" is a Windows path relative to drive C
 
 
@@ -241,6 +242,8 @@ def unsafe_name_reason(name: str) -> str | None:
     """Why a member or key name is unsafe to carry into outputs, or None if it is fine."""
     if not name or not _SAFE_KEY.match(name):
         return "empty name or control/backslash characters"
+    if _NOT_UTF8.search(name):
+        return "not UTF-8 text"
     if name.startswith("/") or _DRIVE.match(name):
         return "absolute path"
     parts = name.split("/")
@@ -582,14 +585,22 @@ def sanitize_key(key: str) -> str:
     return key.replace(".", "_")
 
 
-_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\\]")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\\\ud800-\udfff]")
+
+
+def printable(name: str) -> str:
+    """A file, member or input name as the UTF-8 text outputs need (Parquet columns, tar headers,
+    CSV): bytes that are not UTF-8 (a Latin-1 name on a Linux disk or in a tar, which Python keeps
+    as lone surrogates that none of them can encode) are written ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def file_key(rel: str) -> str:
     """The key of a folder's image file, from its path relative to the folder without its
-    extension: dots, control characters and backslashes become ``_``, and so do a name that
-    is only an extension (``.jpg``, ``sub/.jpg``) and the colon of a leading drive letter
-    (``c:x.jpg``), so every file gives a key that the tar reader takes back (unsafe_name_reason)."""
+    extension: dots, control characters, backslashes and bytes that are not UTF-8 become ``_``,
+    and so do a name that is only an extension (``.jpg``, ``sub/.jpg``) and the colon of a leading
+    drive letter (``c:x.jpg``), so every file gives a key that the tar reader takes back
+    (unsafe_name_reason)."""
     key = _UNSAFE_CHARS.sub("_", sanitize_key(rel.rsplit(".", 1)[0]))
     if _DRIVE.match(key):
         key = f"{key[0]}_{key[2:]}"

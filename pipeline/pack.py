@@ -16,8 +16,8 @@ import re
 
 from fsspec.core import url_to_fs
 
-from .io import (check_output_file, file_key, input_fs, join, list_images, read_labels_csv, tar_bytes,
-                 write_bytes)
+from .io import (check_output_file, file_key, input_fs, join, list_images, printable, read_labels_csv,
+                 tar_bytes, write_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
             data = fs.cat_file(join(root, rel))
         except OSError as e:  # no permission, a broken link, a file gone since the listing
             log.warning("%s: cannot read %s, left out: %s", folder, rel, e)
-            errors.append((rel, f"{type(e).__name__}: {e.strerror or e}"))
+            errors.append((printable(rel), f"{type(e).__name__}: {e.strerror or e}"))
             continue
         ext = rel.rsplit(".", 1)[1].lower()
         members.append((f"{key}.{ext}", data))
         label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
         if label is not None:
             members.append((f"{key}.cls", label.strip().encode()))
-        members.append((f"{key}.json", json.dumps({"file": rel}).encode()))
+        members.append((f"{key}.json", json.dumps({"file": printable(rel)}).encode()))
         samples += 1
         if samples == per_shard:
             paths.append(_write_shard(prefix, len(paths), members, samples))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -26,8 +27,8 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors
-from .io import (IMAGE_EXTS, file_key, input_fs, join, open_binary, read_labels_csv, sanitize_key,
-                 unsafe_name_reason)
+from .io import (IMAGE_EXTS, file_key, input_fs, join, open_binary, printable, read_labels_csv,
+                 sanitize_key, unsafe_name_reason)
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -200,14 +201,16 @@ class _ReadShardFn(beam.DoFn):
 
     def process(self, shard: SourceShard):
         reader = {"webdataset": self._tar, "parquet": self._parquet, "folder": self._folder}[shard.format]
+        # The source as the outputs write it: a path that is not UTF-8 would fail the Parquet write.
+        source = printable(shard.path)
         try:
             for item in reader(shard):
                 (self.errors if isinstance(item, ErrorRecord) else self.samples).inc()
-                yield item
+                yield item if source == shard.path else dataclasses.replace(item, source=source)
         except Exception as e:  # an unreadable source: report it, keep the job going
             self.errors.inc()
-            log.warning("cannot read %s: %s", shard.path, e)
-            yield ErrorRecord(shard.index, shard.path, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
+            log.warning("cannot read %s: %s", source, e)
+            yield ErrorRecord(shard.index, source, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
 
     # ----------------------------------------------------------------------- WebDataset
 
@@ -252,12 +255,13 @@ class _ReadShardFn(beam.DoFn):
             duplicate: tuple[str, list[str]] | None = None  # a sample whose key came before
             try:
                 for m in tf:
-                    current = last = name = member_name(m.name)
+                    name = member_name(m.name)
+                    current = last = printable(name)
                     if m.isdir():
                         continue
                     reason = unsafe_name_reason(name)
                     if reason:
-                        yield err(None, m.name, f"unsafe member name ({reason})")
+                        yield err(None, printable(m.name), f"unsafe member name ({reason})")
                         continue
                     if not m.isfile():
                         yield err(None, name, "not a regular file (link or device)")
@@ -325,7 +329,7 @@ class _ReadShardFn(beam.DoFn):
         def err(key, member, reason):
             return ErrorRecord(shard.index, shard.path, key, member, STAGE, reason)
 
-        stem = sanitize_key(posixpath.basename(shard.path).split(".")[0]) or "row"
+        stem = file_key(posixpath.basename(shard.path).split(".")[0] or "row")
         with open_binary(shard.path) as f:
             try:
                 pf = pq.ParquetFile(f)
@@ -426,20 +430,20 @@ class _ReadShardFn(beam.DoFn):
         # where fsspec.open would read a chained URL.
         fs, root = input_fs(shard.path)
         for rel in shard.files:
-            key = file_key(rel)
+            key, member = file_key(rel), printable(rel)
             if key in seen:
-                yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, "two files give the same key")
+                yield ErrorRecord(shard.index, shard.path, key, member, STAGE, "two files give the same key")
                 continue
             seen.add(key)
             try:
                 data = fs.cat_file(join(root, rel))
             except Exception as e:
-                yield ErrorRecord(shard.index, shard.path, key, rel, STAGE, f"cannot read file: {e}")
+                yield ErrorRecord(shard.index, shard.path, key, member, STAGE, f"cannot read file: {e}")
                 continue
             label = None
             if self.labels is not None:
                 label = self.labels.get(rel, self.labels.get(posixpath.basename(rel)))
-            yield RawSample(shard.index, shard.path, key, rel, data, label, None)
+            yield RawSample(shard.index, shard.path, key, member, data, label, None)
 
 
 class ReadImageShards(beam.PTransform):

@@ -10,7 +10,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import OutputDir, part_name, write_bytes
+from .io import OutputDir, part_name, printable, write_bytes
 from .records import ErrorRecord
 from .schema import ERRORS_SCHEMA, METADATA_SCHEMA
 
@@ -46,7 +46,7 @@ class _WritePartFn(beam.DoFn):
             write_bytes(path, parquet_bytes([e.as_row(self.run_id) for e in errors], ERRORS_SCHEMA))
             written.append(path)
         stats = {
-            "source": source.path if source else (errors[0].source if errors else None),
+            "source": printable(source.path) if source else (errors[0].source if errors else None),
             "source_index": index,
             "samples": len({r["key"] for r in rows}),
             "rows": len(rows),

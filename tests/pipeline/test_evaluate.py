@@ -327,3 +327,40 @@ def test_a_failed_reference_variant_loses_only_its_own_rows(tmp_path, photos, fn
     p1 = {(r["attack"], r["defense"]): r for r in rows if r["key"] == "p1"}
     assert p1[("fgsm", "none")]["clean_pred"] == p1[("clean", "jpeg")]["clean_pred"] is not None
     assert summary["samples"] == 4 and summary["errors"] == {"encode": 2}
+
+
+def test_file_and_member_names_that_are_not_utf8_are_processed_or_reported(tmp_path, photos, fnapi):
+    """Latin-1 names (an old disk, a tar made on one) reach Python as lone surrogates, which the
+    Parquet write cannot encode: the whole run failed at its end. A folder's file gets a key with
+    ``_`` for such bytes (the same in `semjpeg shard`), a tar member is reported, and names and
+    paths are written with ``\\xNN``."""
+    import io
+    import os
+
+    from pipeline.pack import pack_folder
+    from tests.shards import encode
+
+    root = os.fsencode(tmp_path)
+    folder = root + b"/caf\xe9"
+    os.makedirs(folder + b"/sub")
+    for name in (b"caf\xe9.png", b"sub/ok.png"):
+        with open(folder + b"/" + name, "wb") as f:
+            f.write(encode(photos[0]))
+    tar = root + b"/t\xe9.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name in ("caf\xe9.png", "ok.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data := encode(photos[1]))
+            tf.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    run_evaluate(tiny_config([os.fsdecode(folder), os.fsdecode(tar)], out, attacks=()), fnapi)
+    rows = read_dataset(out / "metadata")
+    src = str(tmp_path)
+    assert sorted({(r["source"], r["key"]) for r in rows}) == [
+        (f"{src}/caf\\xe9", "caf_"), (f"{src}/caf\\xe9", "sub/ok"), (f"{src}/t\\xe9.tar", "ok")]
+    assert [(e["source"], e["member"], e["reason"]) for e in read_dataset(out / "errors")] == [
+        (f"{src}/t\\xe9.tar", "caf\\xe9.png", "unsafe member name (not UTF-8 text)")]
+    (packed,) = pack_folder(os.fsdecode(folder), str(tmp_path / "sh" / "p"), per_shard=10)
+    with tarfile.open(packed) as tf:
+        assert tf.getnames()[:2] == ["caf_.png", "caf_.json"]
+        assert json.loads(tf.extractfile("caf_.json").read()) == {"file": "caf\\xe9.png"}
