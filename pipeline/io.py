@@ -218,7 +218,8 @@ def list_images(folder: str) -> list[str]:
 
 
 def read_labels_csv(path: str) -> dict[str, str]:
-    """``file,label`` CSV (other columns ignored, a UTF-8 byte-order mark allowed) -> {file: label text}."""
+    """``file,label`` CSV (other columns ignored, a UTF-8 byte-order mark allowed) -> {file: label text}.
+    A file listed again with the same label is one label; with another it is a ValueError."""
     input_fs(path)
     try:
         with fsspec.open(path, "rt", newline="", encoding="utf-8-sig") as f:
@@ -226,7 +227,13 @@ def read_labels_csv(path: str) -> dict[str, str]:
             cols = reader.fieldnames or []
             if "file" not in cols or "label" not in cols:
                 raise ValueError(f"labels CSV {path} needs 'file' and 'label' columns, has {cols}")
-            return {row["file"]: row["label"] for row in reader}
+            labels: dict[str, str] = {}
+            for row in reader:
+                file, label = row["file"], row["label"]
+                if labels.setdefault(file, label) != label:
+                    raise ValueError(f"labels CSV {path} gives {file!r} two labels: {labels[file]!r} and "
+                                     f"{label!r} (line {reader.line_num})")
+            return labels
     except UnicodeDecodeError as e:
         raise ValueError(f"labels CSV {path} is not UTF-8 text ({e.reason})") from None
     except csv.Error as e:

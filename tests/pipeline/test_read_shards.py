@@ -178,6 +178,17 @@ def test_labels_csv_checks(tmp_path):
                                  labels_csv=str(tmp_path / "bom.csv")))
 
 
+def test_a_file_with_two_labels_in_the_labels_csv_is_an_error(tmp_path):
+    """A file listed twice with different labels silently took the last row's label; listed twice
+    with the same label (a concatenated CSV, CRLF line ends, quoted fields) it is one label."""
+    (tmp_path / "dup.csv").write_bytes(b'file,label,name\r\na.png,1,"x, y"\r\n"b,c.png",2,z\r\na.png,1,w\r\n')
+    assert read_labels_csv(str(tmp_path / "dup.csv")) == {"a.png": "1", "b,c.png": "2"}
+    (tmp_path / "two.csv").write_text("file,label\na.png,1\nb.png,2\na.png,7\n")
+    with pytest.raises(ValueError, match=rf"labels CSV {tmp_path / 'two.csv'} gives 'a.png' two labels: '1' and '7' "
+                                         r"\(line 4\)"):
+        read_labels_csv(str(tmp_path / "two.csv"))
+
+
 def _five_samples(tmp_path):
     members = [(f"k{i}.png", PNG) for i in range(5)]
     return write_tar(tmp_path / "x.tar", members), members
