@@ -14,6 +14,7 @@ import posixpath
 import re
 import secrets
 import tarfile
+import unicodedata
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -180,7 +181,8 @@ def input_shards(config) -> list[SourceShard]:
                            else ("a Parquet file", "its label column"))
             raise ValueError(f"--labels applies to folder inputs only; {other.path} is {what} "
                              f"(its labels come from {where})")
-        read_labels_csv(config.labels_csv)
+        check_labels_match(config.labels_csv, read_labels_csv(config.labels_csv),
+                           [f for s in shards for f in s.files])
     return shards
 
 
@@ -229,7 +231,7 @@ def read_labels_csv(path: str) -> dict[str, str]:
                 raise ValueError(f"labels CSV {path} needs 'file' and 'label' columns, has {cols}")
             labels: dict[str, str] = {}
             for row in reader:
-                file, label = row["file"], row["label"]
+                file, label = _label_name(row["file"] or ""), row["label"]
                 if labels.setdefault(file, label) != label:
                     raise ValueError(f"labels CSV {path} gives {file!r} two labels: {labels[file]!r} and "
                                      f"{label!r} (line {reader.line_num})")
@@ -238,6 +240,35 @@ def read_labels_csv(path: str) -> dict[str, str]:
         raise ValueError(f"labels CSV {path} is not UTF-8 text ({e.reason})") from None
     except csv.Error as e:
         raise ValueError(f"labels CSV {path} is not a readable CSV: {e}") from None
+
+
+def _label_name(name: str) -> str:
+    """A file name as a labels CSV and a folder listing are matched: Unicode NFC (a macOS copy of
+    a folder spells ``café`` decomposed), without a leading ``./``."""
+    name = unicodedata.normalize("NFC", name)
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def file_label(labels: dict[str, str], rel: str) -> str | None:
+    """A folder file's label in a :func:`read_labels_csv` mapping: by its path relative to the input
+    folder, else by its name; None when the CSV has neither."""
+    rel = _label_name(rel)
+    return labels.get(rel, labels.get(posixpath.basename(rel)))
+
+
+def check_labels_match(path: str, labels: dict[str, str], files: list[str]) -> None:
+    """A labels CSV that labels none of the inputs' files is a ValueError (another dataset's CSV,
+    or paths relative to another folder); some files without a label are a warning."""
+    missing = [f for f in files if file_label(labels, f) is None]
+    if files and len(missing) == len(files):
+        raise ValueError(f"labels CSV {path} gives a label to none of the {len(files)} files (a file is "
+                         f"found by its path under its input folder or by its name; {printable(files[0])!r} "
+                         f"is not in it)")
+    if missing:
+        log.warning("labels CSV %s gives no label to %d of %d files (%s, ...): they are unlabelled",
+                    path, len(missing), len(files), printable(missing[0]))
 
 
 _SAFE_KEY = re.compile(r"^[^\x00-\x1f\\]+$")

@@ -16,8 +16,8 @@ import re
 
 from fsspec.core import url_to_fs
 
-from .io import (check_output_file, file_key, input_fs, join, list_images, printable, read_labels_csv,
-                 tar_bytes, write_bytes)
+from .io import (check_labels_match, check_output_file, file_key, file_label, input_fs, join, list_images,
+                 printable, read_labels_csv, tar_bytes, write_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
     if not files:
         raise ValueError(f"no images in folder {folder}")
     labels = read_labels_csv(labels_csv) if labels_csv else {}
+    if labels_csv:
+        check_labels_match(labels_csv, labels, files)
     check_output_file(f"{prefix}-{0:05d}.tar")
     keys: dict[str, str] = {}
     for rel in files:
@@ -59,7 +61,7 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
             continue
         ext = rel.rsplit(".", 1)[1].lower()
         members.append((f"{key}.{ext}", data))
-        label = labels.get(rel, labels.get(rel.rsplit("/", 1)[-1]))
+        label = file_label(labels, rel)
         if label is not None:
             members.append((f"{key}.cls", label.strip().encode()))
         members.append((f"{key}.json", json.dumps({"file": printable(rel)}).encode()))

@@ -27,8 +27,8 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors
-from .io import (IMAGE_EXTS, file_key, input_fs, join, open_binary, printable, read_labels_csv,
-                 sanitize_key, unsafe_name_reason)
+from .io import (IMAGE_EXTS, file_key, file_label, input_fs, join, open_binary, printable,
+                 read_labels_csv, sanitize_key, unsafe_name_reason)
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ class _ReadShardFn(beam.DoFn):
                 continue
             label = None
             if self.labels is not None:
-                label = self.labels.get(rel, self.labels.get(posixpath.basename(rel)))
+                label = file_label(self.labels, rel)
             yield RawSample(shard.index, shard.path, key, member, data, label, None)
 
 

@@ -189,6 +189,35 @@ def test_a_file_with_two_labels_in_the_labels_csv_is_an_error(tmp_path):
         read_labels_csv(str(tmp_path / "two.csv"))
 
 
+def test_a_labels_csv_is_matched_as_its_files_are_named_and_must_label_some(tmp_path, caplog):
+    """A CSV spelling café composed while the folder (a macOS copy) spells it decomposed, or
+    writing ./x.png, labels those files; a CSV that labels none of the files (another dataset's)
+    is an error before any work, in every job and in shard; a file it misses is a warning."""
+    import unicodedata
+
+    from pipeline.pack import pack_folder
+
+    nfd = unicodedata.normalize("NFD", "café.png")
+    (tmp_path / "f" / "sub").mkdir(parents=True)
+    for name in (nfd, "x.png", "sub/y.png", "z.png"):
+        (tmp_path / "f" / name).write_bytes(PNG)
+    (tmp_path / "l.csv").write_text("file,label\ncafé.png,1\n./x.png,2\n./sub/y.png,3\n", encoding="utf-8")
+    config = InputConfig(paths=(str(tmp_path / "f"),), labels_csv=str(tmp_path / "l.csv"))
+    with caplog.at_level("WARNING"):
+        (shard,) = input_shards(config)
+    assert "gives no label to 1 of 4 files (z.png, ...)" in caplog.text
+    fn = _ReadShardFn(config)
+    fn.setup()
+    labels = {o.key: o.label for o in fn.process(shard)}
+    assert labels == {unicodedata.normalize("NFD", "café"): "1", "x": "2", "sub/y": "3", "z": None}
+    (tmp_path / "other.csv").write_text("file,label\nn01440764_1.JPEG,0\n")
+    for run in (lambda: input_shards(InputConfig(paths=(str(tmp_path / "f"),), labels_csv=str(tmp_path / "other.csv"))),
+                lambda: pack_folder(str(tmp_path / "f"), str(tmp_path / "out" / "p"), 10, str(tmp_path / "other.csv"))):
+        with pytest.raises(ValueError, match=r"other.csv gives a label to none of the 4 files \(a file is found by "):
+            run()
+    assert not (tmp_path / "out").exists()
+
+
 def _five_samples(tmp_path):
     members = [(f"k{i}.png", PNG) for i in range(5)]
     return write_tar(tmp_path / "x.tar", members), members
