@@ -402,6 +402,19 @@ def _check_replaceable(fs, path: str, final: str, entries: list[str]) -> None:
         raise ValueError(f"output {final} exists, is not empty and {why}; refusing to replace it")
 
 
+def _read_only_folder(fs, path: str) -> str | None:
+    """A folder of the local tree ``path`` whose entries cannot be removed (not writable, or
+    not listable), or None; other filesystems are not checked. An empty folder needs no rights
+    of its own: removing it is its parent's business."""
+    if not isinstance(fs, LocalFileSystem):
+        return None
+    unlisted = []
+    for folder, folders, files in os.walk(path, onerror=lambda e: unlisted.append(e.filename)):
+        if (folders or files) and not os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return unlisted[0] if unlisted else None
+
+
 class OutputDir:
     """An output folder written through a staging folder and replaced as a whole.
 
@@ -455,7 +468,12 @@ class OutputDir:
             entries = fs.ls(p, detail=False)
             if entries:
                 _check_replaceable(fs, p, self.final, entries)
-        for stale in self._stale_copies(fs, p):
+        stale_copies = self._stale_copies(fs, p)
+        for doomed in [p, *stale_copies]:  # what the commit removes
+            if fs.exists(doomed) and (folder := _read_only_folder(fs, doomed)):
+                raise ValueError(f"output {self.final} cannot be replaced: {folder} is read-only (its files cannot "
+                                 "be removed); make it writable, or give another --output")
+        for stale in stale_copies:
             log.warning("%s is a copy of an earlier output of %s, left by a commit that was killed; this "
                         "run's commit removes it", stale, self.final)
         sfs, sp = url_to_fs(self.staging)

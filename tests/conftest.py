@@ -63,3 +63,29 @@ def real_model():
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return build_model("efficientnet_lite0")
+
+
+@pytest.fixture
+def read_only():
+    """Make folders read-only for the test: ``read_only(path)``. Root writes through permission
+    bits, so there the folder is made immutable (``chattr +i``) instead; skips when neither takes.
+    Everything is made writable again afterwards (so pytest can remove it)."""
+    import shutil
+    import subprocess
+
+    done = []
+
+    def make(path: Path) -> None:
+        path.chmod(0o555)
+        done.append(path)
+        if os.access(path, os.W_OK) and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if os.access(path, os.W_OK):
+            pytest.skip("cannot make a folder read-only here (root without chattr +i)")
+
+    yield make
+    for path in done:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        if path.exists():
+            path.chmod(0o755)

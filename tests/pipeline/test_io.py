@@ -264,3 +264,21 @@ def test_a_stage_still_running_after_the_run_was_abandoned_commits_nothing(tmp_p
         write_bytes(path, b"x")
     out.commit(written)
     assert out.committed()
+
+
+def test_an_output_whose_files_cannot_be_removed_is_refused_before_any_work(tmp_path, photos, fnapi, read_only):
+    """Replacing an output removes its files: in a read-only folder of the previous output the
+    run went all the way, committed, then failed removing the previous copy (status 2, a
+    traceback, the half-removed copy left beside the output as OUT.old-<run id>)."""
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    final = tmp_path / "out"
+    run_evaluate(tiny_config([str(tmp_path / "a.tar")], final, attacks=(), defenses=(), run_id="r0"), fnapi)
+    before = sorted(p.relative_to(final) for p in final.rglob("*"))
+    for locked in (final / "metadata", final):
+        read_only(locked)
+        config = tiny_config([str(tmp_path / "a.tar")], final, attacks=(), defenses=(), run_id="r1")
+        with pytest.raises(ValueError, match=f"output {final} cannot be replaced: {locked} is read-only"):
+            run_evaluate(config, fnapi)
+        assert (final / "_SUCCESS").read_text() == "r0\n"
+        assert sorted(p.relative_to(final) for p in final.rglob("*")) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
