@@ -158,12 +158,15 @@ def check_writable(history: str) -> None:
 
 def check_night(history: str, date: str) -> None:
     """Fail before any work if the night's partition cannot be written: something that is not a
-    folder (a stray file) stands at ``HIST/date=YYYY-MM-DD``."""
+    folder (a stray file) stands at ``HIST/date=YYYY-MM-DD``, or the folder of a night run before
+    cannot take a file (read-only)."""
     fs, root = url_to_fs(history)
     part = join(root, f"date={date}")
     if fs.exists(part) and not fs.isdir(part):
         raise ValueError(f"history partition date={date} in {history} cannot be written: {part} exists and is "
                          "not a folder (move or remove it)")
+    if fs.exists(part):
+        check_writable(join(history, f"date={date}"))
 
 
 def write_partition(history: str, date: str, rows: list[dict]) -> str:

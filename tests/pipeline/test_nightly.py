@@ -342,6 +342,21 @@ def test_unwritable_history_stops_before_any_work(tmp_path, photos, capsys):
     assert not (tmp_path / "nightly").exists()
 
 
+def test_a_read_only_partition_of_the_night_stops_before_any_work(tmp_path, photos, capsys, read_only):
+    """Rerunning a date whose history partition is read-only ran the night, committed its output,
+    then failed writing the history (status 2, no nightly.json nor report, the history stale)."""
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
+    hist = tmp_path / "history"
+    write_partition(str(hist), "2026-11-21", [HISTORY_ROW])
+    read_only(hist / "date=2026-11-21")
+    assert main(["nightly", "--config", write_config(tmp_path, config(tmp_path)), "--date", "2026-11-21"]) == 2
+    err = capsys.readouterr().err
+    assert f"history location {hist / 'date=2026-11-21'} cannot be written" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nightly").exists()
+    assert sorted(p.name for p in (hist / "date=2026-11-21").iterdir()) == ["summary.parquet"]
+
+
 HISTORY_ROW = {"run_id": "r", "model": "m", "attack": "clean", "attack_spec": "clean", "defense": "none",
                "defense_spec": "none", "n": 4, "top1": 0.5, "agree_clean": 1.0, "success": None, "bytes": 900.0,
                "bpp": 1.5, "psnr": None, "ssim": 1.0, "linf": 0.0, "rmse": 0.0}
