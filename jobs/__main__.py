@@ -15,6 +15,8 @@ import logging
 import signal
 import sys
 
+from .common import exception_chain as _chain
+
 #: Subcommand -> module under ``jobs``; each has ``HELP``, ``add_arguments(parser)`` and
 #: ``run(args, beam_argv) -> int``.
 JOBS = {
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from pipeline.dask_cluster import early_local_cluster
 
-    from .common import setup_logging
+    from .common import no_room, setup_logging
 
     setup_logging("-v" in argv or "--verbose" in argv)  # before Beam's import-time warnings
     parser, modules = build_parser()
@@ -73,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).debug("configuration error", exc_info=True)
             print(f"semjpeg {args.job}: error: {e}", file=sys.stderr, flush=True)
             return 2
+        except Exception as e:
+            # A full disk mid-run: one line, not the runner's traceback. A pipeline's staging
+            # folder is already removed (a job may say what it had written: nightly's bookkeeping);
+            # shard and report write no staging folder.
+            full = no_room(e)
+            if full is None:
+                raise
+            logging.getLogger(__name__).debug("no room to write", exc_info=True)
+            done = f"; {_written(e)}" if getattr(job, "PIPELINE", True) else ""
+            print(f"semjpeg {args.job}: error: a write failed: {full}{done}", file=sys.stderr, flush=True)
+            return 1
 
 
 class Terminated(KeyboardInterrupt):
@@ -84,10 +97,11 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def _chain(e: BaseException | None):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
+def _written(e: BaseException) -> str:
+    """What a stopped job had already written: a job may say (nightly's bookkeeping, through a
+    ``semjpeg_written`` attribute on the exception); otherwise nothing was committed."""
+    return next((getattr(c, "semjpeg_written") for c in _chain(e) if hasattr(c, "semjpeg_written")),
+                "the previous output is untouched")
 
 
 def _interruption(e: BaseException) -> str | None:
@@ -120,10 +134,7 @@ def cli(argv: list[str] | None = None) -> int:
         what = _interruption(e)
         if what is None:
             raise
-        # A job may say what it had already written when it was stopped (nightly's bookkeeping).
-        done = next((getattr(c, "semjpeg_written") for c in _chain(e) if hasattr(c, "semjpeg_written")),
-                    "the previous output is untouched")
-        print(f"semjpeg: {what}; {done}", file=sys.stderr, flush=True)
+        print(f"semjpeg: {what}; {_written(e)}", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
     gc.freeze()
     return code

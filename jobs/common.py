@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -123,15 +124,35 @@ def map_model_config(args):
                        memory_format=args.memory_format, weights_option="--map-weights")
 
 
+def exception_chain(e: BaseException | None):
+    """``e`` and the exceptions it wraps (Beam re-raises one from inside a stage as a RuntimeError
+    caused by it)."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+#: A write that found no room: a full disk, a quota, a file-size limit (``ulimit -f``: Python
+#: ignores its SIGXFSZ, so the write fails with EFBIG).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def no_room(e: BaseException | None) -> OSError | None:
+    """The OSError of a write that found no room, in ``e`` or what it wraps; None if there is none."""
+    return next((c for c in exception_chain(e) if isinstance(c, OSError) and c.errno in NO_ROOM), None)
+
+
 class DropInterruptTracebacks(logging.Filter):
     """Beam logs every exception out of a DoFn with its traceback, Ctrl-C and SIGTERM included;
-    the command says in one line that it was interrupted (jobs.__main__.cli)."""
+    the command says in one line that it was interrupted (jobs.__main__.cli), or that a write
+    found no room (jobs.__main__.main)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "apache_beam.runners.common":
             return True
         text = record.getMessage()
-        return not (text.startswith("KeyboardInterrupt") or "Terminated [while running" in text)
+        return not (text.startswith("KeyboardInterrupt") or "Terminated [while running" in text
+                    or (record.exc_info is not None and no_room(record.exc_info[1]) is not None))
 
 
 def setup_logging(verbose: bool) -> None:

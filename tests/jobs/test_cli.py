@@ -473,3 +473,28 @@ def test_nightly_early_dask_cluster_follows_the_configs_runner_options(tmp_path,
     with pytest.raises(Stop):
         main(["nightly", "--config", str(path), *cli])
     assert counts == started and argvs == [passed]
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_previous_output(tmp_path, photos):
+    """A write that finds no room (a full disk, a quota, a file-size limit: `ulimit -f`, whose
+    SIGXFSZ Python ignores, so the write fails with EFBIG) ended in the runner's traceback of
+    dozens of lines; now one line naming the error, status 1, the staging folder removed."""
+    import resource
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_text("earlier-run\n")
+    (out / "summary.json").write_text("{}")  # a finished earlier run
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+    r = subprocess.run([sys.executable, "-m", "jobs", "evaluate", "--input", str(tmp_path / "a.tar"),
+                        "--output", str(out), "--model", "tests.tiny:build", "--attack", "fgsm", "--defense", "none"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == ["semjpeg evaluate: error: a write failed: [Errno 27] File too large; "
+                                             "the previous output is untouched"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tar", "out"]
+    assert sorted(x.name for x in out.iterdir()) == ["_SUCCESS", "summary.json"]
