@@ -6,6 +6,7 @@ the same output therefore replaces it as a whole and never leaves a mix of two r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -302,9 +303,14 @@ def write_bytes(path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         tmp = f"{p}.tmp-{secrets.token_hex(4)}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, p)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, p)
+        except BaseException:  # a full disk, an interrupt: no partial file left beside the others
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         with fs.open(p, "wb") as f:
             f.write(data)

@@ -282,3 +282,24 @@ def test_an_output_whose_files_cannot_be_removed_is_refused_before_any_work(tmp_
         assert (final / "_SUCCESS").read_text() == "r0\n"
         assert sorted(p.relative_to(final) for p in final.rglob("*")) == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
+
+
+def test_a_write_that_finds_no_room_leaves_no_temporary_file(tmp_path):
+    """A full disk (here a file-size limit) while write_bytes wrote its temporary file left that
+    file behind: beside `semjpeg shard`'s tars (`dev-00000.tar.tmp-...`, which a `dev-*` glob
+    reads) or a report. The previous file stays."""
+    import errno
+    import resource
+
+    from pipeline.io import write_bytes
+
+    (tmp_path / "dev-00000.tar").write_bytes(b"earlier")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as e:
+            write_bytes(str(tmp_path / "dev-00000.tar"), b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert e.value.errno == errno.EFBIG
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("dev-00000.tar", b"earlier")]
