@@ -438,8 +438,10 @@ class OutputDir:
         fs, path = input_fs(final, "write")  # not self.final: "memory://" stripped is a local name
         local = isinstance(fs, LocalFileSystem)
         if local:
-            # Absolute and normalized now: "a/b/.." must not stage into "a/b/...staging".
-            path = os.path.abspath(path)
+            # Absolute and normalized now: "a/b/.." must not stage into "a/b/...staging"; and a
+            # symbolic link followed, so the output is staged and replaced where it points (the
+            # commit renamed the link itself, and wrote a folder in its place).
+            path = os.path.realpath(path)
         parent, name = posixpath.split(path.rstrip("/"))
         if not parent or not name:
             raise ValueError(f"output {final} is a filesystem or bucket root; give a folder inside it")

@@ -303,3 +303,18 @@ def test_a_write_that_finds_no_room_leaves_no_temporary_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert e.value.errno == errno.EFBIG
     assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("dev-00000.tar", b"earlier")]
+
+
+def test_an_output_that_is_a_symbolic_link_is_written_where_it_points(tmp_path, photos, fnapi):
+    """`results -> /mnt/big/results`: the commit renamed the link itself and put a real folder in
+    its place, on the link's filesystem (staged beside the link too), and left the previous output
+    where the link pointed, never replaced."""
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    _finished(tmp_path / "big" / "results", "r0")
+    (tmp_path / "results").symlink_to(tmp_path / "big" / "results")
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "results", attacks=(), defenses=(), run_id="r1")
+    run_evaluate(config, fnapi)
+    assert (tmp_path / "results").is_symlink()
+    assert (tmp_path / "big" / "results" / "_SUCCESS").read_text() == "r1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "big", "results"]
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["results"]
