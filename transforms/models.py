@@ -351,7 +351,8 @@ def _split_torchvision(net: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
     """(features, fc) for torchvision models ending in global average pooling + linear."""
     fc = getattr(net, "fc", None)
     if isinstance(fc, nn.Linear) and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):
-        # ResNet, ResNeXt, Wide ResNet, RegNet, GoogLeNet-style: everything up to avgpool.
+        # ResNet, ResNeXt, Wide ResNet, RegNet: everything up to avgpool (GoogLeNet and Inception v3
+        # also end in avgpool + fc, but have no layer4: they fall through and get no maps).
         class _UpToPool(nn.Module):
             def __init__(self, m):
                 super().__init__()

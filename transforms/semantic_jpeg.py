@@ -299,7 +299,8 @@ def write_coefficients(coefficients, tables: np.ndarray, *, subsampling: Subsamp
 
     Args:
         coefficients: [Y, Cb, Cr], integer (height_in_blocks, width_in_blocks, 8, 8) each, the
-            component's block counts for the image's size and ``subsampling``; values in -1023..1023.
+            component's block counts for the image's size and ``subsampling``; values in -1024..1023,
+            AC in -1023..1023 (what the encoder writes is in -1023..1023).
         tables: integer (2, 8, 8), the luma and chroma steps in 1..255.
     """
     _check_subsampling(subsampling)
@@ -393,9 +394,9 @@ class _Coefficients:
             # The coarse step's reconstruction, written as the nearest multiple of the file's step.
             coarse = np.rint(coef / q_b) * q_b
             new = np.rint(coarse / q_file)
-            # Baseline ranges: AC magnitude category <= 10; DC differences category <= 11.
+            # Baseline ranges: AC magnitude category <= 10; the DC is clipped alike (a black
+            # block's -1024 is written as -1023), as jpeg_torch.requantized_coefficients does.
             new = np.clip(new, -1023, 1023)
-            new[..., 0, 0] = np.clip(new[..., 0, 0], -1024, 1023)
             out.append(new.astype(np.int16))
         qt = np.stack([steps[q_hi][0], steps[q_hi][1]]).astype(np.uint16)
         return _write_dct(out, qt, self.samp, self.h, self.w)
