@@ -1,8 +1,9 @@
 """SaliencyMaps: Variant -> Variant with the saliency maps its semantic defenses need.
 
 One batched pass per distinct map request (Aug-MSROI with its noise parameters, or MSROI) on the
-map model, which by default is the classifier. Aug-MSROI noise is seeded per sample from the run
-seed, the input, the attack and the request, so reruns are byte-identical.
+map model, which by default is the classifier. Aug-MSROI noise is seeded per image from the run
+seed, the image's pixels and the request (not its key, shard or attack: the same image gets the
+same map in evaluate and in defend), so reruns are byte-identical.
 """
 from __future__ import annotations
 
