@@ -168,7 +168,8 @@ def input_attack(meta: dict | None) -> str | None:
 
 
 class _ClassifierHandler(ModelHandler):
-    """Shared base: loads the configured classifier; batches of exactly ``batch_size``.
+    """Shared base: loads the configured classifier; batches of ``batch_size`` (a bundle's last
+    one may be smaller: RunInference's batching flushes what is left when a bundle ends).
 
     ``native``: the images keep their own sizes (``--crop 0``); the model sees each through its
     own preprocessing (``inputs``)."""
