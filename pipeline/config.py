@@ -39,8 +39,8 @@ class InputConfig:
     """Where the images come from and how they are decoded.
 
     paths: globs, files or folders (any fsspec URL). format: ``auto`` tells by extension
-    (``.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tbz2``, ``.tar.xz``, ``.txz`` WebDataset, ``.parquet``
-    Parquet, a folder of images).
+    (``.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tbz2``, ``.tar.xz``, ``.txz`` WebDataset, ``.parquet`` or
+    ``.pq`` Parquet, a folder of images).
     Parquet columns are named by ``image_column``/``key_column``/``label_column``; key and label
     columns are optional when left None (the ``key`` and ``label`` columns if a file has them) and
     required when named. A folder may come with ``labels_csv`` (``file,label``) and is read

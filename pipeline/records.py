@@ -34,7 +34,7 @@ class RawSample:
 
 @dataclass(frozen=True)
 class Sample:
-    """Decoded sample: uint8 HWC RGB at the model's crop size."""
+    """Decoded sample: uint8 HWC RGB at the crop size (at its own size with ``--crop 0``)."""
 
     source_index: int
     source: str
