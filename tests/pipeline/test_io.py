@@ -71,9 +71,9 @@ def test_an_output_holding_an_input_is_refused(tmp_path, photos, fnapi):
     write_tar(tmp_path / "a.tar", good_members(photos)[:2])
     run_evaluate(tiny_config([str(tmp_path / "a.tar")], out, attacks=(), defenses=()), fnapi)
     shard = out / "shards/clean/none/shard-00000.tar"
-    (out / "labels.csv").write_text("file,label\n")
-    (tmp_path / "imgs").mkdir()  # a labels CSV comes with folder inputs only
     name, data = good_members(photos)[0]
+    (out / "labels.csv").write_text(f"file,label\n{name},1\n")
+    (tmp_path / "imgs").mkdir()  # a labels CSV comes with folder inputs only
     (tmp_path / "imgs" / name).write_bytes(data)
     for inputs, kw in (([str(out / "shards/*/*/*.tar")], {}), ([str(shard)], {}),
                        ([str(tmp_path / "imgs")], {"labels_csv": str(out / "labels.csv")})):
