@@ -265,11 +265,12 @@ def _lite_builder(variant: int, width: float, depth: float, size: int):
     return build
 
 
-#: Native EfficientNet-Lite variants: (builder, info). Resize is input/0.875, as in training.
+#: Native EfficientNet-Lite variants: (builder, info). Resize is input + 32, the evaluation crop of
+#: the TensorFlow reference that trained them (``CROP_PADDING = 32``): 256, 272 and 292.
 MODELS: dict[str, tuple[Callable[[Mapping | None], Classifier], ModelInfo]] = {
     "efficientnet_lite0": (_lite_builder(0, 1.0, 1.0, 224), ModelInfo("efficientnet_lite0", 224, 256)),
-    "efficientnet_lite1": (_lite_builder(1, 1.0, 1.1, 240), ModelInfo("efficientnet_lite1", 240, 274)),
-    "efficientnet_lite2": (_lite_builder(2, 1.1, 1.2, 260), ModelInfo("efficientnet_lite2", 260, 298)),
+    "efficientnet_lite1": (_lite_builder(1, 1.0, 1.1, 240), ModelInfo("efficientnet_lite1", 240, 272)),
+    "efficientnet_lite2": (_lite_builder(2, 1.1, 1.2, 260), ModelInfo("efficientnet_lite2", 260, 292)),
 }
 
 

@@ -25,6 +25,7 @@ def test_class_names_offline():
 def test_lite_variants_load_packaged_weights(name, size):
     m = build_model(name)
     assert isinstance(m, Classifier) and m.has_cam and m.input_size == size
+    assert model_info(name).resize == size + 32  # the TensorFlow reference's evaluation crop
     assert not any(p.requires_grad for p in m.parameters()) and not m.training
     x = torch.rand(1, 3, size, size)
     with torch.no_grad():
