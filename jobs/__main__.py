@@ -49,7 +49,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from pipeline.dask_cluster import early_local_cluster
+    from pipeline.dask_cluster import DaskRunError, early_local_cluster
 
     from .common import no_room, setup_logging
 
@@ -76,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"semjpeg {args.job}: error: {e}", file=sys.stderr, flush=True)
             return 2
         except Exception as e:
-            # A full disk mid-run: one line, not the runner's traceback. A pipeline's staging
+            # A full disk mid-run, or a Dask cluster that could not finish the run: one line, not
+            # the runner's traceback. A pipeline's staging
             # folder is already removed (a job may say what it had written: nightly's bookkeeping);
             # shard and report write no staging folder.
             full = no_room(e)
-            if full is None:
+            dask = next((c for c in _chain(e) if isinstance(c, DaskRunError)), None)
+            if full is None and dask is None:
                 raise
-            logging.getLogger(__name__).debug("no room to write", exc_info=True)
+            logging.getLogger(__name__).debug("run failed", exc_info=True)
             done = f"; {_written(e)}" if getattr(job, "PIPELINE", True) else ""
-            print(f"semjpeg {args.job}: error: a write failed: {full}{done}", file=sys.stderr, flush=True)
+            what = f"a write failed: {full}" if full is not None else str(dask)
+            print(f"semjpeg {args.job}: error: {what}{done}", file=sys.stderr, flush=True)
             return 1
 
 

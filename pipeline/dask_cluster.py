@@ -170,6 +170,27 @@ def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
                          f"{kind or 'something else'}, not a Dask scheduler")
 
 
+class DaskRunError(RuntimeError):
+    """A Dask run that the cluster could not finish (its scheduler went away, its workers kept
+    dying or were all gone): one line, the job's exit status 1 (jobs.__main__)."""
+
+
+def check_workers_import(address: str, module: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A ValueError (one line) unless every worker of the cluster at ``address`` can import
+    ``module``. A worker that cannot unpickle a task's function closes itself, and the run then
+    waited forever for workers that would never come."""
+    import importlib
+
+    from distributed import Client
+
+    with Client(address, timeout=timeout) as client:
+        try:
+            client.run(importlib.import_module, module)
+        except ImportError as e:
+            raise ValueError(f"the Dask workers at {address} cannot import {module} ({e}): install semjpeg "
+                             "where they run") from None
+
+
 def scheduler_file_address(path: str) -> str:
     """The scheduler address in a Dask scheduler file (``dask scheduler --scheduler-file``); a
     ValueError (one line) if it cannot be read. Dask's client waits forever for a file that is

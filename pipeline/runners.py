@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import TaggedOutput
@@ -35,8 +36,9 @@ from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
 from apache_beam.runners.dask import transform_evaluator as _evaluator
 
-from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, check_scheduler, close_cluster, default_worker_count,
-                           scheduler_file_address, start_local_cluster, wait_for_workers)
+from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, DaskRunError, check_scheduler, check_workers_import,
+                           close_cluster, default_worker_count, scheduler_file_address, start_local_cluster,
+                           wait_for_workers)
 
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
@@ -215,24 +217,89 @@ def _fixed_translations():
         _evaluator.TRANSLATIONS.update(original[1])
 
 
+#: Seconds between checks that a running Dask job's cluster still has workers.
+POLL = 5.0
+
+
 class _DaskResult:
     """Beam's Dask result, closing its client (and the local cluster it started, if any) when the
     run is over. Beam leaves its client open: once an outside cluster closed, the client kept
-    trying to reconnect and logged connection errors."""
+    trying to reconnect and logged connection errors.
 
-    def __init__(self, result, cluster):
+    A run the cluster cannot finish is a DaskRunError (one line): Beam's wait returned as if
+    the run had finished when the scheduler went away (Dask cancels the futures of a client that
+    lost its scheduler), raised Dask's KilledWorker traceback when workers kept dying in a task,
+    and waited forever on a cluster left without workers (``no_workers_timeout`` seconds here)."""
+
+    def __init__(self, result, cluster, address: str = "", no_workers_timeout: float = WAIT_TIMEOUT):
         self._result = result
         self._cluster = cluster
+        self._address = address
+        self._no_workers_timeout = no_workers_timeout
 
     def wait_until_finish(self, duration=None):
         try:
-            return self._result.wait_until_finish(duration)
+            if duration is None:
+                self._wait_for_workers_to_finish()
+            try:
+                state = self._result.wait_until_finish(duration)
+            except Exception as e:
+                from distributed.scheduler import KilledWorker
+
+                if not isinstance(e, KilledWorker):
+                    raise
+                raise DaskRunError(f"Dask workers at {self._address} died running the pipeline: "
+                                   f"{e.allowed_failures + 1} in a row died in the same task (killed, or out of "
+                                   "memory?); see the workers' logs") from None
+            if any(f.status == "cancelled" for f in self._result.futures):
+                raise DaskRunError(f"the Dask scheduler at {self._address} went away during the run "
+                                   "(its client lost the connection)")
+            return state
         finally:
             self.close()
 
+    def _wait_for_workers_to_finish(self) -> None:
+        """Wait until every future is done; a DaskRunError once the cluster has had no workers
+        for ``no_workers_timeout`` seconds."""
+        import time
+
+        from distributed import wait
+        from distributed.client import CancelledError
+
+        client, futures = self._result.client, self._result.futures
+        empty_since = None
+        while True:
+            try:
+                wait(futures, timeout=POLL)
+                return
+            except TimeoutError:
+                pass
+            except CancelledError:  # the scheduler gone: said once every future is seen
+                return
+            try:
+                workers = len(client.nthreads())
+            except Exception:  # the scheduler gone: the futures say so
+                continue
+            if workers:
+                empty_since = None
+                continue
+            now = time.monotonic()
+            empty_since = now if empty_since is None else empty_since
+            if now - empty_since >= self._no_workers_timeout:
+                raise DaskRunError(f"the Dask cluster at {self._address} has had no workers for "
+                                   f"{self._no_workers_timeout:g} s during the run (--dask_wait_timeout)")
+
     def close(self):
-        with contextlib.suppress(Exception):
-            self._result.client.close()
+        # A client that lost its scheduler is still trying to reconnect: Dask logs a traceback
+        # for the attempt that closing it cancels.
+        client_log = logging.getLogger("distributed.client")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)
+        try:
+            with contextlib.suppress(Exception):
+                self._result.client.close()
+        finally:
+            client_log.setLevel(level)
         if self._cluster is not None:
             close_cluster(self._cluster)
             self._cluster = None
@@ -259,6 +326,7 @@ class DaskRunner(_dask_runner.DaskRunner):
                 wait_for_workers(dask_opts.address, workers, ours.dask_wait_timeout, _connect_timeout(options))
             else:
                 check_scheduler(dask_opts.address, _connect_timeout(options))
+            check_workers_import(dask_opts.address, __name__, _connect_timeout(options))
         else:
             workers = workers or default_worker_count()
             cluster = start_local_cluster(workers)
@@ -272,4 +340,4 @@ class DaskRunner(_dask_runner.DaskRunner):
             if cluster is not None:
                 close_cluster(cluster)
             raise
-        return _DaskResult(result, cluster)
+        return _DaskResult(result, cluster, dask_opts.address, ours.dask_wait_timeout)

@@ -85,3 +85,44 @@ def near_boundary(model, x, steps=30, past=1.0):
             m = moved(mid)
             hi, lo = torch.where(m, mid, hi), torch.where(m, lo, mid)
         return (x + past * hi[:, None, None, None] * d).clamp(0, 1)
+
+
+def _in_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def _kill_on_forward(pid_of):
+    def hook(module, inputs):
+        if _in_dask_worker():
+            os.kill(pid_of(), 9)
+    return hook
+
+
+def build_worker_killer(state_dict=None) -> Classifier:
+    """The tiny CNN, whose forward pass SIGKILLs the Dask worker process running it (a worker
+    killed by the kernel's OOM killer, say); elsewhere it is the tiny CNN."""
+    model = build(state_dict)
+    model.fc.register_forward_pre_hook(_kill_on_forward(os.getpid))
+    return model
+
+
+build_worker_killer.model_info = ModelInfo("tests.tiny:build_worker_killer", input_size=64, resize=72,
+                                           num_classes=NUM_CLASSES)
+
+
+def build_scheduler_killer(state_dict=None) -> Classifier:
+    """The tiny CNN, whose forward pass in a Dask worker SIGKILLs the worker's parent: the
+    scheduler's process, for a ``LocalCluster`` of worker processes."""
+    model = build(state_dict)
+    model.fc.register_forward_pre_hook(_kill_on_forward(os.getppid))
+    return model
+
+
+build_scheduler_killer.model_info = ModelInfo("tests.tiny:build_scheduler_killer", input_size=64, resize=72,
+                                              num_classes=NUM_CLASSES)

@@ -305,6 +305,128 @@ def test_dask_cluster_with_too_few_workers_says_it_waits_then_gives_up(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
 
 
+
+def test_dask_workers_that_keep_dying_end_the_job_with_one_line_status_1(tmp_path, photos, monkeypatch, capsys):
+    """Dask retries a task whose worker died on three more workers, then raised KilledWorker:
+    the job ended in a traceback."""
+    from jobs.__main__ import main
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    code = main(["evaluate", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "out"),
+                 "--model", "tests.tiny:build_worker_killer", "--resize", "72", "--crop", "64", "--run-id", "r",
+                 "--runner", "DaskRunner", "--dask_workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert re.fullmatch(r"semjpeg evaluate: error: Dask workers at tcp://127\.0\.0\.1:\d+ died running the pipeline: "
+                        r"4 in a row died in the same task \(killed, or out of memory\?\); see the workers' logs; "
+                        r"the previous output is untouched", err[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]  # no output, no staging folder
+
+
+_CLUSTER_SCRIPT = """
+import sys, time
+from distributed import LocalCluster
+if __name__ == "__main__":
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                           host="127.0.0.1", preload=sys.argv[1:])
+    print(cluster.scheduler_address, flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def _cluster_process(tmp_path, *preload):
+    """A LocalCluster of one worker process, in a process of its own (so that it can die)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "cluster.py"
+    script.write_text(_CLUSTER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), *preload], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:")
+        yield proc, address
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_dask_scheduler_that_goes_away_mid_run_is_a_one_line_error(tmp_path, photos, monkeypatch):
+    """Dask cancels the futures of a client that lost its scheduler, and Beam's wait returned as
+    if the run had finished: the job then said that OUT/summary.json was missing (status 2) and
+    left its staging folder behind."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.dask_cluster import DaskRunError
+    from pipeline.runners import pipeline_options
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="tests.tiny:build_scheduler_killer"))
+    with _cluster_process(tmp_path) as (proc, address):
+        options = pipeline_options(["--runner", "DaskRunner", "--dask_client_address", address])
+        pool = ThreadPoolExecutor(1)  # a hang fails the test instead of hanging it
+        job = pool.submit(run_evaluate, config, options)
+        pool.shutdown(wait=False)
+        with pytest.raises(DaskRunError, match=f"^the Dask scheduler at {address} went away during the run "):
+            job.result(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "cluster.py"]
+
+
+def test_dask_workers_without_the_package_are_a_one_line_error_before_the_run(tmp_path, photos):
+    """A worker that cannot unpickle a task closes itself: the run waited forever for workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.runners import pipeline_options
+
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    block = tmp_path / "no_semjpeg.py"
+    block.write_text("import sys\n"
+                     "class Block:\n"
+                     "    def find_spec(self, name, path=None, target=None):\n"
+                     "        if name.partition('.')[0] in ('pipeline', 'transforms', 'tests'):\n"
+                     "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+                     "sys.meta_path.insert(0, Block())\n")
+    with _cluster_process(tmp_path, str(block)) as (proc, address):
+        options = pipeline_options(["--runner", "DaskRunner", "--dask_client_address", address,
+                                    "--dask_workers", "1"])
+        pool = ThreadPoolExecutor(1)  # a hang fails the test instead of hanging it
+        job = pool.submit(run_evaluate, tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r"), options)
+        pool.shutdown(wait=False)
+        with pytest.raises(ValueError, match=f"^the Dask workers at {address} cannot import pipeline.runners "
+                                             r"\(No module named 'pipeline'\): install semjpeg where they run$"):
+            job.result(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "cluster.py", "no_semjpeg.py"]
+
+
+def test_a_dask_cluster_left_without_workers_mid_run_gives_up_after_the_wait_timeout(monkeypatch):
+    """Dask waits forever for workers to run the remaining tasks."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from pipeline import runners
+
+    monkeypatch.setattr(runners, "POLL", 0.2)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        client = Client(cluster)
+        beam_result = type("Result", (), {"client": client, "futures": [client.submit(sum, [1, 2])],
+                                          "wait_until_finish": lambda self, duration=None: None})()
+        start = time.monotonic()
+        with pytest.raises(runners.DaskRunError, match=f"^the Dask cluster at {cluster.scheduler_address} has had "
+                                                       r"no workers for 1 s during the run \(--dask_wait_timeout\)$"):
+            runners._DaskResult(beam_result, None, cluster.scheduler_address, 1.0).wait_until_finish()
+        assert time.monotonic() - start < 5
+        assert client.status == "closed"
+
 def test_group_by_key_merges_partitions_before_its_shuffle():
     """A Flatten of many stages' outputs has many partitions; the shuffle after it needs not."""
     import dask
