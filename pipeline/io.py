@@ -519,14 +519,20 @@ class OutputDir:
         are removed once this one has succeeded."""
         fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
+        files = fs.find(staging)
         if written:
-            have = {p[len(staging) + 1:] for p in fs.find(staging)}
+            have = {p[len(staging) + 1:] for p in files}
             missing = sorted(rel for p in written if (rel := p[len(self.staging) + 1:]) not in have)
             if missing:
                 if fs.exists(staging):  # what this stage wrote after the run had removed it
                     fs.rm(staging, recursive=True)
                 raise RuntimeError(f"not committing {self.final}: its staging folder lacks {len(missing)} of "
                                    f"the run's files ({missing[0]}, ...); the run was abandoned")
+        # A worker killed in a write_bytes leaves its temporary file; the retried task wrote the file.
+        for p in files:
+            if _TEMPORARY.match(posixpath.basename(p)):
+                log.warning("removing %s, left by a write that was killed", p)
+                fs.rm(p)
         old = None
         if fs.exists(final):
             old = f"{final}.old-{self.run_id}"

@@ -239,6 +239,23 @@ def test_a_staging_folder_left_by_a_run_of_the_same_id_is_never_committed(tmp_pa
     assert not (tmp_path / "out").exists() and (left / "part-00007.json").exists()
 
 
+def test_a_commit_leaves_out_what_killed_writes_left(tmp_path):
+    """A Dask worker killed in the middle of a write leaves write_bytes' temporary file in the
+    staging folder; the retried task writes the file again, and the temporary one is not committed."""
+    from pipeline.io import write_bytes
+
+    final = tmp_path / "out"
+    out = OutputDir(str(final), "r1")
+    out.check()
+    written = [out.path("metadata", "part-00000.parquet"), out.path("summary.json")]
+    for path in written:
+        write_bytes(path, b"x")
+    killed = tmp_path / ".out.staging-r1" / "metadata" / "part-00000.parquet.tmp-0a1b2c3d"
+    killed.write_bytes(b"half")
+    out.commit(written)
+    assert sorted(p.name for p in (final / "metadata").iterdir()) == ["part-00000.parquet"]
+
+
 def test_a_stage_still_running_after_the_run_was_abandoned_commits_nothing(tmp_path):
     """On a Dask cluster the last stage goes on after the interrupted job abandoned its run: it
     recreated the staging folder with its summary.json alone and committed that, _SUCCESS and all."""
