@@ -10,7 +10,9 @@ touches another. A folder holding only such temporary leftovers (a write that wa
 not a partition: it is skipped with a warning and cleaned when that date is written again. A
 partition folder without its file, a file that is not readable Parquet with the history columns
 (or with null attack or defense specs), and a ``date=`` folder naming no real date
-(``date=2026-02-30``) are errors that name it.
+(``date=2026-02-30``) are errors that name it. A file may lack metric columns (a metric added
+after it was written: no value that night), and hold columns under other types that keep every
+value (a night rewritten with pandas, polars or Spark): it is read as the history's types.
 """
 from __future__ import annotations
 
@@ -79,27 +81,63 @@ def read_parquet(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
 
 
-def _check_schema(table: pa.Table, date: str) -> None:
-    problems = []
+#: Columns a partition may lack (a metric added after that night was written): read as no value.
+OPTIONAL_COLUMNS = ("n", "top1", "agree_clean", "success", "bytes", "bpp", "psnr", "ssim", "linf", "rmse")
+
+
+def _compatible(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray | None:
+    """``column`` as ``to`` where only its type differs (a night rewritten by another tool:
+    pandas' float n, Spark's int32, polars' large strings, dictionary-encoded text), else None."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if to == pa.string():
+        ok = pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+    else:
+        ok = pa.types.is_integer(t) or pa.types.is_floating(t)
+    if not ok:
+        return None
+    try:
+        return column.cast(to, safe=True)  # 4.5 as n is refused, not truncated
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _conform(table: pa.Table, date: str) -> pa.Table:
+    """A partition's table as HISTORY_SCHEMA, or ValueError naming every problem."""
+    problems, columns = [], []
     for f in HISTORY_SCHEMA:
         if f.name not in table.schema.names:
-            problems.append(f"no column {f.name}")
-        elif table.schema.field(f.name).type not in (f.type, pa.null()):
-            problems.append(f"column {f.name} is {table.schema.field(f.name).type}, expected {f.type}")
-        elif f.name in KEY_COLUMNS and table.column(f.name).null_count:
-            problems.append(f"column {f.name} has {table.column(f.name).null_count} null value(s)")
-    if "date" in table.schema.names:  # files written by earlier versions
-        dates = set(table.column("date").to_pylist())
+            if f.name in OPTIONAL_COLUMNS:
+                columns.append(pa.nulls(table.num_rows, f.type))
+            else:
+                problems.append(f"no column {f.name}")
+            continue
+        column = table.column(f.name)
+        if column.type != f.type:
+            found = column.type
+            column = column.cast(f.type) if found == pa.null() else _compatible(column, f.type)
+            if column is None:
+                problems.append(f"column {f.name} is {found}, expected {f.type}")
+                continue
+        if f.name in KEY_COLUMNS and column.null_count:
+            problems.append(f"column {f.name} has {column.null_count} null value(s)")
+        columns.append(column)
+    if "date" in table.schema.names:  # files written by earlier versions (or a date32 written back)
+        dates = {str(d) for d in table.column("date").to_pylist()}
         if dates - {date}:
-            problems.append(f"its date column says {', '.join(sorted(map(str, dates - {date})))}")
+            problems.append(f"its date column says {', '.join(sorted(dates - {date}))}")
     if problems:
         raise ValueError("; ".join(problems))
+    return pa.Table.from_arrays(columns, schema=HISTORY_SCHEMA)
 
 
 def _leftovers_only(fs, part: str) -> list[str]:
-    """The temporary files of an interrupted write, when the folder holds nothing else."""
+    """The temporary files of an interrupted write, when the folder holds nothing else but hidden
+    or marker files (``.DS_Store``, ``_SUCCESS``: files pyarrow's dataset reader skips too)."""
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(part, detail=False)]
-    return names if names and all(n.startswith(f".{FILE}.tmp-") for n in names) else []
+    leftovers = [n for n in names if n.startswith(f".{FILE}.tmp-")]
+    return leftovers if leftovers and all(n.startswith((".", "_")) for n in names) else []
 
 
 def read_history(history: str) -> dict[str, list[dict]]:
@@ -130,10 +168,10 @@ def read_history(history: str) -> dict[str, list[dict]]:
         try:
             with fs.open(path, "rb") as f:
                 table = read_parquet(f.read())
-            _check_schema(table, m.group(1))
+            table = _conform(table, m.group(1))
         except Exception as e:
             raise ValueError(f"history partition {name} in {history} is corrupt: {e}") from None
-        out[m.group(1)] = [{**r, "date": m.group(1)} for r in table.select(HISTORY_SCHEMA.names).to_pylist()]
+        out[m.group(1)] = [{**r, "date": m.group(1)} for r in table.to_pylist()]
     return out
 
 

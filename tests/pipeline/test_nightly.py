@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from jobs.__main__ import main
-from pipeline.history import (MISSING, compare, configured_pairs, find_regressions, read_history,
+from pipeline.history import (HISTORY_SCHEMA, MISSING, compare, configured_pairs, find_regressions, read_history,
                               write_partition)
 from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig, parse_date
 from tests.shards import good_members, hostile_members, write_tar
@@ -648,3 +648,70 @@ def test_a_second_interrupt_after_the_commit_says_what_was_written(tmp_path, pho
         f"semjpeg: interrupted; {night} was written, but its history, nightly.json or report may be missing "
         "(run that date again)")
     assert (night / "_SUCCESS").exists() and not (night / "nightly.json").exists()
+
+
+@pytest.mark.parametrize("column,array", [
+    ("n", lambda pa: pa.array([4.0])),  # pandas writes an int column holding a null as float
+    ("n", lambda pa: pa.array([4], pa.int32())),  # Spark's IntegerType
+    ("psnr", lambda pa: pa.array([30], pa.int64())),
+    ("top1", lambda pa: pa.array([0.5], pa.float32())),
+    ("attack_spec", lambda pa: pa.array(["clean"], pa.large_string())),  # polars' strings
+    ("defense_spec", lambda pa: pa.array(["none"]).dictionary_encode()),
+])
+def test_a_partition_with_compatible_column_types_is_read(tmp_path, column, array):
+    """A night rewritten by another tool (a value fixed by hand with pandas, polars or Spark) keeps
+    its values under other but compatible types: it is read as the history's types, not refused
+    as corrupt (which stopped every later night)."""
+    import pyarrow as pa
+
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+    part = hist / "date=2026-01-02"
+    part.mkdir()
+    table = pa.Table.from_pylist([HISTORY_ROW], schema=HISTORY_SCHEMA)
+    table = table.set_column(table.schema.get_field_index(column), column, array(pa))
+    pq.write_table(table, part / "summary.parquet")
+    row = read_history(str(hist))["2026-01-02"][0]
+    assert row[column] == pa.Table.from_pylist([HISTORY_ROW]).column(column).to_pylist()[0] or column == "psnr"
+    assert type(row["n"]) is int and row["attack_spec"] == "clean" and row["defense_spec"] == "none"
+    # Values a cast would change are still refused.
+    table = table.set_column(table.schema.get_field_index("n"), "n", pa.array([4.5]))
+    pq.write_table(table, part / "summary.parquet")
+    with pytest.raises(ValueError, match="date=2026-01-02 .* is corrupt: column n is double, expected int64"):
+        read_history(str(hist))
+
+
+def test_a_partition_without_a_metric_column_reads_it_as_no_value(tmp_path):
+    """A night written before a metric existed (a column added later) is read with that metric
+    empty, compared where it has values; its identity columns are still required."""
+    import pyarrow as pa
+
+    hist = tmp_path / "h"
+    part = hist / "date=2026-01-01"
+    part.mkdir(parents=True)
+    old = pa.Table.from_pylist([dict(HISTORY_ROW, attack_spec="fgsm", defense_spec="jpeg")], schema=HISTORY_SCHEMA)
+    pq.write_table(old.drop_columns(["ssim", "linf", "rmse"]), part / "summary.parquet")
+    h = read_history(str(hist))
+    assert h["2026-01-01"][0]["ssim"] is None and h["2026-01-01"][0]["top1"] == 0.5
+    tonight = [dict(HISTORY_ROW, attack_spec="fgsm", defense_spec="jpeg", top1=0.1, ssim=0.5)]
+    _, alarms = compare(h, "2026-01-02", tonight, DEFAULT_TOLERANCE)
+    assert [a.metric for a in alarms] == ["top1"]
+    pq.write_table(old.drop_columns(["defense_spec"]), part / "summary.parquet")
+    with pytest.raises(ValueError, match="date=2026-01-01 .* is corrupt: no column defense_spec"):
+        read_history(str(hist))
+
+
+def test_stray_files_beside_interrupted_write_leftovers_are_no_partition(tmp_path):
+    """A folder holding a leftover temporary file and hidden or marker files (a Finder .DS_Store,
+    a _SUCCESS) is the leftovers of an interrupted write too, as pyarrow reads it."""
+    hist = tmp_path / "h"
+    write_partition(str(hist), "2026-01-01", [HISTORY_ROW])
+    part = hist / "date=2026-01-02"
+    part.mkdir()
+    (part / ".summary.parquet.tmp-0badc0de").write_bytes(b"PAR1 half")
+    (part / ".DS_Store").write_bytes(b"x")
+    (part / "_SUCCESS").write_bytes(b"")
+    assert sorted(read_history(str(hist))) == ["2026-01-01"]
+    (part / ".summary.parquet.tmp-0badc0de").unlink()  # a folder with stray files only lost its file
+    with pytest.raises(ValueError, match="has no summary.parquet"):
+        read_history(str(hist))
