@@ -19,7 +19,7 @@ REGRESSION_EXIT = 3
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML configuration (see pipeline/nightly.py)")
-    parser.add_argument("--date", help="the night, YYYY-MM-DD (default: today)")
+    parser.add_argument("--date", help="the night, YYYY-MM-DD (default: today in the machine's time zone; TZ=UTC for UTC dates)")
 
 
 def config_beam_argv(args) -> list[str]:
@@ -46,6 +46,7 @@ def config_beam_argv(args) -> list[str]:
 
 
 def run(args, beam_argv) -> int:
+    from pipeline.history import ModelChange
     from pipeline.nightly import load_config, parse_date, run_nightly
     from pipeline.summary import format_table
 
@@ -58,5 +59,5 @@ def run(args, beam_argv) -> int:
     elif not result.regressions:
         print(f"compared with {result.previous_date}: no regression")
     for r in result.regressions:
-        print(f"REGRESSION: {r.describe()}", file=sys.stderr)
+        print(f"{'NOTE' if isinstance(r, ModelChange) else 'REGRESSION'}: {r.describe()}", file=sys.stderr)
     return REGRESSION_EXIT if result.regressions else 0

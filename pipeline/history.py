@@ -286,6 +286,24 @@ class EmptyNight:
         return f"the night {self.date} has no results: no input was evaluated (errors: {errors})"
 
 
+@dataclass(frozen=True)
+class ModelChange:
+    """Not an alarm of its own: said before a night's regressions when the night compared with
+    was evaluated by another model, which may explain them."""
+
+    previous_date: str
+    previous: str
+    current: str
+
+    def describe(self) -> str:
+        return (f"the model changed from {self.previous} ({self.previous_date}) to {self.current}: "
+                "the regressions compare two models")
+
+
+def _models(rows: list[dict]) -> str:
+    return ", ".join(sorted({str(r.get("model")) for r in rows if r.get("model") is not None}))
+
+
 def previous_night(history: dict[str, list[dict]], date: str) -> str | None:
     """The latest night before ``date`` with results; nights without any (every input failed)
     are never the baseline, so the night after one is compared with the last good night."""
@@ -307,11 +325,18 @@ def compare(history: dict[str, list[dict]], date: str, rows: list[dict], toleran
             errors: dict | None = None, configured: set[tuple[str, str]] | None = None) -> tuple[str | None, list]:
     """(the night compared with, the alarms) for the night ``date`` whose history rows are ``rows``:
     an EmptyNight when it has no results, else the regressions against previous_night()
-    (``configured``: see find_regressions)."""
+    (``configured``: see find_regressions), led by a ModelChange when that night's model was
+    another."""
     prev = previous_night(history, date)
     if not has_results(rows):
         return prev, [EmptyNight(date, dict(errors or {}))]
-    return prev, (find_regressions(history[prev], rows, tolerance, prev, configured) if prev else [])
+    if not prev:
+        return prev, []
+    regressions = find_regressions(history[prev], rows, tolerance, prev, configured)
+    before, now = _models(history[prev]), _models(rows)
+    if regressions and before and now and before != now:
+        regressions = [ModelChange(prev, before, now), *regressions]
+    return prev, regressions
 
 
 def pair_key(attack_spec: str, defense_spec: str) -> tuple:

@@ -289,6 +289,20 @@ def test_a_pair_the_configuration_dropped_is_not_missing():
     assert configured_pairs(summary) == asked and configured_pairs({}) is None
 
 
+def test_regressions_after_a_model_change_say_so():
+    """A new model's night compared with the old model's: its alarms said only "top1 dropped"."""
+    before = [{"attack_spec": "fgsm", "defense_spec": "jpeg", "n": 10, "top1": 0.5, "model": "efficientnet_lite0"}]
+    history = {"2026-01-01": before}
+    worse = [dict(before[0], top1=0.3, model="resnet18")]
+    prev, alarms = compare(history, "2026-01-02", worse, DEFAULT_TOLERANCE)
+    assert alarms[0].describe() == ("the model changed from efficientnet_lite0 (2026-01-01) to resnet18: "
+                                    "the regressions compare two models")
+    assert [getattr(a, "metric", None) for a in alarms] == [None, "top1"]
+    assert compare(history, "2026-01-02", [dict(worse[0], top1=0.5)], DEFAULT_TOLERANCE)[1] == []  # no regression
+    same = compare(history, "2026-01-02", [dict(before[0], top1=0.3)], DEFAULT_TOLERANCE)[1]
+    assert [a.metric for a in same] == ["top1"]
+
+
 def test_a_night_without_results_is_an_alarm_and_never_the_baseline():
     good = [{"attack_spec": "clean", "defense_spec": "none", "n": 4, "top1": 0.75}]
     history = {"2026-01-01": good, "2026-01-02": []}
