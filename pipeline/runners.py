@@ -1,6 +1,6 @@
 """Runner support: ``--runner DaskRunner`` and local Dask clusters.
 
-``DaskRunner`` here is Beam's ``apache_beam.runners.dask.dask_runner.DaskRunner`` with two fixes
+``DaskRunner`` here is Beam's ``apache_beam.runners.dask.dask_runner.DaskRunner`` with three fixes
 that matter for this pipeline (Beam 2.77):
 
 * Beam's Dask ParDo collects a bundle's outputs *before* calling ``finish_bundle``, so whatever a
@@ -183,7 +183,8 @@ class DaskPipelineOptions(PipelineOptions):
         )
         parser.add_argument(
             "--dask_wait_timeout", type=_positive_seconds, default=WAIT_TIMEOUT,
-            help="seconds to wait for --dask_workers workers of a cluster before giving up (default: 300)",
+            help="seconds to wait for --dask_workers workers of a cluster before giving up, and for a cluster "
+                 "left without workers during the run (default: 300)",
         )
 
 
