@@ -7,7 +7,7 @@ HELP = "HTML report of a run (and of past nights with --history)"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--run", required=True, help="an evaluate or nightly run folder")
+    parser.add_argument("--run", required=True, help="a run folder (evaluate, defend, attack or nightly)")
     parser.add_argument("--history", help="the nightly history dataset: trends, and regressions recomputed against it")
     parser.add_argument("--output", required=True, help="the HTML file to write")
 

@@ -2,9 +2,10 @@
 
 Sections: regressions (the nightly job's alarms, or with a history those recomputed against it;
 regressed cells of the table are marked), the accuracy table per attack x defense,
-accuracy against bytes (Aug-MSROI and MSROI against uniform JPEG), PSNR and SSIM, trends over past
-nights (with a history), and a gallery per attack: clean | adversarial | JPEG | Aug-MSROI with
-its saliency heatmap overlaid, each with the predicted class.
+accuracy against bytes (Aug-MSROI, MSROI and aug_msroi_gated against uniform JPEG), PSNR and SSIM,
+trends over past nights (with a history), and a gallery per attack: clean | adversarial | JPEG |
+Aug-MSROI with its saliency heatmap overlaid, each with the predicted class (an attack run's
+gallery shows the clean images beside their adversarial ones, a defend run's each defense's files).
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ def trends_figure(history: dict[str, list[dict]]):
 
 
 def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
-    """(title, defense spec) per column: adversarial, the rate-matched (or first) JPEG, Aug-MSROI."""
+    """(title, defense spec) per column: adversarial, the rate-matched (or first) JPEG, the first
+    Aug-MSROI or aug_msroi_gated defense (else the first MSROI)."""
     jpegs = [d for d in defenses if d.startswith("jpeg")]
     jpeg = next((d for d in jpegs if "match" in d), jpegs[0] if jpegs else None)
     sem = next((d for d in defenses if d.startswith("aug_msroi")), None) or next(
@@ -468,8 +470,9 @@ def _img(png: bytes | None, alt: str) -> str:
 
 def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | None = None,
                   regressions: Iterable = (), comparison: str = "") -> str:
-    """The report page for the run at ``run`` (an evaluate or nightly output folder) and its
-    ``summary.json`` content; ``comparison`` says what the regressions were computed against."""
+    """The report page for the run at ``run`` (an evaluate, defend, attack or nightly output
+    folder) and its ``summary.json`` content; ``comparison`` says what the regressions were
+    computed against."""
     rows = load_rows(run)
     cfg = summary.get("config", {})
     regressions = list(regressions)
