@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class _Finalize(beam.DoFn):
-    """Runs once, after every output is written: summary.json, then the atomic commit."""
+    """Runs once, after every output is written: summary.json, then the commit (OutputDir.commit:
+    the output replaced as a whole, ``_SUCCESS`` last)."""
 
     def __init__(self, out: OutputDir, config: EvaluateConfig, n_sources: int):
         self.out = out
@@ -161,8 +162,9 @@ def _devices_here(options: PipelineOptions) -> bool:
 
 
 def _in_process(options: PipelineOptions) -> bool:
-    """Whether the pipeline's stages run in this process (FnApiRunner, or the DirectRunner in
-    memory), so a model this process holds is the one they use."""
+    """Whether the pipeline's stages run in this process (the FnApiRunner or the DirectRunner,
+    with ``--direct_running_mode in_memory``, the default), so a model this process holds is the
+    one they use."""
     mode = options.get_all_options().get("direct_running_mode") or "in_memory"
     name = runner_name(options.view_as(StandardOptions).runner)
     return name in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"

@@ -98,7 +98,7 @@ class SummaryFn(beam.CombineFn):
 
 
 class Summarize(beam.PTransform):
-    """Results -> [(attack_spec, defense_spec, stats)] rows, and errors -> [(stage, count)]."""
+    """Results -> [((attack_spec, defense_spec), stats)], and errors -> [(stage, count)]."""
 
     def expand(self, pcolls):
         results, errors = pcolls
