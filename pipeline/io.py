@@ -457,7 +457,8 @@ class OutputDir:
 
     def check(self, reads: tuple[str, ...] | list[str] = ()) -> None:
         """Fail early if the output cannot be replaced or written, or if replacing it would
-        remove the working folder or something the run reads (``reads``: input paths)."""
+        remove the working folder or something the run reads (``reads``: its inputs, labels CSV
+        and weights)."""
         if is_within(os.getcwd(), self.target):
             raise ValueError(
                 f"output {self.final} is the current folder or one of its parents; "

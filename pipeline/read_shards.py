@@ -39,7 +39,8 @@ LABEL_EXTS = ("cls", "label", "class")
 
 
 def split_key(name: str) -> tuple[str, str] | None:
-    """WebDataset naming: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``); None without a dot."""
+    """WebDataset naming: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``); None without a dot,
+    or when the base name starts with one (``dir/.jpg``, ``._x.jpg``: no key)."""
     m = _KEY_EXT.match(name)
     return (m.group(1), m.group(2).lower()) if m else None
 
