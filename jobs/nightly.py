@@ -7,7 +7,9 @@ own) come after the config's ``runner`` and ``runner_options``, and win.
 Exit status: 0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
 beyond tolerance, an attack x defense pair without results, a night without any result; each is
 named on stderr and in the report), 2 for configuration errors and a damaged or unwritable
-history (nothing is run, history is untouched).
+history (nothing is run, history is untouched), 1 when a write finds no room or the Dask cluster
+cannot finish the run (one line saying what was written), 130 or 143 when Ctrl-C or SIGTERM
+stops it (once the output is committed, a first one only waits for the history and report).
 """
 from __future__ import annotations
 

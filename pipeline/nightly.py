@@ -325,7 +325,9 @@ class NightlyResult:
     output: str
     summary: dict
     previous_date: str | None
-    regressions: tuple  # history.Regression and history.EmptyNight: every alarm of the night
+    # history.Regression and history.EmptyNight: every alarm of the night, led by a
+    # history.ModelChange note when the night compared with had another model
+    regressions: tuple
     report: str | None
 
 
