@@ -2,7 +2,8 @@
 append the summary to the history dataset, compare with the previous night, write the report.
 
 Beam options on the command line (``--region=...``, as a Flex Template launcher passes Dataflow's
-own) come after the config's ``runner`` and ``runner_options``, and win.
+own) come after the config's ``runner`` and ``runner_options``, and win (options that take
+several values, such as ``--experiments``, add to the config's instead).
 
 Exit status: 0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
 beyond tolerance, an attack x defense pair without results, a night without any result; each is

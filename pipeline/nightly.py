@@ -339,7 +339,8 @@ def run_nightly(cfg: NightlyConfig, date: str, extra_beam_argv: list[str] | tupl
     """Evaluate, compare with the previous night, append to history, write the report.
 
     ``extra_beam_argv``: Beam options from the command line (a Flex Template launcher passes
-    Dataflow's own, ``--region=...``), after the config's, so they win.
+    Dataflow's own, ``--region=...``), after the config's, so they win (options that take several
+    values, such as ``--experiments``, add to the config's).
     History is checked writable and read (any damage reported) before any work; it is written
     only after the run committed, one partition, atomically.
     """
