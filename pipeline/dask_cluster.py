@@ -175,17 +175,17 @@ class DaskRunError(RuntimeError):
     dying or were all gone): one line, the job's exit status 1 (jobs.__main__)."""
 
 
-def check_workers_import(address: str, module: str, timeout: float = CONNECT_TIMEOUT) -> None:
+def check_workers_import(address: str, module: str, timeout: float = CONNECT_TIMEOUT) -> int:
     """A ValueError (one line) unless every worker of the cluster at ``address`` can import
-    ``module``. A worker that cannot unpickle a task's function closes itself, and the run then
-    waited forever for workers that would never come."""
+    ``module``; returns how many workers it has. A worker that cannot unpickle a task's function
+    closes itself, and the run then waited forever for workers that would never come."""
     import importlib
 
     from distributed import Client
 
     with Client(address, timeout=timeout) as client:
         try:
-            client.run(importlib.import_module, module)
+            return len(client.run(importlib.import_module, module))
         except ImportError as e:
             raise ValueError(f"the Dask workers at {address} cannot import {module} ({e}): install semjpeg "
                              "where they run") from None

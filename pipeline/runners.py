@@ -327,7 +327,8 @@ class DaskRunner(_dask_runner.DaskRunner):
                 wait_for_workers(dask_opts.address, workers, ours.dask_wait_timeout, _connect_timeout(options))
             else:
                 check_scheduler(dask_opts.address, _connect_timeout(options))
-            check_workers_import(dask_opts.address, __name__, _connect_timeout(options))
+            # Partitions for every worker it has (more than --dask_workers asked for, or without it).
+            workers = max(workers or 0, check_workers_import(dask_opts.address, __name__, _connect_timeout(options)))
         else:
             workers = workers or default_worker_count()
             cluster = start_local_cluster(workers)

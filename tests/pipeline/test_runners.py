@@ -489,3 +489,26 @@ def test_pipeline_options_errors_are_one_line_values():
                             ("--runner=DATAFLOW", "DataflowRunner")):
         argv = [name] if name.startswith("--") else ["--runner", name]
         assert runners.pipeline_options(argv).view_as(StandardOptions).runner == canonical
+
+
+def test_a_cluster_of_your_own_gets_twice_as_many_partitions_as_it_has_workers(monkeypatch):
+    """Without --dask_workers, a run on an existing cluster was split into 2 partitions whatever
+    its size: on a cluster of 3 workers, one had no work."""
+    from apache_beam.runners.dask import dask_runner
+
+    from pipeline import runners
+
+    seen = {}
+
+    def run_pipeline(self, pipeline, options):
+        seen["npartitions"] = options.view_as(dask_runner.DaskOptions).npartitions
+        return None
+
+    monkeypatch.setattr(runners, "check_scheduler", lambda *a, **k: None)
+    monkeypatch.setattr(runners, "check_workers_import", lambda *a, **k: 3)
+    monkeypatch.setattr(dask_runner.DaskRunner, "run_pipeline", run_pipeline)
+    for flags, expected in (([], 6), (["--dask_npartitions", "5"], 5)):
+        options = runners.pipeline_options(["--runner", "DaskRunner", "--dask_client_address", "tcp://127.0.0.1:1",
+                                            *flags])
+        runners.DaskRunner().run_pipeline(None, options)
+        assert seen["npartitions"] == expected
