@@ -595,7 +595,8 @@ class OutputDir:
     def abandon(self) -> None:
         """After a failed or interrupted run: remove the staging folder, put back the previous
         output if the run's commit had moved it aside, and remove the folders above the output
-        that :meth:`check` created for it and that are still empty."""
+        that :meth:`check` created for it and that are still empty. A run whose commit had
+        written ``_SUCCESS`` is done: its previous output, if still aside, is removed instead."""
         fs, staging = url_to_fs(self.staging)
         if isinstance(fs, LocalFileSystem):
             # Out of the way in one step first: a stage still running elsewhere (a Dask worker's)
