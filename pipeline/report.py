@@ -568,10 +568,10 @@ def check_report_paths(run: str, output: str, history: str | None = None) -> Non
     ofs, path = input_fs(output, "write")
     if ofs.isfile(path) and not path.lower().endswith((".html", ".htm")):
         raise ValueError(f"output {output} exists and is not an HTML file; refusing to replace it")
-    check_output_file(output)
     fs, summary = input_fs(join(run, "summary.json"))
     if not fs.isfile(summary):
         raise ValueError(f"{run} is not a semjpeg run (no summary.json)")
+    check_output_file(output)  # last: it makes the output's folder
 
 
 def write_report(run: str, output: str, *, history: str | dict[str, list[dict]] | None = None,
