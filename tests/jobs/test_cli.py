@@ -297,7 +297,9 @@ def test_outputs_under_a_plain_file_are_one_clear_line(tmp_path, capsys, photos)
     (tmp_path / "afile").write_text("not a folder")
     assert main(["shard", "--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/p")]) == 2
     assert "a file stands where a parent folder should be" in one_error_line(capsys, "shard")
-    assert main(["report", "--run", str(tmp_path / "imgs"), "--output", str(tmp_path / "afile/r.html")]) == 2
+    (tmp_path / "run").mkdir()  # the output is checked once the run is known to be one
+    (tmp_path / "run/summary.json").write_text("{}")
+    assert main(["report", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "afile/r.html")]) == 2
     assert "a file stands where a parent folder should be" in one_error_line(capsys, "report")
 
 
