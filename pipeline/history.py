@@ -92,7 +92,7 @@ def _compatible(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray | N
     if pa.types.is_dictionary(t):
         t = t.value_type
     if to == pa.string():
-        ok = pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+        ok = pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
     else:
         ok = pa.types.is_integer(t) or pa.types.is_floating(t)
     if not ok:
