@@ -200,11 +200,12 @@ def check_night(history: str, date: str) -> None:
     cannot take a file (read-only)."""
     fs, root = url_to_fs(history)
     part = join(root, f"date={date}")
-    if fs.exists(part) and not fs.isdir(part):
+    if not fs.exists(part):
+        return
+    if not fs.isdir(part):
         raise ValueError(f"history partition date={date} in {history} cannot be written: {part} exists and is "
                          "not a folder (move or remove it)")
-    if fs.exists(part):
-        check_writable(join(history, f"date={date}"))
+    check_writable(join(history, f"date={date}"))
 
 
 def write_partition(history: str, date: str, rows: list[dict]) -> str:

@@ -432,8 +432,8 @@ def _cell(data: bytes | None, mime: str, row: dict | None, names: dict, label: b
                     f"<br><span class='meta'>clean: {html.escape(str(clean))}</span>")
         cap = f"{html.escape(str(row['pred_name']))} ({row['prob']:.2f}){mark}"
         if label and row.get("label") is not None:
-            label = names.get(row["label"], f"class {row['label']}")
-            cap += f"<br><span class='meta'>true: {html.escape(str(label))}</span>"
+            true = names.get(row["label"], f"class {row['label']}")
+            cap += f"<br><span class='meta'>true: {html.escape(str(true))}</span>"
         cap += f"<br><span class='meta'>{row['bytes']:,} B</span>"
     return f"<td><img src='{_data_uri(data, mime)}' alt=''><div class='cap'>{cap}</div></td>"
 
