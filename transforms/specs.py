@@ -7,6 +7,7 @@ float is). Unknown names and parameters raise :class:`ValueError` listing the va
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import types
 import typing
@@ -67,9 +68,13 @@ def _parse_number(text: str, kind: type) -> float | int:
             raise ValueError(f"expected an integer, got {text!r}")
         return int(t)
     try:
-        return float(Fraction(t)) if "/" in t else float(t)
+        value = Fraction(t) if "/" in t else float(t)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"expected a number such as 0.03 or 8/255, got {text!r}") from None
+    try:
+        return float(value)
+    except OverflowError:  # a fraction beyond float's range is inf, as float("1e400") is
+        return math.inf if value > 0 else -math.inf
 
 
 def parse_value(text: str, annotation: typing.Any) -> typing.Any:

@@ -86,6 +86,14 @@ BAD_SPECS = [
     ("aug_msroi:activation_noise=nan", "activation_noise"), ("aug_msroi:activation_noise=-0.1", "activation_noise"),
     ("aug_msroi:input_noise=inf", "input_noise"), ("aug_msroi:samples=0", "samples"),
     ("aug_msroi:threshold=-inf", "threshold"), ("aug_msroi:top_k=-2", "top_k"), ("aug_msroi:q_high=101", "q_high"),
+    # A fraction beyond float's range is inf, as 1e400 is (it was an OverflowError traceback).
+    ("fgsm:eps=1" + "0" * 400 + "/3", "eps"),
+    # Finite in float64 but inf in the float32 the attacks compute in: NaN images (stored as
+    # pixels far outside the budget) or a failed attack on every image.
+    ("igsm:step_size=1e39", "step_size"), ("pgd:step_size=1e300", "step_size"),
+    ("deepfool:overshoot=1e300", "overshoot"), ("mifgsm:mu=1e300", "mu"),
+    ("lbfgs:initial_const=1e300", "initial_const"), ("cw:initial_const=1e300", "initial_const"),
+    ("cw:lr=1e39", "lr"), ("cw:confidence=1e39", "confidence"),
 ]
 
 

@@ -34,6 +34,9 @@ __all__ = [
 #: Relative slack kept under an RMSE budget so float32 re-measurement never lands above it.
 _RMSE_SLACK = 1e-5
 
+#: The largest float32: the attacks compute in float32, where a larger parameter is inf.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 class AttackResult(NamedTuple):
     """What every attack returns.
@@ -60,9 +63,13 @@ def check_range(
 ) -> None:
     """Raise ValueError naming ``name`` and ``value`` unless it is a finite number with
     ``lo <= value <= hi`` (``lo < value`` when ``lo_open``): nan and inf are never valid, nor an
-    integer beyond int64 (counts are int64 tensors)."""
+    integer beyond int64 (counts are int64 tensors), nor a float beyond float32's range (inf in
+    the attacks' tensors: a step of 1e300 made NaN images)."""
     if isinstance(value, int) and abs(value) >= 2**63:
         raise ValueError(f"{name} must be an integer of magnitude below 2**63, got {value}")
+    if isinstance(value, float) and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be a number of magnitude at most {_FLOAT32_MAX:.4g} (float32's "
+                         f"largest), got {value}")
     ok = math.isfinite(value)
     if lo is not None:
         ok = ok and (value > lo if lo_open else value >= lo)
