@@ -79,7 +79,10 @@ def _type_name(t) -> str:
 
 def _check(where: str, value: Any, t) -> Any:
     if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range is inf, as 1e400 is
+            return math.inf if value > 0 else -math.inf
     if t is int and isinstance(value, bool):
         raise ValueError(f"{where} must be {_type_name(t)}, got {value!r}")
     if not isinstance(value, t):

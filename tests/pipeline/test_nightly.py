@@ -65,6 +65,8 @@ def write_config(tmp_path, cfg) -> str:
         ({"history": "  "}, "nightly.yaml: history must not be empty, got '  '"),
         ({"tolerance": {"top1": float("nan")}}, r"tolerance.top1 must be a finite number >= 0 or null, got nan"),
         ({"tolerance": {"psnr": float("inf")}}, r"tolerance.psnr must be a finite number >= 0 or null, got inf"),
+        # An integer beyond float's range is inf, as 1e400 is (it was an OverflowError traceback).
+        ({"tolerance": {"bytes": 10**400}}, r"tolerance.bytes must be a finite number >= 0 or null, got inf"),
         ({"history": "OUT"}, "history .* and output .* must be apart"),
         ({"history": "OUT/history"}, "history .* and output .* must be apart"),
         ({"history": "OUT/../nightly/"}, "history .* and output .* must be apart"),
