@@ -100,11 +100,17 @@ def _run_json(run: str, name: str, keys: tuple[str, ...] = ()) -> dict:
 
 
 def _read_tar(path: str) -> dict[str, bytes]:
+    """A shard's files by member name; {} for one that is absent, or damaged (a truncated copy):
+    that one is named in a warning, and the gallery shows the images it can read."""
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         return {}
-    with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tf:
-        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tf:
+            return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    except (tarfile.TarError, OSError) as e:
+        log.warning("the gallery leaves out shard %s: it cannot be read (%s)", path, " ".join(str(e).split()))
+        return {}
 
 
 # --------------------------------------------------------------------------- plots
@@ -321,7 +327,7 @@ def _gallery_tables(summary: dict) -> list[tuple[str, list[_Column]]]:
 def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
     """HTML of the run's image tables: one per attack for an evaluate run (the clean images' table
     when it has no attack), one of the attacks for an attack run, one of the defenses for a defend
-    run; a note when the shards are absent."""
+    run; a note when the shards are absent (or none can be read)."""
     # A key is unique within its input shard only (the same key in two shards is two samples):
     # rows are found by their source too, which each sample's .json member names.
     by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
@@ -342,7 +348,7 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         mine = sorted({n[:-4] for n in tar if n.endswith((".png", ".jpg")) and not n.endswith(".map.png")})
         keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine[:size - len(keys)]]
     if not keys:
-        return "<p class='meta'>No shards to show (the run's shards are absent).</p>"
+        return "<p class='meta'>No shards to show (the run's shards are absent or cannot be read).</p>"
     names = _class_names(summary, rows)
     out = ["<p class='meta'>Under each image: the classifier's top-1 class and its probability, "
            "and the stored file's bytes. ✓: the same class as on the clean image (for a defended set: "
@@ -364,9 +370,14 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
                 mime = "image/jpeg" if f"{key}.jpg" in tar else "image/png"
                 heat = tar.get(f"{key}.map.png")
                 if data is not None and heat is not None:
-                    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                    hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
-                    data, mime = _png(_blend(img, hm)), "image/png"
+                    try:
+                        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                        hm = np.asarray(Image.open(io.BytesIO(heat)).convert("RGB"))
+                    except OSError as e:  # PIL's UnidentifiedImageError among them
+                        log.warning("the gallery shows %s of %s without its map: it cannot be read (%s)",
+                                    key, join(folder(parts), shard_name(index)), e)
+                    else:
+                        data, mime = _png(_blend(img, hm)), "image/png"
                 cells.append(_cell(data, mime, by.get((source, key, attack, defense)), names, label=n == 0))
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")

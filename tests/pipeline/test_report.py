@@ -209,6 +209,37 @@ def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     assert page.count("<tr><td>") == 4 and "missing" not in page  # a, b, c, d from shards 0 and 1
 
 
+def test_gallery_leaves_out_a_damaged_shard_or_map_with_a_warning(tmp_path, photos, caplog):
+    """A damaged shard (a truncated copy) or saliency map is named in a warning and left out: the
+    gallery shows the images it can read, and the report is still written (it was a traceback)."""
+    import logging
+
+    from pipeline.io import shard_name
+    from pipeline.report import gallery
+    from tests.shards import encode, write_tar
+    from transforms.specs import safe_name
+
+    run = tmp_path / "run"
+    for attack, defense in (("clean", "none"), ("fgsm", "none"), ("fgsm", "aug_msroi")):
+        folder = run / "shards" / safe_name(attack) / safe_name(defense)
+        folder.mkdir(parents=True)
+        for index, key in ((0, "a"), (1, "b")):
+            members = [(f"{key}.png", encode(photos[0]))]
+            if defense == "aug_msroi":
+                members.append((f"{key}.map.png", b"not a png"))
+            write_tar(folder / shard_name(index), members)
+    damaged = run / "shards" / "clean" / "none" / shard_name(0)
+    damaged.write_bytes(damaged.read_bytes()[:700])  # cut inside its first member
+    summary = {"config": {"attacks": ["clean", "fgsm"], "defenses": ["none", "aug_msroi"]}}
+    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+        page = gallery(str(run), summary, [])
+    assert page.count("<tr><td>") == 1 and "missing" not in page  # b, from shard 1, with its aug_msroi file
+    assert page.count("<img") == 3 and page.count("data:image/png") == 3
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(str(damaged) in w for w in warnings)
+    assert any(w.startswith("the gallery shows b of ") and "aug_msroi" in w and "without its map" in w for w in warnings)
+
+
 def test_gallery_of_a_clean_only_run_shows_its_defenses(tmp_path, photos):
     """A run with no attack but ``clean`` (evaluate on an adversarial set, say) still shows its
     images: one table of the clean images beside their defended files."""
