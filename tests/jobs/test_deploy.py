@@ -220,3 +220,39 @@ def test_a_plain_install_brings_every_package_the_code_imports(monkeypatch):
         if not provided_by & plain:
             missing[module] = where
     assert not missing, f"imported but not in setup.py's install_requires: {missing}"
+
+
+def test_the_sdist_and_the_wheel_hold_the_package_and_nothing_else(tmp_path):
+    """What ``--setup_file`` stages for Dataflow's workers (Beam runs ``setup.py sdist``) and what
+    ``pip`` installs: every module and data file of the three packages, none of tests/, bench/
+    or deploy/ (setuptools' default put the one test file at the top of tests/ in the sdist,
+    which cannot run without the rest of the suite)."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("transforms", "pipeline", "jobs", "tests", "bench", "deploy"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    package = {str(p.relative_to(src)) for name in ("transforms", "pipeline", "jobs")
+               for p in (src / name).rglob("*") if p.is_file()}
+    assert "transforms/imagenet_classes.txt" in package
+    run = dict(cwd=src, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), "."], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sdist,), (wheel,) = (tmp_path / "dist").glob("*.tar.gz"), (tmp_path / "dist").glob("*.whl")
+    with tarfile.open(sdist) as tar:
+        in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n and tar.getmember(n).isfile()}
+    in_wheel = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
+    assert package <= in_sdist and in_wheel == package
+    assert {"setup.py", "pyproject.toml", "README.md"} <= in_sdist
+    assert not {n for n in in_sdist if n.split("/")[0] in ("tests", "bench", "deploy")}
