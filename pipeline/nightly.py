@@ -110,6 +110,20 @@ def _mapping(where: str, value: Any, keys: dict[str, type]) -> dict:
     return out
 
 
+_TOLERANCE_KEYS = {m: float for m in METRICS}
+
+
+def check_tolerance(where: str, value: Any) -> dict[str, float]:
+    """``value`` as a tolerance: a mapping of METRICS names to finite numbers >= 0, ``null``
+    leaving a metric unchecked (and out of the result); ValueError naming the key and the value
+    otherwise (``where``: ``FILE: tolerance``). A NaN tolerance would pass every night."""
+    tol = _mapping(where, value, _TOLERANCE_KEYS)
+    for m, v in tol.items():
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{where}.{m} must be a finite number >= 0 or null, got {v!r}")
+    return {m: v for m, v in tol.items() if v is not None}
+
+
 def _location(where: str, value: Any) -> str:
     value = _check(where, value, str)
     if not value.strip():
@@ -236,11 +250,9 @@ class NightlyConfig:
                 raise ValueError(f"{source}: runner_options must be a mapping, got {opts!r}")
             kw["runner_options"] = dict(opts)
         if raw.get("tolerance") is not None:
-            tol = {**DEFAULT_TOLERANCE, **_mapping(f"{source}: tolerance", raw["tolerance"], {m: float for m in METRICS})}
-            for m, v in tol.items():
-                if v is not None and not (math.isfinite(v) and v >= 0):
-                    raise ValueError(f"{source}: tolerance.{m} must be a finite number >= 0 or null, got {v!r}")
-            kw["tolerance"] = {m: v for m, v in tol.items() if v is not None}
+            where = f"{source}: tolerance"
+            given = _mapping(where, raw["tolerance"], _TOLERANCE_KEYS)
+            kw["tolerance"] = check_tolerance(where, {**DEFAULT_TOLERANCE, **given})
         for k, t in (("seed", int), ("save_maps", bool), ("report", bool), ("map_precision", str),
                      ("map_compile", bool)):
             if k in raw:

@@ -526,11 +526,16 @@ class RecordedAlarm:
 
 
 def _recorded_nightly(run: str) -> dict:
-    """The run's ``nightly.json`` (what the nightly job recorded), or {} for other runs."""
-    from .nightly import NIGHTLY_FILE
+    """The run's ``nightly.json`` (what the nightly job recorded), or {} for other runs; its
+    tolerance checked as the nightly config's is (a damaged one is an error that names it)."""
+    from .nightly import NIGHTLY_FILE, check_tolerance
 
     fs, path = url_to_fs(join(run, NIGHTLY_FILE))
-    return _run_json(run, NIGHTLY_FILE) if fs.exists(path) else {}
+    recorded = _run_json(run, NIGHTLY_FILE) if fs.exists(path) else {}
+    if recorded.get("tolerance") is not None:
+        where = f"{join(run, NIGHTLY_FILE)} is corrupt: tolerance"
+        recorded["tolerance"] = check_tolerance(where, recorded["tolerance"])
+    return recorded
 
 
 def run_night(run: str, summary: dict, history: dict[str, list[dict]], recorded: dict) -> str | None:

@@ -461,6 +461,15 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     ("summary.json", "[]", "summary.json is corrupt: not a JSON object"),
     ("summary.json", '{"run_id": "r"}', "summary.json is corrupt: no table, config"),
     ("nightly.json", "", "nightly.json is corrupt: Expecting value"),
+    # A recorded tolerance that is not one: NaN compared as no regression ever, a key that is
+    # no metric or a value that is no number ended the report with a traceback.
+    ("nightly.json", '{"tolerance": {"psnr": NaN}}',
+     r"nightly.json is corrupt: tolerance.psnr must be a finite number >= 0 or null, got nan"),
+    ("nightly.json", '{"tolerance": {"psnr": -1}}',
+     r"nightly.json is corrupt: tolerance.psnr must be a finite number >= 0 or null, got -1"),
+    ("nightly.json", '{"tolerance": {"linf": 0.1}}', r"nightly.json is corrupt: unknown key tolerance.linf; valid: "),
+    ("nightly.json", '{"tolerance": {"psnr": "0.5"}}', r"nightly.json is corrupt: tolerance.psnr must be a number"),
+    ("nightly.json", '{"tolerance": [0.1]}', r"nightly.json is corrupt: tolerance must be a mapping"),
     ("metadata/part-00000.parquet", "PAR1 garbage", r"metadata file .*part-00000.parquet of .* is corrupt: "),
 ])
 def test_a_damaged_run_file_is_one_line_naming_it(run_dir, tmp_path, capsys, name, text, message):
