@@ -72,6 +72,9 @@ _LAYER_STRIDE = 4099
 
 # --------------------------------------------------------------------------- checks
 
+#: Layers that compute something else in training mode (batch statistics, random dropping).
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
 
 def _check(model: nn.Module, images: torch.Tensor) -> torch.device:
     """Validate model and images; return the device the work runs on (the model's)."""
@@ -81,8 +84,13 @@ def _check(model: nn.Module, images: torch.Tensor) -> torch.device:
             f"model {name!r} has no class activation maps: saliency needs a Classifier that ends in "
             "global average pooling + one linear layer (has_cam is False)"
         )
-    if model.training:
-        raise ValueError("saliency needs the model in eval mode (call model.eval()); it is not switched here")
+    # The model and every layer whose mode matters: a batch norm left training in an eval model mixes the
+    # perturbed images of a pass and updates its running statistics; a dropout drops at random.
+    training = next((name for name, m in model.named_modules()
+                     if m.training and (m is model or isinstance(m, _MODE_DEPENDENT))), None)
+    if training is not None:
+        where = "" if not training else f" (its module {training!r} is in training mode)"
+        raise ValueError(f"saliency needs the model in eval mode (call model.eval()){where}; it is not switched here")
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.float32:
         raise ValueError(f"images must be float32 NCHW RGB, got {images.dtype} {tuple(images.shape)}")
     param = next(model.parameters(), None)
@@ -141,7 +149,8 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, classes: torch
     with torch.no_grad():
         feats = model.features(images.to(device)).float()
         w = model.fc.weight.float()[classes.to(device).long()]  # (N, K, D)
-        cams = torch.einsum("nkd,ndhw->nkhw", w, feats)
+        with torch.autocast(device.type, enabled=False):  # float32 maps even under autocast
+            cams = torch.einsum("nkd,ndhw->nkhw", w, feats)
     return cams.to(images.device)
 
 

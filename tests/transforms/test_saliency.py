@@ -154,6 +154,33 @@ def test_eval_mode_required_and_not_switched(batch):
     assert model.training
 
 
+def test_eval_mode_required_of_every_layer(batch):
+    """A model in eval mode with one batch norm left training (a factory's partial eval, say):
+    its batch statistics mixed the perturbed images of a pass (the map of an image depended on
+    its batch) and every pass updated its running statistics. Rejected like a model in training."""
+    t = tiny.build()
+    body = nn.Sequential(t.body[0], nn.BatchNorm2d(8), nn.ReLU(), t.body[2], nn.ReLU())
+    model = Classifier(body, t.fc, mean=(0.5,) * 3, std=(0.25,) * 3, name="bn", class_names=t.class_names,
+                       input_size=64).eval()
+    model.body[1].train()
+    stats = model.body[1].running_mean.clone()
+    for fn in (msroi, aug_msroi, class_activation_maps):
+        with pytest.raises(ValueError, match=r"eval mode.*'body\.1'"):
+            fn(model, batch, *([torch.zeros(4, dtype=torch.int64)] if fn is class_activation_maps else []))
+    assert model.body[1].training and not model.training
+    assert torch.equal(model.body[1].running_mean, stats) and _hooks(model) == 0
+
+
+def test_cams_are_float32_under_autocast(tiny_model, batch):
+    classes = torch.tensor([[0, 3], [1, 2], [9, 9], [5, 4]])
+    want = class_activation_maps(tiny_model, batch, classes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = class_activation_maps(tiny_model, batch, classes)
+    assert got.dtype == torch.float32  # the einsum ran in bfloat16
+    # The features come from the network in bfloat16 (about 3 digits); the weighted sum is float32.
+    assert float((got - want).abs().max()) < 0.02 * float(want.abs().max())
+
+
 # --------------------------------------------------------------------------- Aug-MSROI
 
 
