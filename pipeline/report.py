@@ -148,9 +148,13 @@ def _semantic_styles(specs: list[tuple[str, str]]) -> dict[str, dict]:
     return styles
 
 
+#: At most this many panels a row in the rate-accuracy plot.
+RATE_PANELS = 4
+
+
 def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes | None:
     """``metric`` (agreement with the clean prediction, or top1) against mean bytes, one panel
-    per attack."""
+    per attack, :data:`RATE_PANELS` a row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,8 +167,15 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
     matched = list(dict.fromkeys(r["defense_spec"] for r in rows
                                  if r["defense"] == "jpeg" and ("match" in r["defense_spec"] or "bytes" in r["defense_spec"])))
     styles = _semantic_styles([(r["defense"], r["defense_spec"]) for r in rows if _is_semantic(r["defense"])])
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
-    for ax, attack in zip(axes[0], attacks):
+    # At most RATE_PANELS panels a row: wider, the page shrank the figure until it could not be read.
+    ncols = min(RATE_PANELS, len(attacks))
+    nrows = -(-len(attacks) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False, sharey=True,
+                             gridspec_kw={"hspace": 0.45})  # room for a row's x labels and the next one's titles
+    axes = grid.ravel()[:len(attacks)]
+    for ax in grid.ravel()[len(attacks):]:
+        ax.set_visible(False)
+    for ax, attack in zip(axes, attacks):
         mine = [r for r in rows if r["attack_spec"] == attack]
         jpeg = sorted((r for r in mine if r["defense"] == "jpeg" and "match" not in r["defense_spec"]
                        and "bytes" not in r["defense_spec"]), key=lambda r: r["bytes"])
@@ -184,15 +195,16 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
         ax.set_title(attack, fontsize=10)
         ax.set_xlabel("mean kB per image")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("agreement with clean prediction" if metric == "agree_clean" else metric)
+    for row in grid:
+        row[0].set_ylabel("agreement with clean prediction" if metric == "agree_clean" else metric)
     handles = {}
-    for ax in axes[0]:
+    for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     # Under the panels' x labels, however many rows it takes: anchored at a fixed height, its
     # top met the labels.
     renderer = fig.canvas.get_renderer()
-    bottom = min(ax.get_tightbbox(renderer).transformed(fig.transFigure.inverted()).y0 for ax in axes[0])
+    bottom = min(ax.get_tightbbox(renderer).transformed(fig.transFigure.inverted()).y0 for ax in axes)
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(4, len(handles)),
                fontsize=8, bbox_to_anchor=(0.5, bottom - 0.02))
     return _fig_png(fig)

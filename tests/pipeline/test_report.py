@@ -417,6 +417,30 @@ def test_plot_legends_cover_no_labels_and_no_bars(monkeypatch, attacks):
         plt.close(fig)
 
 
+def test_rate_accuracy_plot_wraps_many_attacks_into_rows(monkeypatch):
+    """Seven attacks' panels side by side made a 2,600 px wide figure (twenty: 7,300 px) that the
+    page's 1,200 px shrank until its text could not be read: at most 4 panels a row."""
+    import matplotlib.pyplot as plt
+
+    from pipeline import report
+
+    figs = []
+    monkeypatch.setattr(report, "_fig_png", lambda fig: figs.append(fig) or b"png")
+    attacks = ["clean"] + [f"fgsm:eps={i}/255" for i in range(1, 7)]
+    report.plot_rate_accuracy(_plot_rows(attacks))
+    (fig,) = figs
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == attacks
+    assert fig.get_figwidth() <= 4 * 4.2 and len({ax.get_position().y0 for ax in shown}) == 2
+    assert all(ax.get_ylabel() for ax in shown if ax.get_subplotspec().is_first_col())
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    boxes = [ax.get_tightbbox(renderer) for ax in shown]  # titles and x labels included
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(legend.get_window_extent(renderer).overlaps(b) for b in boxes)
+    plt.close(fig)
+
+
 def test_report_never_overwrites_the_run_the_history_or_a_file_that_is_no_report(run_dir, tmp_path, capsys):
     import json
 
