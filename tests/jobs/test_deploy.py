@@ -256,3 +256,15 @@ def test_the_sdist_and_the_wheel_hold_the_package_and_nothing_else(tmp_path):
     assert package <= in_sdist and in_wheel == package
     assert {"setup.py", "pyproject.toml", "README.md"} <= in_sdist
     assert not {n for n in in_sdist if n.split("/")[0] in ("tests", "bench", "deploy")}
+
+
+def test_every_torch_the_requirements_admit_has_the_apis_the_models_call(monkeypatch):
+    """transforms.models.PointwiseConv2d.forward, on every CPU batch of every model, calls
+    ``torch.compiler.is_compiling()`` (not in torch 2.1 and 2.2: AttributeError) and
+    ``torch.is_autocast_enabled("cpu")`` (a device argument since torch 2.4; before, a TypeError):
+    ``torch>=2.1`` let pip keep a torch 2.1-2.3 that fails there. torchvision 0.19 is torch 2.4's."""
+    from packaging.requirements import Requirement
+
+    reqs = {r.name: r.specifier for r in map(Requirement, _setup_kwargs(monkeypatch)["install_requires"])}
+    assert "2.4.0" in reqs["torch"] and "2.3.1" not in reqs["torch"]
+    assert "0.19.0" in reqs["torchvision"] and "0.18.1" not in reqs["torchvision"]
