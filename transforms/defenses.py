@@ -748,8 +748,8 @@ def parse_defense(text: str) -> Spec:
             bad("denoise", "must be a finite number >= 0 (0: no denoising)")
         if not (math.isfinite(float(p.get("noise_floor", 0))) and p.get("noise_floor", 0) >= 0):
             bad("noise_floor", "must be a finite number >= 0 (0: every flagged image is denoised)")
-    if "bytes" in p and p["bytes"] is not None and p["bytes"] < 1:
-        bad("bytes", "must be >= 1")
+    if "bytes" in p and p["bytes"] is not None and not 1 <= p["bytes"] < 2**63:
+        bad("bytes", "must be >= 1 and below 2**63 (the metadata's target_bytes is int64)")
     if p.get("match") == "":
         bad("match", "must name a defense of this run")
     given = [k for k in ("quality", "bytes", "match") if p.get(k) is not None]

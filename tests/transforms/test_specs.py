@@ -94,6 +94,8 @@ BAD_SPECS = [
     ("deepfool:overshoot=1e300", "overshoot"), ("mifgsm:mu=1e300", "mu"),
     ("lbfgs:initial_const=1e300", "initial_const"), ("cw:initial_const=1e300", "initial_const"),
     ("cw:lr=1e39", "lr"), ("cw:confidence=1e39", "confidence"),
+    # Beyond the metadata's int64 target_bytes: the run did all its work, then failed writing it.
+    (f"jpeg:bytes={2**63}", "bytes"), (f"aug_msroi:bytes={10**30}", "bytes"),
 ]
 
 
