@@ -13,6 +13,8 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from transforms.specs import spec_name
+
 from .attack import AttackImages
 from .classify import Classify
 from .config import EvaluateConfig
@@ -56,7 +58,7 @@ class _Finalize(beam.DoFn):
             "errors": dict(sorted(error_counts)),
             "files_written": len(written),
             "table": [
-                {"attack_spec": a, "defense_spec": d, "attack": a.split(":")[0], "defense": d.split(":")[0], **stats}
+                {"attack_spec": a, "defense_spec": d, "attack": spec_name(a), "defense": spec_name(d), **stats}
                 for (a, d), stats in rows
             ],
         }

@@ -24,7 +24,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from transforms.specs import safe_name
+from transforms.specs import safe_name, spec_name
 
 from .history import pair_key, read_parquet
 from .io import input_fs, is_within, join, read_bytes, shard_name, write_bytes
@@ -161,7 +161,9 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
     import matplotlib.pyplot as plt
 
     attacks = list(dict.fromkeys(r["attack_spec"] for r in table))
-    rows = [r for r in table if r["defense"] != "none" and r["bytes"] and r.get(metric) is not None]
+    # Each defense named by its spec: summaries of earlier versions named ``JPEG:quality=30``'s ``JPEG``.
+    rows = [{**r, "defense": spec_name(r["defense_spec"])} for r in table
+            if spec_name(r["defense_spec"]) != "none" and r["bytes"] and r.get(metric) is not None]
     if not rows:
         return None
     matched = list(dict.fromkeys(r["defense_spec"] for r in rows
@@ -299,10 +301,10 @@ def trends_figure(history: dict[str, list[dict]]):
 def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
     """(title, defense spec) per column: adversarial, the rate-matched (or first) JPEG, the first
     Aug-MSROI or aug_msroi_gated defense (else the first MSROI)."""
-    jpegs = [d for d in defenses if d.startswith("jpeg")]
+    jpegs = [d for d in defenses if spec_name(d) == "jpeg"]
     jpeg = next((d for d in jpegs if "match" in d), jpegs[0] if jpegs else None)
-    sem = next((d for d in defenses if d.startswith("aug_msroi")), None) or next(
-        (d for d in defenses if d.startswith("msroi")), None)
+    sem = next((d for d in defenses if spec_name(d).startswith("aug_msroi")), None) or next(
+        (d for d in defenses if spec_name(d) == "msroi"), None)
     cols = [("adversarial", "none")]
     if jpeg:
         cols.append((jpeg, jpeg))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-__all__ = ["Spec", "parse_spec", "spec_params", "parse_value", "safe_name"]
+__all__ = ["Spec", "parse_spec", "spec_name", "spec_params", "parse_value", "safe_name"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,12 @@ def parse_spec(
             except ValueError as e:
                 raise ValueError(f"bad value for {k!r} in {kind} spec {text!r}: {e}") from None
     return Spec(name, params, text.strip())
+
+
+def spec_name(text: str) -> str:
+    """A spec text's registry name as :func:`parse_spec` reads it: ``jpeg`` for ``JPEG:quality=30``
+    (a spec's text is kept as written)."""
+    return text.strip().partition(":")[0].strip().lower()
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")

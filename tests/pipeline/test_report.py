@@ -64,6 +64,23 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert img.std() > 20  # text, plots and photos, not a blank page
 
 
+def test_report_of_specs_written_in_capitals(tmp_path, photos, fnapi):
+    """Specs are kept as written (``JPEG:quality=30``), their names read in any case: the summary
+    names each row's attack and defense as the registry does, the rate plot draws them (the
+    report ended with a traceback, the plot's legend empty), and the gallery shows their columns."""
+    write_tar(tmp_path / "a.tar", good_members(photos))
+    cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "run", attacks=("FGSM:eps=8/255",),
+                      defenses=("JPEG:quality=30", "Aug_MSROI"))
+    summary = run_evaluate(cfg, fnapi)
+    assert {(r["attack"], r["defense"]) for r in summary["table"]} == {
+        (a, d) for a in ("clean", "fgsm") for d in ("none", "jpeg", "aug_msroi")}
+    out = tmp_path / "report.html"
+    assert main(["report", "--run", str(tmp_path / "run"), "--output", str(out)]) == 0
+    gallery = out.read_text().split("<h2>Gallery</h2>")[1]
+    assert re.findall(r"<th>([^<]*)</th>", gallery) == ["clean", "adversarial", "JPEG:quality=30", "Aug_MSROI"]
+    assert "missing" not in gallery
+
+
 def test_report_with_a_history_that_does_not_exist_is_an_error(run_dir, tmp_path, capsys):
     out = tmp_path / "report.html"
     assert main(["report", "--run", str(run_dir), "--history", str(tmp_path / "nope"), "--output", str(out)]) == 2
@@ -438,6 +455,27 @@ def test_rate_accuracy_plot_wraps_many_attacks_into_rows(monkeypatch):
     boxes = [ax.get_tightbbox(renderer) for ax in shown]  # titles and x labels included
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert not any(legend.get_window_extent(renderer).overlaps(b) for b in boxes)
+    plt.close(fig)
+
+
+def test_rate_accuracy_plot_of_an_earlier_summary_names_defenses_by_their_specs(monkeypatch):
+    """A summary.json written before its rows' ``defense`` was the registry's name (``JPEG`` for
+    ``JPEG:quality=30``): the plot reads the name from the spec (it drew nothing, and its empty
+    legend ended the report with a traceback)."""
+    import matplotlib.pyplot as plt
+
+    from pipeline import report
+
+    figs = []
+    monkeypatch.setattr(report, "_fig_png", lambda fig: figs.append(fig) or b"png")
+    table = []
+    for r in _plot_rows(["clean", "fgsm:eps=4/255"]):
+        name, colon, params = r["defense_spec"].partition(":")
+        table.append({**r, "defense_spec": name.upper() + colon + params, "defense": name.upper()})
+    assert report.plot_rate_accuracy(table) == b"png"
+    (fig,) = figs
+    labels = fig.legends[0].get_texts()
+    assert [t.get_text() for t in labels] == ["uniform JPEG", "AUG_MSROI", "JPEG:match=aug_msroi"]
     plt.close(fig)
 
 
