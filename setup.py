@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*", "jobs", "jobs.*"]),
-    package_data={"transforms": ["imagenet_classes.txt"]},
+    package_data={"transforms": ["imagenet_classes.txt", "imagenet_classes.LICENSE"]},
     install_requires=[
         # [dask]: pipeline.runners builds every job's options with Beam's Dask runner imported
         # (its flags, the DaskRunner fixes), whatever the runner.

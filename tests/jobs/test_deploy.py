@@ -42,6 +42,13 @@ def test_dockerfiles_parse(name):
                 assert (DEPLOY.parent / src).exists(), f"{name} copies missing {src}"
     if name == "Dockerfile":
         assert ("ENTRYPOINT", '["/opt/apache/beam/boot"]') in ins
+        # The weights check (and the workers) run outside the copied sources, which would shadow
+        # the installed package: what is checked is what pip installed.
+        copied_to = next(rest for word, rest in ins if word == "WORKDIR")
+        check = next(i for i, (word, rest) in enumerate(ins) if word == "RUN" and "build_model" in rest)
+        workdir = [rest for word, rest in ins[:check] if word == "WORKDIR"][-1]
+        assert workdir != copied_to and not workdir.startswith(copied_to.rstrip("/") + "/")
+        assert [rest for word, rest in ins if word == "WORKDIR"][-1] == workdir
 
 
 def _pinned(name: str, package: str) -> str | None:
@@ -237,12 +244,12 @@ def test_the_sdist_and_the_wheel_hold_the_package_and_nothing_else(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("transforms", "pipeline", "jobs", "tests", "bench", "deploy"):
         shutil.copytree(ROOT / name, src / name, ignore=skip)
-    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "NOTICE"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)
     package = {str(p.relative_to(src)) for name in ("transforms", "pipeline", "jobs")
                for p in (src / name).rglob("*") if p.is_file()}
-    assert "transforms/imagenet_classes.txt" in package
+    assert {"transforms/imagenet_classes.txt", "transforms/imagenet_classes.LICENSE"} <= package
     run = dict(cwd=src, capture_output=True, text=True, timeout=120)
     r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], **run)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -252,9 +259,12 @@ def test_the_sdist_and_the_wheel_hold_the_package_and_nothing_else(tmp_path):
     (sdist,), (wheel,) = (tmp_path / "dist").glob("*.tar.gz"), (tmp_path / "dist").glob("*.whl")
     with tarfile.open(sdist) as tar:
         in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n and tar.getmember(n).isfile()}
-    in_wheel = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
+    names = zipfile.ZipFile(wheel).namelist()
+    in_wheel = {n for n in names if ".dist-info/" not in n}
     assert package <= in_sdist and in_wheel == package
-    assert {"setup.py", "pyproject.toml", "README.md"} <= in_sdist
+    assert {"setup.py", "pyproject.toml", "README.md", "LICENSE", "NOTICE"} <= in_sdist
+    # The licence and the third-party notice travel with every install.
+    assert {n.rsplit("/", 1)[1] for n in names if ".dist-info/licenses/" in n} >= {"LICENSE", "NOTICE"}
     assert not {n for n in in_sdist if n.split("/")[0] in ("tests", "bench", "deploy")}
 
 
