@@ -52,7 +52,8 @@ def imagenet_class_names() -> tuple[str, ...]:
 
     A copy of torchvision's weight metadata (``ResNet50_Weights.IMAGENET1K_V1.meta["categories"]``,
     BSD-3-Clause, its licence beside it in ``imagenet_classes.LICENSE``) shipped with the package:
-    importing torchvision costs every worker process about 3 s, most of it in ``torch._dynamo``; a test keeps the copy equal to torchvision's.
+    importing torchvision costs every worker process about 3 s, most of it in ``torch._dynamo``;
+    a test keeps the copy equal to torchvision's.
     """
     text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     return tuple(text.splitlines())
