@@ -363,13 +363,7 @@ def _content_seeds(images: torch.Tensor) -> torch.Tensor:
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on this device type, or None when it is off."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument; CPU and CUDA have their own functions
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" and torch.is_autocast_enabled() else None
-    return torch.get_autocast_dtype(device_type) if on else None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 #: Values in the CPU noise table (64 MiB in float32; see _NoisePool), and the seed it is drawn from.
