@@ -63,22 +63,17 @@ def _band(n: int, window: int, sigma: float, device: torch.device) -> torch.Tens
 #: The side of SSIM's Gaussian window: images must be at least this large on both sides.
 SSIM_WINDOW = 11
 
+#: Images up to this many pixels on both sides are blurred with one band matrix per side. A
+#: dense band costs O(side^2) memory and O(side) work per pixel (a 4000x6000 image took minutes
+#: and gigabytes, an 11x40000 strip more memory than the machine had), so larger images are
+#: measured in overlapping tiles of ``_SSIM_TILE`` pixels, in memory bounded by a tile.
+_SSIM_ONE_BAND = 512
+_SSIM_TILE = 128
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per sample (N,) (Wang et al., IEEE TIP 2004), averaged over channels.
 
-    Gaussian 11x11 window, sigma 1.5, K1=0.01, K2=0.03, data range 1, population covariances,
-    mean over the valid (unpadded) region: the same as scikit-image's ``structural_similarity``
-    with ``gaussian_weights=True, use_sample_covariance=False, data_range=1, channel_axis``.
-    """
-    _check(a, b)
-    n, c, h, w = a.shape
-    if n == 0:
-        return a.new_zeros(0)
-    if min(h, w) < window:
-        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {h}x{w}")
-    a = a.float()
-    b = b.float()
+def _ssim_map(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """The SSIM of every valid window position, (N, C, H - window + 1, W - window + 1)."""
+    c, h, w = a.shape[1:]
     # The valid-mode separable Gaussian blur as two banded matrix products (much faster than a
     # depthwise convolution on CPU), over the five statistics at once: a, b, a^2, b^2, ab.
     stats = torch.cat([a, b, a * a, b * b, a * b], dim=1)
@@ -90,5 +85,32 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = SSIM_WINDOW, sigma: 
     mu_aa = mu_a * mu_a
     mu_bb = mu_b * mu_b
     c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_ab + c1) * (2 * (e_ab - mu_ab) + c2)) / ((mu_aa + mu_bb + c1) * (e_aa - mu_aa + e_bb - mu_bb + c2))
-    return s.flatten(1).mean(dim=1)
+    return ((2 * mu_ab + c1) * (2 * (e_ab - mu_ab) + c2)) / ((mu_aa + mu_bb + c1) * (e_aa - mu_aa + e_bb - mu_bb + c2))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per sample (N,) (Wang et al., IEEE TIP 2004), averaged over channels.
+
+    Gaussian 11x11 window, sigma 1.5, K1=0.01, K2=0.03, data range 1, population covariances,
+    mean over the valid (unpadded) region: the same as scikit-image's ``structural_similarity``
+    with ``gaussian_weights=True, use_sample_covariance=False, data_range=1, channel_axis``.
+    Time and memory grow linearly with the pixels (images over 512 px on a side go by tiles).
+    """
+    _check(a, b)
+    n, c, h, w = a.shape
+    if n == 0:
+        return a.new_zeros(0)
+    if min(h, w) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {h}x{w}")
+    a = a.float()
+    b = b.float()
+    if max(h, w) <= _SSIM_ONE_BAND:
+        return _ssim_map(a, b, window, sigma).flatten(1).mean(dim=1)
+    # Tiles overlap by window - 1 pixels, so that they hold every window position exactly once.
+    step = _SSIM_TILE - window + 1
+    total = torch.zeros(n, dtype=torch.float64, device=a.device)
+    for top in range(0, h - window + 1, step):
+        for left in range(0, w - window + 1, step):
+            rows, cols = slice(top, top + _SSIM_TILE), slice(left, left + _SSIM_TILE)
+            total += _ssim_map(a[:, :, rows, cols], b[:, :, rows, cols], window, sigma).double().flatten(1).sum(dim=1)
+    return (total / (c * (h - window + 1) * (w - window + 1))).float()

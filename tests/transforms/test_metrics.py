@@ -43,3 +43,40 @@ def test_identical_and_empty(pair):
     assert metrics.ssim(ta[:0], ta[:0]).shape == (0,)
     with pytest.raises(ValueError):
         metrics.ssim(ta, ta[:, :, :32])
+
+
+def test_ssim_of_images_measured_by_tiles_matches_scikit_image():
+    """Images over 512 px on a side are measured in overlapping tiles, remainders included."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (530, 777, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255 for x in (a, b))
+    ref = structural_similarity(a / 255, b / 255, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=1, channel_axis=-1)
+    assert metrics.ssim(ta, tb).item() == pytest.approx(ref, abs=1e-6)
+    assert metrics.ssim(ta[:, :, :, :300], tb[:, :, :, :300]).item() == pytest.approx(
+        structural_similarity(a[:, :300] / 255, b[:, :300] / 255, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1, channel_axis=-1), abs=1e-6)
+
+
+def test_ssim_of_a_thin_strip_takes_bounded_memory():
+    """SSIM's blur was one dense band matrix per side: an 11x8000 image (defend --crop 0 keeps
+    it) built an 8000x8000 band (750 MiB; 11x40000 took more than the machine had)."""
+    code = (
+        "import resource, torch\n"
+        "from transforms import metrics\n"
+        "a = torch.rand(1, 3, 11, 8000, generator=torch.Generator().manual_seed(0))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "s = metrics.ssim(a, (a + 0.01).clamp(0, 1))\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "assert 0 < s.item() < 1, s\n"
+        "print(grown)\n"
+    )
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 50_000, f"peak memory grew by {int(r.stdout)} KiB"
