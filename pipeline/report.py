@@ -476,7 +476,7 @@ def _table(summary: dict, regressions: Iterable = ()) -> str:
     body = []
     for r in summary["table"]:
         psnr = "∞" if r["psnr"] is None and r.get("identical") == r["n"] else _fmt(r["psnr"], ".2f")
-        cells = {"n": str(r["n"]), "top1": _fmt(r["top1"]), "agree_clean": _fmt(r["agree_clean"]),
+        cells = {"n": html.escape(str(r["n"])), "top1": _fmt(r["top1"]), "agree_clean": _fmt(r["agree_clean"]),
                  "success": _fmt(r.get("success")), "bytes": _fmt(r["bytes"], ",.0f"), "bpp": _fmt(r["bpp"], ".2f"),
                  "psnr": psnr, "ssim": _fmt(r["ssim"], ".4f")}
         if gated:
@@ -506,7 +506,7 @@ def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | N
         f"<title>semjpeg report {html.escape(summary['run_id'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>semjpeg report</h1><p class='meta'>run {html.escape(summary['run_id'])} · created "
         f"{html.escape(summary.get('created', ''))} · model {html.escape(str(cfg.get('model')))} · "
-        f"{summary.get('samples', 0)} images · errors: "
+        f"{html.escape(str(summary.get('samples', 0)))} images · errors: "
         + html.escape(", ".join(f"{k} {v}" for k, v in summary.get("errors", {}).items()) or "none") + "</p>",
     ]
     if regressions:

@@ -510,6 +510,23 @@ def test_report_never_overwrites_the_run_the_history_or_a_file_that_is_no_report
     assert main(["report", "--run", str(run_dir), "--output", str(again)]) == 0 and "old" not in again.read_text()
 
 
+def test_report_escapes_the_counts_of_a_summary_it_did_not_write(run_dir, tmp_path):
+    """A run's files are input like any other (its nightly.json's alarms are escaped): the image
+    and row counts of a summary.json edited by hand, or written by another tool, too."""
+    import json
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["samples"] = "<script>alert(1)</script>"
+    summary["table"][0]["n"] = "<img src=x onerror=alert(2)>"
+    (run / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "r.html"
+    assert main(["report", "--run", str(run), "--output", str(out)]) == 0
+    page = out.read_text()
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; images" in page and "<td>&lt;img src=x onerror=alert(2)&gt;</td>" in page
+
+
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", "--run", str(tmp_path / "empty"), "--output", str(tmp_path / "new" / "r.html")]) == 2
