@@ -20,6 +20,7 @@ import contextlib
 import datetime as _dt
 import io
 import logging
+import math
 import posixpath
 import re
 import secrets
@@ -44,6 +45,9 @@ HISTORY_SCHEMA = pa.schema([
     ("n", pa.int64()), ("top1", pa.float64()), ("agree_clean", pa.float64()), ("success", pa.float64()),
     ("bytes", pa.float64()), ("bpp", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()),
     ("linf", pa.float64()), ("rmse", pa.float64()),
+    # Images whose PSNR is infinite (identical to their reference): all of them is a PSNR of +inf,
+    # not a missing one (the mean is over the finite values only).
+    ("identical", pa.int64()),
 ])
 
 #: The columns an (attack, defense) pair is found by: never null.
@@ -82,7 +86,8 @@ def read_parquet(data: bytes) -> pa.Table:
 
 
 #: Columns a partition may lack (a metric added after that night was written): read as no value.
-OPTIONAL_COLUMNS = ("n", "top1", "agree_clean", "success", "bytes", "bpp", "psnr", "ssim", "linf", "rmse")
+OPTIONAL_COLUMNS = ("n", "top1", "agree_clean", "success", "bytes", "bpp", "psnr", "ssim", "linf", "rmse",
+                    "identical")
 
 
 def _compatible(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray | None:
@@ -270,7 +275,7 @@ class Regression:
 #: Why a metric a pair had the previous night can have no value tonight (summary.SummaryFn).
 _NO_VALUE = {
     "top1": "no image had a label",
-    "psnr": "every image came out identical to its input (infinite PSNR), or none gave a number",
+    "psnr": "none of its images gave a number",
     "ssim": "no image gave a number (smaller than SSIM's window, or not finite)",
 }
 
@@ -347,6 +352,16 @@ def pair_key(attack_spec: str, defense_spec: str) -> tuple:
     return spec_key(attack_spec, "attack"), spec_key(defense_spec, "defense")
 
 
+def _value(row: dict, metric: str) -> float | None:
+    """A row's ``metric``; a PSNR of +inf where every image was identical to its reference (the
+    summary's mean is over finite values, none then; nights written before ``identical`` was kept
+    leave it unknown)."""
+    v = row.get(metric)
+    if v is None and metric == "psnr" and row.get("n") and row.get("identical") == row["n"]:
+        return math.inf
+    return v
+
+
 def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[str, float],
                      previous_date: str, configured: set[tuple[str, str]] | None = None) -> list[Regression]:
     """Pairs with results the previous night and none now (MISSING), and metrics of pairs present
@@ -375,8 +390,8 @@ def find_regressions(previous: list[dict], current: list[dict], tolerance: dict[
             continue
         pair = (r["attack_spec"], r["defense_spec"])
         for metric, tol in tolerance.items():
-            a, b = p.get(metric), r.get(metric)
-            if a is None:
+            a, b = _value(p, metric), _value(r, metric)
+            if a is None or a == b == math.inf:
                 continue
             if b is None:  # a metric that had a value and has none: a lost measurement is no pass
                 out.append(Regression(*pair, metric, a, None, tol, previous_date))

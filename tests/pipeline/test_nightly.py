@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from jobs.__main__ import main
-from pipeline.history import (HISTORY_SCHEMA, MISSING, compare, configured_pairs, find_regressions, read_history,
-                              write_partition)
+from pipeline.history import (HISTORY_SCHEMA, MISSING, compare, configured_pairs, find_regressions, history_rows,
+                              read_history, write_partition)
 from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig, parse_date
 from tests.shards import good_members, hostile_members, write_tar
 
@@ -268,6 +268,28 @@ def test_a_metric_that_loses_its_value_is_a_regression():
     assert "top1 of fgsm x jpeg has no value (it was 0.5 on 2026-01-01): no image had a label" in text
     assert "ssim of fgsm x jpeg has no value (it was 0.9 on 2026-01-01)" in text
     assert find_regressions(before, now, {"psnr": 0.5}, "2026-01-01") == []  # only the metrics checked
+
+
+def test_a_pair_whose_images_are_all_identical_has_an_infinite_psnr():
+    """Every image identical to its reference (infinite PSNR) leaves the summary's mean, over
+    finite values, without a value: that was an alarm ("has no value", status 3) for a perfect
+    night, and a real drop from it (to 35.7 dB) passed. The history keeps ``identical``."""
+    tol = {"psnr": 0.5}
+    perfect = [{"attack_spec": "fgsm:eps=0", "defense_spec": "jpeg:quality=100", "n": 4, "psnr": None, "identical": 4}]
+    lossy = [dict(perfect[0], psnr=35.74, identical=0)]
+    assert find_regressions(lossy, perfect, tol, "2026-01-01") == []
+    assert find_regressions(perfect, perfect, tol, "2026-01-01") == []
+    (reg,) = find_regressions(perfect, lossy, tol, "2026-01-01")
+    assert reg.metric == "psnr" and "dropped from inf (2026-01-01) to 35.74" in reg.describe()
+    # Some images identical: the mean of the others is compared, as before.
+    some = [dict(perfect[0], psnr=40.0, identical=2)]
+    assert [r.metric for r in find_regressions(some, lossy, tol, "2026-01-01")] == ["psnr"]
+    # A night written before `identical` was kept: unknown, never an alarm of its own.
+    old = [{k: v for k, v in perfect[0].items() if k != "identical"}]
+    assert find_regressions(old, lossy, tol, "2026-01-01") == []
+    (row,) = history_rows({"run_id": "r", "config": {"model": "m"},
+                           "table": [dict(perfect[0], attack="fgsm", defense="jpeg")]}, "2026-01-02")
+    assert row["identical"] == 4
 
 
 def test_missing_pairs_and_fewer_images_are_regressions():
