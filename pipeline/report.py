@@ -24,7 +24,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from transforms.specs import safe_name, spec_name
+from transforms.specs import safe_name, spec_name, spec_params
 
 from .history import pair_key, read_parquet
 from .io import input_fs, is_within, join, read_bytes, shard_name, write_bytes
@@ -152,6 +152,17 @@ def _semantic_styles(specs: list[tuple[str, str]]) -> dict[str, dict]:
 RATE_PANELS = 4
 
 
+def _jpeg_label(spec: str) -> str:
+    """A uniform JPEG's point label: its quality (the default's when the spec gives none), then its
+    other parameters as written (``30,subsampling=4:4:4``)."""
+    from transforms.defenses import jpeg
+
+    params = [p.strip() for p in spec.partition(":")[2].split(",") if p.strip()]
+    quality = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip() == "quality"]
+    others = [p for p in params if p.partition("=")[0].strip() != "quality"]
+    return ",".join((quality or [str(spec_params(jpeg)["quality"].default)]) + others)
+
+
 def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes | None:
     """``metric`` (agreement with the clean prediction, or top1) against mean bytes, one panel
     per attack, :data:`RATE_PANELS` a row."""
@@ -185,7 +196,7 @@ def plot_rate_accuracy(table: list[dict], metric: str = "agree_clean") -> bytes 
             ax.plot([r["bytes"] / 1000 for r in jpeg], [r[metric] for r in jpeg], "o-", color="#777",
                     label="uniform JPEG")
             for r in jpeg:
-                ax.annotate(r["defense_spec"].split("=")[-1], (r["bytes"] / 1000, r[metric]),
+                ax.annotate(_jpeg_label(r["defense_spec"]), (r["bytes"] / 1000, r[metric]),
                             fontsize=7, xytext=(3, -8), textcoords="offset points", color="#555")
         for r in mine:
             if _is_semantic(r["defense"]):

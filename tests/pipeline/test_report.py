@@ -434,6 +434,24 @@ def test_plot_legends_cover_no_labels_and_no_bars(monkeypatch, attacks):
         plt.close(fig)
 
 
+def test_rate_accuracy_plot_labels_each_uniform_jpeg_by_its_quality(monkeypatch):
+    """A uniform JPEG's point is labelled by its quality (the default's for ``jpeg``), its other
+    parameters after it: the label was the last value in the spec, ``4:4:4`` or ``true``."""
+    import matplotlib.pyplot as plt
+
+    from pipeline import report
+
+    figs = []
+    monkeypatch.setattr(report, "_fig_png", lambda fig: figs.append(fig) or b"png")
+    row = {"attack_spec": "clean", "defense": "jpeg", "n": 8, "top1": 0.5, "agree_clean": 0.9, "bpp": 2.0}
+    specs = ["jpeg:quality=50", "jpeg", "jpeg:quality=30,subsampling=4:4:4", "jpeg:optimize=true,quality=20"]
+    report.plot_rate_accuracy([{**row, "defense_spec": s, "bytes": 1000.0 + i} for i, s in enumerate(specs)])
+    (fig,) = figs
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(
+        ["50", "75", "30,subsampling=4:4:4", "20,optimize=true"])
+    plt.close(fig)
+
+
 def test_rate_accuracy_plot_wraps_many_attacks_into_rows(monkeypatch):
     """Seven attacks' panels side by side made a 2,600 px wide figure (twenty: 7,300 px) that the
     page's 1,200 px shrank until its text could not be read: at most 4 panels a row."""
