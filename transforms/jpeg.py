@@ -27,9 +27,13 @@ def check_jpeg_size(height: int, width: int) -> None:
                          f"got {height}x{width}")
 
 
-def _check_image(image: np.ndarray) -> None:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+def _check_rgb(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"expected a uint8 HxWx3 RGB array, got {image.dtype} {image.shape}")
+
+
+def _check_image(image: np.ndarray) -> None:
+    _check_rgb(image)
     check_jpeg_size(*image.shape[:2])
 
 
@@ -82,8 +86,8 @@ def _save_roomy(pil: Image.Image, options: dict) -> bytes:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG (zlib level 6)."""
-    _check_image(image)
+    """Lossless PNG (zlib level 6), of any size (JPEG's side limit is not PNG's)."""
+    _check_rgb(image)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()

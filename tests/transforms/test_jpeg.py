@@ -62,3 +62,17 @@ def test_jpeg_defense_at_quality_100_and_a_large_byte_target_on_noise():
     assert top.data[:2] == b"\xff\xd8" and decode_rgb(top.data).shape == noise.shape
     matched = apply_defense(parse_defense(f"jpeg:bytes={len(top.data)},subsampling=4:4:4"), noise)
     assert len(matched.data) <= len(top.data) and decode_rgb(matched.data).shape == noise.shape
+
+
+def test_png_is_not_held_to_jpegs_side_limit():
+    """The lossless `none` defense refused an image wider than 65,500 px with JPEG's message."""
+
+    from transforms.jpeg import JPEG_MAX_DIMENSION
+
+    wide = np.zeros((2, JPEG_MAX_DIMENSION + 1, 3), np.uint8)
+    wide[1, -1] = (1, 2, 3)
+    assert np.array_equal(decode_rgb(encode_png(wide)), wide)
+    with pytest.raises(ValueError, match="libjpeg's limit"):
+        encode_jpeg(wide)
+    with pytest.raises(ValueError, match="HxWx3"):
+        encode_png(np.zeros((0, 4, 3), np.uint8))
