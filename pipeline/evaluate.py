@@ -25,7 +25,7 @@ from .progress import CountProgress, ProgressMonitor, is_local, runner_name, sum
 from .read_shards import ReadImageShards
 from .records import SourceShard
 from .saliency import SaliencyMaps
-from .summary import Summarize
+from .summary import Summarize, software_versions
 from .write_metadata import WriteMetadata
 from .write_shards import WriteShards, jsonable
 
@@ -53,6 +53,7 @@ class _Finalize(beam.DoFn):
             "run_id": self.config.run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": self.config.describe(),
+            "versions": software_versions(),
             "sources": self.n_sources,
             "samples": inputs,
             "errors": dict(sorted(error_counts)),

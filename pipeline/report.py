@@ -520,6 +520,10 @@ def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | N
         f"{html.escape(str(summary.get('samples', 0)))} images · errors: "
         + html.escape(", ".join(f"{k} {v}" for k, v in summary.get("errors", {}).items()) or "none") + "</p>",
     ]
+    versions = summary.get("versions")
+    if isinstance(versions, dict) and versions:  # runs written before summary.json recorded them have none
+        parts.append("<p class='meta'>software: " + html.escape(
+            ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)) + "</p>")
     if regressions:
         items = "".join(f"<li>{html.escape(r.describe())}</li>" for r in regressions)
         parts.append(f"<h2 class='warn'>Regressions ({len(regressions)})</h2><ul class='warn'>{items}</ul>")

@@ -1,9 +1,30 @@
 """The run summary: per attack x defense, means over the metadata rows; and its printed table."""
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import platform
 
 import apache_beam as beam
+
+#: The distributions whose versions a run records (summary.json's ``versions``).
+VERSIONED = ("semjpeg", "torch", "torchvision", "apache-beam", "numpy", "pillow", "jpeglib", "pyarrow")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Python's version and those of VERSIONED where this runs (the worker that writes the
+    summary; None for one not installed), for reproducing a run. torch's is its own
+    ``__version__``, which names its build (``2.14.1+cu130``), with the CUDA it was built for."""
+    import torch
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED},
+            "torch": str(torch.__version__), "torch_cuda": torch.version.cuda}
 
 _SUMS = ("bytes", "bpp", "linf", "rmse")
 #: The float sums, kept exactly (``_add``): a mean then depends on the rows only, not on the

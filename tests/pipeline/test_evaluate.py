@@ -103,6 +103,16 @@ def test_summary_table_and_stats(hostile_run):
     assert summary["samples"] == 10 and table[("clean", "none")]["agree_clean"] == 1.0
     assert table[("clean", "none")]["psnr"] is None and table[("clean", "none")]["identical"] == 10
     assert summary["config"]["attacks"] == ["clean", "fgsm:eps=4/255"]
+    import importlib.metadata
+    import platform
+
+    import apache_beam
+    import torch
+
+    versions = summary["versions"]  # what ran it, for reproducing the run
+    assert versions["python"] == platform.python_version() and versions["torch"] == torch.__version__
+    assert versions["apache-beam"] == apache_beam.__version__
+    assert versions["semjpeg"] == importlib.metadata.version("semjpeg")
     stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
     assert [s["samples"] for s in stats] == [7, 3, 0] and stats[2]["errors"] == 1
 

@@ -537,12 +537,15 @@ def test_report_escapes_the_counts_of_a_summary_it_did_not_write(run_dir, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     summary["samples"] = "<script>alert(1)</script>"
     summary["table"][0]["n"] = "<img src=x onerror=alert(2)>"
+    assert summary["versions"]["torch"]  # the run's software, shown in the page
+    summary["versions"]["torch"] = "<b>2</b>"
     (run / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "r.html"
     assert main(["report", "--run", str(run), "--output", str(out)]) == 0
     page = out.read_text()
-    assert "<script>" not in page and "<img src=x" not in page
+    assert "<script>" not in page and "<img src=x" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; images" in page and "<td>&lt;img src=x onerror=alert(2)&gt;</td>" in page
+    assert "torch &lt;b&gt;2&lt;/b&gt;, torchvision " in page
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
