@@ -75,14 +75,17 @@ def has_results(rows: list[dict]) -> bool:
     return any(_evaluated(r) for r in rows)
 
 
-def read_parquet(data: bytes) -> pa.Table:
-    """A Parquet file's table, read on the calling thread.
+def read_parquet(data: bytes, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """A Parquet file's table (``columns``: only those of them it has), read on the calling thread.
 
     pyarrow (25.0.1) reading with its thread pools and the process exiting right after (a job
     that stops on an error) sometimes aborted in C++ ("terminate called without an active
     exception", SIGABRT, exit 134). Read this way, no pyarrow thread is ever started.
     """
-    return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
+    f = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
+    if columns is not None:
+        columns = [c for c in columns if c in f.schema_arrow.names]
+    return f.read(columns=columns, use_threads=False)
 
 
 #: Columns a partition may lack (a metric added after that night was written): read as no value.

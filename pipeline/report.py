@@ -69,18 +69,50 @@ def _fmt(v, spec=".3f") -> str:
 # --------------------------------------------------------------------------- data
 
 
-def load_rows(run: str) -> list[dict]:
+#: The metadata columns the gallery's captions read (a row's other columns stay on disk).
+GALLERY_COLUMNS = ("source", "key", "attack", "defense", "attack_spec", "defense_spec", "agree_clean",
+                   "clean_pred", "pred", "pred_name", "prob", "label", "bytes")
+
+
+def _metadata_tables(run: str, columns: Iterable[str] | None = None):
+    """Each metadata file of the run as a table of ``columns`` (those it has; None: all), one
+    file at a time; a damaged file is an error naming it."""
     fs, root = url_to_fs(join(run, "metadata"))
     if not fs.exists(root):
-        return []
-    rows = []
+        return
     for path in sorted(fs.glob(join(root, "*.parquet"))):
         try:
             with fs.open(path, "rb") as f:
-                rows += read_parquet(f.read()).to_pylist()
+                table = read_parquet(f.read(), None if columns is None else tuple(columns))
         except (ValueError, OSError) as e:  # pyarrow's errors say what, not which file
             raise ValueError(f"metadata file {path} of {run} is corrupt: {e}") from None
+        yield table
+
+
+def load_rows(run: str, keys: Iterable[str] | None = None, columns: Iterable[str] | None = None) -> list[dict]:
+    """The run's metadata rows as dicts: those of ``keys`` only when given (None: all), with
+    ``columns`` only when given. A run of millions of rows makes its gallery's few of them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if keys is None else pa.array(sorted(set(keys)), pa.string())
+    rows = []
+    for table in _metadata_tables(run, columns):
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("key"), value_set=wanted))
+        rows += table.to_pylist()
     return rows
+
+
+def predicted_names(run: str) -> dict[int, str]:
+    """Class index -> name as the run's rows predicted them, reading those two columns only."""
+    names: dict[int, str] = {}
+    for table in _metadata_tables(run, ("pred", "pred_name")):
+        if {"pred", "pred_name"} <= set(table.column_names):
+            pairs = table.group_by(["pred", "pred_name"], use_threads=False).aggregate([])
+            names.update((p, n) for p, n in zip(pairs.column("pred").to_pylist(), pairs.column("pred_name").to_pylist())
+                         if p is not None)
+    return names
 
 
 def _run_json(run: str, name: str, keys: tuple[str, ...] = ()) -> dict:
@@ -349,13 +381,11 @@ def _gallery_tables(summary: dict) -> list[tuple[str, list[_Column]]]:
     return tables
 
 
-def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE) -> str:
+def gallery(run: str, summary: dict, rows: list[dict] | None = None, size: int = GALLERY_SIZE) -> str:
     """HTML of the run's image tables: one per attack for an evaluate run (the clean images' table
     when it has no attack), one of the attacks for an attack run, one of the defenses for a defend
-    run; a note when the shards are absent (or none can be read)."""
-    # A key is unique within its input shard only (the same key in two shards is two samples):
-    # rows are found by their source too, which each sample's .json member names.
-    by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
+    run; a note when the shards are absent (or none can be read). ``rows``: the run's metadata
+    rows, or None to read those of the samples shown only."""
     tables = _gallery_tables(summary)
 
     def folder(parts: tuple[str, ...]) -> str:
@@ -374,7 +404,14 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
         keys += [(k, index, _sample_source(tar.get(f"{k}.json"))) for k in mine[:size - len(keys)]]
     if not keys:
         return "<p class='meta'>No shards to show (the run's shards are absent or cannot be read).</p>"
-    names = _class_names(summary, rows)
+    if rows is None:
+        rows = load_rows(run, keys={k for k, _, _ in keys}, columns=GALLERY_COLUMNS)
+        names = _class_names(summary, predicted_names(run))
+    else:
+        names = _class_names(summary, {r["pred"]: r["pred_name"] for r in rows if r.get("pred") is not None})
+    # A key is unique within its input shard only (the same key in two shards is two samples):
+    # rows are found by their source too, which each sample's .json member names.
+    by = {(r.get("source"), r["key"], r["attack_spec"], r["defense_spec"]): r for r in rows}
     out = ["<p class='meta'>Under each image: the classifier's top-1 class and its probability, "
            "and the stored file's bytes. ✓: the same class as on the clean image (for a defended set: "
            "as on its input; the agreement with the clean prediction that the table reports), not "
@@ -409,10 +446,10 @@ def gallery(run: str, summary: dict, rows: list[dict], size: int = GALLERY_SIZE)
     return "\n".join(out)
 
 
-def _class_names(summary: dict, rows: list[dict]) -> dict[int, str]:
+def _class_names(summary: dict, predicted: dict[int, str]) -> dict[int, str]:
     """Class index -> name: the model's own names where it is a registry or torchvision model
-    (a clean prediction or a label no row predicted has its name too), and as the run's rows give
-    them (any model's classes, not only ImageNet's)."""
+    (a clean prediction or a label no row predicted has its name too), and as the run's rows
+    predicted them (``predicted``: any model's classes, not only ImageNet's)."""
     from transforms.models import known_class_names
 
     try:
@@ -420,7 +457,7 @@ def _class_names(summary: dict, rows: list[dict]) -> dict[int, str]:
     except (ValueError, ImportError):  # a model this version does not know (an older run's, say)
         known = None
     names = dict(enumerate(known or ()))
-    names.update((r["pred"], r["pred_name"]) for r in rows if r.get("pred") is not None)
+    names.update(predicted)
     return names
 
 
@@ -509,7 +546,6 @@ def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | N
     """The report page for the run at ``run`` (an evaluate, defend, attack or nightly output
     folder) and its ``summary.json`` content; ``comparison`` says what the regressions were
     computed against."""
-    rows = load_rows(run)
     cfg = summary.get("config", {})
     regressions = list(regressions)
     parts = [
@@ -539,7 +575,7 @@ def render_report(run: str, summary: dict, *, history: dict[str, list[dict]] | N
     if history:
         nights = f"{len(history)} night" + ("s" if len(history) != 1 else "")
         parts += [f"<h2>Trends over {nights}</h2>", _img(plot_trends(history), "trends")]
-    parts += ["<h2>Gallery</h2>", gallery(run, summary, rows),
+    parts += ["<h2>Gallery</h2>", gallery(run, summary),
               f"<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"]
     return "\n".join(parts)
 

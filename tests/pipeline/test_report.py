@@ -209,6 +209,25 @@ def test_trends_legend_sits_under_the_axes_and_keeps_the_figure_its_width():
     plt.close(fig)
 
 
+def test_gallery_reads_only_the_rows_it_shows(run_dir):
+    """The report turned every metadata row of the run (all its columns) into a dict for a
+    gallery of a few samples: 35,000 rows took 95 MB of Python heap, millions would not fit. It
+    reads the shown samples' rows (caption columns only) and the predicted class names."""
+    import json
+
+    from pipeline.report import GALLERY_COLUMNS, gallery, load_rows, predicted_names
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = load_rows(str(run_dir))
+    assert len({r["key"] for r in rows}) > 2
+    lean = gallery(str(run_dir), summary, size=2)
+    assert lean == gallery(str(run_dir), summary, rows, size=2) and "✓" in lean
+    some = load_rows(str(run_dir), keys=[rows[0]["key"]], columns=GALLERY_COLUMNS + ("no_such_column",))
+    assert {r["key"] for r in some} == {rows[0]["key"]} and set(some[0]) == set(GALLERY_COLUMNS)
+    assert len(some) == sum(r["key"] == rows[0]["key"] for r in rows)
+    assert predicted_names(str(run_dir)) == {r["pred"]: r["pred_name"] for r in rows}
+
+
 def test_gallery_gathers_samples_across_shards(tmp_path, photos):
     from pipeline.io import shard_name
     from pipeline.report import gallery
