@@ -40,7 +40,10 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     included, is composited over white."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        # Integer samples in float32, at half float64's memory (a 16-bit photo at the pixel limit
+        # took 2 GB): it holds every 16-bit value exactly, and a / 257 is never within its
+        # rounding error of a half, so every 8-bit result is float64's.
+        arr = np.asarray(img, dtype=np.float64 if mode == "F" else np.float32)
         if mode == "F":
             # Float images carry no range convention; [0, 1] data is scaled up, the rest clipped.
             scale = 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 1.0
@@ -48,8 +51,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         elif mode == "I" and img.format != "PPM" and np.max(arr, initial=0) <= 255 and np.min(arr, initial=0) >= 0:
             pass  # 32-bit container holding 8-bit values (Pillow gives a PGM's wider samples at 0..65535)
         else:
-            arr = arr / 257.0  # 16-bit -> 8-bit
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+            arr /= 257.0  # 16-bit -> 8-bit
+        gray = np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8)
         if mode != "F" and "transparency" in img.info:  # a 16-bit PNG's tRNS: the one transparent value
             gray[np.asarray(img) == img.info["transparency"]] = 255
         return np.repeat(gray[:, :, None], 3, axis=2)

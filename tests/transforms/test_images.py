@@ -189,6 +189,30 @@ def test_thin_image_decodes_in_bounded_memory():
     assert int(r.stdout) < 50_000, f"peak memory grew by {int(r.stdout)} KiB"
 
 
+def test_16_bit_image_decodes_in_bounded_memory():
+    """A 16-bit 3000x3000 PNG (24 kB) was scaled to 8 bits in float64: 24 bytes a pixel (205 MiB;
+    2 GB for a 16-bit photo at the default pixel limit). Its pixels come out the same."""
+    code = (
+        "import io, resource, numpy as np\n"
+        "from PIL import Image\n"
+        "from transforms.images import decode_image\n"
+        "buf = io.BytesIO(); Image.fromarray(np.full((3000, 3000), 40000, np.uint16)).save(buf, 'PNG')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = decode_image(buf.getvalue(), crop=0)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "assert out.shape == (3000, 3000, 3) and (out == 156).all(), out[0, 0]\n"
+        "print(grown)\n"
+    )
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 120_000, f"peak memory grew by {int(r.stdout)} KiB"
+
+
 def test_configured_pixel_limit_governs_over_pillows(monkeypatch):
     """Pillow refuses images over twice its own process-wide limit; --max-pixels above it wins, and
     messages cite the configured limit, not Pillow's."""
