@@ -1,8 +1,10 @@
 """Filesystem edges, all through fsspec: input discovery, shard names, atomic writes, staging.
 
 A job writes everything under a staging folder beside its output and, once the whole run is
-written, replaces the output folder with it in one step; ``_SUCCESS`` comes last. A rerun into
-the same output therefore replaces it as a whole and never leaves a mix of two runs.
+written, replaces the output folder with it (one rename each way on a local disk; on an object
+store, where a move copies each object and then deletes it, the output is missing or partial
+while it is replaced, but never beside a ``_SUCCESS``); ``_SUCCESS`` comes last. A rerun into the
+same output therefore replaces it as a whole and never leaves a mix of two runs.
 """
 from __future__ import annotations
 
@@ -516,8 +518,8 @@ class OutputDir:
         since would be all the output held.
         The previous output is moved aside (``<output>.old-<run id>``) and removed once the new
         one is in place. If the swap fails or is interrupted, the previous output is put back
-        (here, or by :meth:`abandon`); copies left aside by a killed earlier commit of this output
-        are removed once this one has succeeded."""
+        (here, by :meth:`abandon`, or by a retry of this commit); copies left aside by a killed
+        earlier commit of this output are removed once this one has succeeded."""
         fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
         files = fs.find(staging)
@@ -534,12 +536,15 @@ class OutputDir:
             if _TEMPORARY.match(posixpath.basename(p)):
                 log.warning("removing %s, left by a write that was killed", p)
                 fs.rm(p)
+        # A retried commit (a Dataflow bundle's) finds what the failed one left: start from the
+        # previous output, not from a mix of it and the part of this run moved in.
+        self._restore(fs, final)
         old = None
-        if fs.exists(final):
-            old = f"{final}.old-{self.run_id}"
-            fs.mv(final, old, recursive=True)
         try:
-            fs.mv(staging, final, recursive=True)
+            if fs.exists(final):
+                old = f"{final}.old-{self.run_id}"
+                _move_folder(fs, final, old)
+            _move_folder(fs, staging, final)
             with fs.open(join(final, SUCCESS), "wb") as f:
                 f.write(self.run_id.encode() + b"\n")
         except BaseException:
@@ -586,9 +591,13 @@ class OutputDir:
         old = f"{final}.old-{self.run_id}"
         if not fs.exists(old):
             return False
+        if not isinstance(fs, LocalFileSystem) and not fs.exists(join(old, SUCCESS)):
+            # Its copy aside was cut short (_move_folder): the previous output was not touched yet.
+            fs.rm(old, recursive=True)
+            return True
         if fs.exists(final):
             fs.rm(final, recursive=True)
-        fs.mv(old, final, recursive=True)
+        _move_folder(fs, old, final)
         log.warning("restored the previous output %s", self.final)
         return True
 
@@ -618,6 +627,25 @@ class OutputDir:
         if self._restore(fs, final):
             return
         remove_empty_folders(fs, self._created)
+
+
+def _move_folder(fs, src: str, dst: str) -> None:
+    """Move the folder ``src`` to ``dst`` (which does not exist). A rename on a local disk; on an
+    object store a move is a copy of each object, then its deletion, so ``_SUCCESS`` is copied
+    last and deleted first: a folder with a ``_SUCCESS`` holds all of its files (a reader never
+    sees one beside part of them), and a copy cut short has none."""
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(src, dst, recursive=True)
+        return
+    files = fs.find(src)
+    marker = join(src, SUCCESS)
+    rest = [p for p in files if p != marker]
+    if rest:
+        fs.copy(rest, [dst + p[len(src):] for p in rest])
+    if marker in files:
+        fs.copy(marker, join(dst, SUCCESS))
+        fs.rm(marker)
+    fs.rm(src, recursive=True)
 
 
 def missing_folders(fs, path: str) -> list[str]:
