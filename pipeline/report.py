@@ -534,6 +534,8 @@ def _table(summary: dict, regressions: Iterable = ()) -> str:
             f"<tr><td class='l'>{html.escape(pair[0])}</td><td class='l'>{html.escape(pair[1])}</td>"
             + "".join(f"<td class='bad'>{v}</td>" if (*pair, m) in bad else f"<td>{v}</td>" for m, v in cells.items())
             + "</tr>")
+    if not body:  # every input failed: the header says what, the errors line above why
+        return "<p class='meta'>No results: no image was evaluated (see the errors above and the run's errors/).</p>"
     return f"<table>{head}{''.join(body)}</table>"
 
 

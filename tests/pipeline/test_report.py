@@ -567,6 +567,21 @@ def test_report_escapes_the_counts_of_a_summary_it_did_not_write(run_dir, tmp_pa
     assert "torch &lt;b&gt;2&lt;/b&gt;, torchvision " in page
 
 
+def test_report_of_a_run_without_results_says_so(run_dir, tmp_path):
+    """A run where every input failed has no table rows: the page showed a header over nothing."""
+    import json
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(table=[], samples=0, errors={"decode": 3})
+    (run / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "r.html"
+    assert main(["report", "--run", str(run), "--output", str(out)]) == 0
+    page = out.read_text()
+    assert "No results: no image was evaluated" in page and "<th>top-1</th>" not in page
+    assert "errors: decode 3" in page
+
+
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", "--run", str(tmp_path / "empty"), "--output", str(tmp_path / "new" / "r.html")]) == 2
