@@ -40,6 +40,7 @@ from .images import to_tensor, to_uint8
 from .jpeg import JPEG_MAX_DIMENSION, Subsampling, decode_rgb, encode_jpeg, encode_png
 from .jpeg_torch import jpeg_roundtrip
 from .semantic_jpeg import (
+    MAX_LEVELS,
     Binning,
     Method,
     _check_grid,
@@ -733,8 +734,8 @@ def parse_defense(text: str) -> Spec:
         lo, hi = p.get("q_low", defaults["q_low"]), p.get("q_high", defaults["q_high"])
         if lo > hi:
             bad("q_low", f"q_low ({lo}) must not exceed q_high ({hi})")
-        if p.get("levels", 1) < 1:
-            bad("levels", "must be >= 1")
+        if not 1 <= p.get("levels", 1) <= MAX_LEVELS:
+            bad("levels", f"must be in 1..{MAX_LEVELS}")
         try:  # the map function's own checks: finite noise scales, top_k and samples >= 1, ...
             checked = spec_params(_saliency.check_map_params)  # the map's own parameters, not the JPEG check's
             _saliency.check_map_params(**{k: v for k, v in map_request(spec)[1].items() if k in checked})

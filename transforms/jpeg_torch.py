@@ -51,7 +51,7 @@ from .jpeg_dct import (
     _fix16,
     _ycc,
 )
-from .semantic_jpeg import DEFAULT_BLOCK, _check_block, _check_quality, ijg_tables
+from .semantic_jpeg import DEFAULT_BLOCK, _check_block, _check_levels, _check_quality, ijg_tables
 
 __all__ = ["jpeg_roundtrip", "quant_table", "source_coefficients", "requantized_coefficients", "uniform_coefficients",
            "quality_grids"]
@@ -348,8 +348,7 @@ def quality_grids(maps: torch.Tensor, *, levels: int = 5, q_low: int = 30, q_hig
     Returns:
         int64 (N, ceil(H / block), ceil(W / block)) qualities, on the maps' device.
     """
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
-        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    levels = _check_levels(levels)
     q_low, q_high = _check_quality("q_low", q_low), _check_quality("q_high", q_high)
     if q_low > q_high:
         raise ValueError(f"q_low must be <= q_high, got q_low={q_low}, q_high={q_high}")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "METHODS",
     "BINNINGS",
+    "MAX_LEVELS",
     "SemanticEncoded",
     "block_qualities",
     "encode_semantic_jpeg",
@@ -82,6 +83,19 @@ def _check_image(image: np.ndarray) -> None:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image has no pixels ({image.shape[0]}x{image.shape[1]})")
     check_jpeg_size(*image.shape[:2])
+
+
+#: The most levels a quality grid is binned into. More resolve nothing a JPEG can use (its
+#: qualities are 100 integers), and the bins are float64 arithmetic on means rounded to 9 decimals:
+#: from about 10**8 levels a mean on a bin's edge falls out of its bin, and from 2**63 the int64
+#: levels overflowed (a grid at qualities outside q_low..q_high, and no error).
+MAX_LEVELS = 10**6
+
+
+def _check_levels(levels) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be an integer in 1..{MAX_LEVELS}, got {levels!r}")
+    return int(levels)
 
 
 def _check_block(block) -> int:
@@ -196,7 +210,7 @@ def block_qualities(
     The map is mean-pooled over ``block`` x ``block`` cells (default 16: the 4:2:0 MCU, one chroma
     block per cell, so luma and chroma agree), binned into ``levels`` K levels and mapped linearly
     onto ``q_low`` .. ``q_high``: level k gets ``round(q_low + k (q_high - q_low) / (K - 1))``
-    (K = 1: everything at ``q_high``).
+    (K = 1: everything at ``q_high``; K at most :data:`MAX_LEVELS`).
 
     Binning ``value``: K equal bins of [0, 1] (values outside are clipped), so the absolute
     saliency decides, and a flat map of zeros is all ``q_low``. ``percentile``: by the cell's
@@ -209,8 +223,7 @@ def block_qualities(
     Returns:
         int32 (ceil(H / block), ceil(W / block)).
     """
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
-        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    levels = _check_levels(levels)
     q_low = _check_quality("q_low", q_low)
     q_high = _check_quality("q_high", q_high)
     if q_low > q_high:

@@ -33,6 +33,7 @@ def test_semantic_specs_parse_and_share_maps():
         ("aug_msroi:q_low=80,q_high=40", "must not exceed"),
         ("aug_msroi:q_high=101", "1..100"),
         ("aug_msroi:levels=0", "levels"),
+        ("msroi:levels=9223372036854775808", "levels"),  # int64 levels overflowed: a quality below q_low
         ("aug_msroi:samples=0", "samples"),
         ("aug_msroi:input_noise=-1", "input_noise"),
         ("aug_msroi:noise=pink", "expected one of gaussian, uniform"),

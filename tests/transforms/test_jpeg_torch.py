@@ -289,7 +289,7 @@ def test_quality_grids_are_block_qualities_of_each_map():
             np.testing.assert_array_equal(got.numpy(), np.stack([block_qualities(m, **kw) for m in maps]))
     ok = torch.zeros(1, 16, 16)
     for kw, match in [(dict(levels=0), "levels"), (dict(q_low=80, q_high=50), "q_low"), (dict(block=12), "block"),
-                      (dict(q_high=101), "q_high")]:
+                      (dict(q_high=101), "q_high"), (dict(levels=2**63), "levels")]:
         with pytest.raises(ValueError, match=match):
             quality_grids(ok, **kw)
     with pytest.raises(ValueError, match="float"):

@@ -106,7 +106,7 @@ def test_grid_shape_and_block():
     "kw, match",
     [({"q_low": 0}, "q_low"), ({"q_high": 101}, "q_high"), ({"q_low": 80, "q_high": 70}, "q_low"),
      ({"levels": 0}, "levels"), ({"binning": "otsu"}, "otsu"), ({"block": 12}, "block"),
-     ({"q_low": 30.5}, "q_low")],
+     ({"q_low": 30.5}, "q_low"), ({"levels": 10**6 + 1}, "levels"), ({"levels": 2**63}, "levels")],
 )
 def test_block_qualities_rejects_bad_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
