@@ -17,7 +17,7 @@ from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 from transforms.visual import heatmap
 
-from .errors import SplitErrors
+from .errors import SplitErrors, error_reason
 from .records import Defended, ErrorRecord, Variant
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class _EncodeFn(beam.DoFn):
             except Exception as e:
                 self.failed.inc()
                 log.warning("defense %s failed on %s: %s", spec.text, s.key, e)
-                yield ErrorRecord(s.source_index, s.source, s.key, None, "encode", f"{type(e).__name__}: {e}",
+                yield ErrorRecord(s.source_index, s.source, s.key, None, "encode", error_reason(e),
                                   v.attack.text, spec.text)
                 continue
             sizes[spec.text] = len(enc.data)

@@ -23,9 +23,18 @@ def _identity(item: Any) -> tuple[int, str, str | None, str | None, str | None, 
     return -1, "?", None, None, attack, defense
 
 
+def error_reason(exc: BaseException) -> str:
+    """``Type: message`` for an errors row; an exception without a message (Pillow's and numpy's
+    MemoryError) still says what happened, not ``MemoryError: `` with nothing after it."""
+    text = str(exc).strip()
+    if not text:
+        text = "out of memory" if isinstance(exc, MemoryError) else "(no message)"
+    return f"{type(exc).__name__}: {text}"
+
+
 def batch_errors(batch, stage: str, exc: BaseException) -> list[ErrorRecord]:
     """One ErrorRecord per item of a batch that failed as a whole."""
-    reason = f"{type(exc).__name__}: {exc}"
+    reason = error_reason(exc)
     out = []
     for item in batch:
         idx, src, key, member, attack, defense = _identity(item)

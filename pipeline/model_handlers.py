@@ -29,7 +29,7 @@ from transforms.specs import Spec
 
 from .allocator import keep_freed_memory
 from .config import ModelConfig
-from .errors import batch_errors
+from .errors import batch_errors, error_reason
 from .records import Defended, ErrorRecord, Result, Sample, Variant
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class AttackHandler(_ClassifierHandler):
 
 
 def _attack_error(s: Sample, spec: Spec, e: BaseException) -> ErrorRecord:
-    return ErrorRecord(s.source_index, s.source, s.key, None, "attack", f"{type(e).__name__}: {e}", spec.text)
+    return ErrorRecord(s.source_index, s.source, s.key, None, "attack", error_reason(e), spec.text)
 
 
 class ClassifyHandler(_ClassifierHandler):

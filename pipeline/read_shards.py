@@ -26,7 +26,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from .config import InputConfig
-from .errors import SplitErrors
+from .errors import SplitErrors, error_reason
 from .io import (IMAGE_EXTS, file_key, file_label, input_fs, join, open_binary, printable,
                  read_labels_csv, sanitize_key, unsafe_name_reason)
 from .records import ErrorRecord, RawSample, SourceShard
@@ -211,7 +211,7 @@ class _ReadShardFn(beam.DoFn):
         except Exception as e:  # an unreadable source: report it, keep the job going
             self.errors.inc()
             log.warning("cannot read %s: %s", source, e)
-            yield ErrorRecord(shard.index, source, None, None, STAGE, f"cannot read source: {type(e).__name__}: {e}")
+            yield ErrorRecord(shard.index, source, None, None, STAGE, f"cannot read source: {error_reason(e)}")
 
     # ----------------------------------------------------------------------- WebDataset
 

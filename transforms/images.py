@@ -117,7 +117,8 @@ _pillow_limit_lock = threading.Lock()
 def _reason(e: Exception) -> str:
     """``Type: message`` without object addresses (Pillow names its ``<_io.BytesIO object at
     0x...>``), so the same input gives the same reason in every run."""
-    return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))}"
+    text = _ADDRESS.sub("", str(e)).strip() or ("out of memory" if isinstance(e, MemoryError) else "(no message)")
+    return f"{type(e).__name__}: {text}"
 
 
 def _allow_in_pillow(max_pixels: int) -> None:

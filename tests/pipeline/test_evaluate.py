@@ -374,3 +374,16 @@ def test_file_and_member_names_that_are_not_utf8_are_processed_or_reported(tmp_p
     with tarfile.open(packed) as tf:
         assert tf.getnames()[:2] == ["caf_.png", "caf_.json"]
         assert json.loads(tf.extractfile("caf_.json").read()) == {"file": "caf\\xe9.png"}
+
+
+def test_an_error_without_a_message_still_gives_a_reason():
+    """Pillow's resize gave up on an 80-million-pixel strip with a bare MemoryError: its errors
+    row read ``MemoryError: `` with nothing after it."""
+    from pipeline.errors import batch_errors, error_reason
+    from transforms.images import _reason
+
+    assert error_reason(MemoryError()) == _reason(MemoryError()) == "MemoryError: out of memory"
+    assert error_reason(KeyError()) == "KeyError: (no message)"
+    assert error_reason(ValueError("bad")) == "ValueError: bad"
+    (row,) = batch_errors([object()], "saliency", MemoryError())
+    assert row.reason == "MemoryError: out of memory"
