@@ -335,9 +335,16 @@ def check_run_id(run_id: str) -> None:
         )
 
 
+_CHAINED = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://[^:]*)?::")  # "simplecache::...", "zip://m.tar::..."
+
+
 def _location(path: str) -> tuple[str, str]:
     """(protocol, a comparable form of ``path``): local paths absolute with symbolic links
-    resolved, URLs as given. Needs no fsspec backend (a ``gs://`` path is compared without gcsfs)."""
+    resolved, URLs as given; a chained URL is its last layer's, the file it reads
+    (``simplecache::gs://b/x.tar``, ``zip://x.tar::gs://b/d.zip``). Needs no fsspec backend (a
+    ``gs://`` path is compared without gcsfs)."""
+    if _CHAINED.match(path):
+        path = path.rsplit("::", 1)[1]
     protocol, rest = split_protocol(path)
     if protocol in (None, "file", "local"):
         return "file", os.path.realpath(rest)

@@ -77,6 +77,7 @@ def test_an_output_holding_an_input_is_refused(tmp_path, photos, fnapi):
     (tmp_path / "imgs").mkdir()  # a labels CSV comes with folder inputs only
     (tmp_path / "imgs" / name).write_bytes(data)
     for inputs, kw in (([str(out / "shards/*/*/*.tar")], {}), ([str(shard)], {}),
+                       ([f"simplecache::{shard}"], {}), ([f"simplecache::file://{out}/shards/*/*/*.tar"], {}),
                        ([str(tmp_path / "imgs")], {"labels_csv": str(out / "labels.csv")})):
         with pytest.raises(ValueError, match="holds the input"):
             run_evaluate(tiny_config(inputs, out, attacks=(), defenses=(), **kw), fnapi)
