@@ -226,7 +226,8 @@ def write_partition(history: str, date: str, rows: list[dict]) -> str:
     existed = fs.exists(part)
     fs.makedirs(part, exist_ok=True)
     tmp = join(part, f".{FILE}.tmp-{secrets.token_hex(4)}")
-    stale = [p for p in fs.ls(part, detail=False) if posixpath.basename(p).startswith(f".{FILE}.tmp-")]
+    # (An object store has no folders: a date never written has nothing to list.)
+    stale = [p for p in fs.ls(part, detail=False) if posixpath.basename(p).startswith(f".{FILE}.tmp-")] if existed else []
     try:
         with fs.open(tmp, "wb") as f:
             f.write(buf.getvalue())

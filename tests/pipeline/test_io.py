@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import fsspec
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.evaluate import run_evaluate
 from pipeline.io import SUCCESS, OutputDir, check_output_file
-from tests.pipeline.conftest import tiny_config
+from tests.pipeline.conftest import ObjectStore, tiny_config
 from tests.shards import good_members, write_tar
 
 
@@ -339,52 +338,6 @@ def test_an_output_that_is_a_symbolic_link_is_written_where_it_points(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["results"]
 
 
-class _ObjectStore(MemoryFileSystem):
-    """An object store as GCS and S3 are one: no directories (a prefix exists while a key is under
-    it), a move is a copy of each object then its deletion; ``hook(op, path, source)`` runs before each."""
-
-    protocol = "objstore"
-    store: dict = {}
-    pseudo_dirs = [""]
-    hook = None
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str) and path.startswith("objstore://"):
-            path = path[len("objstore://"):]
-        return super()._strip_protocol(path)
-
-    def mkdir(self, path, create_parents=True, **kwargs):
-        pass
-
-    def makedirs(self, path, exist_ok=False):
-        pass
-
-    def rmdir(self, path):
-        pass
-
-    def cp_file(self, path1, path2, **kwargs):
-        if self.isdir(path1):
-            return
-        if self.hook:
-            self.hook("cp", self._strip_protocol(path2), self._strip_protocol(path1))
-        super().cp_file(path1, path2, **kwargs)
-
-    def rm_file(self, path):
-        if self.hook:
-            self.hook("rm", self._strip_protocol(path), None)
-        super().rm_file(path)
-
-
-@pytest.fixture
-def objstore(monkeypatch):
-    fsspec.register_implementation("objstore", _ObjectStore, clobber=True)
-    _ObjectStore.store.clear()
-    monkeypatch.setattr(_ObjectStore, "hook", None)
-    yield fsspec.filesystem("objstore")
-    _ObjectStore.store.clear()
-
-
 def _finished_object(fs, prefix, run_id, success=True):
     fs.pipe(f"{prefix}/summary.json", run_id.encode())
     for i in range(3):
@@ -412,7 +365,7 @@ def test_on_an_object_store_success_is_never_seen_beside_part_of_an_output(objst
         if SUCCESS in files:
             seen.append(len(files) == 8 and len(set(files.values())) == 1)
 
-    _ObjectStore.hook = staticmethod(reader)
+    ObjectStore.hook = staticmethod(reader)
     out.commit()
     assert seen and all(seen)
     assert out.committed() and set(_objects(objstore, "/bk/out").values()) == {"r1"}
@@ -436,10 +389,10 @@ def test_a_commit_cut_short_copying_the_previous_output_aside_keeps_it(objstore,
             if len(copied) == at:
                 raise OSError("503 Service Unavailable")
 
-    _ObjectStore.hook = staticmethod(fail)
+    ObjectStore.hook = staticmethod(fail)
     with pytest.raises(OSError, match="503"):
         out.commit()
-    _ObjectStore.hook = None
+    ObjectStore.hook = None
     out.abandon()
     assert _objects(objstore, "/bk/out") == before and not out.committed()
     assert all(p.startswith("/bk/out/") for p in objstore.store)
@@ -462,7 +415,7 @@ def test_a_retried_commit_on_an_object_store_starts_from_the_previous_output(obj
             if len(copied) == 4:
                 raise OSError("503 Service Unavailable")
 
-    _ObjectStore.hook = staticmethod(fail)
+    ObjectStore.hook = staticmethod(fail)
     with monkeypatch.context() as m:
         m.setattr(OutputDir, "_restore", lambda self, fs, final: False)  # killed: nothing cleaned up
         with pytest.raises(OSError):
@@ -470,7 +423,7 @@ def test_a_retried_commit_on_an_object_store_starts_from_the_previous_output(obj
     copied.clear()
     with pytest.raises(OSError):
         out.commit()
-    _ObjectStore.hook = None
+    ObjectStore.hook = None
     out.abandon()
     assert _objects(objstore, "/bk/out") == before and not out.committed()
     assert all(p.startswith("/bk/out/") for p in objstore.store)

@@ -753,3 +753,29 @@ def test_stray_files_beside_interrupted_write_leftovers_are_no_partition(tmp_pat
     (part / ".summary.parquet.tmp-0badc0de").unlink()  # a folder with stray files only lost its file
     with pytest.raises(ValueError, match="has no summary.parquet"):
         read_history(str(hist))
+
+
+def test_history_on_an_object_store_takes_new_dates_and_survives_a_failed_write(objstore):
+    """An object store has no folders: listing a date never written raised FileNotFoundError, so
+    a nightly run on gs:// or s3:// could write no new night. A write that fails leaves the
+    night's previous file (a move there is a copy, then a deletion)."""
+    from tests.pipeline.conftest import ObjectStore
+
+    row = {"run_id": "r0", "model": "m", "attack": "clean", "attack_spec": "clean", "defense": "none",
+           "defense_spec": "none", "n": 3, "top1": 0.5}
+    write_partition("objstore://h/hist", "2026-01-01", [row])
+
+    def fail(op, path, source):
+        if op == "cp":
+            raise OSError("503 Service Unavailable")
+
+    ObjectStore.hook = staticmethod(fail)
+    for date in ("2026-01-01", "2026-01-02"):
+        with pytest.raises(OSError, match="503"):
+            write_partition("objstore://h/hist", date, [{**row, "run_id": "r1"}])
+    ObjectStore.hook = None
+    assert {d: [r["run_id"] for r in rows] for d, rows in read_history("objstore://h/hist").items()} == {
+        "2026-01-01": ["r0"]}
+    write_partition("objstore://h/hist", "2026-01-02", [{**row, "run_id": "r2"}])
+    assert {d: [r["run_id"] for r in rows] for d, rows in read_history("objstore://h/hist").items()} == {
+        "2026-01-01": ["r0"], "2026-01-02": ["r2"]}
