@@ -92,8 +92,14 @@ class ProgressMonitor:
         self._thread = threading.Thread(target=self._loop, name="semjpeg-progress", daemon=True)
         self._start = time.monotonic()
         self._last_log = 0.0
+        self._clearing: list[logging.Handler] = []
 
     def __enter__(self):
+        if self.tty:  # records logged to the bar's terminal start on a clear row
+            self._clearing = [h for h in logging.getLogger().handlers
+                              if isinstance(h, logging.StreamHandler) and h.stream is self.stream]
+            for h in self._clearing:
+                h.addFilter(self._clear)
         self._thread.start()
         return self
 
@@ -101,31 +107,53 @@ class ProgressMonitor:
         self._stop.set()
         self._thread.join(timeout=5)
         self._show(final=True)
+        for h in self._clearing:
+            h.removeFilter(self._clear)
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def line(self) -> str:
+    def _clear(self, record: logging.LogRecord) -> bool:
+        """A handler filter: clears the bar's row before the record is written (the next tick
+        draws the bar again below it)."""
+        self.stream.write("\r\x1b[K")
+        return True
+
+    def line(self, columns: int | None = None) -> str:
+        """The progress line; ``columns``: at most that many characters (its bar shrinks first)."""
         c = read_counts(self.folder)
         decoded, classified = c.get("decoded", 0), c.get("classified", 0)
         expected = decoded * self.per_input
         frac = classified / expected if expected else 0.0
-        width = 24
+        counts = (f" {100 * frac:5.1f}%  decoded {decoded}  attacked {c.get('attacked', 0)}  "
+                  f"classified {classified}/{expected}  errors {c.get('errors', 0)}  "
+                  f"{time.monotonic() - self._start:.0f}s")
+        width = 24 if columns is None else min(24, columns - len(counts) - 2)
+        if width < 4:
+            return counts.lstrip()[:columns]
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        return (f"[{bar}] {100 * frac:5.1f}%  decoded {decoded}  attacked {c.get('attacked', 0)}  "
-                f"classified {classified}/{expected}  errors {c.get('errors', 0)}  "
-                f"{time.monotonic() - self._start:.0f}s")
+        return f"[{bar}]{counts}"
 
     def _show(self, final: bool = False):
-        text = self.line()
         if self.tty:
-            self.stream.write("\r" + text + ("\n" if final else ""))
+            # A row wider than the terminal wraps, and "\r" then redraws only its last part.
+            text = self.line(terminal_columns(self.stream) - 1)
+            self.stream.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
             self.stream.flush()
         elif final or time.monotonic() - self._last_log > 30:
-            log.info("progress: %s", text)
+            log.info("progress: %s", self.line())
             self._last_log = time.monotonic()
 
     def _loop(self):
         while not self._stop.wait(self.interval):
             self._show()
+
+
+def terminal_columns(stream) -> int:
+    """The width of the terminal ``stream`` writes to (``COLUMNS``, or 80, where it does not say)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or shutil.get_terminal_size().columns
 
 
 def summarize_counters(result) -> str | None:
