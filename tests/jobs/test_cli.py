@@ -70,6 +70,13 @@ def test_missing_input_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines() == [f"semjpeg evaluate: error: no input matches {tmp_path}/nothing-*.tar"]
 
 
+def test_verbose_logs_no_import_noise(tmp_path):
+    """-v logs the job's progress, not Beam's import-time notes about BigQuery clients it never uses."""
+    r = run_cli("-v", "evaluate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "bigquery" not in r.stderr.lower(), r.stderr
+
+
 def test_the_shard_job_imports_neither_torch_nor_beam(tmp_path, photos):
     """Packing files into tars needs neither (it used to import torch: 745 MB to pack 8 files)."""
     from tests.shards import encode
