@@ -522,7 +522,8 @@ class OutputDir:
         ``written``: the files the run wrote (paths from :meth:`path`). A staging folder that
         lacks one is removed, not committed (RuntimeError): the run was abandoned while this stage
         still ran, as a Dask worker's does after the job was interrupted, and what the stage wrote
-        since would be all the output held.
+        since would be all the output held. A file it does not list (what an attempt of a stage
+        whose results were not kept wrote) is left out.
         The previous output is moved aside (``<output>.old-<run id>``) and removed once the new
         one is in place. If the swap fails or is interrupted, the previous output is put back
         (here, by :meth:`abandon`, or by a retry of this commit); copies left aside by a killed
@@ -539,10 +540,19 @@ class OutputDir:
                 raise RuntimeError(f"not committing {self.final}: its staging folder lacks {len(missing)} of "
                                    f"the run's files ({missing[0]}, ...); the run was abandoned")
         # A worker killed in a write_bytes leaves its temporary file; the retried task wrote the file.
+        # A worker lost after its stage wrote has its tasks run again, upstream ones too, and an
+        # outcome that differs then (a transient failure that does not recur) leaves files that
+        # no kept attempt wrote (an errors part beside the image's rows): only the run's are kept.
+        listed = {p[len(self.staging) + 1:] for p in written}
         for p in files:
             if _TEMPORARY.match(posixpath.basename(p)):
                 log.warning("removing %s, left by a write that was killed", p)
-                fs.rm(p)
+            elif written and p[len(staging) + 1:] not in listed:
+                log.warning("removing %s, written by an attempt whose results the run did not keep", p)
+            else:
+                continue
+            fs.rm(p)
+            remove_empty_folders(fs, _folders_between(p, staging))
         # A retried commit (a Dataflow bundle's) finds what the failed one left: start from the
         # previous output, not from a mix of it and the part of this run moved in.
         self._restore(fs, final)
@@ -653,6 +663,14 @@ def _move_folder(fs, src: str, dst: str) -> None:
         fs.copy(marker, join(dst, SUCCESS))
         fs.rm(marker)
     fs.rm(src, recursive=True)
+
+
+def _folders_between(path: str, top: str) -> list[str]:
+    """The folders holding ``path`` below ``top``, deepest first."""
+    out = []
+    while (path := posixpath.dirname(path)).startswith(top.rstrip("/") + "/"):
+        out.append(path)
+    return out
 
 
 def missing_folders(fs, path: str) -> list[str]:

@@ -257,6 +257,25 @@ def test_a_commit_leaves_out_what_killed_writes_left(tmp_path):
     assert sorted(p.name for p in (final / "metadata").iterdir()) == ["part-00000.parquet"]
 
 
+def test_a_commit_leaves_out_what_lost_attempts_wrote(tmp_path):
+    """A Dask worker lost after a stage wrote its files has its tasks run again, upstream ones
+    too; a failure that was transient (an image out of GPU memory) then does not recur, and the
+    lost attempt's errors/part-00000.parquet, which no kept attempt wrote, was committed: the
+    image both processed and reported, beside stats and a summary that count no error."""
+    from pipeline.io import write_bytes
+
+    final = tmp_path / "out"
+    out = OutputDir(str(final), "r1")
+    out.check()
+    written = [out.path("metadata", "part-00000.parquet"), out.path("stats", "part-00000.json"),
+               out.path("summary.json")]
+    for path in [*written, out.path("errors", "part-00000.parquet"), out.path("stats", "part-00001.json.tmp-0a1b2c3d")]:
+        write_bytes(path, b"x")
+    out.commit(written)
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*")) == [
+        "_SUCCESS", "metadata", "metadata/part-00000.parquet", "stats", "stats/part-00000.json", "summary.json"]
+
+
 def test_a_stage_still_running_after_the_run_was_abandoned_commits_nothing(tmp_path):
     """On a Dask cluster the last stage goes on after the interrupted job abandoned its run: it
     recreated the staging folder with its summary.json alone and committed that, _SUCCESS and all."""
