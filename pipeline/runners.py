@@ -30,7 +30,7 @@ import argparse
 import contextlib
 import logging
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner as _dask_runner
@@ -39,6 +39,7 @@ from apache_beam.runners.dask import transform_evaluator as _evaluator
 from .dask_cluster import (CONNECT_TIMEOUT, WAIT_TIMEOUT, DaskRunError, check_scheduler, check_workers_import,
                            close_cluster, default_worker_count, scheduler_file_address, start_local_cluster,
                            wait_for_workers)
+from .progress import is_local
 
 
 #: Beam's default DirectRunner tries to download the Prism binary first; this runs offline.
@@ -98,6 +99,11 @@ def pipeline_options(beam_argv: list[str]) -> PipelineOptions:
     options = PipelineOptions(argv)
     options.get_all_options(add_extra_args_fn=check)
     _check_connect_timeout(argv, options)
+    workers = options.view_as(WorkerOptions)
+    if workers.default_sdk_harness_log_level is None and is_local(options.view_as(StandardOptions).runner):
+        # Local worker processes (--direct_running_mode multi_processing) write to the job's
+        # stderr, at INFO by default: dozens of lines a run. They follow the job's verbosity (-v).
+        workers.default_sdk_harness_log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     return options
 
 

@@ -491,6 +491,28 @@ def test_pipeline_options_errors_are_one_line_values():
         assert runners.pipeline_options(argv).view_as(StandardOptions).runner == canonical
 
 
+def test_local_worker_processes_log_at_the_jobs_verbosity(monkeypatch):
+    """The worker processes of --direct_running_mode multi_processing log at INFO on the job's
+    stderr by default: 53 lines of channels and options in a 12-image run without -v. They follow
+    the job's level instead; remote runners' workers keep their own default, as does a level given."""
+    import logging
+
+    from apache_beam.options.pipeline_options import WorkerOptions
+
+    from pipeline import runners
+
+    def level(*argv):
+        return runners.pipeline_options(list(argv)).view_as(WorkerOptions).default_sdk_harness_log_level
+
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    assert level("--runner", "DirectRunner", "--direct_running_mode", "multi_processing") == "WARNING"
+    assert level() == "WARNING"
+    assert level("--runner", "DataflowRunner") is None
+    assert level("--runner", "DirectRunner", "--default_sdk_harness_log_level", "DEBUG") == "DEBUG"
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)  # -v
+    assert level("--runner", "DirectRunner") == "INFO"
+
+
 def test_a_cluster_of_your_own_gets_twice_as_many_partitions_as_it_has_workers(monkeypatch):
     """Without --dask_workers, a run on an existing cluster was split into 2 partitions whatever
     its size: on a cluster of 3 workers, one had no work."""
