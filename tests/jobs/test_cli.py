@@ -70,6 +70,12 @@ def test_missing_input_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines() == [f"semjpeg evaluate: error: no input matches {tmp_path}/nothing-*.tar"]
 
 
+def test_demo_help_names_the_photos_folder_not_a_function():
+    r = run_cli("demo", "--help")
+    assert r.returncode == 0
+    assert "photos_folder" not in r.stdout and "semjpeg/demo-photos" in r.stdout, r.stdout
+
+
 def test_verbose_logs_no_import_noise(tmp_path):
     """-v logs the job's progress, not Beam's import-time notes about BigQuery clients it never uses."""
     r = run_cli("-v", "evaluate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "out"))
