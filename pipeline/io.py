@@ -463,6 +463,9 @@ class OutputDir:
         self.target = path if local else fs.unstrip_protocol(path)
         self.staging = staging if local else fs.unstrip_protocol(staging)
         self._created: list[str] = []
+        #: summary.json of an output that a run with this id had committed before (check): a
+        #: rerun with the same --run-id has not committed while that is still the output's.
+        self._previous: bytes | None = None
 
     def check(self, reads: tuple[str, ...] | list[str] = ()) -> None:
         """Fail early if the output cannot be replaced or written, or if replacing it would
@@ -486,6 +489,7 @@ class OutputDir:
             entries = fs.ls(p, detail=False)
             if entries:
                 _check_replaceable(fs, p, self.final, entries)
+        self._previous = self._summary() if self.committed() else None
         stale_copies = self._stale_copies(fs, p)
         for doomed in [p, *stale_copies]:  # what the commit removes
             if fs.exists(doomed) and (folder := _read_only_folder(fs, doomed)):
@@ -575,13 +579,23 @@ class OutputDir:
         log.info("committed %s", self.final)
 
     def committed(self) -> bool:
-        """Whether the output is this run's, committed in full (its ``_SUCCESS`` names the run)."""
+        """Whether the output is this run's, committed in full (its ``_SUCCESS`` names the run,
+        beside another summary.json than the one an earlier run with this id left there)."""
         fs, final = url_to_fs(self.target)
         try:
             with fs.open(join(final, SUCCESS), "rb") as f:
-                return f.read(200).decode("utf-8", "replace").strip() == self.run_id
+                if f.read(200).decode("utf-8", "replace").strip() != self.run_id:
+                    return False
         except (FileNotFoundError, OSError):
             return False
+        return self._previous is None or self._summary() != self._previous
+
+    def _summary(self) -> bytes | None:
+        """The output's summary.json, or None."""
+        try:
+            return read_bytes(join(self.target, "summary.json"))
+        except (FileNotFoundError, OSError):
+            return None
 
     @staticmethod
     def _stale_copies(fs, final: str) -> list[str]:

@@ -1,6 +1,8 @@
 """Output folders: where staging goes, what an output may not be, single output files."""
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pytest
 
@@ -200,6 +202,28 @@ def test_an_interrupt_after_the_commit_is_not_a_failure(tmp_path, photos, fnapi,
     config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", attacks=(), defenses=())
     summary = run_evaluate(config, fnapi)
     assert summary["samples"] == 1 and (tmp_path / "out" / "_SUCCESS").read_text().strip() == config.run_id
+
+
+def test_a_failed_rerun_with_the_same_run_id_is_a_failure(tmp_path, photos, fnapi, monkeypatch):
+    """A rerun with the output's own --run-id (as byte-identical reruns need) found that id in
+    the output's _SUCCESS when it failed or was interrupted before its commit, took the previous
+    run for its own committed one and reported it complete, with that run's summary."""
+    import apache_beam as beam
+
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    first = run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="fixed"), fnapi)
+    real_run = beam.Pipeline.run
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(beam.Pipeline, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="fixed", attacks=()), fnapi)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == first  # the previous output, untouched
+    monkeypatch.setattr(beam.Pipeline, "run", real_run)
+    second = run_evaluate(tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="fixed", attacks=()), fnapi)
+    assert [row["attack"] for row in second["table"]] == ["clean", "clean"]
 
 
 def test_an_interrupt_while_the_previous_output_is_removed_keeps_the_new_one(tmp_path, monkeypatch):
