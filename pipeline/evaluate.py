@@ -42,6 +42,14 @@ class _Finalize(beam.DoFn):
         self.n_sources = n_sources
 
     def process(self, _, parts):
+        if self.out.committed():
+            # A retry of this bundle (Dataflow's) after a failure that came once the commit had
+            # written _SUCCESS: the run is done; what that commit left (the previous output aside)
+            # goes, and a new staging folder, a new summary or a second commit are not made.
+            log.warning("run %s: %s is already committed; finishing its commit", self.config.run_id, self.out.final)
+            self.out.abandon()
+            yield json.loads(read_bytes(join(self.out.final, "summary.json")))
+            return
         table = [v for tag, v in parts if tag == "table"]
         error_counts = [v for tag, v in parts if tag == "errors"]
         written = [v for tag, v in parts if tag == "written"]

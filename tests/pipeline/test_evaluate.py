@@ -387,3 +387,42 @@ def test_an_error_without_a_message_still_gives_a_reason():
     assert error_reason(ValueError("bad")) == "ValueError: bad"
     (row,) = batch_errors([object()], "saliency", MemoryError())
     assert row.reason == "MemoryError: out of memory"
+
+
+def test_a_finalize_retried_after_its_commit_finds_the_run_done(tmp_path, monkeypatch):
+    """Dataflow runs a failed bundle again: one that failed once its commit had written _SUCCESS
+    (removing the previous output, on a store; a worker lost then) rewrote summary.json into a
+    new staging folder, found the run's files missing there and failed every retry, and with
+    them the job ("the run was abandoned"), its output committed."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.evaluate import _Finalize
+    from pipeline.io import OutputDir, write_bytes
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "summary.json").write_text("{}")
+    (final / "_SUCCESS").write_text("r0\n")
+    config = tiny_config([str(tmp_path / "a.tar")], final, run_id="r1")
+    out = OutputDir(str(final), "r1")
+    out.check()
+    paths = [out.path("stats", "part-00000.json"), out.path("shards", "clean", "none", "shard-00000.tar")]
+    for path in paths:
+        write_bytes(path, b"x")
+    parts = [("written", p) for p in paths] + [("inputs", 1)]
+    finalize = _Finalize(out, config, 1)
+    real_rm = LocalFileSystem.rm
+
+    def rm(self, path, *a, **kw):
+        if str(path).endswith(".old-r1"):
+            raise OSError("transient")
+        return real_rm(self, path, *a, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "rm", rm)
+    with pytest.raises(OSError, match="transient"):
+        list(finalize.process(None, parts))
+    monkeypatch.setattr(LocalFileSystem, "rm", real_rm)
+    (summary,) = finalize.process(None, parts)  # the retry
+    assert summary["run_id"] == "r1" and summary["samples"] == 1 and out.committed()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in final.iterdir()) == ["_SUCCESS", "shards", "stats", "summary.json"]
