@@ -426,3 +426,31 @@ def test_a_finalize_retried_after_its_commit_finds_the_run_done(tmp_path, monkey
     assert summary["run_id"] == "r1" and summary["samples"] == 1 and out.committed()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in final.iterdir()) == ["_SUCCESS", "shards", "stats", "summary.json"]
+
+
+def test_a_retried_write_bundle_writes_the_same_files(tmp_path):
+    """A runner may run a write bundle again (a failure after the write, a lost worker, a
+    straggler's backup) and only one attempt counts: every attempt writes the same file names,
+    byte for byte, however the grouped values come, so no attempt leaves a file of its own."""
+    from pipeline.io import OutputDir
+    from pipeline.records import ErrorRecord, Result, SourceShard
+    from pipeline.write_metadata import _WritePartFn
+    from pipeline.write_shards import _WriteTarFn
+
+    out = OutputDir(str(tmp_path / "out"), "r1")
+    out.check()
+    results = [Result(3, key, {"key": key, "attack_spec": "clean", "defense_spec": spec}, b"img", "png", label=1)
+               for key in ("b", "a") for spec in ("none", "jpeg:quality=50")]
+    errors = [ErrorRecord(3, "in.tar", k, f"{k}.jpg", "decode", "bad") for k in ("d", "c")]
+    order = {("clean", "none"): 0, ("clean", "jpeg:quality=50"): 1}
+    shards = (("clean", "none"), 3), results[::2]
+    parts = 3, {"rows": results, "errors": errors, "sources": [SourceShard(3, "in.tar", "webdataset")]}
+    retried_shards = shards[0], shards[1][::-1]
+    retried_parts = 3, {**parts[1], "rows": results[::-1], "errors": errors[::-1]}
+    attempts = []
+    for tar, part in ((shards, parts), (retried_shards, retried_parts)):
+        paths = [*_WriteTarFn(out).process(tar), *_WritePartFn(out, "r1", order).process(part)]
+        attempts.append({p: open(p, "rb").read() for p in paths})
+    assert attempts[0] == attempts[1]
+    staged = sorted(str(p) for p in (tmp_path / ".out.staging-r1").rglob("*") if p.is_file())
+    assert staged == sorted(attempts[0]) and len(staged) == 4
