@@ -131,13 +131,17 @@ def cli(argv: list[str] | None = None) -> int:
     torch's and Beam's objects: about 1 s of every run on this machine. ``main`` itself leaves
     the collector and the signal handlers alone, for callers that go on working in the process."""
     signal.signal(signal.SIGTERM, _terminate)
+    args = sys.argv[1:] if argv is None else list(argv)
+    # The job, as every other error line names it (the first word that is not an option).
+    job = next((a for a in args if not a.startswith("-")), None)
     try:
-        code = main(argv)
+        code = main(args)
     except BaseException as e:
         what = _interruption(e)
         if what is None:
             raise
-        print(f"semjpeg: {what}; {_written(e)}", file=sys.stderr, flush=True)
+        name = f"semjpeg {job}" if job in JOBS else "semjpeg"
+        print(f"{name}: {what}; {_written(e)}", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
     gc.freeze()
     return code

@@ -25,7 +25,7 @@ def nothing_processed(summary: dict, output: str) -> str | None:
     errors = sum(summary.get("errors", {}).values())
     if not errors:
         return "no input was processed: the inputs hold no images (no samples, no errors)"
-    return f"no input was processed: {errors} errors (see {output.rstrip('/')}/errors)"
+    return f"no input was processed: {errors} error{'s' if errors != 1 else ''} (see {output.rstrip('/')}/errors)"
 
 
 def finish_run(job: str, summary: dict, output: str) -> int:

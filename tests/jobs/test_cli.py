@@ -370,7 +370,7 @@ def test_ctrl_c_while_the_dask_workers_start_is_a_clean_stop(tmp_path, photos):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130 and err.strip().splitlines() == ["semjpeg: interrupted; the previous output is untouched"]
+    assert p.returncode == 130 and err.strip().splitlines() == ["semjpeg defend: interrupted; the previous output is untouched"]
     assert took < 30 and sorted(x.name for x in tmp_path.iterdir()) == ["a.tar"]
 
 
@@ -423,7 +423,7 @@ def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, cod
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == code, err
-    assert err.strip().splitlines() == [f"semjpeg: {word}; the previous output is untouched"]
+    assert err.strip().splitlines() == [f"semjpeg evaluate: {word}; the previous output is untouched"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tar", "out"]
     assert sorted(x.name for x in out.iterdir()) == ["_SUCCESS", "summary.json"]
 
@@ -513,3 +513,13 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_previous_output(tmp_path,
                                              "the previous output is untouched"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.tar", "out"]
     assert sorted(x.name for x in out.iterdir()) == ["_SUCCESS", "summary.json"]
+
+
+def test_nothing_processed_counts_its_errors_in_words():
+    from jobs.common import nothing_processed
+
+    assert nothing_processed({"samples": 0, "errors": {"decode": 1}}, "o/") == (
+        "no input was processed: 1 error (see o/errors)")
+    assert nothing_processed({"samples": 0, "errors": {"decode": 1, "read": 2}}, "o") == (
+        "no input was processed: 3 errors (see o/errors)")
+    assert nothing_processed({"samples": 1, "errors": {"decode": 1}}, "o") is None

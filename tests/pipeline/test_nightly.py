@@ -683,7 +683,7 @@ def test_a_second_interrupt_after_the_commit_says_what_was_written(tmp_path, pho
         signal.signal(signal.SIGTERM, term)
     night = tmp_path / "nightly" / "date=2026-01-02"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"semjpeg: interrupted; {night} was written, but its history, nightly.json or report may be missing "
+        f"semjpeg nightly: interrupted; {night} was written, but its history, nightly.json or report may be missing "
         "(run that date again)")
     assert (night / "_SUCCESS").exists() and not (night / "nightly.json").exists()
 
