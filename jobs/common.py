@@ -53,7 +53,7 @@ def add_input_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                    "(default: the 'label' column if there is one)")
     g.add_argument("--labels", metavar="CSV",
                    help="file,label CSV for folder inputs (an error with tar/Parquet inputs)")
-    g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders")
+    g.add_argument("--folder-shard-size", type=int, default=1000, help="files per unit of work for folders (default: 1000)")
     g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: the model's)")
     g.add_argument("--crop", type=int, default=None,
                    help="center crop size (default: the model's); 0: every image at its own size (no attacks)")
@@ -68,15 +68,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "package.module:factory (a callable returning a transforms.models.Classifier)")
     g.add_argument("--weights", help="state dict path or fsspec URL (required for torchvision models)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: 16)")
     g.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads per worker")
     # transforms.models.MEMORY_FORMATS, written out: importing it here would load torch for --help.
     g.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
                    help="the models' memory layout (default auto: channels_last on the CPU, about 1.2-1.6x "
                         "faster there; contiguous elsewhere); results differ only by rounding")
     g.add_argument("--seed", type=int, default=0,
-                   help="run seed: the same seed and --run-id give the same shards, byte for byte, wherever the "
-                        "data is stored (the metadata's timings and summary.json's creation time differ)")
+                   help="run seed (default: 0): the same seed and --run-id give the same shards, byte for byte, "
+                        "wherever the data is stored (the metadata's timings and summary.json's creation time "
+                        "differ)")
     g.add_argument("--map-model", help="model for saliency maps (default: --model)")
     g.add_argument("--map-weights", help="state dict for --map-model")
     # pipeline.config.MAP_PRECISIONS, written out: importing it here would load torch for --help.

@@ -65,8 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", default="./semjpeg-demo", help="output folder (default ./semjpeg-demo)")
     parser.add_argument("--attack", action="append", default=None, help=f"default: {' '.join(ATTACKS)}")
     parser.add_argument("--defense", action="append", default=None, help=f"default: {' '.join(DEFENSES)}")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model batch (default: 8)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
 
 
 def run(args, beam_argv) -> int:

@@ -12,7 +12,7 @@ HELP = "pack a folder of images into WebDataset shards"
 def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, help="folder of images (any fsspec URL)")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="shard path prefix")
-    parser.add_argument("--per-shard", type=int, default=1000, help="images per shard")
+    parser.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
     parser.add_argument("--labels", metavar="CSV", help="file,label CSV")
 
 
