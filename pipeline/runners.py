@@ -188,7 +188,9 @@ class DaskPipelineOptions(PipelineOptions):
                  "one per CPU core); with --dask_client_address, wait until that cluster has this many",
         )
         parser.add_argument(
-            "--dask_wait_timeout", type=_positive_seconds, default=WAIT_TIMEOUT,
+            # No default value: Beam hands every option with a value to the workers of any runner,
+            # whose parsers, without this class, log "Discarding unparseable args" for it.
+            "--dask_wait_timeout", type=_positive_seconds, default=None,
             help="seconds to wait for --dask_workers workers of a cluster before giving up, and for a cluster "
                  "left without workers during the run (default: 300)",
         )
@@ -322,6 +324,7 @@ class DaskRunner(_dask_runner.DaskRunner):
         dask_opts = options.view_as(_dask_runner.DaskOptions)
         ours = options.view_as(DaskPipelineOptions)
         workers = ours.dask_workers
+        wait_timeout = ours.dask_wait_timeout or WAIT_TIMEOUT
         cluster = None
         if dask_opts.scheduler_file and not dask_opts.address:
             # Beam's client would wait forever for a file that is not there: its address, checked below.
@@ -330,7 +333,7 @@ class DaskRunner(_dask_runner.DaskRunner):
         if dask_opts.address:
             # Beam's client would wait forever on a server that is not a Dask scheduler.
             if workers:
-                wait_for_workers(dask_opts.address, workers, ours.dask_wait_timeout, _connect_timeout(options))
+                wait_for_workers(dask_opts.address, workers, wait_timeout, _connect_timeout(options))
             else:
                 check_scheduler(dask_opts.address, _connect_timeout(options))
             # Partitions for every worker it has (more than --dask_workers asked for, or without it).
@@ -348,4 +351,4 @@ class DaskRunner(_dask_runner.DaskRunner):
             if cluster is not None:
                 close_cluster(cluster)
             raise
-        return _DaskResult(result, cluster, dask_opts.address, ours.dask_wait_timeout)
+        return _DaskResult(result, cluster, dask_opts.address, wait_timeout)

@@ -534,3 +534,18 @@ def test_a_cluster_of_your_own_gets_twice_as_many_partitions_as_it_has_workers(m
                                             *flags])
         runners.DaskRunner().run_pipeline(None, options)
         assert seen["npartitions"] == expected
+
+
+def test_semjpegs_dask_options_are_not_handed_to_other_runners_workers():
+    """Beam hands every option that has a value to the worker processes of any runner, whose
+    parsers do not know ours: ``--dask_wait_timeout=300.0`` (a default) made each multi-process
+    worker log "Discarding unparseable args". Unset, it still means 300 s on Dask."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.dask_cluster import WAIT_TIMEOUT
+    from pipeline.runners import DaskPipelineOptions
+
+    options = PipelineOptions(["--runner", "DirectRunner"])
+    assert "dask_wait_timeout" not in options.get_all_options(drop_default=True)
+    assert options.view_as(DaskPipelineOptions).dask_wait_timeout is None and WAIT_TIMEOUT == 300
+    assert PipelineOptions(["--dask_wait_timeout", "5"]).view_as(DaskPipelineOptions).dask_wait_timeout == 5
