@@ -715,10 +715,6 @@ def open_binary(path: str):
     return fsspec.open(path, "rb")
 
 
-def bytes_io(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)
-
-
 def sanitize_key(key: str) -> str:
     """Keys become WebDataset member prefixes, so they may not contain dots."""
     return key.replace(".", "_")

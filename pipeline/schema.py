@@ -64,8 +64,3 @@ ERRORS_SCHEMA = pa.schema(
         ("run_id", pa.string()),
     ]
 )
-
-
-def empty_row() -> dict:
-    """A metadata row with every column present and null."""
-    return {name: None for name in METADATA_SCHEMA.names}
