@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-__all__ = ["sample_seed", "pixel_digest", "seed_tensor", "per_sample_normal", "per_sample_uniform"]
+__all__ = ["sample_seed", "pixel_digest", "seed_tensor", "per_sample_uniform"]
 
 
 def sample_seed(*parts: object) -> int:
@@ -38,11 +38,6 @@ def _per_sample(seeds: torch.Tensor, shape: tuple[int, ...], device, draw) -> to
     if not out:
         return torch.empty((0, *shape), device=device)
     return torch.stack(out).to(device)
-
-
-def per_sample_normal(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:
-    """Standard normal noise (N, *shape), sample i drawn from its own seed."""
-    return _per_sample(seeds, shape, device, lambda sh, g: torch.randn(sh, generator=g))
 
 
 def per_sample_uniform(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:

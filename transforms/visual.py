@@ -1,11 +1,11 @@
-"""Pictures of saliency maps: heatmaps and overlays (uint8 HWC RGB out)."""
+"""Pictures of saliency maps: heatmaps (uint8 HWC RGB out)."""
 from __future__ import annotations
 
 import functools
 
 import numpy as np
 
-__all__ = ["heatmap", "overlay"]
+__all__ = ["heatmap"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -20,11 +20,3 @@ def heatmap(saliency: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     s = np.nan_to_num(np.asarray(saliency, dtype=np.float32))
     idx = np.clip(np.rint(s * 255), 0, 255).astype(np.uint8)
     return _lut(cmap)[idx]
-
-
-def overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
-    """The heatmap of ``saliency`` blended over a uint8 (H, W, 3) image."""
-    if image.shape[:2] != np.asarray(saliency).shape:
-        raise ValueError(f"map {np.asarray(saliency).shape} does not match image {image.shape[:2]}")
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * heatmap(saliency, cmap).astype(np.float32)
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
