@@ -23,7 +23,6 @@ __all__ = [
     "resize_and_crop",
     "to_tensor",
     "to_uint8",
-    "quantize",
     "DEFAULT_MAX_PIXELS",
 ]
 
@@ -221,8 +220,3 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
     q = torch.round(x.detach().clamp(0, 1) * 255.0).to(torch.uint8)
     return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round a float image tensor in [0, 1] to the uint8 grid, keeping it float32 on its device."""
-    return torch.round(x.detach().clamp(0, 1) * 255.0) / 255.0

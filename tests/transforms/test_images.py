@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transforms.images import DecodeError, decode_image, quantize, resize_and_crop, to_tensor, to_uint8
+from transforms.images import DecodeError, decode_image, resize_and_crop, to_tensor, to_uint8
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -131,13 +131,6 @@ def test_tensor_round_trip(photos):
     assert 0 <= x.min() and x.max() <= 1
     assert np.array_equal(to_uint8(x), np.stack(photos))
     assert to_tensor([]).shape[0] == 0
-
-
-def test_quantize_on_grid():
-    x = torch.rand(2, 3, 8, 8)
-    q = quantize(x)
-    assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
-    assert (q - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def _full_resize_then_crop(img: np.ndarray, target: int, crop: int) -> np.ndarray:
