@@ -511,12 +511,19 @@ def test_a_compiled_pass_out_of_device_memory_stays_compiled(batch):
     assert has_compiled_passes(model)
 
 def test_inductor_compiled_maps_match_eager(batch):
-    # The real compiler (the C++ backend on the CPU): rounding-level differences at most.
-    model, eager = compile_plain_passes(tiny.build()), tiny.build()
+    # The real compiler (the C++ backend on the CPU): rounding-level differences at most. A
+    # compiler that fails falls back to eager with a warning, and eager maps match eager ones:
+    # the warning is an error here, and the graph must have been compiled and kept.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    inductor = CompileCounterWithBackend("inductor")
+    model, eager = compile_plain_passes(tiny.build(), backend=inductor), tiny.build()
     seeds = torch.arange(len(batch))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         got = aug_msroi_stability(model, batch, seeds=seeds, max_batch=None)
         want = aug_msroi_stability(eager, batch, seeds=seeds, max_batch=None)
+    assert inductor.frame_count >= 1 and has_compiled_passes(model)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[1], want[1])
 
