@@ -29,14 +29,14 @@ def add_arguments(parser) -> None:
 def build_config(args, *, layout: str = "evaluate", defenses=None, attacks=None):
     from pipeline.config import EvaluateConfig, parse_attacks, parse_defenses
 
-    extra = {"run_id": args.run_id} if getattr(args, "run_id", None) else {}
+    extra = {"run_id": args.run_id} if args.run_id else {}
     return EvaluateConfig(
         input=input_config(args), output=args.output, model=model_config(args),
         attacks=parse_attacks(args.attack if attacks is None else attacks),
         defenses=parse_defenses(args.defense if defenses is None else defenses, reference=layout != "defend"),
         seed=args.seed, attack_labels=getattr(args, "attack_labels", "pred"), layout=layout,
-        map_model=map_model_config(args), save_maps=getattr(args, "save_maps", False),
-        map_precision=getattr(args, "map_precision", "fp32"), map_compile=getattr(args, "map_compile", False),
+        map_model=map_model_config(args), save_maps=args.save_maps,
+        map_precision=args.map_precision, map_compile=args.map_compile,
         **extra,
     )
 
