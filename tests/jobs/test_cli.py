@@ -348,10 +348,13 @@ def test_bad_beam_option_values_are_one_line_not_beams_usage(tmp_path):
         "semjpeg evaluate: error: bad pipeline option: argument --direct_num_workers: invalid int value: 'abc'"]
 
 
-def test_ctrl_c_while_the_dask_workers_start_is_a_clean_stop(tmp_path, photos):
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_while_the_dask_workers_start_is_a_clean_stop(tmp_path, photos, sig, code, word):
     """Ctrl-C reaches the whole process group, the Dask workers' fork server too, which was
     still importing in a job's first seconds: it died, and the job waited for workers that never
-    came and ended in tracebacks. Now: 130 and one line, soon."""
+    came and ended in tracebacks. Now: 130 and one line, soon. The same for SIGTERM sent to the
+    group (``timeout``, ``kill -- -PGID``; systemd signals the whole cgroup): the server died of
+    it, and the nannies logged a traceback for every worker they could no longer start."""
     import os
     import signal
     import time
@@ -363,14 +366,14 @@ def test_ctrl_c_while_the_dask_workers_start_is_a_clean_stop(tmp_path, photos):
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         time.sleep(1.5)  # the fork server is importing torch and Beam
-        os.killpg(p.pid, signal.SIGINT)
+        os.killpg(p.pid, getattr(signal, sig))
         start = time.monotonic()
         _, err = p.communicate(timeout=50)
         took = time.monotonic() - start
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130 and err.strip().splitlines() == ["semjpeg defend: interrupted; the previous output is untouched"]
+    assert p.returncode == code and err.strip().splitlines() == [f"semjpeg defend: {word}; the previous output is untouched"]
     assert took < 30 and sorted(x.name for x in tmp_path.iterdir()) == ["a.tar"]
 
 
