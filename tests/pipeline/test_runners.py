@@ -227,7 +227,6 @@ def _free_port() -> int:
 def test_dask_scheduler_that_does_not_answer_is_a_one_line_error_before_any_output(tmp_path, photos, where, count):
     """Beam's client waited forever on a server that is not Dask's, and where nothing listens it
     ended in a long traceback (after --dask_wait_timeout with --dask_workers)."""
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.runners import pipeline_options
@@ -239,9 +238,10 @@ def test_dask_scheduler_that_does_not_answer_is_a_one_line_error_before_any_outp
     options = pipeline_options(["--runner", "DaskRunner", f"--dask_client_address={address}",
                                 "--dask_connection_timeout", "1", *count])
     config = tiny_config([str(tmp_path / "a.tar")], tmp_path / "out", run_id="r")
-    start = time.monotonic()
     try:
-        pool = ThreadPoolExecutor(1)  # a hang fails the test instead of hanging it
+        # A hang fails the test instead of hanging it, and so does Dask's default connect timeout
+        # (30 s) used in place of the 1 s given: the job would take longer than this wait.
+        pool = ThreadPoolExecutor(1)
         job = pool.submit(run_evaluate, config, options)
         pool.shutdown(wait=False)
         reason = "no Dask answer within 2 s" if server else "no connection within 1 s"
@@ -252,7 +252,6 @@ def test_dask_scheduler_that_does_not_answer_is_a_one_line_error_before_any_outp
             server.close()
             for conn in accepted:
                 conn.close()
-    assert time.monotonic() - start < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]  # no staging folder, no output
 
 
