@@ -12,12 +12,20 @@ from .common import finish_run, pipeline_options
 HELP = "write adversarial sets (PNG WebDataset shards per attack) + metadata"
 
 
+#: evaluate's map options, which the attack job refuses (no defense, so no maps), with their
+#: "not given" values: the option as the command line writes it, its dest and that value.
+MAP_OPTIONS = (("--save-maps", "save_maps", False), ("--map-precision", "map_precision", "fp32"),
+               ("--map-compile", "map_compile", False), ("--map-model", "map_model", None),
+               ("--map-weights", "map_weights", None))
+
+
 def add_arguments(parser) -> None:
     evaluate.add_arguments(parser)
+    maps = {dest for _, dest, _ in MAP_OPTIONS}
     for action in parser._actions:  # the attack job stores undefended images only
         if action.dest == "defense":
             action.help = "not accepted: adversarial sets are stored losslessly"
-        elif action.dest in ("save_maps", "map_precision", "map_compile", "map_model", "map_weights"):
+        elif action.dest in maps:
             action.help = "not accepted: no defense, so no saliency maps"
 
 
@@ -26,15 +34,11 @@ def run(args, beam_argv) -> int:
 
     if args.defense:
         raise ValueError("semjpeg attack stores images losslessly; use evaluate or defend for --defense")
-    if args.save_maps:
-        raise ValueError("semjpeg attack makes no saliency maps (no defense); use evaluate or defend for --save-maps")
-    if args.map_precision != "fp32":
-        raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-precision is for evaluate and defend")
-    if args.map_compile:
-        raise ValueError("semjpeg attack makes no saliency maps (no defense); --map-compile is for evaluate and defend")
-    if args.map_model or args.map_weights:
-        raise ValueError("semjpeg attack makes no saliency maps (no defense; a bpda= defense draws its maps with the "
-                         "classifier); --map-model and --map-weights are for evaluate and defend")
+    given = [flag for flag, dest, unset in MAP_OPTIONS if getattr(args, dest) != unset]
+    if given:
+        raise ValueError(f"semjpeg attack makes no saliency maps (no defense; a bpda= defense draws its maps with "
+                         f"the classifier); {', '.join(given)} {'is' if len(given) == 1 else 'are'} for evaluate "
+                         "and defend")
     if not args.attack:
         raise ValueError("give at least one --attack")
     config = evaluate.build_config(args, layout="attack", defenses=[])
