@@ -76,8 +76,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "faster there; contiguous elsewhere); results differ only by rounding")
     g.add_argument("--seed", type=int, default=0,
                    help="run seed (default: 0): the same seed and --run-id give the same shards, byte for byte, "
-                        "wherever the data is stored (the metadata's timings and summary.json's creation time "
-                        "differ)")
+                        "wherever the data is stored, on the same runner, batch size and device (the metadata's "
+                        "timings and summary.json's creation time differ)")
     g.add_argument("--map-model", help="model for saliency maps (default: --model)")
     g.add_argument("--map-weights", help="state dict for --map-model")
     # pipeline.config.MAP_PRECISIONS, written out: importing it here would load torch for --help.
