@@ -131,6 +131,34 @@ def _forkserver_workers() -> None:
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     get_mp_context()  # Dask sets its own preload list on first use: replace it, before the server starts
     multiprocessing.get_context("forkserver").set_forkserver_preload(["pipeline.forkserver_init", "distributed", *WORKER_PRELOAD])
+    _start_forkserver_with_signals_blocked()
+
+
+def _start_forkserver_with_signals_blocked() -> None:
+    """The fork server starts with Ctrl-C and SIGTERM blocked; pipeline.forkserver_init, its first
+    import, ignores them and unblocks them. Ignoring them there alone left the server's start-up
+    (the interpreter's own, its site import) to them: a signal to the process group then killed
+    it with a "Fatal Python error" or the nannies' tracebacks. The blocked mask is inherited by
+    the server; a signal meanwhile waits, in this process too, where another thread takes it.
+    CPython starts its resource tracker the same way."""
+    import signal
+    from multiprocessing import forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    if not hasattr(signal, "pthread_sigmask") or hasattr(server.ensure_running, "_semjpeg"):
+        return
+    ensure_running = server.ensure_running
+
+    def blocked():
+        resource_tracker.ensure_running()  # first: starting it unblocks the signals in this thread
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        try:
+            ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    blocked._semjpeg = True
+    server.ensure_running = blocked
 
 
 def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT) -> None:

@@ -12,3 +12,6 @@ import signal
 
 for _signal in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_signal, signal.SIG_IGN)
+# The server started with them blocked (pipeline.dask_cluster); one sent meanwhile is dropped now.
+if hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
