@@ -125,6 +125,62 @@ def test_flex_template_launcher_refuses_parameters_that_do_not_fit(params, messa
         _launcher().job_argv(params)
 
 
+def test_flex_template_launcher_refuses_a_dataflow_launch():
+    """Dataflow runs the launcher with ``--template_location`` and starts the job from the graph
+    Beam writes there only once the launcher has exited; the jobs wait for their pipeline and then
+    read its summary (the nightly job writes history and report from it), which under a launch is
+    missing or an earlier run's. One line instead of a failed launch or a history from a stale run."""
+    with pytest.raises(ValueError, match="Airflow or cron"):
+        _launcher().job_argv(["--config=gs://b/n.yaml", "--region=us-central1",
+                              "--template_location=gs://b/staging/template_launches/1/job_object"])
+
+
+# `gcloud dataflow flex-template build`'s flags (gcloud reference): there is no --dockerfile.
+GCLOUD_FLEX_BUILD_FLAGS = {
+    "--sdk-language", "--image", "--env", "--flex-template-base-image", "--image-gcr-path", "--go-binary-path",
+    "--jar", "--py-path", "--yaml-pipeline-path", "--yaml-image", "--additional-experiments",
+    "--additional-user-labels", "--cloud-build-service-account", "--dataflow-kms-key", "--disable-public-ips",
+    "--enable-streaming-engine", "--gcs-log-dir", "--image-repository-cert-path",
+    "--image-repository-password-secret-id", "--image-repository-username-secret-id", "--max-workers",
+    "--metadata-file", "--network", "--num-workers", "--print-only", "--service-account-email",
+    "--staging-location", "--subnetwork", "--temp-location", "--worker-machine-type", "--worker-region",
+    "--worker-zone", "--project",
+}
+
+
+def test_flex_template_build_commands_use_flags_gcloud_has():
+    """The launcher Dockerfile's build instructions: gcloud refused --dockerfile, and its
+    --image-gcr-path form needs --py-path and --env and builds its own image from a base image
+    (which would not hold the package): the image is built with docker and given as --image."""
+    text = (DEPLOY / "flex-template/Dockerfile").read_text()
+    comment = " ".join(l.lstrip("# ").rstrip("\\ ") for l in text.splitlines() if l.startswith("#"))
+    build = comment[comment.index("gcloud dataflow flex-template build"):].split(".json", 1)[1]
+    build = build.split("(", 1)[0]
+    flags = set(re.findall(r"(?<!\S)(--[a-z-]+)", build))
+    assert flags <= GCLOUD_FLEX_BUILD_FLAGS, flags - GCLOUD_FLEX_BUILD_FLAGS
+    assert "--image" in flags and "--metadata-file" in flags
+    image = re.search(r"--image[ =](\S+)", build).group(1)
+    assert f"docker build -f deploy/flex-template/Dockerfile -t {image} ." in comment
+    assert f"docker push {image}" in comment
+
+
+def test_crontab_reports_a_non_zero_status():
+    """cron ignores exit statuses and mails only what a job prints; the example sent everything
+    to its log, so a regression (status 3) went unnoticed. A failed night prints one line."""
+    import subprocess
+
+    text = (DEPLOY / "scheduling/crontab").read_text()
+    assert re.search(r"^MAILTO=\S+", text, re.M)
+    (line,) = [l for l in text.splitlines() if l and not l.startswith("#") and "semjpeg nightly" in l]
+    job, redirect = line.split(None, 5)[5].split(" >> ", 1)
+    assert "semjpeg nightly" in job
+    log = redirect.split()[0]
+    for status, printed in ((3, True), (0, False)):  # the nightly job stands in as (exit N)
+        run = subprocess.run(["sh", "-c", f"(exit {status}) >> " + redirect.replace(log, "/dev/null", 1)],
+                             capture_output=True, text=True)
+        assert (f"status {status}" in run.stdout) == printed and bool(run.stdout) == printed
+
+
 def test_gpu_options_accepted_by_beam():
     argv = [l.strip() for l in (DEPLOY / "dataflow-gpu.args").read_text().splitlines()
             if l.strip() and not l.startswith("#")]
@@ -147,7 +203,8 @@ def test_scheduling_examples_parse():
     payload = re.search(r"--message-body=\"(.*)\"$", body, re.M).group(1).replace('\\"', '"')
     payload = payload.replace("$TEMPLATE", "gs://t").replace("$CONFIG", "gs://c")
     assert json.loads(payload)["launchParameter"]["parameters"]["job"] == "nightly"
-    crons = [l for l in (DEPLOY / "scheduling/crontab").read_text().splitlines() if l and not l.startswith("#")]
+    crons = [l for l in (DEPLOY / "scheduling/crontab").read_text().splitlines()
+             if l and not l.startswith("#") and not re.match(r"[A-Z_]+=", l)]  # not MAILTO=...
     assert crons and all(len(l.split()) > 5 and "semjpeg nightly" in l for l in crons)
     assert yaml.safe_load((DEPLOY / "nightly.example.yaml").read_text())["runner"] == "DataflowRunner"
 
