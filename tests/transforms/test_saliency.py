@@ -79,7 +79,7 @@ def test_rank_weights_match_the_authors():
     assert msroi_rank_weights(5) == pytest.approx([1 / 2, 1 / 4, 1 / 8, 1 / 16, 1.2 / 16])
     assert msroi_rank_weights(1) == pytest.approx([1.2])
     assert msroi_rank_weights(3) == pytest.approx([1 / 2, 1 / 4, 1.2 / 4])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^k must be >= 1, got 0$"):
         msroi_rank_weights(0)
 
 
