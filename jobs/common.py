@@ -28,10 +28,14 @@ def nothing_processed(summary: dict, output: str) -> str | None:
     return f"no input was processed: {errors} error{'s' if errors != 1 else ''} (see {output.rstrip('/')}/errors)"
 
 
-def finish_run(job: str, summary: dict, output: str) -> int:
-    """Print a finished run's table and output; the exit status (NOTHING_PROCESSED, or 0)."""
+def finish_run(job: str, summary: dict | None, output: str) -> int:
+    """Print a finished run's table and output; the exit status (NOTHING_PROCESSED, or 0).
+    ``summary`` None: the job was only submitted (a Flex Template launch), 0."""
     from pipeline.summary import format_table
 
+    if summary is None:
+        print(f"submitted: the job writes {output} when it runs")
+        return 0
     print(format_table(summary))
     print(f"wrote {output}")
     problem = nothing_processed(summary, output)

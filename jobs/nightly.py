@@ -5,7 +5,8 @@ Beam options on the command line (``--region=...``, as a Flex Template launcher 
 own) come after the config's ``runner`` and ``runner_options``, and win (options that take
 several values, such as ``--experiments``, add to the config's instead).
 
-Exit status: 0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
+Exit status (a Flex Template launch: 0 once the job is submitted; the job keeps its own books):
+0 when nothing regressed, 3 on an alarm (a metric worse than the previous night's
 beyond tolerance, an attack x defense pair without results, a night without any result; each is
 named on stderr and in the report), 2 for configuration errors and a damaged or unwritable
 history (nothing is run, history is untouched), 1 when a write finds no room or the Dask cluster
@@ -55,6 +56,10 @@ def run(args, beam_argv) -> int:
 
     cfg = load_config(args.config)
     result = run_nightly(cfg, parse_date(args.date), beam_argv)
+    if result.summary is None:  # a Flex Template launch: the job keeps its own books when it runs
+        print(f"submitted: the job writes {result.output}, the history, nightly.json and the report when it "
+              "runs; its alarms are logged as errors and counted in semjpeg:nightly_alarms")
+        return 0
     print(format_table(result.summary))
     print(f"wrote {result.output}" + (f" and {result.report}" if result.report else ""))
     if result.previous_date is None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -181,9 +182,22 @@ def _in_process(options: PipelineOptions) -> bool:
     return name in ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner") and mode == "in_memory"
 
 
-def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
-    """Check inputs and output, run the pipeline to completion, return summary.json's content.
+def submit_only(options: PipelineOptions) -> bool:
+    """Whether running the pipeline only records the job, which starts after this process exits
+    (a Dataflow Flex Template launch, ``--template_location``): nothing can be waited for or
+    read back then."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
 
+    return bool(options.view_as(GoogleCloudOptions).template_location)
+
+
+def run_evaluate(config: EvaluateConfig, options: PipelineOptions,
+                 then: Callable[[beam.PCollection], object] | None = None) -> dict | None:
+    """Check inputs and output, run the pipeline to completion, return summary.json's content;
+    None when the job is only submitted (:func:`submit_only`): it writes its output when it runs.
+
+    ``then`` adds stages after the commit, given the PCollection of the summary (the nightly
+    job's bookkeeping, where it cannot wait for the job).
     Configuration problems raise ValueError before any work starts; a failed run removes its
     staging folder and leaves the previous output untouched.
     """
@@ -199,9 +213,16 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions) -> dict:
         runner = options.view_as(StandardOptions).runner
         monitor = ProgressMonitor(len(config.attacks) * len(config.defenses)) if is_local(runner) else None
         p = beam.Pipeline(options=options)
-        build_evaluate(p, config, shards, out, progress=monitor.folder if monitor else None)
+        summary = build_evaluate(p, config, shards, out, progress=monitor.folder if monitor else None)
+        if then is not None:
+            then(summary)
         with monitor or contextlib.nullcontext():
             result = p.run()
+            if submit_only(options):
+                # The job is recorded, to run once this process exits (Beam 2.77 reports it done):
+                # its staging folder is where its workers write.
+                log.info("run %s: job submitted; it writes %s when it runs", config.run_id, config.output)
+                return None
             result.wait_until_finish()
     except BaseException as e:
         out.abandon()

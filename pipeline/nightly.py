@@ -54,12 +54,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import apache_beam as beam
 import fsspec
 import yaml
+from apache_beam.metrics import Metrics
 
 from .config import EvaluateConfig, InputConfig, ModelConfig, check_map_precision, parse_attacks, parse_defenses
-from .history import (METRICS, check_night, check_writable, compare, configured_pairs, history_rows, read_history,
-                      write_partition)
+from .history import (METRICS, ModelChange, check_night, check_writable, compare, configured_pairs, history_rows,
+                      read_history, write_partition)
 from .io import input_fs, is_within, join, write_bytes
 from .runners import check_runner, pipeline_options
 from .signals import defer_interrupts
@@ -359,13 +361,19 @@ def run_nightly(cfg: NightlyConfig, date: str, extra_beam_argv: list[str] | tupl
     History is checked writable and read (any damage reported) before any work; it is written
     only after the run committed, one partition, atomically.
     """
-    from .evaluate import run_evaluate
+    from .evaluate import run_evaluate, submit_only
 
     options = pipeline_options(cfg.beam_argv() + list(extra_beam_argv))  # bad options: before anything
     check_writable(cfg.history)
     check_night(cfg.history, date)
     history = read_history(cfg.history)
     evaluate = cfg.evaluate_config(date)
+    if submit_only(options):
+        # A Flex Template launch: the job runs after this process exits, so its last stage keeps
+        # the books (history, nightly.json, report) once the output is committed.
+        run_evaluate(evaluate, options,
+                     then=lambda summary: summary | "FinishNight" >> beam.ParDo(FinishNight(cfg, date, evaluate.output)))
+        return NightlyResult(date, evaluate.output, None, None, (), None)
     summary = run_evaluate(evaluate, options)
     # The output is committed: an interrupt now would leave a night without its history and
     # report (and its alarms unsaid), so the bookkeeping finishes first.
@@ -376,6 +384,32 @@ def run_nightly(cfg: NightlyConfig, date: str, extra_beam_argv: list[str] | tupl
         e.semjpeg_written = (f"{evaluate.output} was written, but its history, nightly.json or report may be "
                              "missing (run that date again)")
         raise
+
+
+class FinishNight(beam.DoFn):
+    """The night's bookkeeping as the job's last stage, after its commit, for a job that runs once
+    its launcher has exited (a Flex Template launch): the history as it is then, compared,
+    appended; nightly.json and the report. Alarms are logged as errors and counted
+    (``semjpeg:nightly_alarms``, which Dataflow exports to Cloud Monitoring), since no exit
+    status reaches anyone. A retried bundle does it again: every write replaces its file."""
+
+    def __init__(self, cfg: NightlyConfig, date: str, output: str):
+        self.cfg, self.date, self.output = cfg, date, output
+
+    def setup(self):
+        self.alarms = Metrics.counter("semjpeg", "nightly_alarms")
+
+    def process(self, summary):
+        history = read_history(self.cfg.history)
+        history.pop(self.date, None)  # a retry finds tonight's partition already written
+        result = _bookkeeping(self.cfg, self.date, self.output, summary, history)
+        alarms = [r for r in result.regressions if not isinstance(r, ModelChange)]
+        for r in result.regressions:
+            log.error("%s: %s", "NOTE" if isinstance(r, ModelChange) else "REGRESSION", r.describe())
+        self.alarms.inc(len(alarms))
+        log.info("night %s: history, nightly.json%s written; %d alarm(s)", self.date,
+                 " and report" if result.report else "", len(alarms))
+        yield len(alarms)
 
 
 def _bookkeeping(cfg: NightlyConfig, date: str, output: str, summary: dict, history: dict) -> NightlyResult:

@@ -11,9 +11,10 @@ Any other ``--name=value`` (Dataflow's own options) passes through to the job's 
 
 A Dataflow launch also passes ``--template_location``: Beam then writes the job's graph there, and
 Dataflow starts the job only after this program exits (Google's Flex Template docs: don't call
-``wait_until_finish``). semjpeg's jobs wait for their pipeline and then read what it wrote (the
-nightly job its summary, for the history and the report), so under a launch they would fail on a
-summary not yet written, or read an earlier run's; the launcher stops with one line instead.
+``wait_until_finish``). The jobs see it and only submit (``pipeline.evaluate.submit_only``): they
+check their configuration, inputs and history as always, then exit 0 without waiting; the
+nightly job's history, nightly.json and report are written by the job's own last stage, and its
+alarms are logged as errors and counted (``semjpeg:nightly_alarms``).
 """
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ def job_argv(argv: list[str]) -> list[str]:
             params[name] = value
         else:
             rest.append(a)
-    if any(a.partition("=")[0] == "--template_location" for a in rest):
-        raise ValueError("semjpeg's jobs wait for their Dataflow job, which a Flex Template launch starts only "
-                         "after the launcher exits: run semjpeg from Airflow or cron (deploy/README.md, Scheduling)")
     job = params.pop("--job", "nightly") or "nightly"
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}; valid: {', '.join(JOBS)}")

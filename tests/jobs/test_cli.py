@@ -556,3 +556,16 @@ def test_nothing_processed_counts_its_errors_in_words():
     assert nothing_processed({"samples": 0, "errors": {"decode": 1, "read": 2}}, "o") == (
         "no input was processed: 3 errors (see o/errors)")
     assert nothing_processed({"samples": 1, "errors": {"decode": 1}}, "o") is None
+
+
+def test_a_template_launch_only_submits(tmp_path, capsys, photos):
+    """Under a Flex Template launch (``--template_location``) the job starts once the launcher
+    has exited: the launcher neither waits nor reads a summary (it read none yet, or an earlier
+    run's). The FnApiRunner ignores the option and runs the job in place."""
+    write_tar(tmp_path / "a.tar", good_members(photos)[:2])
+    out = tmp_path / "o"
+    code = main(["defend", "--input", str(tmp_path / "a.tar"), "--output", str(out), "--defense", "jpeg",
+                 "--model", "tests.tiny:build", "--runner", "FnApiRunner", f"--template_location={tmp_path / 'job'}"])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.strip() == f"submitted: the job writes {out} when it runs"
+    assert (out / "_SUCCESS").exists()

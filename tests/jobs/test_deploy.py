@@ -125,14 +125,16 @@ def test_flex_template_launcher_refuses_parameters_that_do_not_fit(params, messa
         _launcher().job_argv(params)
 
 
-def test_flex_template_launcher_refuses_a_dataflow_launch():
+def test_flex_template_launch_passes_its_template_location_to_the_job():
     """Dataflow runs the launcher with ``--template_location`` and starts the job from the graph
-    Beam writes there only once the launcher has exited; the jobs wait for their pipeline and then
-    read its summary (the nightly job writes history and report from it), which under a launch is
-    missing or an earlier run's. One line instead of a failed launch or a history from a stale run."""
-    with pytest.raises(ValueError, match="Airflow or cron"):
-        _launcher().job_argv(["--config=gs://b/n.yaml", "--region=us-central1",
-                              "--template_location=gs://b/staging/template_launches/1/job_object"])
+    Beam writes there once the launcher has exited: the job's options must carry it (the jobs then
+    only submit: tests/pipeline/test_nightly.py, a launch's night)."""
+    from pipeline.evaluate import submit_only
+
+    argv = _launcher().job_argv(["--config=gs://b/n.yaml", "--region=us-central1",
+                                 "--template_location=gs://b/staging/template_launches/1/job_object"])
+    assert argv[-1] == "--template_location=gs://b/staging/template_launches/1/job_object"
+    assert submit_only(pipeline_options(argv[2:])) and not submit_only(pipeline_options(argv[2:-1]))
 
 
 # `gcloud dataflow flex-template build`'s flags (gcloud reference): there is no --dockerfile.

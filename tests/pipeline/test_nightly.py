@@ -208,6 +208,36 @@ def test_two_nights_regression_exit_and_report(tmp_path, photos, capsys):
     assert (tmp_path / "history" / "date=2026-11-24" / "summary.parquet").read_bytes() == before
 
 
+def test_a_template_launch_submits_and_the_job_keeps_its_own_books(tmp_path, photos, capsys, caplog):
+    """A Flex Template launch (``--template_location``) runs the job only after the launcher has
+    exited: the launcher cannot wait for it, nor read its summary, so the night's history,
+    nightly.json and report come from the job's last stage, and its alarms are logged and counted.
+    The FnApiRunner ignores the option and runs the job in place, which shows that stage at work."""
+    import json
+    import logging
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", good_members(photos))
+    cfg = config(tmp_path)
+    path = write_config(tmp_path, cfg)
+    assert main(["nightly", "--config", path, "--date", "2026-11-24"]) == 0
+    better = [dict(r, agree_clean=1.0, top1=1.0) for r in read_history(cfg["history"])["2026-11-24"]]
+    write_partition(cfg["history"], "2026-11-24", better)
+    capsys.readouterr()
+    launch = tmp_path / "staging" / "job_object"
+    with caplog.at_level(logging.ERROR, logger="pipeline.nightly"):
+        code = main(["nightly", "--config", path, "--date", "2026-11-25", f"--template_location={launch}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "submitted: the job writes" in out and "REGRESSION" not in out
+    night = tmp_path / "nightly" / "date=2026-11-25"
+    assert (night / "_SUCCESS").exists() and (night / "report.html").exists()
+    assert sorted(read_history(cfg["history"])) == ["2026-11-24", "2026-11-25"]
+    alarms = json.loads((night / "nightly.json").read_text())["alarms"]
+    assert alarms and any("top1 of fgsm:eps=4/255 x jpeg:quality=50 dropped from 1 (2026-11-24)" in a for a in alarms)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert {f"REGRESSION: {a}" for a in alarms} <= set(logged)
+
+
 def test_corrupt_history_stops_before_any_work(tmp_path, photos, capsys):
     (tmp_path / "in").mkdir()
     write_tar(tmp_path / "in" / "a.tar", good_members(photos)[:2])
