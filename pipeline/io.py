@@ -571,7 +571,7 @@ class OutputDir:
         except BaseException:
             self._restore(fs, final)
             raise
-        if old is not None:
+        if old is not None and fs.exists(old):  # an empty folder moved aside leaves no copy on a store
             fs.rm(old, recursive=True)
         for stale in self._stale_copies(fs, final):
             log.warning("removing %s, left by an interrupted earlier commit of this output", stale)

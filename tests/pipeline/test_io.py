@@ -470,3 +470,17 @@ def test_a_retried_commit_on_an_object_store_starts_from_the_previous_output(obj
     out.abandon()
     assert _objects(objstore, "/bk/out") == before and not out.committed()
     assert all(p.startswith("/bk/out/") for p in objstore.store)
+
+
+def test_an_empty_output_folder_on_a_store_with_folders_is_replaced(monkeypatch):
+    """memory:// (and a bucket with folder objects) keeps an empty folder: moving it aside moved no
+    file and made no copy, and the commit, its output in place, failed removing that copy."""
+    fs = fsspec.filesystem("memory")
+    monkeypatch.setattr(type(fs), "store", {})
+    monkeypatch.setattr(type(fs), "pseudo_dirs", [""])
+    fs.makedirs("/rv/out")
+    out = OutputDir("memory://rv/out", "r1")
+    out.check()
+    fs.pipe("/rv/.out.staging-r1/summary.json", b"{}")
+    out.commit([out.path("summary.json")])
+    assert out.committed() and sorted(fs.find("/rv")) == ["/rv/out/_SUCCESS", "/rv/out/summary.json"]
