@@ -16,6 +16,7 @@ from jobs.__main__ import main
 from pipeline.history import (HISTORY_SCHEMA, MISSING, compare, configured_pairs, find_regressions, history_rows,
                               read_history, write_partition)
 from pipeline.nightly import DEFAULT_TOLERANCE, NightlyConfig, parse_date
+from tests.conftest import ROOT
 from tests.shards import good_members, hostile_members, write_tar
 
 
@@ -532,7 +533,7 @@ def test_history_and_report_reads_start_no_pyarrow_threads(tmp_path):
         f"assert read_history({str(tmp_path / 'h')!r}) and load_rows({str(tmp_path / 'run')!r})\n"
         "sys.exit(0 if threads() == before else 1)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
