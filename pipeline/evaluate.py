@@ -49,7 +49,7 @@ class _Finalize(beam.DoFn):
             # goes, and a new staging folder, a new summary or a second commit are not made.
             log.warning("run %s: %s is already committed; finishing its commit", self.config.run_id, self.out.final)
             self.out.abandon()
-            yield json.loads(read_bytes(join(self.out.final, "summary.json")))
+            yield json.loads(read_bytes(join(self.out.target, "summary.json")))
             return
         table = [v for tag, v in parts if tag == "table"]
         error_counts = [v for tag, v in parts if tag == "errors"]
