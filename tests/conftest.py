@@ -16,6 +16,17 @@ SHARED = Path(os.environ.get("SEMJPEG_SHARED", ROOT.parent / "shared"))
 DEV = SHARED / "data" / "imagenet-dev"
 
 
+def peak_growth_kib(code: str) -> int:
+    """Run ``code``, Python that prints how many KiB its peak resident memory grew (``ru_maxrss``
+    around what it measures), in a fresh interpreter from the repository; that number."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny.build()

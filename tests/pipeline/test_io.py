@@ -394,6 +394,25 @@ def _objects(fs, prefix):
     return {p[len(prefix) + 1:]: fs.cat(p).decode().strip() for p in fs.find(prefix)}
 
 
+def _rerun_on_a_store(objstore, failing_copy=None):
+    """A finished output r0 at objstore://bk/out and run r1's written staging folder, checked;
+    ``failing_copy(path, source)`` (whether the store's copy of it fails with a 503) hooked in.
+    Returns (the previous output's objects, the OutputDir, the copies seen)."""
+    _finished_object(objstore, "/bk/out", "r0")
+    before = _objects(objstore, "/bk/out")
+    out = OutputDir("objstore://bk/out", "r1")
+    out.check()
+    _finished_object(objstore, "/bk/.out.staging-r1", "r1", success=False)
+    copied = []
+
+    def fail(op, path, source):
+        if op == "cp" and failing_copy is not None and failing_copy(path, source, copied):
+            raise OSError("503 Service Unavailable")
+
+    ObjectStore.hook = staticmethod(fail)
+    return before, out, copied
+
+
 def test_on_an_object_store_success_is_never_seen_beside_part_of_an_output(objstore):
     """A move there copies and deletes object by object: the previous output's _SUCCESS stayed
     while its other files were deleted, where a reader polling for _SUCCESS read part of a run."""
@@ -419,20 +438,12 @@ def test_on_an_object_store_success_is_never_seen_beside_part_of_an_output(objst
 def test_a_commit_cut_short_copying_the_previous_output_aside_keeps_it(objstore, at):
     """Its copy aside stopped after ``at`` of 8 objects: the restore removed the whole previous
     output and moved back that partial copy."""
-    _finished_object(objstore, "/bk/out", "r0")
-    before = _objects(objstore, "/bk/out")
-    out = OutputDir("objstore://bk/out", "r1")
-    out.check()
-    _finished_object(objstore, "/bk/.out.staging-r1", "r1", success=False)
-    copied = []
-
-    def fail(op, path, source):
-        if op == "cp" and ".old-" in path:
+    def aside(path, source, copied):
+        if ".old-" in path:
             copied.append(path)
-            if len(copied) == at:
-                raise OSError("503 Service Unavailable")
+        return ".old-" in path and len(copied) == at
 
-    ObjectStore.hook = staticmethod(fail)
+    before, out, _ = _rerun_on_a_store(objstore, aside)
     with pytest.raises(OSError, match="503"):
         out.commit()
     ObjectStore.hook = None
@@ -445,20 +456,12 @@ def test_a_retried_commit_on_an_object_store_starts_from_the_previous_output(obj
     """A commit killed while it moved the new output in (a Dataflow worker lost: no handler ran),
     retried, and failing again: the previous output comes back whole, not mixed with the files
     the first attempt had moved in."""
-    _finished_object(objstore, "/bk/out", "r0")
-    before = _objects(objstore, "/bk/out")
-    out = OutputDir("objstore://bk/out", "r1")
-    out.check()
-    _finished_object(objstore, "/bk/.out.staging-r1", "r1", success=False)
-    copied = []
-
-    def fail(op, path, source):
-        if op == "cp" and source.startswith("/bk/.out.staging-r1/"):
+    def moving_in(path, source, copied):
+        if source.startswith("/bk/.out.staging-r1/"):
             copied.append(path)
-            if len(copied) == 4:
-                raise OSError("503 Service Unavailable")
+        return source.startswith("/bk/.out.staging-r1/") and len(copied) == 4
 
-    ObjectStore.hook = staticmethod(fail)
+    before, out, copied = _rerun_on_a_store(objstore, moving_in)
     with monkeypatch.context() as m:
         m.setattr(OutputDir, "_restore", lambda self, fs, final: False)  # killed: nothing cleaned up
         with pytest.raises(OSError):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import peak_growth_kib
 from transforms.images import DecodeError, decode_image, resize_and_crop, to_tensor, to_uint8
 
 
@@ -172,14 +173,8 @@ def test_thin_image_decodes_in_bounded_memory():
         "assert out.shape == (224, 224, 3) and (out == (10, 200, 30)).all(), out[0, 0]\n"
         "print(grown)\n"
     )
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert int(r.stdout) < 50_000, f"peak memory grew by {int(r.stdout)} KiB"
+    grown = peak_growth_kib(code)
+    assert grown < 50_000, f"peak memory grew by {grown} KiB"
 
 
 def test_16_bit_image_decodes_in_bounded_memory():
@@ -196,14 +191,8 @@ def test_16_bit_image_decodes_in_bounded_memory():
         "assert out.shape == (3000, 3000, 3) and (out == 156).all(), out[0, 0]\n"
         "print(grown)\n"
     )
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert int(r.stdout) < 120_000, f"peak memory grew by {int(r.stdout)} KiB"
+    grown = peak_growth_kib(code)
+    assert grown < 120_000, f"peak memory grew by {grown} KiB"
 
 
 def test_configured_pixel_limit_governs_over_pillows(monkeypatch):

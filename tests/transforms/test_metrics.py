@@ -5,6 +5,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from tests.conftest import peak_growth_kib
 from transforms import metrics
 
 
@@ -72,11 +73,5 @@ def test_ssim_of_a_thin_strip_takes_bounded_memory():
         "assert 0 < s.item() < 1, s\n"
         "print(grown)\n"
     )
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert int(r.stdout) < 50_000, f"peak memory grew by {int(r.stdout)} KiB"
+    grown = peak_growth_kib(code)
+    assert grown < 50_000, f"peak memory grew by {grown} KiB"
