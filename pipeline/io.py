@@ -530,7 +530,8 @@ class OutputDir:
         whose results were not kept wrote) is left out.
         The previous output is moved aside (``<output>.old-<run id>``) and removed once the new
         one is in place. If the swap fails or is interrupted, the previous output is put back
-        (here, by :meth:`abandon`, or by a retry of this commit); copies left aside by a killed
+        (here, by :meth:`abandon`, or by a retry of this commit), and the run's files, if already
+        moved in, go back to staging, where a retry finds them; copies left aside by a killed
         earlier commit of this output are removed once this one has succeeded."""
         fs, final = url_to_fs(self.target)
         _, staging = url_to_fs(self.staging)
@@ -561,14 +562,24 @@ class OutputDir:
         # previous output, not from a mix of it and the part of this run moved in.
         self._restore(fs, final)
         old = None
+        moved_in = False
         try:
             if fs.exists(final):
                 old = f"{final}.old-{self.run_id}"
                 _move_folder(fs, final, old)
-            _move_folder(fs, staging, final)
+            _move_folder(fs, staging, final, keep_source_on_error=True)
+            moved_in = True
             with fs.open(join(final, SUCCESS), "wb") as f:
                 f.write(self.run_id.encode() + b"\n")
         except BaseException:
+            if moved_in:
+                # The run's files are in place, not marked done (writing _SUCCESS failed): back
+                # where a retry of this commit (a Dataflow bundle's) finds them, else it could
+                # only fail, and the run would be lost.
+                try:
+                    _move_folder(fs, final, staging)
+                except Exception as e:
+                    log.warning("could not move %s back to %s for a retry: %s", self.final, self.staging, e)
             self._restore(fs, final)
             raise
         if old is not None and fs.exists(old):  # an empty folder moved aside leaves no copy on a store
@@ -660,11 +671,13 @@ class OutputDir:
         remove_empty_folders(fs, self._created)
 
 
-def _move_folder(fs, src: str, dst: str) -> None:
+def _move_folder(fs, src: str, dst: str, keep_source_on_error: bool = False) -> None:
     """Move the folder ``src`` to ``dst`` (which does not exist). A rename on a local disk; on an
     object store a move is a copy of each object, then its deletion, so ``_SUCCESS`` is copied
     last and deleted first: a folder with a ``_SUCCESS`` holds all of its files (a reader never
-    sees one beside part of them), and a copy cut short has none."""
+    sees one beside part of them), and a copy cut short has none. ``keep_source_on_error``: once
+    every object is copied, a failure deleting the source is a warning (what is left of it is
+    garbage: ``dst`` is whole), not an error that would undo the copy."""
     if isinstance(fs, LocalFileSystem):
         fs.mv(src, dst, recursive=True)
         return
@@ -676,7 +689,12 @@ def _move_folder(fs, src: str, dst: str) -> None:
     if marker in files:
         fs.copy(marker, join(dst, SUCCESS))
         fs.rm(marker)
-    fs.rm(src, recursive=True)
+    try:
+        fs.rm(src, recursive=True)
+    except Exception as e:
+        if not keep_source_on_error:
+            raise
+        log.warning("%s was copied to %s, but removing what is left of it failed (%s): remove it", src, dst, e)
 
 
 def _folders_between(path: str, top: str) -> list[str]:

@@ -27,7 +27,8 @@ def tiny_config(inputs, output, *, attacks=("fgsm:eps=4/255",), defenses=("jpeg:
 
 class ObjectStore(MemoryFileSystem):
     """An object store as GCS and S3 are one: no directories (a prefix exists while a key is under
-    it), a move is a copy of each object then its deletion; ``hook(op, path, source)`` runs before each."""
+    it), a move is a copy of each object then its deletion; ``hook(op, path, source)`` runs before each
+    copy (``cp``), deletion (``rm``) and file opened for writing (``write``)."""
 
     protocol = "objstore"
     store: dict = {}
@@ -60,6 +61,11 @@ class ObjectStore(MemoryFileSystem):
         if self.hook:
             self.hook("rm", self._strip_protocol(path), None)
         super().rm_file(path)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if self.hook and "w" in mode:
+            self.hook("write", self._strip_protocol(path), None)
+        return super()._open(path, mode, **kwargs)
 
 
 @pytest.fixture

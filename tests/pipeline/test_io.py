@@ -487,3 +487,67 @@ def test_an_empty_output_folder_on_a_store_with_folders_is_replaced(monkeypatch)
     fs.pipe("/rv/.out.staging-r1/summary.json", b"{}")
     out.commit([out.path("summary.json")])
     assert out.committed() and sorted(fs.find("/rv")) == ["/rv/out/_SUCCESS", "/rv/out/summary.json"]
+
+
+def test_a_commit_whose_success_marker_fails_is_retried_whole(objstore, tmp_path, monkeypatch):
+    """Writing _SUCCESS failed once (a transient 503) after the run's files were moved in: the
+    failed commit deleted them with the restore, and every retry (a Dataflow bundle's) then failed
+    on a staging folder without the run's files, the run lost. They go back to staging."""
+    written = []
+
+    def once(op, path, source):
+        if op == "write" and path == "/bk/out/_SUCCESS" and not written:
+            written.append(path)
+            raise OSError("503 Service Unavailable")
+
+    before, out, _ = _rerun_on_a_store(objstore)
+    ObjectStore.hook = staticmethod(once)
+    with pytest.raises(OSError, match="503"):
+        out.commit()
+    assert _objects(objstore, "/bk/out") == before and not out.committed()
+    out.commit()  # the retry
+    ObjectStore.hook = None
+    assert out.committed() and set(_objects(objstore, "/bk/out").values()) == {"r1"}
+    assert all(p.startswith("/bk/out/") for p in objstore.store)
+
+    # The same on a local disk.
+    import fsspec.implementations.local as local
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "summary.json").write_text("r0")
+    (final / SUCCESS).write_text("r0\n")
+    out = OutputDir(str(final), "r1")
+    out.check()
+    (tmp_path / ".out.staging-r1").mkdir(exist_ok=True)
+    (tmp_path / ".out.staging-r1" / "summary.json").write_text("r1")
+    real_open = local.LocalFileSystem.open
+    failed = []
+
+    def open_once(self, path, mode="rb", **kw):
+        if "w" in mode and str(path).endswith(f"out/{SUCCESS}") and not failed:
+            failed.append(path)
+            raise OSError(28, "No space left on device")
+        return real_open(self, path, mode, **kw)
+
+    monkeypatch.setattr(local.LocalFileSystem, "open", open_once)
+    with pytest.raises(OSError):
+        out.commit([out.path("summary.json")])
+    assert (final / "summary.json").read_text() == "r0" and not out.committed()
+    out.commit([out.path("summary.json")])
+    assert out.committed() and (final / "summary.json").read_text() == "r1"
+
+
+def test_a_commit_that_cannot_remove_its_staging_on_a_store_still_commits(objstore, caplog):
+    """Every object copied into the output, deleting the staging copies failed: the output is
+    whole, so it is committed (a warning says what to remove), not undone."""
+    def staging_rm(op, path, source):
+        if op == "rm" and path.startswith("/bk/.out.staging-r1/"):
+            raise OSError("503 Service Unavailable")
+
+    before, out, _ = _rerun_on_a_store(objstore)
+    ObjectStore.hook = staticmethod(staging_rm)
+    out.commit()
+    ObjectStore.hook = None
+    assert out.committed() and set(_objects(objstore, "/bk/out").values()) == {"r1"}
+    assert "removing what is left of it failed" in caplog.text
