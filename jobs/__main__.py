@@ -15,6 +15,8 @@ import logging
 import signal
 import sys
 
+from pipeline.signals import Terminated, track_interrupts
+
 from .common import exception_chain as _chain
 
 #: Subcommand -> module under ``jobs``; each has ``HELP``, ``add_arguments(parser)`` and
@@ -91,13 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, systemd, Kubernetes), raised where the job is, so that it
-    unwinds as after Ctrl-C: staging folders removed, clusters closed, the previous output kept."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
 
 
 def _written(e: BaseException) -> str:
@@ -130,7 +125,7 @@ def cli(argv: list[str] | None = None) -> int:
     of what is left (``gc.freeze``) lets the interpreter's exit skip its final collections over
     torch's and Beam's objects: about 1 s of every run on this machine. ``main`` itself leaves
     the collector and the signal handlers alone, for callers that go on working in the process."""
-    signal.signal(signal.SIGTERM, _terminate)
+    track_interrupts()
     args = sys.argv[1:] if argv is None else list(argv)
     # The job, as every other error line names it (the first word that is not an option).
     job = next((a for a in args if not a.startswith("-")), None)

@@ -26,6 +26,7 @@ from .progress import CountProgress, ProgressMonitor, is_local, runner_name, sum
 from .read_shards import ReadImageShards
 from .records import SourceShard
 from .saliency import SaliencyMaps
+from .signals import check_interrupted
 from .summary import Summarize, software_versions
 from .write_metadata import WriteMetadata
 from .write_shards import WriteShards, jsonable
@@ -216,6 +217,7 @@ def run_evaluate(config: EvaluateConfig, options: PipelineOptions,
         summary = build_evaluate(p, config, shards, out, progress=monitor.folder if monitor else None)
         if then is not None:
             then(summary)
+        check_interrupted()  # a Ctrl-C or SIGTERM that an import swallowed stops the job here
         with monitor or contextlib.nullcontext():
             result = p.run()
             if submit_only(options):

@@ -13,6 +13,42 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, systemd, Kubernetes), raised where the job is, so that it
+    unwinds as after Ctrl-C: staging folders removed, clusters closed, the previous output kept."""
+
+
+#: The signals the command's handlers (track_interrupts) took since they were installed.
+_received: list[int] = []
+
+
+def _raise(signum: int):
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def track_interrupts() -> None:
+    """The ``semjpeg`` command's handlers: Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated,
+    and each is recorded, for :func:`check_interrupted`."""
+    _received.clear()
+
+    def handler(signum, frame):
+        _received.append(signum)
+        _raise(signum)
+
+    for s in SIGNALS:
+        signal.signal(s, handler)
+
+
+def check_interrupted() -> None:
+    """Raise again an interrupt whose exception did not stop the job: one that landed in a
+    library's ``try: import ... except: pass`` while the job imported torch and Beam (a signal in
+    a job's first seconds was lost that way, and the job ran to its end)."""
+    if _received:
+        signum = _received[-1]
+        _received.clear()
+        _raise(signum)
+
+
 @dataclass
 class Deferred:
     """The signals received while deferring (their numbers, in order)."""
