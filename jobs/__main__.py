@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from pipeline.signals import Terminated, track_interrupts
+from pipeline.signals import Terminated, stop_tracking, track_interrupts
 
 from .common import exception_chain as _chain
 
@@ -130,7 +130,10 @@ def cli(argv: list[str] | None = None) -> int:
     # The job, as every other error line names it (the first word that is not an option).
     job = next((a for a in args if not a.startswith("-")), None)
     try:
-        code = main(args)
+        try:
+            code = main(args)
+        finally:
+            stop_tracking()
     except BaseException as e:
         what = _interruption(e)
         if what is None:

@@ -18,8 +18,9 @@ class Terminated(KeyboardInterrupt):
     unwinds as after Ctrl-C: staging folders removed, clusters closed, the previous output kept."""
 
 
-#: The signals the command's handlers (track_interrupts) took since they were installed.
-_received: list[int] = []
+#: The signals the command's handlers (track_interrupts) took while its job ran; None when no
+#: command is tracking them (a caller of ``main`` in its own process, a test).
+_received: list[int] | None = None
 
 
 def _raise(signum: int):
@@ -28,15 +29,23 @@ def _raise(signum: int):
 
 def track_interrupts() -> None:
     """The ``semjpeg`` command's handlers: Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated,
-    and each is recorded, for :func:`check_interrupted`."""
-    _received.clear()
+    and each is recorded, for :func:`check_interrupted`, until :func:`stop_tracking`."""
+    global _received
+    _received = []
 
     def handler(signum, frame):
-        _received.append(signum)
+        if _received is not None:
+            _received.append(signum)
         _raise(signum)
 
     for s in SIGNALS:
         signal.signal(s, handler)
+
+
+def stop_tracking() -> None:
+    """The job is over: what the handlers took is forgotten, and no longer recorded."""
+    global _received
+    _received = None
 
 
 def check_interrupted() -> None:
@@ -44,7 +53,7 @@ def check_interrupted() -> None:
     library's ``try: import ... except: pass`` while the job imported torch and Beam (a signal in
     a job's first seconds was lost that way, and the job ran to its end)."""
     if _received:
-        signum = _received[-1]
+        signum = _received.pop()
         _received.clear()
         _raise(signum)
 

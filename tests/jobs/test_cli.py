@@ -560,7 +560,7 @@ def test_an_interrupt_that_an_import_swallowed_stops_the_job_at_the_next_checkpo
     import os
     import signal
 
-    from pipeline.signals import Terminated, check_interrupted, track_interrupts
+    from pipeline.signals import Terminated, check_interrupted, stop_tracking, track_interrupts
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -574,6 +574,15 @@ def test_an_interrupt_that_an_import_swallowed_stops_the_job_at_the_next_checkpo
             with pytest.raises(raised):
                 check_interrupted()
             check_interrupted()  # raised once
+        # Once the command's job is over (or in a process that called main itself, such as this
+        # one), a signal is not recorded: a later run in the process is not stopped by it.
+        stop_tracking()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        check_interrupted()
     finally:
+        stop_tracking()
         for s, h in saved.items():
             signal.signal(s, h)
