@@ -92,27 +92,31 @@ def _metadata_tables(run: str, columns: Iterable[str] | None = None):
 def load_rows(run: str, keys: Iterable[str] | None = None, columns: Iterable[str] | None = None) -> list[dict]:
     """The run's metadata rows as dicts: those of ``keys`` only when given (None: all), with
     ``columns`` only when given. A run of millions of rows makes its gallery's few of them."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    wanted = None if keys is None else pa.array(sorted(set(keys)), pa.string())
-    rows = []
-    for table in _metadata_tables(run, columns):
-        if wanted is not None:
-            table = table.filter(pc.is_in(table.column("key"), value_set=wanted))
-        rows += table.to_pylist()
-    return rows
+    return _scan(run, keys, columns)[0]
 
 
 def predicted_names(run: str) -> dict[int, str]:
     """Class index -> name as the run's rows predicted them, reading those two columns only."""
-    names: dict[int, str] = {}
-    for table in _metadata_tables(run, ("pred", "pred_name")):
+    return _scan(run, (), ("pred", "pred_name"))[1]
+
+
+def _scan(run: str, keys: Iterable[str] | None, columns: Iterable[str] | None) -> tuple[list[dict], dict[int, str]]:
+    """One pass over the run's metadata files: the rows of ``keys`` (None: all) as dicts, and the
+    class names its rows predicted (of every row, where ``columns`` has pred and pred_name)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if keys is None else pa.array(sorted(set(keys)), pa.string())
+    rows, names = [], {}
+    for table in _metadata_tables(run, columns):
         if {"pred", "pred_name"} <= set(table.column_names):
             pairs = table.group_by(["pred", "pred_name"], use_threads=False).aggregate([])
             names.update((p, n) for p, n in zip(pairs.column("pred").to_pylist(), pairs.column("pred_name").to_pylist())
                          if p is not None)
-    return names
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("key"), value_set=wanted)) if len(wanted) else table.slice(0, 0)
+        rows += table.to_pylist()
+    return rows, names
 
 
 def _run_json(run: str, name: str, keys: tuple[str, ...] = ()) -> dict:
@@ -405,8 +409,8 @@ def gallery(run: str, summary: dict, rows: list[dict] | None = None, size: int =
     if not keys:
         return "<p class='meta'>No shards to show (the run's shards are absent or cannot be read).</p>"
     if rows is None:
-        rows = load_rows(run, keys={k for k, _, _ in keys}, columns=GALLERY_COLUMNS)
-        names = _class_names(summary, predicted_names(run))
+        rows, predicted = _scan(run, {k for k, _, _ in keys}, GALLERY_COLUMNS)
+        names = _class_names(summary, predicted)
     else:
         names = _class_names(summary, {r["pred"]: r["pred_name"] for r in rows if r.get("pred") is not None})
     # A key is unique within its input shard only (the same key in two shards is two samples):
