@@ -8,7 +8,7 @@ import math
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.images import DecodeError, decode_image
+from transforms.images import DecodeError, decode_image_profile
 
 from .config import InputConfig
 from .errors import SplitErrors
@@ -64,13 +64,14 @@ class _DecodeFn(beam.DoFn):
         cfg = self.config
         try:
             label = parse_label(raw.label, self.num_classes)
-            image = decode_image(raw.data, resize=cfg.resize, crop=cfg.crop, max_pixels=cfg.max_pixels)
+            image, profile = decode_image_profile(raw.data, resize=cfg.resize, crop=cfg.crop,
+                                                  max_pixels=cfg.max_pixels)
         except (ValueError, DecodeError) as e:
             self.failed.inc()
             yield ErrorRecord(raw.source_index, raw.source, raw.key, raw.member, STAGE, str(e))
             return
         self.ok.inc()
-        yield Sample(raw.source_index, raw.source, raw.key, label, image, parse_meta(raw.meta))
+        yield Sample(raw.source_index, raw.source, raw.key, label, image, parse_meta(raw.meta), profile)
 
 
 class DecodeImages(beam.PTransform):

@@ -42,6 +42,9 @@ class Sample:
     label: int | None
     image: np.ndarray
     meta: dict[str, Any] | None = None
+    #: The ICC profile the pixels are in, embedded in the files written from them; None for sRGB
+    #: (``transforms.images.carried_profile``).
+    profile: bytes | None = None
 
     @property
     def identity(self) -> str:

@@ -85,3 +85,30 @@ def cut_tar(path: Path, members: list[tuple[str, bytes]], cut_member: int) -> Pa
             return path
         offset = header_end + (len(payload) + 511) // 512 * 512
     raise IndexError(cut_member)
+
+
+def wide_gamut_profile(extra: int = 0) -> bytes:
+    """A valid RGB ICC profile that is not sRGB: Pillow's sRGB profile with its red and green
+    primaries swapped (each colour renders far from its sRGB self). ``extra`` bytes of padding
+    after the tags make it as large as a test needs."""
+    import struct
+
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    tags = {}
+    for i in range(struct.unpack(">I", data[128:132])[0]):
+        sig, off, size = struct.unpack(">4sII", data[132 + 12 * i:144 + 12 * i])
+        tags[sig] = (off, size)
+    (r, n), (g, _) = tags[b"rXYZ"], tags[b"gXYZ"]
+    data[r:r + n], data[g:g + n] = data[g:g + n], data[r:r + n]
+    data += b"\0" * extra
+    data[0:4] = struct.pack(">I", len(data))
+    data[84:100] = b"\0" * 16  # no profile ID (it would no longer match)
+    return bytes(data)
+
+
+def srgb_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

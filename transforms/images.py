@@ -7,10 +7,13 @@
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
+import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +23,9 @@ from PIL import Image, ImageOps
 __all__ = [
     "DecodeError",
     "decode_image",
+    "decode_image_profile",
+    "with_colour_profile",
+    "colour_profile_size",
     "resize_and_crop",
     "to_tensor",
     "to_uint8",
@@ -153,6 +159,21 @@ def decode_image(
 ) -> np.ndarray:
     """Decode encoded image bytes to a uint8 (crop, crop, 3) RGB array.
 
+    The array of :func:`decode_image_profile`, without the colour profile.
+    """
+    return decode_image_profile(data, resize=resize, crop=crop, max_pixels=max_pixels)[0]
+
+
+def decode_image_profile(
+    data: bytes,
+    *,
+    resize: int = 256,
+    crop: int = 224,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, bytes | None]:
+    """Decode encoded image bytes to a uint8 (crop, crop, 3) RGB array, and the colour profile
+    the pixels are in when it must travel with them (:func:`carried_profile`), else None.
+
     EXIF orientation is applied; any Pillow mode becomes RGB (grayscale, palette, CMYK, 16-bit,
     alpha over white). Raises :class:`DecodeError` with a reason for empty, truncated or
     non-image data and for images over ``max_pixels`` (decompression bombs), which are rejected
@@ -180,6 +201,7 @@ def decode_image(
         try:
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # keeps img.format, which _to_rgb reads
+            profile = carried_profile(img.info.get("icc_profile"), img.mode)
             rgb = _to_rgb(img)
         except Image.DecompressionBombError as e:
             raise _bomb(e, max_pixels) from None
@@ -187,7 +209,105 @@ def decode_image(
             raise DecodeError(f"corrupt or truncated image ({_reason(e)})") from None
     if crop:
         rgb = resize_and_crop(rgb, resize=resize, crop=crop)
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
+    return np.ascontiguousarray(rgb, dtype=np.uint8), profile
+
+
+#: Modes whose pixels do not stay in their profile's RGB space once made RGB.
+_NOT_RGB_MODES = frozenset({"CMYK", "LAB", "HSV", "YCbCr"})
+#: ICC profile classes that describe no image's colours (device links, abstract, named colour).
+_NOT_IMAGE_CLASSES = frozenset({b"link", b"abst", b"nmcl"})
+#: An RGB profile is taken as sRGB when it maps every colour of a 16-level grid within this many
+#: 8-bit levels of itself into sRGB (the sRGB IEC61966-2.1 profiles cameras embed: 1).
+SRGB_TOLERANCE = 2
+
+
+def carried_profile(profile: bytes | None, mode: str = "RGB") -> bytes | None:
+    """The ICC profile to keep with an image's pixels in the files written from them, or None.
+
+    Pixels are used as stored, as torchvision's loader uses them (no colour conversion); so that
+    a colour-managed viewer shows a defended file as it showed its input, an input's RGB profile
+    that is not sRGB (Adobe RGB, camera and display profiles) travels into the written files.
+    None for no profile, for sRGB ones (what a file without a profile is taken to be: the bytes
+    would buy nothing), for profiles of other colour spaces (CMYK, gray: the written files are
+    RGB) or of ``mode`` s that are not RGB-like, and for profiles LittleCMS cannot read (a
+    damaged profile is dropped rather than copied into files that viewers may then reject)."""
+    if not profile or mode in _NOT_RGB_MODES or len(profile) < 128:
+        return None
+    if profile[16:20] != b"RGB " or profile[12:16] in _NOT_IMAGE_CLASSES:
+        return None
+    return bytes(profile) if _is_srgb(bytes(profile)) is False else None
+
+
+@functools.lru_cache(maxsize=64)
+def _is_srgb(profile: bytes) -> bool | None:
+    """True when ``profile`` renders as sRGB (:data:`SRGB_TOLERANCE`), False when not, None when
+    LittleCMS cannot read it."""
+    levels = np.arange(0, 256, 17, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without LittleCMS: no profile can be checked
+        return None
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        transform = ImageCms.buildTransform(src, _srgb_profile(), "RGB", "RGB")
+        out = np.asarray(ImageCms.applyTransform(Image.fromarray(grid), transform))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+    return bool(np.abs(out.astype(np.int16) - grid).max() <= SRGB_TOLERANCE)
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb_profile():
+    from PIL import ImageCms
+
+    return ImageCms.createProfile("sRGB")
+
+
+_ICC_MARKER = b"ICC_PROFILE\0"
+_ICC_CHUNK = 65535 - 2 - len(_ICC_MARKER) - 2  # an APP2 segment's payload after its header
+
+
+def colour_profile_size(profile: bytes | None) -> int:
+    """The bytes :func:`with_colour_profile` adds to a JPEG file for ``profile``."""
+    if not profile:
+        return 0
+    chunks = -(-len(profile) // _ICC_CHUNK)
+    return len(profile) + chunks * (2 + 2 + len(_ICC_MARKER) + 2)
+
+
+def with_colour_profile(data: bytes, ext: str, profile: bytes | None) -> bytes:
+    """``data`` (a JPEG or PNG file) with ``profile`` embedded: APP2 ``ICC_PROFILE`` segments
+    after the JFIF header, or a PNG ``iCCP`` chunk after ``IHDR``. The image data is untouched
+    (the same pixels decode); ``data`` as it is for no profile or another format. Raises
+    ValueError for a file that already holds a profile or is not what ``ext`` says."""
+    if not profile:
+        return data
+    if ext in ("jpg", "jpeg"):
+        if data[:2] != b"\xff\xd8":
+            raise ValueError("not a JPEG file: cannot embed its colour profile")
+        chunks = [profile[i:i + _ICC_CHUNK] for i in range(0, len(profile), _ICC_CHUNK)]
+        if len(chunks) > 255:
+            raise ValueError(f"colour profile of {len(profile)} bytes is too large for a JPEG file")
+        segments = b"".join(
+            b"\xff\xe2" + struct.pack(">H", 2 + len(_ICC_MARKER) + 2 + len(c)) + _ICC_MARKER
+            + bytes((n, len(chunks))) + c for n, c in enumerate(chunks, 1))
+        at = 2
+        while data[at:at + 2] in (b"\xff\xe0", b"\xff\xe2"):  # JFIF/JFXX headers first; an existing profile
+            if data[at + 1] == 0xE2 and data[at + 4:at + 4 + len(_ICC_MARKER)] == _ICC_MARKER:
+                raise ValueError("the JPEG file already holds a colour profile")
+            at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+        return data[:at] + segments + data[at:]
+    if ext == "png":
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            raise ValueError("not a PNG file: cannot embed its colour profile")
+        if b"iCCP" in data[:data.find(b"IDAT")]:
+            raise ValueError("the PNG file already holds a colour profile")
+        body = b"iCCP" + b"ICC profile\0\0" + zlib.compress(profile, 9)
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        at = 8 + 12 + struct.unpack(">I", data[8:12])[0]  # after IHDR
+        return data[:at] + chunk + data[at:]
+    return data
 
 
 def squash(image: np.ndarray, size: int) -> np.ndarray:

@@ -459,3 +459,51 @@ def test_on_a_gpu_worker_the_map_stage_writes_the_gated_defenses_files(tmp_path,
                            key=lambda r: (r["defense_spec"], r["key"]))
     assert len(rows["cpu"]) == 8 and rows["cpu"] == rows["gpu"]
     assert {(r["defense_spec"], r["flagged"]) for r in rows["cpu"]} == {(specs[0], True), (specs[1], False)}
+
+
+def test_a_non_srgb_colour_profile_travels_into_every_file_and_counts_in_the_budgets(tmp_path, photos, fnapi):
+    """An Adobe-RGB-like photo keeps its profile in every written file (its pixels are used as
+    stored, so without it a colour-managed viewer shows the defended file in other colours); an
+    sRGB one, and one without, carry none. Byte budgets are for the whole file, profile included."""
+    from PIL import Image as PILImage
+
+    from tests.shards import srgb_profile, wide_gamut_profile
+
+    wide = wide_gamut_profile(3000)
+
+    def jpeg_with(p, profile):
+        buf = io.BytesIO()
+        PILImage.fromarray(p).save(buf, format="JPEG", quality=95, **({"icc_profile": profile} if profile else {}))
+        return buf.getvalue()
+
+    write_tar(tmp_path / "a.tar", [("wide.jpg", jpeg_with(photos[0], wide)), ("srgb.jpg", jpeg_with(photos[1], srgb_profile())),
+                                   ("plain.png", encode(photos[2]))])
+    budget = 4500  # the wide photo's profile takes 3,594 of them
+    cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "run", attacks=("fgsm:eps=4/255",),
+                      defenses=("msroi", "jpeg:match=msroi", f"jpeg:bytes={budget}", "jpeg:quality=50"), run_id="fixed")
+    run_evaluate(cfg, fnapi)
+    rows = pq.read_table(sorted((tmp_path / "run" / "metadata").glob("*.parquet"))).to_pylist()
+    files = {}
+    for shard in (tmp_path / "run" / "shards").rglob("*.tar"):
+        files.update({(str(shard), name): data for name, data in members(shard).items()
+                      if name.rsplit(".", 1)[-1] in ("jpg", "png")})
+    assert sorted(r["key"] for r in rows) == sorted(k for k in ("plain", "srgb", "wide") for _ in range(len(rows) // 3))
+    by_key = defaultdict(list)
+    for (_, name), data in files.items():
+        by_key[name.split(".", 1)[0]].append(data)
+    assert len(by_key["wide"]) == len(rows) // 3 > 4  # clean and fgsm x none + four defenses
+    for key, blobs in by_key.items():
+        for data in blobs:
+            with PILImage.open(io.BytesIO(data)) as im:
+                assert im.info.get("icc_profile") == (wide if key == "wide" else None), key
+    sizes = sorted(len(d) for d in by_key["wide"] if d[:2] == b"\xff\xd8")
+    for r in rows:
+        if r["defense_spec"] == f"jpeg:bytes={budget}":
+            assert r["target_bytes"] == budget and r["bytes"] <= budget, r
+        if r["defense_spec"] == "jpeg:match=msroi":
+            ref = next(o for o in rows if o["key"] == r["key"] and o["attack_spec"] == r["attack_spec"]
+                       and o["defense_spec"] == "msroi")
+            assert r["target_bytes"] == ref["bytes"] >= r["bytes"], r
+            if r["key"] == "wide":
+                assert r["bytes"] > len(wide)  # the file's size: profile included
+    assert sizes[0] > len(wide)

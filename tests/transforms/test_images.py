@@ -216,3 +216,91 @@ def test_reasons_are_the_same_in_every_run():
         decode_image(b"not an image at all")
     assert "0x" not in str(e.value) and str(e.value) == (
         "not a decodable image (UnidentifiedImageError: cannot identify image file <_io.BytesIO object>)")
+
+
+# ---- colour profiles: pixels as stored, a non-sRGB profile carried into the written files ----
+
+def _icc(data: bytes):
+    with Image.open(io.BytesIO(data)) as im:
+        return im.info.get("icc_profile")
+
+
+def test_only_rgb_profiles_that_are_not_srgb_are_carried():
+    import struct
+
+    from tests.shards import srgb_profile, wide_gamut_profile
+    from transforms.images import carried_profile
+
+    wide = wide_gamut_profile()
+    assert carried_profile(wide) == wide
+    assert carried_profile(wide, "P") == wide and carried_profile(wide, "RGBA") == wide
+    assert carried_profile(None) is None and carried_profile(b"") is None
+    assert carried_profile(srgb_profile()) is None  # what a file without a profile means anyway
+    assert carried_profile(wide, "CMYK") is None  # CMYK pixels are converted, not in that space
+    gray = wide[:16] + b"GRAY" + wide[20:]
+    assert carried_profile(gray) is None  # the written files are RGB
+    link = wide[:12] + b"link" + wide[16:]
+    assert carried_profile(link) is None
+    damaged = wide[:128] + struct.pack(">I", 9) + b"\xff" * 300  # nine tags pointing nowhere
+    assert carried_profile(damaged) is None
+    assert carried_profile(wide[:100]) is None
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_decode_returns_the_profile_to_carry(rgb, fmt):
+    from tests.shards import srgb_profile, wide_gamut_profile
+    from transforms.images import decode_image_profile
+
+    wide = wide_gamut_profile()
+    pixels, profile = decode_image_profile(encode(rgb, fmt, icc_profile=wide), resize=72, crop=64)
+    assert profile == wide
+    np.testing.assert_array_equal(pixels, decode_image(encode(rgb, fmt), resize=72, crop=64))  # no conversion
+    assert decode_image_profile(encode(rgb, fmt, icc_profile=srgb_profile()), resize=72, crop=64)[1] is None
+    assert decode_image_profile(encode(rgb, fmt), resize=72, crop=64)[1] is None
+    cmyk = encode(rgb.convert("CMYK"), "JPEG", icc_profile=wide)
+    assert decode_image_profile(cmyk, resize=72, crop=64)[1] is None
+
+
+@pytest.mark.parametrize("size", [0, 70_000, 200_000])  # one APP2 segment, two, four
+def test_a_profile_embedded_in_a_jpeg_keeps_its_pixels_and_decoders(photos, size):
+    import shutil
+    import subprocess
+
+    from tests.shards import wide_gamut_profile
+    from transforms.images import colour_profile_size, with_colour_profile
+    from transforms.jpeg import decode_rgb, encode_jpeg
+
+    wide = wide_gamut_profile(size)
+    plain = encode_jpeg(photos[1], 60)
+    data = with_colour_profile(plain, "jpg", wide)
+    assert _icc(data) == wide
+    assert len(data) - len(plain) == colour_profile_size(wide)
+    assert data[:2] == b"\xff\xd8" and data[2:4] == b"\xff\xe0"  # JFIF's APP0 stays first
+    np.testing.assert_array_equal(decode_rgb(data), decode_rgb(plain))
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info.get("jfif") and not im.info.get("progressive")
+    djpeg = shutil.which("djpeg")
+    if djpeg:
+        ppm = subprocess.run([djpeg, "-ppm"], input=data, capture_output=True, check=True).stdout
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ppm)).convert("RGB")), decode_rgb(plain))
+    with pytest.raises(ValueError, match="already holds"):
+        with_colour_profile(data, "jpg", wide)
+    assert with_colour_profile(plain, "jpg", None) is plain
+
+
+def test_a_profile_embedded_in_a_png_keeps_its_pixels(photos):
+    from tests.shards import wide_gamut_profile
+    from transforms.images import with_colour_profile
+    from transforms.jpeg import encode_png
+
+    wide = wide_gamut_profile()
+    plain = encode_png(photos[0])
+    data = with_colour_profile(plain, "png", wide)
+    assert _icc(data) == wide
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # every chunk's CRC checked
+        np.testing.assert_array_equal(np.asarray(im), photos[0])
+    with pytest.raises(ValueError, match="already holds"):
+        with_colour_profile(data, "png", wide)
+    with pytest.raises(ValueError, match="not a PNG"):
+        with_colour_profile(b"GIF89a" + plain[6:], "png", wide)
