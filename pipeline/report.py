@@ -303,8 +303,11 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
 
 
 def trends_figure(history: dict[str, list[dict]]):
-    """The trends' matplotlib figure: one tick per night, named by its date (thinned to
-    :data:`TREND_LABELS`), a day of margin on either side; None without a history."""
+    """The trends' matplotlib figure: a panel per attack (:data:`RATE_PANELS` a row), a line per
+    defense in the same colour and marker in every panel, one legend of the defenses under them;
+    one tick per night, named by its date (thinned to :data:`TREND_LABELS` across a row), a day of
+    margin on either side; None without a history. One panel of every pair's line was unreadable
+    past ten pairs: colours repeated, and a six-attack night has eighteen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,29 +318,51 @@ def trends_figure(history: dict[str, list[dict]]):
     dates = sorted(history)
     # One line per pair however its specs were spelled (history.pair_key), named by its latest text.
     series: dict[tuple, list] = {}
-    names: dict[tuple, str] = {}
+    names: dict[tuple, str] = {}  # attack or defense identity -> its latest text
     for i, d in enumerate(dates):
         for r in history[d]:
             if (r["attack_spec"], r["defense_spec"]) != ("clean", "none"):
                 key = pair_key(r["attack_spec"], r["defense_spec"])
                 series.setdefault(key, [None] * len(dates))[i] = r["agree_clean"]
-                names[key] = f"{r['attack_spec']} × {r['defense_spec']}"
+                names[key[0]], names[key[1]] = r["attack_spec"], r["defense_spec"]
+    if not series:
+        return None
+    attacks = sorted({a for a, _ in series}, key=lambda a: (names[a] != "clean", names[a]))
+    defenses = sorted({d for _, d in series}, key=lambda d: names[d])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "os^Dv<>pXh"
+    style = {d: {"color": colours[i % len(colours)], "marker": markers[i // len(colours) % len(markers)],
+                 "linestyle": "-" if i < len(colours) * len(markers) else "--"} for i, d in enumerate(defenses)}
     days = [_dt.date.fromisoformat(d) for d in dates]  # a date axis: nights missing leave gaps
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    for name, ys in sorted((names[k], ys) for k, ys in series.items()):
-        ax.plot(days, [np.nan if y is None else y for y in ys], "o-", label=name, markersize=4)
-    ax.set_ylabel("agreement with clean prediction")
+    ncols = min(RATE_PANELS, len(attacks))
+    nrows = -(-len(attacks) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(11, 3.4 + 2.6 * (nrows - 1)), squeeze=False, sharey=True,
+                             gridspec_kw={"hspace": 0.6})
+    for ax in grid.ravel()[len(attacks):]:
+        ax.set_visible(False)
     # Nights are dates: a tick per night, not the locator's hours (two nights) or years (one).
-    step = -(-len(days) // TREND_LABELS)
+    step = -(-len(days) // max(3, TREND_LABELS // ncols))
     ticks = days[::-1][::step][::-1]
-    ax.set_xticks(ticks, [d.isoformat() for d in ticks], rotation=30, ha="right", fontsize=7)
-    ax.set_xlim(days[0] - _dt.timedelta(days=1), days[-1] + _dt.timedelta(days=1))
-    ax.set_xlabel("night")
-    ax.grid(alpha=0.3)
+    handles: dict[str, object] = {}
+    for ax, attack in zip(grid.ravel(), attacks):
+        for d in defenses:
+            ys = series.get((attack, d))
+            if ys is not None:
+                (line,) = ax.plot(days, [np.nan if y is None else y for y in ys], markersize=4, **style[d])
+                handles.setdefault(names[d], line)
+        ax.set_title(names[attack], fontsize=9)
+        ax.set_xticks(ticks, [t.isoformat() for t in ticks], rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(days[0] - _dt.timedelta(days=1), days[-1] + _dt.timedelta(days=1))
+        ax.grid(alpha=0.3)
+    for row in grid:
+        row[0].set_ylabel("agreement with clean prediction" if nrows == 1 else "agreement", fontsize=8)
     # Under the axes' labels: to their right it made the figure half again as wide, and the page
     # shrank it until its labels were hard to read.
-    bottom = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.transFigure.inverted()).y0
-    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=8,
+    renderer = fig.canvas.get_renderer()
+    bottom = min(ax.get_tightbbox(renderer).transformed(fig.transFigure.inverted()).y0
+                 for ax in grid.ravel()[:len(attacks)])
+    labels = sorted(handles)
+    fig.legend([handles[n] for n in labels], labels, loc="upper center", ncol=3, fontsize=8,
                bbox_to_anchor=(0.5, bottom - 0.02))
     return fig
 

@@ -201,11 +201,47 @@ def test_trends_legend_sits_under_the_axes_and_keeps_the_figure_its_width():
     fig = trends_figure(history)
     renderer = fig.canvas.get_renderer()
     (legend,) = fig.legends
-    assert len(legend.get_texts()) == len(pairs) and fig.axes[0].get_legend() is None
-    assert not legend.get_window_extent(renderer).overlaps(fig.axes[0].get_tightbbox(renderer))
+    assert len(legend.get_texts()) == 3 and not any(ax.get_legend() for ax in fig.axes)  # the defenses
+    for ax in fig.axes:
+        assert not legend.get_window_extent(renderer).overlaps(ax.get_tightbbox(renderer))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     assert Image.open(buf).width <= 11 * 110 * 1.05  # the figure's own width, not the legend's
+    plt.close(fig)
+
+
+def test_trends_of_many_pairs_stay_readable():
+    """Every pair's line in one panel: past ten pairs the colours repeated (a six-attack x three-
+    defense night has eighteen) and lines could not be told apart. A panel per attack, a defense
+    in one style everywhere and a style of its own in each panel."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import RATE_PANELS, trends_figure
+
+    attacks = ["clean", "fgsm:eps=4/255", "igsm:eps=4/255,steps=10", "pgd:eps=4/255", "deepfool", "jsma", "cw"]
+    defenses = [f"jpeg:quality={q}" for q in (20, 30, 40, 50, 60, 75, 90)] + ["aug_msroi", "msroi", "jpeg:match=aug_msroi",
+                                                                           "aug_msroi_gated", "none"]
+    history = {n: [{"attack_spec": a, "defense_spec": d, "agree_clean": 0.5 + 0.01 * i}
+                   for i, (a, d) in enumerate((a, d) for a in attacks for d in defenses)]
+               for n in ("2026-01-01", "2026-01-02", "2026-01-03")}
+    fig = trends_figure(history)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [attacks[0]] + sorted(attacks[1:])
+    assert len(fig.axes) == -(-len(attacks) // RATE_PANELS) * RATE_PANELS
+    styles = {}
+    for ax in shown:
+        lines = ax.get_lines()
+        # clean x none is the reference, not drawn
+        assert len(lines) == len(defenses) - (ax.get_title() == "clean")
+        look = [(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines]
+        assert len(set(look)) == len(look)  # told apart within a panel
+        styles[ax.get_title()] = look
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == sorted(defenses)
+    # the same defense looks the same in every panel: the legend's styles, in legend order
+    legend_look = [(h.get_color(), h.get_marker(), h.get_linestyle()) for h in legend.legend_handles]
+    for title in attacks[1:]:
+        assert styles[title] == legend_look
     plt.close(fig)
 
 
