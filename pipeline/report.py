@@ -15,6 +15,7 @@ import html
 import io
 import json
 import logging
+import math
 import posixpath
 import tarfile
 from collections.abc import Iterable
@@ -623,14 +624,20 @@ class RecordedAlarm:
 
 def _recorded_nightly(run: str) -> dict:
     """The run's ``nightly.json`` (what the nightly job recorded), or {} for other runs; its
-    tolerance checked as the nightly config's is (a damaged one is an error that names it)."""
+    tolerance checked as the nightly config's is (a damaged one is an error that names it),
+    except that +inf is kept: nightly configs took it (a metric never alarming on a drop) until
+    non-finite tolerances became config errors, and their nights recorded it."""
     from .nightly import NIGHTLY_FILE, check_tolerance
 
     fs, path = url_to_fs(join(run, NIGHTLY_FILE))
     recorded = _run_json(run, NIGHTLY_FILE) if fs.exists(path) else {}
-    if recorded.get("tolerance") is not None:
+    tolerance = recorded.get("tolerance")
+    if tolerance is not None:
         where = f"{join(run, NIGHTLY_FILE)} is corrupt: tolerance"
-        recorded["tolerance"] = check_tolerance(where, recorded["tolerance"])
+        infinite = {m for m, v in tolerance.items() if v == math.inf} if isinstance(tolerance, dict) else set()
+        checked = check_tolerance(where, {m: 0.0 if m in infinite else v for m, v in tolerance.items()}
+                                  if infinite else tolerance)
+        recorded["tolerance"] = {m: math.inf if m in infinite else v for m, v in checked.items()}
     return recorded
 
 

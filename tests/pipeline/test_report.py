@@ -125,6 +125,33 @@ def test_report_without_history_shows_the_alarms_the_nightly_job_recorded(run_di
     assert "Regressions (" not in out.read_text()
 
 
+def test_report_of_a_night_that_recorded_an_infinite_tolerance(run_dir, tmp_path, capsys):
+    """Nightly configs took ``psnr: .inf`` (never alarm on a PSNR drop) until non-finite
+    tolerances became config errors, and nightly.json recorded it as ``Infinity``: the report of
+    such a night was refused as a corrupt nightly.json."""
+    import json
+
+    from pipeline.history import history_rows, write_partition
+
+    run = tmp_path / "out" / "date=2026-01-05"
+    shutil.copytree(run_dir, run)
+    (run / "nightly.json").write_text(json.dumps({  # as the nightly job wrote it then
+        "date": "2026-01-05", "history": str(tmp_path / "h"),
+        "tolerance": {"top1": 0.02, "agree_clean": 0.02, "psnr": float("inf"), "ssim": 0.01, "n": 0.1},
+        "previous_date": None, "alarms": []}, indent=1))
+    assert '"psnr": Infinity' in (run / "nightly.json").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    better = [dict(r, agree_clean=2.0, psnr=(r["psnr"] or 0.0) + 100.0, run_id="earlier")
+              for r in history_rows(summary, "2026-01-04")]
+    write_partition(str(tmp_path / "h"), "2026-01-04", better)
+    out = tmp_path / "report.html"
+    assert main(["report", "--run", str(run), "--history", str(tmp_path / "h"), "--output", str(out)]) == 0, \
+        capsys.readouterr().err
+    page = out.read_text()
+    assert "with the tolerance recorded with the nightly run (top1 0.02, agree_clean 0.02, psnr inf," in page
+    assert f"Regressions ({len(better)})" in page and "agree_clean of" in page and "psnr of" not in page
+
+
 def test_report_of_a_past_night_shows_no_later_nights(run_dir, tmp_path):
     """A nightly run folder of 2026-01-05 reported against a history that goes on to 2026-01-09:
     compared with the night before it, and its trends stop at its own night."""
