@@ -390,12 +390,25 @@ def _gallery_columns(defenses: list[str]) -> list[tuple[str, str | None]]:
 _Column = tuple[str, tuple[str, ...], str, str]
 
 
-def _gallery_tables(summary: dict) -> list[tuple[str, list[_Column]]]:
-    """(title, columns) of the gallery's tables, as the run's layout stores its shards; the first
-    column's folder lists the keys shown."""
+def _layout(run: str, config: dict) -> str:
+    """How the run stores its shards: as its summary.json records it, else as its folders show
+    (runs written before the layout was recorded): an attack run keeps its tars in
+    ``shards/clean/``, a defend run in ``shards/<defense>/``, where an evaluate run has folders
+    (``shards/<attack>/<defense>/``)."""
+    if "layout" in config:
+        return config["layout"]
+    if _shard_indexes(join(run, "shards", safe_name("clean"))):
+        return "attack"
+    if config["defenses"] and _shard_indexes(join(run, "shards", safe_name(config["defenses"][0]))):
+        return "defend"
+    return "evaluate"
+
+
+def _gallery_tables(summary: dict, layout: str) -> list[tuple[str, list[_Column]]]:
+    """(title, columns) of the gallery's tables, as the run's ``layout`` stores its shards; the
+    first column's folder lists the keys shown."""
     config = summary["config"]
     attacks, defenses = config["attacks"], config["defenses"]
-    layout = config.get("layout", "evaluate")  # runs of earlier versions did not record it
     if layout == "attack":  # shards/<attack>/: the clean images beside their adversarial ones
         return [("attacks", [("clean", ("clean",), "clean", "none")]
                  + [(a, (a,), a, "none") for a in attacks if a != "clean"])]
@@ -416,7 +429,7 @@ def gallery(run: str, summary: dict, rows: list[dict] | None = None, size: int =
     when it has no attack), one of the attacks for an attack run, one of the defenses for a defend
     run; a note when the shards are absent (or none can be read). ``rows``: the run's metadata
     rows, or None to read those of the samples shown only."""
-    tables = _gallery_tables(summary)
+    tables = _gallery_tables(summary, _layout(run, summary["config"]))
 
     def folder(parts: tuple[str, ...]) -> str:
         return join(run, "shards", *map(safe_name, parts))

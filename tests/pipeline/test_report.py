@@ -378,6 +378,10 @@ def test_gallery_of_attack_and_defend_runs(tmp_path, photos, fnapi):
         rows = load_rows(cfg.output)
         page = gallery(cfg.output, summary, rows, size=len({r["key"] for r in rows}))
         assert re.findall(r"<th>([^<]*)</th>", page) == heads
+        # A run written before summary.json recorded its layout (the same folders): told by them
+        # (its gallery said its shards were absent).
+        earlier = {**summary, "config": {k: v for k, v in summary["config"].items() if k != "layout"}}
+        assert gallery(cfg.output, earlier, rows, size=len({r["key"] for r in rows})) == page
         samples = {r["key"] for r in rows}
         assert page.count("<tr><td>") == len(samples) and "missing" not in page
         caps = re.findall(r"<div class='cap'>([^<]*) \([01]\.\d\d\)", page)
