@@ -140,9 +140,35 @@ def cli(argv: list[str] | None = None) -> int:
             raise
         name = f"semjpeg {job}" if job in JOBS else "semjpeg"
         print(f"{name}: {what}; {_written(e)}", file=sys.stderr, flush=True)
-        return 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
+        code = 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
+        if argv is None:  # the process's own command
+            _end_with_threads_running(code)
+        return code
     gc.freeze()
     return code
+
+
+def _end_with_threads_running(code: int) -> None:
+    """End the process now with ``code`` if the stopped pipeline left threads running.
+
+    A job stopped by a signal may leave the runner's threads in the middle of their work (Beam's
+    ``multi_threading`` workers running torch): the interpreter's shutdown then took them down
+    inside C++ code, and the process ended by SIGABRT ("terminate called without an active
+    exception", status 134, a core dump) after its one line. The exit handlers still run (log
+    handlers flushed, child processes stopped); the interpreter's teardown is skipped."""
+    import atexit
+    import os
+    import threading
+
+    if not any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 if __name__ == "__main__":
