@@ -222,6 +222,32 @@ def list_images(folder: str) -> list[str]:
     return sorted(out)
 
 
+class NotReadable(ValueError):
+    """A file :func:`read_file` leaves unread on purpose; the message says why."""
+
+
+class FileTooLarge(NotReadable):
+    """A file over :func:`read_file`'s limit."""
+
+
+def read_file(fs, path: str, limit: int | None = None) -> bytes:
+    """``fs.cat_file(path)``, except for what would never end: on a local disk, a path that is not a
+    regular file (a FIFO named ``x.jpg`` blocks its reader forever, a link to ``/dev/zero`` never
+    ends) raises NotReadable, and a file over ``limit`` bytes FileTooLarge, unread."""
+    if isinstance(fs, LocalFileSystem):
+        info = fs.info(path)  # a stat; an object store, which has neither, would pay a request
+        if info["type"] != "file":
+            raise NotReadable("not a regular file (a FIFO, socket or device)")
+        if limit is not None and info["size"] > limit:
+            raise FileTooLarge(f"the file of {info['size']} bytes is over {limit} bytes")
+    if limit is None:
+        return fs.cat_file(path)
+    data = fs.cat_file(path, start=0, end=limit + 1)  # it may have grown since, or be remote
+    if len(data) > limit:
+        raise FileTooLarge(f"the file is over {limit} bytes")
+    return data
+
+
 def read_labels_csv(path: str) -> dict[str, str]:
     """``file,label`` CSV (other columns ignored, a UTF-8 byte-order mark allowed) -> {file: label text}.
     A file listed again with the same label is one label; with another it is a ValueError."""

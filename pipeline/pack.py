@@ -16,8 +16,8 @@ import re
 
 from fsspec.core import url_to_fs
 
-from .io import (check_labels_match, check_output_file, file_key, file_label, input_fs, join, list_images,
-                 printable, read_labels_csv, tar_bytes, write_bytes)
+from .io import (NotReadable, check_labels_match, check_output_file, file_key, file_label, input_fs, join,
+                 list_images, printable, read_file, read_labels_csv, tar_bytes, write_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,11 @@ def pack_folder(folder: str, prefix: str, per_shard: int, labels_csv: str | None
     samples = 0
     for key, rel in sorted(keys.items()):
         try:
-            data = fs.cat_file(join(root, rel))
-        except OSError as e:  # no permission, a broken link, a file gone since the listing
+            data = read_file(fs, join(root, rel))
+        except (OSError, NotReadable) as e:  # no permission, a broken link, gone since the listing, a FIFO
             log.warning("%s: cannot read %s, left out: %s", folder, rel, e)
-            errors.append((printable(rel), f"{type(e).__name__}: {e.strerror or e}"))
+            errors.append((printable(rel), str(e) if isinstance(e, NotReadable) else
+                           f"{type(e).__name__}: {e.strerror or e}"))
             continue
         ext = rel.rsplit(".", 1)[1].lower()
         members.append((f"{key}.{ext}", data))

@@ -27,8 +27,8 @@ from apache_beam.metrics import Metrics
 
 from .config import InputConfig
 from .errors import SplitErrors, error_reason
-from .io import (IMAGE_EXTS, file_key, file_label, input_fs, join, open_binary, printable,
-                 read_labels_csv, sanitize_key, unsafe_name_reason)
+from .io import (IMAGE_EXTS, FileTooLarge, NotReadable, file_key, file_label, input_fs, join, open_binary,
+                 printable, read_file, read_labels_csv, sanitize_key, unsafe_name_reason)
 from .records import ErrorRecord, RawSample, SourceShard
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,28 @@ log = logging.getLogger(__name__)
 STAGE = "read"
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 LABEL_EXTS = ("cls", "label", "class")
+#: The largest ``.json`` or label member read: a JSON sidecar is parsed and carried into every
+#: output, and a few MB of ``[{},{},...]`` parse into GBs of Python objects.
+MAX_SIDECAR_BYTES = 1 << 20
+#: The largest GNU long-name or pax header read (``tarfile`` reads one whole, whatever its size).
+_MAX_TAR_HEADER_BYTES = 1 << 20
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The largest image (tar member, file, Parquet cell) read: 8 bytes for each pixel
+    ``max_pixels`` allows (16-bit RGBA or CMYK stored raw, the widest layout Pillow reads) and
+    64 MiB for metadata. Reading comes before the pixel check, and a tar header can claim any size
+    (a GNU sparse member of a few KB expands to the size it states)."""
+    return 8 * max_pixels + (64 << 20)
+
+
+_IMAGE_LIMIT = "8 bytes per --max-pixels pixel, plus 64 MiB"
+
+
+def _too_large(what: str, size: int, limit: int, why: str = _IMAGE_LIMIT) -> str:
+    return f"{what} of {size} bytes is over {limit} bytes ({why}); not read"
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -91,6 +113,12 @@ def _recording_tarinfo(stopped: list) -> type[tarfile.TarInfo]:
             except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError, tarfile.EmptyHeaderError) as e:
                 stopped.append(e)
                 raise
+
+        def _proc_member(self, tf):
+            if self.type in _META_TYPES and self.size > _MAX_TAR_HEADER_BYTES:
+                raise tarfile.InvalidHeaderError(
+                    f"a long-name or pax header of {self.size} bytes, over {_MAX_TAR_HEADER_BYTES}")
+            return super()._proc_member(tf)
 
     return RecordingTarInfo
 
@@ -185,6 +213,13 @@ def _tar_source(f, stack: contextlib.ExitStack):
     return out, None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Unread:
+    """A tar member too large to read, in place of its data; why, for the sample's error."""
+
+    reason: str
+
+
 def _duplicate_error(err, key: str, names: list[str]):
     return err(key, ",".join(names), "duplicate key in shard (members of one sample must be adjacent)")
 
@@ -228,12 +263,16 @@ class _ReadShardFn(beam.DoFn):
         def flush() -> list:
             if key is None:
                 return []
+            names = ",".join(m for m, _ in members.values())
             if distrust:
-                return [err(key, ",".join(m for m, _ in members.values()), f"{distrust}; sample not read")]
+                return [err(key, names, f"{distrust}; sample not read")]
             images = [e for e in IMAGE_EXTS if e in members]
             if not images:
-                return [err(key, ",".join(m for m, _ in members.values()),
-                            f"no image member in sample (found: {', '.join(sorted(members)) or 'nothing'})")]
+                return [err(key, names, f"no image member in sample (found: {', '.join(sorted(members)) or 'nothing'})")]
+            used = (images[0], next((e for e in LABEL_EXTS if e in members), None), "json")
+            big = next((members[e][1] for e in used if isinstance(members.get(e, (None, None))[1], _Unread)), None)
+            if big is not None:
+                return [err(key, names, big.reason)]
             member, data = members[images[0]]
             # One image per sample: the others are reported, never dropped silently.
             extra = [err(key, members[e][0], f"a second image member in the sample; read {member} instead")
@@ -254,8 +293,10 @@ class _ReadShardFn(beam.DoFn):
                 yield err(None, None, f"not a readable tar file: {distrust or (problem[1] if problem else e)}")
                 return
             duplicate: tuple[str, list[str]] | None = None  # a sample whose key came before
+            image_limit = max_image_bytes(self.config.max_pixels)
             try:
-                for m in tf:
+                while (m := tf.next()) is not None:
+                    tf.members.clear()  # a streaming TarFile keeps every header it read (~600 B each)
                     name = member_name(m.name)
                     current = last = printable(name)
                     if m.isdir():
@@ -288,12 +329,21 @@ class _ReadShardFn(beam.DoFn):
                             continue
                         seen.add(k)
                         key = k
-                    data = tf.extractfile(m).read()
                     if ext in members:
                         yield err(k, name, f"duplicate member .{ext}; kept the first")
                         continue
-                    members[ext] = (name, data)
-                    current = None
+                    # Only members the sample uses are read, and only up to their limit (a header
+                    # can claim any size); tarfile skips the others' data without holding it.
+                    limit, why = ((image_limit, _IMAGE_LIMIT) if ext in IMAGE_EXTS
+                                  else (MAX_SIDECAR_BYTES, "the limit for .json and label members")
+                                  if ext in LABEL_EXTS or ext == "json" else (None, None))
+                    if limit is None:
+                        members[ext] = (name, None)
+                    elif m.size > limit:
+                        members[ext] = (name, _Unread(_too_large(f"member {name}", m.size, limit, why)))
+                    else:
+                        members[ext] = (name, tf.extractfile(m).read())
+                        current = None
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 # The sample being read loses a member: reported, as are those the cut took.
                 where = f" inside member {current}" if current else ""
@@ -355,6 +405,7 @@ class _ReadShardFn(beam.DoFn):
             cols = [c for c in (cfg.image_column, key_col, label_col) if c in names]
             row = 0
             seen: set[str] = set()
+            limit = max_image_bytes(cfg.max_pixels)
             # Row group by row group: a damaged one loses its own rows (reported), not the file's.
             for group in range(pf.num_row_groups):
                 end = row + pf.metadata.row_group(group).num_rows
@@ -365,7 +416,7 @@ class _ReadShardFn(beam.DoFn):
                         images, keys, labels = (d[cfg.image_column], d.get(key_col, [None] * n),
                                                 d.get(label_col, [None] * n))
                         for i in range(n):
-                            yield self._parquet_row(shard, stem, row + i, images[i], keys[i], labels[i], seen)
+                            yield self._parquet_row(shard, stem, row + i, images[i], keys[i], labels[i], seen, limit)
                         row += n
                 except Exception as e:
                     why = " ".join(str(e).split()) or type(e).__name__  # pyarrow's messages span lines
@@ -376,7 +427,7 @@ class _ReadShardFn(beam.DoFn):
 
     @staticmethod
     def _parquet_row(shard: SourceShard, stem: str, row: int, img, given_key, label,
-                     seen: set[str]) -> RawSample | ErrorRecord:
+                     seen: set[str], limit: int) -> RawSample | ErrorRecord:
         """One Parquet row -> RawSample, or an ErrorRecord with the reason (never raises)."""
         member = f"row {row}"
 
@@ -413,6 +464,8 @@ class _ReadShardFn(beam.DoFn):
                 return err(key, "image column holds text, not image bytes (a character above U+00FF)")
         if not isinstance(img, (bytes, bytearray)):
             return err(key, f"wrong column type: image value is {type(img).__name__}, not bytes")
+        if len(img) > limit:
+            return err(key, _too_large("the image", len(img), limit))
         if isinstance(label, float):  # an int column with nulls, through pandas
             if math.isnan(label):
                 label = None
@@ -430,6 +483,7 @@ class _ReadShardFn(beam.DoFn):
         # Files are opened on the folder's filesystem, not as URLs: "a::b.jpg" is a file name,
         # where fsspec.open would read a chained URL.
         fs, root = input_fs(shard.path)
+        limit = max_image_bytes(self.config.max_pixels)
         for rel in shard.files:
             key, member = file_key(rel), printable(rel)
             if key in seen:
@@ -437,9 +491,11 @@ class _ReadShardFn(beam.DoFn):
                 continue
             seen.add(key)
             try:
-                data = fs.cat_file(join(root, rel))
+                data = read_file(fs, join(root, rel), limit)
             except Exception as e:
-                yield ErrorRecord(shard.index, shard.path, key, member, STAGE, f"cannot read file: {e}")
+                why = (f"{e} ({_IMAGE_LIMIT}); not read" if isinstance(e, FileTooLarge)
+                       else f"{e}; not read" if isinstance(e, NotReadable) else f"cannot read file: {error_reason(e)}")
+                yield ErrorRecord(shard.index, shard.path, key, member, STAGE, why)
                 continue
             label = None
             if self.labels is not None:

@@ -2,8 +2,11 @@
 reason, and input mistakes are clear errors before any work."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -495,3 +498,128 @@ def test_an_image_in_two_given_folders_is_read_once(tmp_path):
     shards = expand_inputs((sub, f"{tmp_path}/./a"), folder_shard_size=1)
     assert [(s.index, s.path, s.files) for s in shards] == [(0, sub, ("y.png",)), (1, sub, ("z.png",)),
                                                             (2, a, ("x.png",))]
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def _claiming(name: str, size: int, kind: bytes = tarfile.GNUTYPE_SPARSE) -> bytes:
+    """A member whose header claims ``size`` bytes that the tar does not hold: an old-GNU sparse
+    member (512 bytes stored, ``size`` once expanded), or a long-name header (no data)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, 512 if kind == tarfile.GNUTYPE_SPARSE else size
+    buf = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    if kind == tarfile.GNUTYPE_SPARSE:  # one sparse entry (offset 0, 512 bytes), then the real size
+        buf[386:410] = b"%011o\0%011o\0" % (0, 512)
+        buf[483:495] = b"\x80" + size.to_bytes(11, "big")
+        buf[148:156] = b" " * 8
+        buf[148:156] = b"%06o\0 " % sum(buf)
+        return bytes(buf) + b"\0" * 512
+    return bytes(buf)
+
+
+def test_tar_members_are_read_only_when_used_and_within_their_limit(tmp_path):
+    """A tar header can claim any size: a 5 KB tar with a GNU sparse member stating 1 TB made the
+    reader allocate it (MemoryError, and the rest of the shard lost; a size that fits in memory
+    killed the worker), and a plain multi-GB member was read whole before any check. Images over
+    8 bytes per --max-pixels pixel (+ 64 MiB) and .json or label members over 1 MiB are reported
+    unread; members a sample does not use (.npy, .txt) are never read."""
+    tb = 1 << 40
+    path = tmp_path / "s.tar"
+    path.write_bytes(b"".join([
+        _member("a.png", PNG), _claiming("big.png", tb), _member("big.cls", b"1"),
+        _member("t.png", PNG), _claiming("t.npy", tb), _member("j.png", PNG),
+        _member("j.json", b"[" + b"{}," * (1 << 19) + b"{}]"), _member("c.png", PNG), b"\0" * 1024]))
+    keys, errors = _keys(read(path, "webdataset"))
+    assert keys == ["a", "t", "c"]
+    assert [(e.key, e.member, e.reason) for e in errors] == [
+        ("big", "big.png,big.cls", f"member big.png of {tb} bytes is over {8 * 89_478_485 + (64 << 20)} bytes "
+                                   "(8 bytes per --max-pixels pixel, plus 64 MiB); not read"),
+        ("j", "j.png,j.json", "member j.json of 1572868 bytes is over 1048576 bytes (the limit for .json and "
+                              "label members); not read")]
+
+
+def test_a_huge_long_name_or_pax_header_is_damage_not_read(tmp_path):
+    """tarfile reads a GNU long name or a pax header whole, whatever size its header states."""
+    for kind in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
+        path = tmp_path / "h.tar"
+        path.write_bytes(_member("a.png", PNG) + _claiming("././@LongLink", 1 << 40, kind) + _member("b.png", PNG))
+        (e,) = read(path, "webdataset")
+        assert (e.key, e.member) == ("a", "a.png")
+        assert "unreadable header at byte 1024 (a long-name or pax header of 1099511627776 bytes, over 1048576)" in e.reason
+
+
+def test_a_tar_of_many_members_is_read_in_bounded_memory(tmp_path):
+    """A streaming TarFile keeps every header it has read: about 600 bytes a member, 6 GB for a
+    shard of ten million tiny members."""
+    import tracemalloc
+
+    path = tmp_path / "many.tar"
+    path.write_bytes(b"".join(tarfile.TarInfo(f"k{i}.txt").tobuf() for i in range(10000)) + b"\0" * 1024)
+    fn = _ReadShardFn(InputConfig(paths=(str(path),)))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in fn.process(SourceShard(0, str(path), "webdataset")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 10000 and peak < 4 << 20, peak  # 5.9 MB before, 1.1 MB now (mostly the keys seen)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_folder_file_that_is_no_regular_file_is_reported_not_read(tmp_path):
+    """A FIFO named ``x.jpg`` blocked the reader (and ``semjpeg shard``) forever, and a link to
+    ``/dev/zero`` read until memory ran out."""
+    import socket
+    import threading
+
+    from pipeline.pack import pack_folder
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(PNG)
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "null.png").symlink_to("/dev/null")  # /dev/zero is the same case, and never ends
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.png"))
+    files = tuple(list_images(str(folder)))
+    results = {}
+
+    def run():
+        results["read"] = _ReadShardFn(InputConfig(paths=(str(folder),))).process(SourceShard(0, str(folder), "folder", files))
+        results["read"] = list(results["read"])
+        results["pack"] = pack_folder(str(folder), str(tmp_path / "sh" / "p"), per_shard=10)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    try:
+        assert not worker.is_alive(), "the reader blocked on the FIFO"
+    finally:
+        with contextlib.suppress(OSError):  # a blocked reader gets its end of file
+            os.close(os.open(folder / "fifo.jpg", os.O_WRONLY | os.O_NONBLOCK))
+        sock.close()
+    keys, errors = _keys(results["read"])
+    assert keys == ["a"]
+    assert [(e.member, e.reason) for e in errors] == [
+        (name, "not a regular file (a FIFO, socket or device); not read") for name in ("fifo.jpg", "null.png", "sock.png")]
+    assert [_keys(read(t, "webdataset"))[0] for t in results["pack"]] == [["a"]]
+    errors_csv = (tmp_path / "sh" / "p-errors.csv").read_text()
+    assert errors_csv.count("not a regular file") == 3
+
+
+def test_images_over_the_size_limit_are_reported_from_folders_and_parquet(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.read_shards.max_image_bytes", lambda max_pixels: 100)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(PNG)
+    (tmp_path / "in" / "b.png").write_bytes(bytes(101))
+    keys, (e,) = _keys(list(_ReadShardFn(InputConfig(paths=(str(tmp_path / "in"),))).process(
+        SourceShard(0, str(tmp_path / "in"), "folder", ("a.png", "b.png")))))
+    assert keys == ["a"] and e.reason == ("the file of 101 bytes is over 100 bytes (8 bytes per --max-pixels "
+                                          "pixel, plus 64 MiB); not read")
+    keys, (e,) = _keys(read(parquet(tmp_path, image=[PNG, bytes(101)]), "parquet"))
+    assert keys == ["x-00000000"] and (e.member, e.reason) == (
+        "row 1", "the image of 101 bytes is over 100 bytes (8 bytes per --max-pixels pixel, plus 64 MiB); not read")
