@@ -34,6 +34,10 @@ __all__ = [
 
 #: Pillow's own default decompression-bomb threshold (89.5 Mpx).
 DEFAULT_MAX_PIXELS = 89_478_485
+#: The most scans a JPEG may have. libjpeg decodes every scan, and Pillow sets no limit (djpeg's
+#: ``-maxscans``): a 1.2 MB JPEG of 9000x9000 pixels repeating one 14-byte scan 20,000 times took
+#: 51 s to decode.
+MAX_JPEG_SCANS = 1000
 
 
 class DecodeError(ValueError):
@@ -198,6 +202,11 @@ def decode_image_profile(
             raise _bomb_error(w * h, max_pixels, (w, h))
         if w == 0 or h == 0:
             raise DecodeError(f"image has no pixels ({w}x{h})")
+        # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker: each 0xFF 0xDA
+        # is a start-of-scan marker (or, rarely, a chance pair in a metadata segment).
+        if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise DecodeError(f"a JPEG of {scans} scans, over {MAX_JPEG_SCANS} (a progressive JPEG has about 10; "
+                              "each scan is a pass over the whole image, a cost in time the pixel limit does not bound)")
         try:
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # keeps img.format, which _to_rgb reads

@@ -304,3 +304,32 @@ def test_a_profile_embedded_in_a_png_keeps_its_pixels(photos):
         with_colour_profile(data, "png", wide)
     with pytest.raises(ValueError, match="not a PNG"):
         with_colour_profile(b"GIF89a" + plain[6:], "png", wide)
+
+
+def _with_repeated_scan(times: int) -> bytes:
+    """A flat progressive JPEG with its shortest scan (a few bytes of end-of-band runs) repeated:
+    libjpeg warns of the bogus progression and decodes every copy, each a pass over the image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 130, 140)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    scans, i = [], 2
+    while data[i + 1] != 0xD9:
+        length = 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] != 0xDA:
+            i += length
+            continue
+        j = i + length
+        while data[j] != 0xFF or data[j + 1] == 0 or 0xD0 <= data[j + 1] <= 0xD7:
+            j += 1
+        scans.append(data[i:j])
+        i = j
+    shortest = min(scans, key=len)
+    return data[:-2] + shortest * times + data[-2:]
+
+
+def test_a_jpeg_of_too_many_scans_is_rejected_before_decoding():
+    """A 1.2 MB JPEG of 9000x9000 pixels, under the pixel limit, that repeats one scan 20,000
+    times took 51 s to decode; Pillow sets no scan limit."""
+    assert decode_image(_with_repeated_scan(900), resize=0, crop=0).shape == (64, 64, 3)
+    with pytest.raises(DecodeError, match=r"^a JPEG of 1010 scans, over 1000 \(a progressive JPEG has about 10;"):
+        decode_image(_with_repeated_scan(1000), resize=0, crop=0)
