@@ -91,9 +91,13 @@ def image_type_reason(t) -> str | None:
     import pyarrow as pa
 
     ok = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
-          pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
-    if any(check(t) for check in ok):
+          pa.types.is_string, pa.types.is_large_string, pa.types.is_null,
+          # Arrow's view layouts (pyarrow 16+), which Polars and DuckDB use; read as bytes and text.
+          *(getattr(pa.types, f"is_{v}_view", None) for v in ("binary", "string")))
+    if any(check(t) for check in ok if check):
         return None
+    if pa.types.is_dictionary(t) and image_type_reason(t.value_type) is None:
+        return None  # a dictionary-encoded column, kept so by its writer: read as its values
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
         return image_type_reason(t.field("bytes").type)
     return f"is {t}, not binary, string or struct<bytes, path>"

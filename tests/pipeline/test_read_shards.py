@@ -16,7 +16,7 @@ from PIL import features
 
 from pipeline.config import InputConfig
 from pipeline.io import expand_inputs, input_shards, list_images, read_labels_csv
-from pipeline.read_shards import _ReadShardFn
+from pipeline.read_shards import _ReadShardFn, image_type_reason
 from pipeline.records import ErrorRecord, RawSample, SourceShard
 from tests.shards import encode, write_tar
 
@@ -48,6 +48,19 @@ def test_image_column_of_the_wrong_type_is_rejected_unread(tmp_path):
     hf = read(parquet(tmp_path, image=[{"bytes": PNG, "path": "a.png"}, {"bytes": None, "path": "b.png"}]), "parquet")
     assert hf[0].data == PNG and hf[1].reason == "null image"
     assert json.loads(hf[0].meta) == {"file": "a.png"}  # the struct's path is kept, as `shard` keeps the file name
+
+
+def test_dictionary_and_view_image_columns_are_read(tmp_path):
+    """A dictionary-encoded binary column (a pandas Categorical of bytes) and Arrow's binary view
+    (Polars' and DuckDB's layout) hold image bytes: every row was reported as a wrong column type."""
+    columns = [pa.array([PNG, PNG]).dictionary_encode(), pa.array(["a", "b"]).dictionary_encode()]
+    if hasattr(pa, "binary_view"):
+        columns.append(pa.array([PNG, PNG], pa.binary_view()))
+    for column in columns:
+        out = read(parquet(tmp_path, image=column), "parquet")
+        assert [type(o) for o in out] == [RawSample, RawSample], out[0]
+    assert image_type_reason(pa.dictionary(pa.int32(), pa.int64())) == (
+        "is dictionary<values=int64, indices=int32, ordered=0>, not binary, string or struct<bytes, path>")
 
 
 def test_integral_float_labels_are_labels_and_nan_is_none(tmp_path):
