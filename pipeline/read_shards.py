@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import errno
 import gzip
 import json
 import logging
@@ -158,6 +159,14 @@ def _gunzip(f, out):
     return None
 
 
+#: Errors of a write into a full temporary folder, which say nothing of the shard's data.
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _inflating(e: OSError) -> OSError:
+    return OSError(e.errno, f"{e.strerror} in {tempfile.gettempdir()} (TMPDIR), inflating the shard to read it")
+
+
 def _inflate(d, data: bytes) -> Iterator[bytes]:
     """``d.decompress(data)`` (bz2 or lzma) in pieces of at most 16 MiB."""
     yield d.decompress(data, 1 << 24)
@@ -186,7 +195,10 @@ def _tar_source(f, stack: contextlib.ExitStack):
     name, new = found
     out = stack.enter_context(tempfile.TemporaryFile(prefix="semjpeg-shard-"))
     if name == "gzip":
-        return out, _gunzip(f, out)
+        try:
+            return out, _gunzip(f, out)
+        except OSError as e:
+            raise _inflating(e) if e.errno in _DISK_FULL else e from None
     d, buf = new(), b""
     try:
         while True:
@@ -209,6 +221,8 @@ def _tar_source(f, stack: contextlib.ExitStack):
             if d.eof:
                 d = None
     except (OSError, EOFError, lzma.LZMAError) as e:
+        if getattr(e, "errno", None) in _DISK_FULL:
+            raise _inflating(e) from None
         out.seek(0)
         return out, ("corrupt", f"{name}: {e}")
     out.seek(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import tarfile
@@ -317,6 +318,33 @@ def test_bzip2_and_xz_shards_are_checked_before_any_sample_is_read(tmp_path, fmt
     keys, errors = _keys(read(path, "webdataset"))
     assert keys == [] and errors and all("compressed data is corrupt" in e.reason or "not a readable tar" in e.reason
                                          for e in errors)
+
+
+@pytest.mark.parametrize("fmt", ["gz", "bz2", "xz"])
+def test_a_full_temporary_folder_is_not_reported_as_a_corrupt_shard(tmp_path, fmt, monkeypatch):
+    """A compressed shard is inflated into a temporary file; a few hundred KB of xz can hold GBs.
+    A full disk there said the shard's compressed data was corrupt (bzip2, xz), or gave the bare
+    errno (gzip): it says where it ran out of room."""
+    import bz2
+    import errno
+    import gzip
+    import lzma
+    import tempfile
+
+    raw = write_tar(tmp_path / "x.tar", [("a.png", PNG), ("b.png", bytes(1 << 20))]).read_bytes()
+    path = tmp_path / f"x.tar.{fmt}"
+    path.write_bytes({"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[fmt](raw))
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: Full())
+    (e,) = read(path, "webdataset")
+    assert e.reason == (f"cannot read source: OSError: [Errno {errno.ENOSPC}] No space left on device in "
+                        f"{tempfile.gettempdir()} (TMPDIR), inflating the shard to read it")
 
 
 @pytest.mark.parametrize("suffix", [".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".TAR.GZ"])
