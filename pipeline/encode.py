@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 from PIL import Image
 
 from transforms.defenses import apply_defense, denoise_weight, map_request, match_target, parse_match_ref
-from transforms.images import colour_profile_size, with_colour_profile
+from transforms.images import with_colour_profile
 from transforms.jpeg import decode_rgb
 from transforms.specs import Spec
 from transforms.visual import heatmap
@@ -68,18 +68,6 @@ def _png(rgb) -> bytes:
     return buf.getvalue()
 
 
-def _without_profile(spec: Spec, matched: int | None, profile: bytes | None) -> tuple[Spec, int | None]:
-    """``spec`` and a ``jpeg:match`` budget with the bytes ``profile`` takes in a JPEG file taken off
-    their byte budgets (``bytes=``, ``matched``): what the image data may use. Never below 1 byte:
-    a budget the profile alone fills gives the smallest file, over it, as any budget too small does."""
-    overhead = colour_profile_size(profile)
-    if not overhead:
-        return spec, matched
-    if spec.params.get("bytes") is not None:
-        spec = Spec(spec.name, {**spec.params, "bytes": max(1, int(spec.params["bytes"]) - overhead)}, spec.text)
-    return spec, None if matched is None else max(1, matched - overhead)
-
-
 class _EncodeFn(beam.DoFn):
     def __init__(self, defenses: tuple[Spec, ...], map_model: str, save_maps: bool):
         self.order = encoding_order(defenses)
@@ -107,9 +95,7 @@ class _EncodeFn(beam.DoFn):
                     if ref not in sizes:
                         raise ValueError(f"the matched defense {ref} failed on this image")
                     matched = sizes[ref]
-                # Byte budgets are for whole files: the image data gets what the profile leaves.
-                budgeted, budget = _without_profile(spec, matched, s.profile)
-                enc = apply_defense(budgeted, v.image, saliency=saliency, matched_bytes=budget,
+                enc = apply_defense(spec, v.image, saliency=saliency, matched_bytes=matched,
                                     denoised=denoised.get(denoise_weight(spec)), prepared=prepared.get(spec.text),
                                     **(v.map_stability.get(req[0], {}) if req else {}))
                 # PNG is lossless: the stored pixels are the input pixels.
@@ -121,10 +107,10 @@ class _EncodeFn(beam.DoFn):
                 yield ErrorRecord(s.source_index, s.source, s.key, None, "encode", error_reason(e),
                                   v.attack.text, spec.text)
                 continue
-            sizes[spec.text] = len(data)
+            # Sizes, budgets and the row's bytes are the image's coded data's, as without a profile.
+            sizes[spec.text] = len(enc.data)
             extra = dict(enc.info)
-            if "target_bytes" in extra:  # the whole file's budget, as asked
-                extra["target_bytes"] = int(matched if matched is not None else spec.params["bytes"])
+            extra["profile_bytes"] = (len(data) - len(enc.data)) or None
             if "quality_levels" in extra:
                 extra["quality_levels"] = [{"quality": q, "blocks": n} for q, n in extra["quality_levels"].items()]
             members = {}

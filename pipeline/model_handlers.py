@@ -359,6 +359,7 @@ class ClassifyHandler(_ClassifierHandler):
             v, s = d.variant, d.variant.sample
             h, w = d.decoded.shape[:2]
             pred = top_i[i][0]
+            coded = len(d.data) - (d.extra.get("profile_bytes") or 0)  # the carried colour profile aside
             row = {
                 "key": s.key, "source": s.source, "label": s.label,
                 "attack": v.attack.name, "attack_spec": v.attack.text, "input_attack": input_attack(s.meta),
@@ -367,7 +368,7 @@ class ClassifyHandler(_ClassifierHandler):
                 "top5": [{"label": a, "prob": b} for a, b in zip(top_i[i], top_p[i])],
                 "correct": None if s.label is None else pred == s.label,
                 "clean_pred": v.clean_pred, "agree_clean": None,
-                "bytes": len(d.data), "bpp": len(d.data) * 8.0 / (h * w),
+                "bytes": coded, "bpp": coded * 8.0 / (h * w),
                 "psnr": psnr[i], "ssim": ssim[i],
                 "linf": v.linf, "l2": v.l2, "rmse": v.rmse,
                 "success": v.success, "target": v.target,

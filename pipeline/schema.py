@@ -38,6 +38,7 @@ METADATA_SCHEMA = pa.schema(
         ("quality", pa.int32()),
         ("quality_levels", QUALITY_LEVELS),
         ("target_bytes", pa.int64()),
+        ("profile_bytes", pa.int64()),
         ("map_model", pa.string()),
         ("map_seconds", pa.float32()),
         ("stability", pa.float32()),

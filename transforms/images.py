@@ -25,7 +25,6 @@ __all__ = [
     "decode_image",
     "decode_image_profile",
     "with_colour_profile",
-    "colour_profile_size",
     "resize_and_crop",
     "to_tensor",
     "to_uint8",
@@ -275,14 +274,6 @@ def _srgb_profile():
 
 _ICC_MARKER = b"ICC_PROFILE\0"
 _ICC_CHUNK = 65535 - 2 - len(_ICC_MARKER) - 2  # an APP2 segment's payload after its header
-
-
-def colour_profile_size(profile: bytes | None) -> int:
-    """The bytes :func:`with_colour_profile` adds to a JPEG file for ``profile``."""
-    if not profile:
-        return 0
-    chunks = -(-len(profile) // _ICC_CHUNK)
-    return len(profile) + chunks * (2 + 2 + len(_ICC_MARKER) + 2)
 
 
 def with_colour_profile(data: bytes, ext: str, profile: bytes | None) -> bytes:

@@ -461,13 +461,17 @@ def test_on_a_gpu_worker_the_map_stage_writes_the_gated_defenses_files(tmp_path,
     assert {(r["defense_spec"], r["flagged"]) for r in rows["cpu"]} == {(specs[0], True), (specs[1], False)}
 
 
-def test_a_non_srgb_colour_profile_travels_into_every_file_and_counts_in_the_budgets(tmp_path, photos, fnapi):
+def test_a_non_srgb_colour_profile_travels_into_every_file_outside_the_byte_measures(tmp_path, photos, fnapi):
     """An Adobe-RGB-like photo keeps its profile in every written file (its pixels are used as
     stored, so without it a colour-managed viewer shows the defended file in other colours); an
-    sRGB one, and one without, carry none. Byte budgets are for the whole file, profile included."""
+    sRGB one, and one without, carry none. ``bytes``, ``bpp`` and the byte budgets are the coded
+    image's, as without the profile (``profile_bytes`` is the rest of the file): a night with
+    profiles measures as before, and a budget does not go to the profile."""
     from PIL import Image as PILImage
 
     from tests.shards import srgb_profile, wide_gamut_profile
+    from transforms.defenses import apply_defense, parse_defense
+    from transforms.images import decode_image
 
     wide = wide_gamut_profile(3000)
 
@@ -478,32 +482,32 @@ def test_a_non_srgb_colour_profile_travels_into_every_file_and_counts_in_the_bud
 
     write_tar(tmp_path / "a.tar", [("wide.jpg", jpeg_with(photos[0], wide)), ("srgb.jpg", jpeg_with(photos[1], srgb_profile())),
                                    ("plain.png", encode(photos[2]))])
-    budget = 4500  # the wide photo's profile takes 3,594 of them
+    budget = 1500
     cfg = tiny_config([str(tmp_path / "a.tar")], tmp_path / "run", attacks=("fgsm:eps=4/255",),
                       defenses=("msroi", "jpeg:match=msroi", f"jpeg:bytes={budget}", "jpeg:quality=50"), run_id="fixed")
     run_evaluate(cfg, fnapi)
     rows = pq.read_table(sorted((tmp_path / "run" / "metadata").glob("*.parquet"))).to_pylist()
-    files = {}
+    assert sorted(r["key"] for r in rows) == sorted(k for k in ("plain", "srgb", "wide") for _ in range(len(rows) // 3))
+    files = {}  # shard member -> the stored file
     for shard in (tmp_path / "run" / "shards").rglob("*.tar"):
         files.update({(str(shard), name): data for name, data in members(shard).items()
                       if name.rsplit(".", 1)[-1] in ("jpg", "png")})
-    assert sorted(r["key"] for r in rows) == sorted(k for k in ("plain", "srgb", "wide") for _ in range(len(rows) // 3))
-    by_key = defaultdict(list)
+    assert len(files) == len(rows) and len(rows) // 3 > 4  # clean and fgsm x none + four defenses
     for (_, name), data in files.items():
-        by_key[name.split(".", 1)[0]].append(data)
-    assert len(by_key["wide"]) == len(rows) // 3 > 4  # clean and fgsm x none + four defenses
-    for key, blobs in by_key.items():
-        for data in blobs:
-            with PILImage.open(io.BytesIO(data)) as im:
-                assert im.info.get("icc_profile") == (wide if key == "wide" else None), key
-    sizes = sorted(len(d) for d in by_key["wide"] if d[:2] == b"\xff\xd8")
+        with PILImage.open(io.BytesIO(data)) as im:
+            assert im.info.get("icc_profile") == (wide if name.startswith("wide.") else None), name
+    # A row's bytes and profile_bytes add up to its file.
+    assert sum(len(d) for d in files.values()) == sum(r["bytes"] + (r["profile_bytes"] or 0) for r in rows)
     for r in rows:
+        assert (r["profile_bytes"] is not None) == (r["key"] == "wide"), r
         if r["defense_spec"] == f"jpeg:bytes={budget}":
             assert r["target_bytes"] == budget and r["bytes"] <= budget, r
         if r["defense_spec"] == "jpeg:match=msroi":
             ref = next(o for o in rows if o["key"] == r["key"] and o["attack_spec"] == r["attack_spec"]
                        and o["defense_spec"] == "msroi")
             assert r["target_bytes"] == ref["bytes"] >= r["bytes"], r
-            if r["key"] == "wide":
-                assert r["bytes"] > len(wide)  # the file's size: profile included
-    assert sizes[0] > len(wide)
+    # The wide photo's bytes are its coded image's: what the defense writes for its pixels alone.
+    pixels = decode_image(jpeg_with(photos[0], wide), resize=72, crop=64)
+    for spec in ("jpeg:quality=50", f"jpeg:bytes={budget}"):
+        (row,) = [r for r in rows if r["key"] == "wide" and r["attack"] == "clean" and r["defense_spec"] == spec]
+        assert row["bytes"] == len(apply_defense(parse_defense(spec), pixels).data) and row["profile_bytes"] > len(wide)
