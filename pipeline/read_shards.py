@@ -118,6 +118,10 @@ def _recording_tarinfo(stopped: list) -> type[tarfile.TarInfo]:
             except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError, tarfile.EmptyHeaderError) as e:
                 stopped.append(e)
                 raise
+            except (ValueError, OverflowError) as e:  # a pax header's malformed sparse map, say
+                bad = tarfile.InvalidHeaderError(f"{type(e).__name__}: {e}")
+                stopped.append(bad)
+                raise bad from None
 
         def _proc_member(self, tf):
             if self.type in _META_TYPES and self.size > _MAX_TAR_HEADER_BYTES:
@@ -306,7 +310,11 @@ class _ReadShardFn(beam.DoFn):
                 distrust = f"the shard's compressed data is corrupt ({problem[1]})"
             stopped: list[Exception] = []  # why tarfile stopped reading headers (_recording_tarinfo)
             try:
-                tf = tarfile.open(fileobj=source, mode="r|*", tarinfo=_recording_tarinfo(stopped))
+                # Seekable (a file, or the inflated copy): a member is skipped by seeking, which
+                # ends at the data's end; the streaming reader skips by reading, and a header
+                # claiming 10^20 bytes kept it reading nothing forever.
+                mode = "r:" if getattr(source, "seekable", lambda: False)() else "r|*"
+                tf = tarfile.open(fileobj=source, mode=mode, tarinfo=_recording_tarinfo(stopped))
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 yield err(None, None, f"not a readable tar file: {distrust or (problem[1] if problem else e)}")
                 return
@@ -314,7 +322,7 @@ class _ReadShardFn(beam.DoFn):
             image_limit = max_image_bytes(self.config.max_pixels)
             try:
                 while (m := tf.next()) is not None:
-                    tf.members.clear()  # a streaming TarFile keeps every header it read (~600 B each)
+                    tf.members.clear()  # a TarFile keeps every header it read (~600 B each)
                     name = member_name(m.name)
                     current = last = printable(name)
                     if m.isdir():
@@ -362,7 +370,7 @@ class _ReadShardFn(beam.DoFn):
                     else:
                         members[ext] = (name, tf.extractfile(m).read())
                         current = None
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            except (tarfile.TarError, EOFError, OSError, OverflowError, ValueError, zlib.error) as e:
                 # The sample being read loses a member: reported, as are those the cut took.
                 where = f" inside member {current}" if current else ""
                 yield err(key, current, f"tar cut short{where}: {problem[1] if problem else e}; "

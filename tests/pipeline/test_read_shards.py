@@ -593,6 +593,55 @@ def test_a_huge_long_name_or_pax_header_is_damage_not_read(tmp_path):
         assert "unreadable header at byte 1024 (a long-name or pax header of 1099511627776 bytes, over 1048576)" in e.reason
 
 
+def _pax(**records: str) -> bytes:
+    """A pax extended header (``--format=pax``) for the member after it."""
+    body = b""
+    for key, value in records.items():
+        record = f" {key.replace('__', '.')}={value}\n".encode()
+        n = len(record) + 1
+        while len(str(n)) + len(record) != n:
+            n += 1
+        body += str(n).encode() + record
+    info = tarfile.TarInfo("pax")
+    info.type, info.size = tarfile.XHDTYPE, len(body)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512)
+
+
+@pytest.mark.parametrize("name", ["s.png", "../x.png"])
+def test_a_member_claiming_more_data_than_the_tar_holds_ends_the_read_at_once(tmp_path, name):
+    """A member the reader skips (an unsafe name, an image over its limit) was skipped by
+    tarfile's streaming reader, which reads its claimed size and, past the end of the data,
+    reads nothing forever: a pax header claiming 10^20 bytes hung the job. The sample before it
+    is kept or reported."""
+    import threading
+
+    path = tmp_path / "x.tar"
+    path.write_bytes(_member("a.png", PNG) + _pax(size="1" + "0" * 20) + _member(name, b"x")
+                     + _member("c.png", PNG) + b"\0" * 1024)
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(read(path, "webdataset")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the reader never ended"
+    keys, errors = _keys(out)
+    assert keys == (["a"] if name == "s.png" else [])
+    assert [e.key for e in errors][-1] == ("s" if name == "s.png" else "a")
+    assert errors[-1].reason.startswith(f"tar cut short inside member {name}: ")
+
+
+def test_a_malformed_pax_header_is_damage_and_the_sample_before_it_is_reported(tmp_path):
+    """A pax header's sparse map that is not numbers raised a ValueError past the reader: the
+    shard was one 'cannot read source' error, and the sample read before it neither kept nor
+    reported."""
+    path = tmp_path / "x.tar"
+    path.write_bytes(_member("a.png", PNG) + _pax(GNU__sparse__map="x,y", GNU__sparse__size="10")
+                     + _member("s.png", PNG) + _member("c.png", PNG) + b"\0" * 1024)
+    (e,) = read(path, "webdataset")
+    assert (e.key, e.member) == ("a", "a.png")
+    assert e.reason.startswith("tar cut short or corrupt: it has an unreadable header at byte ")
+    assert "(ValueError: invalid literal for int() with base 10: 'x') after member a.png" in e.reason
+
+
 def test_a_tar_of_many_members_is_read_in_bounded_memory(tmp_path):
     """A streaming TarFile keeps every header it has read: about 600 bytes a member, 6 GB for a
     shard of ten million tiny members."""
