@@ -138,6 +138,8 @@ _COMPRESSIONS = (
     (b"BZh", "bzip2", bz2.BZ2Decompressor),
     (b"\xfd7zXZ\x00", "xz", lzma.LZMADecompressor),
 )
+#: Compressions Python's tarfile does not read, named so that such a shard is not called damaged.
+_UNREAD_COMPRESSIONS = ((b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
 _CHUNK = 1 << 16  # compressed bytes per step: bounds what one step can inflate to in memory
 
 
@@ -181,7 +183,8 @@ def _inflate(d, data: bytes) -> Iterator[bytes]:
 def _tar_source(f, stack: contextlib.ExitStack):
     """The file to read a tar from, and what is wrong with its compression: None (nothing, or
     not compressed), ("corrupt", why) when the data fails a check (no sample of it can be
-    trusted), or ("cut", why) when it ends early (the samples before the cut can).
+    trusted), ("cut", why) when it ends early (the samples before the cut can), or ("unread",
+    why) for a compression tarfile does not read (zstd, lz4: no tar header to find).
 
     ``tarfile``'s streaming reader never checks a gzip CRC, and bzip2 and xz check theirs only
     at the end of a block, after the data before it was handed out: a corrupt compressed shard
@@ -195,7 +198,8 @@ def _tar_source(f, stack: contextlib.ExitStack):
         return f, None
     found = next(((name, new) for prefix, name, new in _COMPRESSIONS if magic.startswith(prefix)), None)
     if found is None:
-        return f, None
+        other = next((name for prefix, name in _UNREAD_COMPRESSIONS if magic.startswith(prefix)), None)
+        return f, other and ("unread", f"it is {other}-compressed, which is not read (use gzip, bzip2 or xz)")
     name, new = found
     out = stack.enter_context(tempfile.TemporaryFile(prefix="semjpeg-shard-"))
     if name == "gzip":

@@ -347,6 +347,15 @@ def test_a_full_temporary_folder_is_not_reported_as_a_corrupt_shard(tmp_path, fm
                         f"{tempfile.gettempdir()} (TMPDIR), inflating the shard to read it")
 
 
+@pytest.mark.parametrize("magic, name", [(b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4")])
+def test_a_tar_compressed_in_a_way_tarfile_does_not_read_says_so(tmp_path, magic, name):
+    """A zstd-compressed shard named .tar was 'not a readable tar file: truncated header'."""
+    path = tmp_path / "x.tar"
+    path.write_bytes(magic + bytes(range(256)) * 3)
+    (e,) = read(path, "webdataset")
+    assert e.reason == f"not a readable tar file: it is {name}-compressed, which is not read (use gzip, bzip2 or xz)"
+
+
 @pytest.mark.parametrize("suffix", [".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".TAR.GZ"])
 def test_every_compressed_tar_the_reader_reads_is_known_by_its_name(tmp_path, suffix):
     (tmp_path / f"x{suffix}").write_bytes(b"")
