@@ -1,10 +1,13 @@
-"""Deferring Ctrl-C and SIGTERM over a short stretch of work that must not be cut in the middle."""
+"""Ctrl-C and SIGTERM: the ``semjpeg`` command's handlers (raised as exceptions, where that does
+no harm), and deferring them over a short stretch of work that must not be cut in the middle."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import opcode
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -27,19 +30,138 @@ def _raise(signum: int):
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+#: The bytecodes of ``import`` statements (the frame that runs one is inside the import's C code).
+_IMPORT_OPS = frozenset(opcode.opmap[name] for name in ("IMPORT_NAME", "IMPORT_FROM", "IMPORT_STAR")
+                        if name in opcode.opmap)
+
+
+def _unsafe(frame) -> bool:
+    """Whether raising an interrupt in ``frame`` (this module's own frames skipped: a handler
+    running inside another) does harm:
+
+    * The frame is the import machinery's (``importlib._bootstrap``) or logging's, which take
+      their locks just before the ``try`` blocks that release them: an exception raised between
+      the two skips the release. A Ctrl-C raised in the weakref callback that drops a module
+      lock, right after it took the global import lock, left that lock held by the main thread
+      (Python printed "Exception ignored in ... _get_module_lock.<locals>.cb" and went on): the
+      next import of any other thread, the local Dask cluster's event loop registering a worker,
+      then waited forever, and so did the job closing its cluster.
+    * The frame is running an ``import`` statement's C code (not a module's code, which has its
+      own frame): an interrupt raised there, where an unknown name's error message is built
+      (``from package import missing``), came out as "TypeError: expected a message argument".
+    * The frame runs inside code that ``eval`` or ``exec`` compiled from a string (a frame of
+      ``<string>`` on the stack, not the bottom one: ``python -c``): ``namedtuple`` and
+      ``dataclasses`` build their methods so, all through torch's and Beam's imports. A
+      KeyboardInterrupt leaving such code marks the interpreter (CPython's
+      ``_Py_UnhandledKeyboardInterrupt``, caught or not), and ``python -m`` then ends by
+      SIGINT at exit, whatever its status: the job printed its line and died of SIGINT (-2)
+      instead of exiting 130.
+    """
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    if frame is None:
+        return False
+    filename = frame.f_code.co_filename
+    if filename.startswith("<frozen importlib") or filename == logging.__file__:
+        return True
+    if 0 <= frame.f_lasti < len(frame.f_code.co_code) and frame.f_code.co_code[frame.f_lasti] in _IMPORT_OPS:
+        return True
+    while frame.f_back is not None:
+        if frame.f_code.co_filename == "<string>":
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: The interrupt waiting for the main thread to leave code where raising it does harm
+#: (:func:`_later`), and SIGALRM's handler before :func:`_later` took it.
+_pending: int | None = None
+_alarm_before = None
+#: Seconds between checks that the main thread has left such code.
+RETRY_AFTER = 0.005
+_CAN_WAIT = hasattr(signal, "setitimer")
+
+
+def _later(signum: int) -> None:
+    """Take ``signum`` again in a few milliseconds (SIGALRM), with its handler of that time, once
+    the main thread has left the code that took it (:func:`_unsafe`). No thread of its own: one
+    that outlived the job looked like a job still running (jobs.__main__)."""
+    global _pending, _alarm_before
+    if _pending is None:
+        _alarm_before = signal.signal(signal.SIGALRM, _alarm)
+    _pending = signum
+    signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
+
+
+def _cancel_later() -> None:
+    global _pending
+    if _pending is None:
+        return
+    _pending = None
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL if _alarm_before is None else _alarm_before)
+
+
+def _alarm(_signum, frame) -> None:
+    signum = _pending
+    if signum is None:
+        return
+    if _unsafe(frame):
+        signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
+        return
+    _cancel_later()
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+
+
+def _interrupt_signal(exc: BaseException | None) -> int | None:
+    if isinstance(exc, Terminated):
+        return signal.SIGTERM
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    return None
+
+
 def track_interrupts() -> None:
     """The ``semjpeg`` command's handlers: Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated,
-    and each is recorded, for :func:`check_interrupted`, until :func:`stop_tracking`."""
+    and each is recorded, for :func:`check_interrupted`, until :func:`stop_tracking`.
+
+    A signal that lands where raising it does harm (:func:`_unsafe`: the import machinery's lock
+    handling, code compiled from a string) is raised a few milliseconds later, once the main
+    thread has left it. An interrupt raised where Python cannot propagate it (a weakref callback,
+    ``__del__``, a garbage-collection hook: Python printed "Exception ignored in ..." with a
+    traceback and went on) is not printed: it is raised again a few milliseconds later, where it
+    can propagate. (Without ``signal.setitimer``, Windows, both are raised at once as before.)"""
     global _received
     _received = []
 
     def handler(signum, frame):
+        if _CAN_WAIT and _unsafe(frame):
+            _later(signum)
+            return
+        _cancel_later()
         if _received is not None:
             _received.append(signum)
         _raise(signum)
 
     for s in SIGNALS:
         signal.signal(s, handler)
+    if not getattr(sys.unraisablehook, "_semjpeg", False):
+        previous = sys.unraisablehook
+
+        def unraisable(info):
+            signum = _interrupt_signal(info.exc_value)
+            if (signum is None or _received is None or not _CAN_WAIT
+                    or threading.current_thread() is not threading.main_thread()):
+                previous(info)
+                return
+            _later(signum)
+
+        unraisable._semjpeg = True
+        sys.unraisablehook = unraisable
 
 
 def stop_tracking() -> None:
