@@ -37,6 +37,8 @@ DEFAULT_MAX_PIXELS = 89_478_485
 #: ``-maxscans``): a 1.2 MB JPEG of 9000x9000 pixels repeating one 14-byte scan 20,000 times took
 #: 51 s to decode.
 MAX_JPEG_SCANS = 1000
+#: The start of every scan header libjpeg reads: the marker, its length and its 1 to 4 components.
+_SOS_HEADERS = tuple(b"\xff\xda" + (6 + 2 * n).to_bytes(2, "big") + bytes([n]) for n in range(1, 5))
 
 
 class DecodeError(ValueError):
@@ -201,9 +203,12 @@ def decode_image_profile(
             raise _bomb_error(w * h, max_pixels, (w, h))
         if w == 0 or h == 0:
             raise DecodeError(f"image has no pixels ({w}x{h})")
-        # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker: each 0xFF 0xDA
-        # is a start-of-scan marker (or, rarely, a chance pair in a metadata segment).
-        if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker, and libjpeg
+        # decodes a scan only after a header of length 6 + 2 x its 1 to 4 components: a 0xFF 0xDA
+        # pair without one is chance (metadata, data appended after the image: a motion photo's
+        # video), not a scan. Counted only when the pairs alone are over the limit.
+        if (img.format in ("JPEG", "MPO") and data.count(b"\xff\xda") > MAX_JPEG_SCANS
+                and (scans := sum(map(data.count, _SOS_HEADERS))) > MAX_JPEG_SCANS):
             raise DecodeError(f"a JPEG of {scans} scans, over {MAX_JPEG_SCANS} (a progressive JPEG has about 10; "
                               "each scan is a pass over the whole image, a cost in time the pixel limit does not bound)")
         try:

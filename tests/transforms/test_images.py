@@ -334,3 +334,15 @@ def test_a_jpeg_of_too_many_scans_is_rejected_before_decoding():
     assert decode_image(_with_repeated_scan(900), resize=0, crop=0).shape == (64, 64, 3)
     with pytest.raises(DecodeError, match=r"^a JPEG of 1010 scans, over 1000 \(a progressive JPEG has about 10;"):
         decode_image(_with_repeated_scan(1000), resize=0, crop=0)
+
+
+def test_bytes_after_a_jpeg_are_not_counted_as_its_scans():
+    """A 0xFF 0xDA pair is a scan only with a scan header libjpeg accepts (its length 6 + 2 x its
+    1 to 4 components): data appended after the image (a motion photo's video; 80 MB of random
+    bytes hold about 1,300 such pairs) rejected a JPEG Pillow decodes, as 'a JPEG of 1301 scans'."""
+    from transforms.images import MAX_JPEG_SCANS
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+    trailer = b"\xff\xda\x00\x00" * (MAX_JPEG_SCANS + 300)
+    assert decode_image(buf.getvalue() + trailer, resize=0, crop=0).shape == (48, 64, 3)
