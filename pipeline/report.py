@@ -306,9 +306,10 @@ def plot_trends(history: dict[str, list[dict]]) -> bytes | None:
 def trends_figure(history: dict[str, list[dict]]):
     """The trends' matplotlib figure: a panel per attack (:data:`RATE_PANELS` a row), a line per
     defense in the same colour and marker in every panel, one legend of the defenses under them;
-    one tick per night, named by its date (thinned to :data:`TREND_LABELS` across a row), a day of
-    margin on either side; None without a history. One panel of every pair's line was unreadable
-    past ten pairs: colours repeated, and a six-attack night has eighteen."""
+    one tick per night, named by its date (thinned to :data:`TREND_LABELS` shared by a row's panels,
+    at least 3 a panel: 12 across a row of four), a day of margin on either side; None without a
+    history. One panel of every pair's line was unreadable past ten pairs: colours repeated, and a
+    six-attack night has eighteen."""
     import matplotlib
 
     matplotlib.use("Agg")
