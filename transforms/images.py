@@ -232,6 +232,9 @@ _NOT_IMAGE_CLASSES = frozenset({b"link", b"abst", b"nmcl"})
 #: An RGB profile is taken as sRGB when it maps every colour of a 16-level grid within this many
 #: 8-bit levels of itself into sRGB (the sRGB IEC61966-2.1 profiles cameras embed: 1).
 SRGB_TOLERANCE = 2
+#: The largest profile carried: Pillow reads a PNG's ``iCCP`` profile of at most 1 MiB
+#: (``PngImagePlugin.MAX_TEXT_CHUNK``), so a larger one made the written PNGs unreadable to it.
+MAX_PROFILE_BYTES = 1 << 20
 
 
 def carried_profile(profile: bytes | None, mode: str = "RGB") -> bytes | None:
@@ -242,9 +245,10 @@ def carried_profile(profile: bytes | None, mode: str = "RGB") -> bytes | None:
     that is not sRGB (Adobe RGB, camera and display profiles) travels into the written files.
     None for no profile, for sRGB ones (what a file without a profile is taken to be: the bytes
     would buy nothing), for profiles of other colour spaces (CMYK, gray: the written files are
-    RGB) or of ``mode`` s that are not RGB-like, and for profiles LittleCMS cannot read (a
-    damaged profile is dropped rather than copied into files that viewers may then reject)."""
-    if not profile or mode in _NOT_RGB_MODES or len(profile) < 128:
+    RGB) or of ``mode`` s that are not RGB-like, for profiles LittleCMS cannot read (a damaged
+    profile is dropped rather than copied into files that viewers may then reject), and for
+    profiles over :data:`MAX_PROFILE_BYTES`."""
+    if not profile or mode in _NOT_RGB_MODES or not 128 <= len(profile) <= MAX_PROFILE_BYTES:
         return None
     if profile[16:20] != b"RGB " or profile[12:16] in _NOT_IMAGE_CLASSES:
         return None

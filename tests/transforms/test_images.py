@@ -346,3 +346,21 @@ def test_bytes_after_a_jpeg_are_not_counted_as_its_scans():
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
     trailer = b"\xff\xda\x00\x00" * (MAX_JPEG_SCANS + 300)
     assert decode_image(buf.getvalue() + trailer, resize=0, crop=0).shape == (48, 64, 3)
+
+
+def test_a_profile_too_large_for_a_png_reader_is_not_carried(photos):
+    """Pillow reads a PNG's iCCP profile of at most 1 MiB (PngImagePlugin.MAX_TEXT_CHUNK): a
+    photo with a larger profile had its attack-run PNGs and ``none`` files written unreadable, by
+    semjpeg itself too ('Decompressed data too large'), and a profile over a JPEG's 255 APP2
+    segments failed every JPEG defense of its image."""
+    from tests.shards import wide_gamut_profile
+    from transforms.images import carried_profile, decode_image_profile, with_colour_profile
+    from transforms.jpeg import encode_png
+
+    fits, over = wide_gamut_profile(900_000), wide_gamut_profile(1_100_000)
+    assert carried_profile(fits) == fits and carried_profile(over) is None
+    for profile in (fits, over):
+        pixels, carried = decode_image_profile(encode(Image.fromarray(photos[0]), "JPEG", icc_profile=profile),
+                                               resize=0, crop=0)
+        written = with_colour_profile(encode_png(pixels), "png", carried)
+        np.testing.assert_array_equal(decode_image(written, resize=0, crop=0), pixels)
