@@ -115,7 +115,7 @@ def _interruption(e: BaseException) -> str | None:
     return None
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, *, own_process: bool | None = None) -> int:
     """The ``semjpeg`` command (``argv``: its arguments, the command line's by default):
     :func:`main`, then a quicker exit.
 
@@ -124,7 +124,9 @@ def cli(argv: list[str] | None = None) -> int:
     ``main`` returns (outputs committed, clusters closed). Freezing the garbage collector's view
     of what is left (``gc.freeze``) lets the interpreter's exit skip its final collections over
     torch's and Beam's objects: about 1 s of every run on this machine. ``main`` itself leaves
-    the collector and the signal handlers alone, for callers that go on working in the process."""
+    the collector and the signal handlers alone, for callers that go on working in the process.
+    ``own_process`` (by default: when ``argv`` is the command line's) lets a stopped job end the
+    process at once when the runner left threads running (:func:`_end_with_threads_running`)."""
     track_interrupts()
     args = sys.argv[1:] if argv is None else list(argv)
     # The job, as every other error line names it (the first word that is not an option).
@@ -141,7 +143,7 @@ def cli(argv: list[str] | None = None) -> int:
         name = f"semjpeg {job}" if job in JOBS else "semjpeg"
         print(f"{name}: {what}; {_written(e)}", file=sys.stderr, flush=True)
         code = 128 + (signal.SIGTERM if what == "terminated" else signal.SIGINT)
-        if argv is None:  # the process's own command
+        if own_process if own_process is not None else argv is None:  # the process's own command
             _end_with_threads_running(code)
         return code
     gc.freeze()

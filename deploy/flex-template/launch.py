@@ -58,4 +58,4 @@ if __name__ == "__main__":
         sys.exit(f"flex template: {e}")
     from jobs.__main__ import cli  # the command's own exit: SIGTERM (a cancelled launch) stops cleanly, 143
 
-    sys.exit(cli(cmd))
+    sys.exit(cli(cmd, own_process=True))

@@ -428,6 +428,8 @@ def test_unknown_runner_lists_the_valid_ones_before_any_output(tmp_path, capsys)
     ("SIGTERM", 143, "terminated", ["DirectRunner", "--direct_running_mode", "multi_threading",
                                     "--direct_num_workers", "2"], False),
     ("SIGTERM", 143, "terminated", ["FnApiRunner"], True),  # a cancelled Flex Template launch
+    ("SIGTERM", 143, "terminated", ["DirectRunner", "--direct_running_mode", "multi_threading",
+                                    "--direct_num_workers", "2"], True),
 ])
 def test_a_signal_mid_run_stops_cleanly_with_one_line(tmp_path, photos, sig, code, word, runner, launcher):
     """kill/timeout/systemd (SIGTERM) and Ctrl-C (SIGINT) during the pipeline, sent to the whole
