@@ -18,6 +18,7 @@ import lzma
 import math
 import posixpath
 import re
+import shutil
 import tarfile
 import tempfile
 import zlib
@@ -169,8 +170,8 @@ def _gunzip(f, out):
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def _inflating(e: OSError) -> OSError:
-    return OSError(e.errno, f"{e.strerror} in {tempfile.gettempdir()} (TMPDIR), inflating the shard to read it")
+def _inflating(e: OSError, doing: str = "inflating") -> OSError:
+    return OSError(e.errno, f"{e.strerror} in {tempfile.gettempdir()} (TMPDIR), {doing} the shard to read it")
 
 
 def _inflate(d, data: bytes) -> Iterator[bytes]:
@@ -193,9 +194,25 @@ def _tar_source(f, stack: contextlib.ExitStack):
     other trailing bytes after a complete stream end the data, with a warning for the latter)."""
     try:
         magic = f.read(6)
-        f.seek(0)
-    except (OSError, ValueError):  # not seekable: tarfile's own reader
+    except (OSError, ValueError):  # tarfile's reader meets the same error and reports it
         return f, None
+    try:
+        f.seek(0)
+    except (OSError, ValueError):
+        # A stream that cannot seek (an HTTP server without range requests): copied whole into a
+        # temporary file, its first bytes included, and read from there (a stream read in
+        # tarfile's streaming mode skips a member by reading it: one claiming 10^20 bytes
+        # would never end).
+        copy = stack.enter_context(tempfile.TemporaryFile(prefix="semjpeg-shard-"))
+        try:
+            copy.write(magic)
+            shutil.copyfileobj(f, copy, _CHUNK)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise _inflating(e, "copying") from None
+            raise
+        copy.seek(0)
+        return _tar_source(copy, stack)
     found = next(((name, new) for prefix, name, new in _COMPRESSIONS if magic.startswith(prefix)), None)
     if found is None:
         other = next((name for prefix, name in _UNREAD_COMPRESSIONS if magic.startswith(prefix)), None)

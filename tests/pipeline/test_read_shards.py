@@ -722,3 +722,56 @@ def test_images_over_the_size_limit_are_reported_from_folders_and_parquet(tmp_pa
     keys, (e,) = _keys(read(parquet(tmp_path, image=[PNG, bytes(101)]), "parquet"))
     assert keys == ["x-00000000"] and (e.member, e.reason) == (
         "row 1", "the image of 101 bytes is over 100 bytes (8 bytes per --max-pixels pixel, plus 64 MiB); not read")
+
+
+class _Unseekable(io.RawIOBase):
+    """A file read as a stream that cannot seek (fsspec's HTTP file on a server without range
+    requests)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+@pytest.mark.parametrize("compress", ["", "gz"])
+def test_a_shard_that_cannot_seek_is_read(tmp_path, monkeypatch, compress):
+    """The reader read the first bytes to tell the compression, then the seek back failed and
+    those bytes were lost: every sample of such a stream was 'not a readable tar file: bad
+    checksum'. It is copied to a temporary file and read from there, so a member claiming 10^20
+    bytes also ends the read at once."""
+    import gzip
+    import threading
+
+    import pipeline.read_shards as rs
+
+    raw = _member("a.png", PNG) + _member("b.png", PNG) + _pax(size="1" + "0" * 20) + _member("../x.png", b"x") + b"\0" * 1024
+    path = tmp_path / ("x.tar" + (".gz" if compress else ""))
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    opened = []
+
+    def unseekable(p, *a, **k):
+        f = io.BufferedReader(_Unseekable(open(p, "rb")))
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(rs, "open_binary", unseekable)
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(read(path, "webdataset")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the reader never ended"
+    assert opened and not opened[0].seekable()
+    keys, errors = _keys(out)
+    assert keys == ["a"] and sorted(str(e.key) for e in errors) == ["None", "b"], errors
+    assert any(e.reason.startswith("tar cut short inside member ../x.png: ") for e in errors), errors
