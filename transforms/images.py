@@ -267,7 +267,9 @@ def _is_srgb(profile: bytes) -> bool | None:
         return None
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        transform = ImageCms.buildTransform(src, _srgb_profile(), "RGB", "RGB")
+        # Colorimetric: a v4 profile's perceptual tables map through its own reference medium.
+        transform = ImageCms.buildTransform(src, _srgb_profile(), "RGB", "RGB",
+                                            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
         out = np.asarray(ImageCms.applyTransform(Image.fromarray(grid), transform))
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
