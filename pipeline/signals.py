@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,18 @@ def _unsafe(frame) -> bool:
 
 
 #: The interrupt waiting for the main thread to leave code where raising it does harm
-#: (:func:`_later`), and SIGALRM's handler before :func:`_later` took it.
+#: (:func:`_later`), since when it waits (``time.monotonic``), and SIGALRM's handler and timer
+#: (``ITIMER_REAL``: delay, interval) before :func:`_later` took them.
 _pending: int | None = None
+_pending_since = 0.0
 _alarm_before = None
+_timer_before = (0.0, 0.0)
 #: Seconds between checks that the main thread has left such code.
 RETRY_AFTER = 0.005
+#: Seconds after which a waiting interrupt is raised wherever the main thread is: one that stays
+#: in such code (waiting on a lock or a write there, or run under a wrapper's ``exec`` of a
+#: string, every frame then ``<string>``'s) could not be stopped at all.
+GIVE_UP_AFTER = 1.0
 _CAN_WAIT = hasattr(signal, "setitimer")
 
 
@@ -86,11 +94,14 @@ def _later(signum: int) -> None:
     """Take ``signum`` again in a few milliseconds (SIGALRM), with its handler of that time, once
     the main thread has left the code that took it (:func:`_unsafe`). No thread of its own: one
     that outlived the job looked like a job still running (jobs.__main__)."""
-    global _pending, _alarm_before
+    global _pending, _pending_since, _alarm_before, _timer_before
     if _pending is None:
         _alarm_before = signal.signal(signal.SIGALRM, _alarm)
+        _pending_since = time.monotonic()
+        _timer_before = signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
+    else:
+        signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
     _pending = signum
-    signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
 
 
 def _cancel_later() -> None:
@@ -100,6 +111,9 @@ def _cancel_later() -> None:
     _pending = None
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL if _alarm_before is None else _alarm_before)
+    delay, interval = _timer_before
+    if delay:  # another's timer (pytest-timeout's, an alarm()): what was left of it, due now if spent
+        signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - _pending_since), 1e-6), interval)
 
 
 def _alarm(_signum, frame) -> None:
@@ -107,8 +121,10 @@ def _alarm(_signum, frame) -> None:
     if signum is None:
         return
     if _unsafe(frame):
-        signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
-        return
+        if time.monotonic() - _pending_since < GIVE_UP_AFTER:
+            signal.setitimer(signal.ITIMER_REAL, RETRY_AFTER)
+            return
+        frame = None  # raised here all the same (the handler waits no more: no frame to judge)
     _cancel_later()
     handler = signal.getsignal(signum)
     if callable(handler):
@@ -131,10 +147,10 @@ def track_interrupts() -> None:
 
     A signal that lands where raising it does harm (:func:`_unsafe`: the import machinery's lock
     handling, code compiled from a string) is raised a few milliseconds later, once the main
-    thread has left it. An interrupt raised where Python cannot propagate it (a weakref callback,
-    ``__del__``, a garbage-collection hook: Python printed "Exception ignored in ..." with a
-    traceback and went on) is not printed: it is raised again a few milliseconds later, where it
-    can propagate. (Without ``signal.setitimer``, Windows, both are raised at once as before.)"""
+    thread has left it (if it stays there, a second later all the same, where it is). An
+    interrupt raised where Python cannot propagate it (a weakref callback, ``__del__``, a
+    garbage-collection hook: Python printed "Exception ignored in ..." with a traceback and went
+    on) is not printed: it is raised again a few milliseconds later, where it can propagate. (Without ``signal.setitimer``, Windows, both are raised at once as before.)"""
     global _received
     _received = []
 
@@ -165,9 +181,13 @@ def track_interrupts() -> None:
 
 
 def stop_tracking() -> None:
-    """The job is over: what the handlers took is forgotten, and no longer recorded."""
+    """The job is over: what the handlers took is forgotten, and no longer recorded. An interrupt
+    still waiting to be raised (:func:`_later`: it landed where raising does harm as the job
+    ended) is dropped: the job's own end stands. Raised later, it came after the command had
+    returned (a traceback from its exit handlers, status 0; or in a caller's code)."""
     global _received
     _received = None
+    _cancel_later()
 
 
 def check_interrupted() -> None:

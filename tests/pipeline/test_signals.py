@@ -120,3 +120,69 @@ def test_ctrl_c_in_code_compiled_from_a_string_does_not_end_the_process_by_sigin
             print("raised", flush=True)
     """)
     assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "raised", "")
+
+
+def test_an_interrupt_waiting_as_the_command_ends_is_not_raised_after_it():
+    """A signal landing where raising it does harm (here: code built from a string) just as the
+    job ends waits a few milliseconds, and the job returned meanwhile: the retry then came after
+    the command, a KeyboardInterrupt traceback from its exit handlers (status 0), or in the code
+    of a caller that went on. The job's end stands; SIGALRM's handler is put back."""
+    r = run_python("""
+        import os, signal, time
+
+        import jobs.__main__ as command
+
+        def main(argv):
+            eval("os.kill(os.getpid(), signal.SIGINT)")  # just as the job ends
+            return 0
+
+        command.main = main
+        code = command.cli(["evaluate"], own_process=False)
+        time.sleep(0.2)  # the caller goes on
+        print(code, signal.getsignal(signal.SIGALRM) == signal.SIG_DFL, flush=True)
+    """)
+    assert (r.returncode, r.stdout.split(), r.stderr) == (0, ["0", "True"], "")
+
+
+def test_an_interrupt_is_raised_within_a_second_where_the_main_thread_stays_unsafe():
+    """The main thread staying where raising does harm (here: everything under a wrapper's
+    ``exec`` of a string is ``<string>``'s; a write or lock wait in logging or the import machinery
+    does the same): the interrupt waited for it to leave, forever, and Ctrl-C or SIGTERM could not
+    stop the job at all (it ran to its end). Now it is raised where the main thread is, a second
+    later."""
+    r = run_python("""
+        import os, signal, threading, time
+
+        from pipeline.signals import track_interrupts
+
+        track_interrupts()
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        exec("try:\\n    time.sleep(10)\\n    print('not raised')\\nexcept KeyboardInterrupt:\\n    print('raised')")
+        print(round(time.monotonic() - start) <= 3, flush=True)
+    """)
+    assert (r.returncode, r.stdout.split(), r.stderr) == (0, ["raised", "True"], "")
+
+
+def test_an_interrupt_waiting_puts_back_another_timer():
+    """SIGALRM's timer, which the retry takes, belongs to others too (pytest-timeout's signal
+    method, ``signal.alarm``): what was left of it was lost, so that alarm never came."""
+    r = run_python("""
+        import os, signal, time
+
+        from pipeline.signals import track_interrupts
+
+        track_interrupts()
+        fired = []
+        signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(time.monotonic()))
+        start = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            eval("os.kill(os.getpid(), signal.SIGINT) or time.sleep(0.1)")  # waits, and is raised after
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        time.sleep(1)
+        print(len(fired), all(0.45 < t - start < 1.5 for t in fired), flush=True)  # due at 0.5 s
+    """)
+    assert (r.returncode, r.stdout.split(), r.stderr) == (0, ["1", "True"], "")
