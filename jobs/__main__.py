@@ -93,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
-
-
 def _written(e: BaseException) -> str:
     """What a stopped job had already written: a job may say (nightly's bookkeeping, through a
     ``semjpeg_written`` attribute on the exception); otherwise nothing was committed."""
