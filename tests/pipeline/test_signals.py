@@ -3,6 +3,8 @@ raising at once does harm: inside the import machinery's lock handling, and wher
 propagate an exception. Each runs in a fresh interpreter: the handlers are process-wide."""
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -64,7 +66,13 @@ def test_ctrl_c_as_the_main_thread_takes_the_import_lock_leaves_it_free():
         print(f"raised in: {where}; another thread imports: {not other.is_alive()}", flush=True)
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "raised in: ['<module>']; another thread imports: True", r.stdout
+    m = re.fullmatch(r"raised in: (\[.*\]); another thread imports: True", r.stdout.strip())
+    assert m, r.stdout
+    # Raised in this script or, when the retry comes first, in the module it imports (its own
+    # code, which an exception leaves cleanly: ['<module>', '<module>', 'Wave_read'] once in CI);
+    # never inside the import machinery's lock handling.
+    where = ast.literal_eval(m.group(1))
+    assert where[0] == "<module>" and not {"_get_module_lock", "cb", "_lock_unlock_module"} & set(where), where
     assert r.stderr == ""
 
 
